@@ -1,0 +1,34 @@
+"""retrofit: add identity-initialized attention to trained CNNs without touching their code."""
+
+from . import attention
+from .api import analyze, get_report, plan, retrofit
+from .attention import create_attention, get_attention, list_attention, register_attention
+from .errors import AttentionError, ModelLoadError, OptionError, RetrofitError, RuleError, SiteError, TraceError
+from .report import Report
+from .rulefile import RuleSet, list_builtin_rules, load_rules
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "retrofit",
+    "analyze",
+    "plan",
+    "get_report",
+    "Report",
+    "RuleSet",
+    "load_rules",
+    "list_builtin_rules",
+    "attention",
+    "register_attention",
+    "get_attention",
+    "list_attention",
+    "create_attention",
+    "RetrofitError",
+    "RuleError",
+    "AttentionError",
+    "TraceError",
+    "SiteError",
+    "ModelLoadError",
+    "OptionError",
+    "__version__",
+]

@@ -1,0 +1,172 @@
+"""The public entry point: ``retrofit(model, attn="se")``."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch.fx
+from torch import nn
+
+from .errors import SiteError
+from .plan import Plan, make_plan
+from .report import Report, SiteRow
+from .rewrite import insert_attention
+from .rulefile import RuleSet, resolve_rules
+from .shapes import propagate_shapes, resolve_input_size
+from .sites import SiteAnalysis, find_sites
+from .trace import LeafSpec, trace
+from .verify import count_params, max_abs_diff
+
+__all__ = ["retrofit", "analyze", "plan", "get_report"]
+
+_REPORT_KEY = "retrofit_report"
+
+
+def _prepare(
+    model: nn.Module,
+    input_size: int | tuple[int, ...] | None,
+    leaf_modules: Iterable[LeafSpec],
+) -> tuple[torch.fx.GraphModule, tuple[int, int, int], SiteAnalysis]:
+    gm = trace(model, leaf_modules)
+    size = resolve_input_size(model, input_size)
+    return gm, size, find_sites(gm, propagate_shapes(gm, size))
+
+
+def analyze(
+    model: nn.Module,
+    input_size: int | tuple[int, ...] | None = None,
+    leaf_modules: Iterable[LeafSpec] = (),
+) -> SiteAnalysis:
+    """Find the sites of ``model`` without changing anything.
+
+    Args:
+        model: any ``nn.Module`` torch.fx can trace.
+        input_size: ``(C, H, W)``, ``(H, W)`` or an int; default from timm's pretrained
+            config, else 224x224.
+        leaf_modules: modules not to trace into (classes, class names or module paths).
+    """
+    return _prepare(model, input_size, leaf_modules)[2]
+
+
+def plan(
+    model: nn.Module,
+    attn: str | None = "se",
+    *,
+    rules: str | Path | RuleSet | None = None,
+    gate: str | None = None,
+    attn_args: Mapping[str, Any] | None = None,
+    input_size: int | tuple[int, ...] | None = None,
+    leaf_modules: Iterable[LeafSpec] = (),
+) -> Plan:
+    """What :func:`retrofit` would insert, and why it leaves the other sites alone.
+
+    Arguments are those of :func:`retrofit`; nothing is changed.
+    """
+    analysis = analyze(model, input_size, leaf_modules)
+    return make_plan(analysis, resolve_rules(attn, rules), gate, attn_args)
+
+
+def retrofit(
+    model: nn.Module,
+    attn: str | None = "se",
+    *,
+    rules: str | Path | RuleSet | None = None,
+    gate: str | None = None,
+    attn_args: Mapping[str, Any] | None = None,
+    input_size: int | tuple[int, ...] | None = None,
+    leaf_modules: Iterable[LeafSpec] = (),
+    inplace: bool = False,
+    verify: bool = True,
+) -> torch.fx.GraphModule:
+    """Insert attention into a trained CNN, starting as an exact identity.
+
+    The model is traced with torch.fx; residual adds and conv blocks are found; the rules
+    (a built-in set named by ``attn``, or a rule file) choose the sites; one attention
+    module is inserted per site. With identity gates (the default) the result computes
+    exactly what the model computed; fine-tuning then trains the gates.
+
+    Args:
+        model: a timm, torchvision or user ``nn.Module``. It is not modified.
+        attn: built-in rule set (``"se"``, ``"eca"``, ``"cbam"``) when ``rules`` is None.
+        rules: a rule file path or a :class:`~retrofit.rulefile.RuleSet`.
+        gate: ``"identity"`` or ``"sigmoid"``; overrides the rules' gate when given.
+        attn_args: attention constructor arguments that override the rules' ``args``
+            (e.g. ``{"rd_ratio": 0.25}``).
+        input_size: ``(C, H, W)``, ``(H, W)`` or an int, for shapes and the check; default
+            from timm's ``pretrained_cfg``, else 224x224.
+        leaf_modules: modules not to trace into (classes, class names or module paths).
+        inplace: trace ``model`` itself instead of a deep copy; the result then shares
+            parameters with ``model``.
+        verify: run the original and the result on a probe input and record the largest
+            output difference in the report.
+
+    Returns:
+        A ``torch.fx.GraphModule``. ``retrofit.get_report(gm)`` returns its :class:`Report`.
+
+    Raises:
+        TraceError: the model does not trace (the message names the module and line).
+        RuleError: the rules are invalid or ``attn`` names no built-in rule set.
+        SiteError: the model has no residual adds and no conv blocks.
+
+    Example:
+        >>> model = timm.create_model("resnet50")
+        >>> gm = retrofit(model, attn="cbam")
+        >>> print(get_report(gm))
+    """
+    ruleset = resolve_rules(attn, rules)
+    work = model if inplace else copy.deepcopy(model)
+    gm, size, analysis = _prepare(work, input_size, leaf_modules)
+    if not analysis.sites:
+        raise SiteError(
+            f"{type(model).__name__} has no residual adds and no conv blocks for attention "
+            f"(input size {size}); is it a CNN? Leaf modules hide what is inside them"
+        )
+    the_plan = make_plan(analysis, ruleset, gate, attn_args)
+    if not the_plan.placements:
+        warnings.warn(f"rules {ruleset.name!r} selected no site of {type(model).__name__}; nothing inserted",
+                      stacklevel=2)
+    inserted = insert_attention(gm, the_plan.placements)
+    diff = max_abs_diff(model, gm, size) if verify else None
+    report = Report(
+        model=type(model).__name__,
+        input_size=size,
+        rows=tuple(
+            SiteRow(
+                path=i.placement.site.path,
+                kind=i.placement.site.kind,
+                channels=i.placement.site.channels,
+                size=i.placement.site.size,
+                attn=i.placement.attn,
+                gate=i.placement.gate,
+                position=i.placement.position,
+                module=i.name,
+                params=i.params,
+            )
+            for i in inserted
+        ),
+        sites_found=len(analysis.sites),
+        skipped=tuple((s.path, why) for s, why in the_plan.skipped),
+        params_before=count_params(model),
+        params_after=count_params(gm),
+        max_abs_diff=diff,
+        identity_expected=all(i.placement.gate == "identity" for i in inserted),
+        notes=the_plan.notes,
+    )
+    gm.meta[_REPORT_KEY] = report
+    return gm
+
+
+def get_report(gm: torch.fx.GraphModule) -> Report:
+    """The :class:`Report` of a model returned by :func:`retrofit`.
+
+    Raises:
+        ValueError: ``gm`` did not come from :func:`retrofit`.
+    """
+    report = getattr(gm, "meta", {}).get(_REPORT_KEY)
+    if report is None:
+        raise ValueError(f"{type(gm).__name__} carries no retrofit report; it did not come from retrofit()")
+    return report

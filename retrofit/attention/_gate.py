@@ -1,0 +1,34 @@
+"""The two gate forms every attention module supports.
+
+``sigmoid`` is the papers' gate, ``sigma(z)`` in (0, 1). ``identity`` is ``2 * sigma(z)`` in
+(0, 2): the module's last layer starts at zero, so ``z == 0`` and the gate is exactly
+``2 * 0.5 == 1.0`` in any float format. Multiplying by exactly one leaves the input bit for
+bit unchanged, while the gradient of the gate at ``z == 0`` is 0.5, so training moves it
+at once. A zero last layer passes no gradient to the layers before it, but the first
+optimizer step makes it non-zero, so every parameter is learning from the second step on.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..errors import AttentionError
+
+__all__ = ["GATES", "check_gate", "apply_gate"]
+
+GATES: tuple[str, ...] = ("identity", "sigmoid")
+
+
+def check_gate(gate: str) -> str:
+    """Return ``gate`` if it is a known gate form, else raise naming the valid ones."""
+    if gate not in GATES:
+        raise AttentionError(f"unknown gate {gate!r} (valid: {', '.join(GATES)})")
+    return gate
+
+
+def apply_gate(z: Tensor, gate: str) -> Tensor:
+    """Turn the logits ``z`` into a multiplicative gate of the given form."""
+    if gate == "identity":
+        return torch.sigmoid(z) * 2.0
+    return torch.sigmoid(z)

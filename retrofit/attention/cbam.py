@@ -1,0 +1,89 @@
+"""Convolutional Block Attention Module.
+
+Woo, Park, Lee, Kweon: "CBAM: Convolutional Block Attention Module", ECCV 2018,
+arXiv:1807.06521.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import get_act_layer, make_divisible
+from torch import Tensor, nn
+
+from ._gate import apply_gate, check_gate
+from ._registry import register_attention
+
+__all__ = ["Cbam"]
+
+
+@register_attention("cbam")
+class Cbam(nn.Module):
+    """CBAM: a channel gate from a shared MLP on average- and max-pooled features, then a
+    spatial gate from a 7x7 convolution on the channel-wise mean and max.
+
+    Arguments and defaults are timm's ``CbamModule`` (``rd_divisor=1``, no MLP biases).
+    Where it differs: the spatial convolution has a bias and no BatchNorm after it (timm
+    uses conv + BatchNorm; running statistics would break identity in train mode), so the
+    spatial gate has ``2 * k * k + 1`` parameters instead of ``2 * k * k + 2``.
+
+    Args:
+        channels: input (and output) channels.
+        rd_ratio: MLP hidden width as a fraction of ``channels``.
+        rd_channels: MLP hidden width; overrides ``rd_ratio``.
+        rd_divisor: round the hidden width to a multiple of this.
+        spatial_kernel_size: kernel of the spatial convolution (odd).
+        act_layer: activation inside the MLP (class or timm name).
+        mlp_bias: biases in the MLP's two 1x1 convolutions.
+        gate: ``"identity"`` (output equals input at init) or ``"sigmoid"`` (the paper).
+        device: where to create the parameters.
+        dtype: dtype of the parameters.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        rd_ratio: float = 1.0 / 16,
+        rd_channels: int | None = None,
+        rd_divisor: int = 1,
+        spatial_kernel_size: int = 7,
+        act_layer: type[nn.Module] | str = nn.ReLU,
+        mlp_bias: bool = False,
+        gate: str = "identity",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.gate = check_gate(gate)
+        if rd_channels is None:
+            rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
+        dd = {"device": device, "dtype": dtype}
+        self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=mlp_bias, **dd)
+        self.act = get_act_layer(act_layer)(inplace=True)
+        self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias, **dd)
+        self.spatial = nn.Conv2d(2, 1, spatial_kernel_size, padding=spatial_kernel_size // 2, **dd)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """PyTorch's default init; with the identity gate both last layers start at zero."""
+        for conv in (self.fc1, self.fc2, self.spatial):
+            conv.reset_parameters()
+        if self.gate == "identity":
+            for conv in (self.fc2, self.spatial):
+                nn.init.zeros_(conv.weight)
+                if conv.bias is not None:
+                    nn.init.zeros_(conv.bias)
+
+    def channel_scale(self, x: Tensor) -> Tensor:
+        """The channel gate, shape ``(N, C, 1, 1)``."""
+        avg = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))
+        mx = self.fc2(self.act(self.fc1(x.amax((2, 3), keepdim=True))))
+        return apply_gate(avg + mx, self.gate)
+
+    def spatial_scale(self, x: Tensor) -> Tensor:
+        """The spatial gate, shape ``(N, 1, H, W)``."""
+        s = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
+        return apply_gate(self.spatial(s), self.gate)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x * self.channel_scale(x)
+        return x * self.spatial_scale(x)

@@ -1,0 +1,93 @@
+"""Building the model a user names: a timm name, ``torchvision:NAME`` or ``file.py:factory``."""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+from pathlib import Path
+
+from torch import nn
+
+from .errors import ModelLoadError
+
+__all__ = ["create_model"]
+
+
+def _timm(name: str, pretrained: bool, num_classes: int | None) -> nn.Module:
+    import timm
+
+    if not name.startswith("hf-hub:") and not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; closest: {', '.join(close)}" if close else "; see timm.list_models()"
+        raise ModelLoadError(f"unknown timm model {name!r}{hint}")
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (OSError, ConnectionError) as e:
+        raise ModelLoadError(
+            f"cannot download pretrained weights for {name!r} ({type(e).__name__}); "
+            "check the network, or drop --pretrained and load weights with --checkpoint"
+        ) from e
+
+
+def _torchvision(name: str, pretrained: bool, num_classes: int | None) -> nn.Module:
+    import torchvision.models as tvm
+
+    names = tvm.list_models(module=tvm)
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+        hint = f"; closest: {', '.join(close)}" if close else ""
+        raise ModelLoadError(f"unknown torchvision model {name!r}{hint}")
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    try:
+        return tvm.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
+    except (OSError, ConnectionError) as e:
+        raise ModelLoadError(
+            f"cannot download pretrained weights for torchvision:{name} ({type(e).__name__}); "
+            "check the network, or drop --pretrained"
+        ) from e
+
+
+def _from_file(spec: str, num_classes: int | None) -> nn.Module:
+    file, _, factory = spec.rpartition(":")
+    path = Path(file)
+    if not path.is_file():
+        raise ModelLoadError(f"model file {file!r} not found (expected path/to/file.py:factory)")
+    module_spec = importlib.util.spec_from_file_location(path.stem, path)
+    if module_spec is None or module_spec.loader is None:
+        raise ModelLoadError(f"cannot import {file!r} as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        raise ModelLoadError(f"importing {file!r} failed: {type(e).__name__}: {e}") from e
+    fn = getattr(module, factory, None)
+    if not callable(fn):
+        found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
+        raise ModelLoadError(f"{file!r} has no callable {factory!r} (callables there: {', '.join(found) or 'none'})")
+    model = fn() if num_classes is None else fn(num_classes=num_classes)
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"{spec} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def create_model(spec: str, pretrained: bool = False, num_classes: int | None = None) -> nn.Module:
+    """Build the model named by ``spec``.
+
+    Args:
+        spec: a timm model name (``resnet50``), ``hf-hub:org/name`` (timm), ``torchvision:NAME``,
+            or ``path/to/file.py:factory`` for a user's own model.
+        pretrained: download pretrained weights (needs the network).
+        num_classes: classifier size, where the model takes it.
+
+    Raises:
+        ModelLoadError: the name is unknown (with the closest names), a file or factory is
+            missing, or weights cannot be downloaded.
+    """
+    if spec.startswith("torchvision:"):
+        return _torchvision(spec.split(":", 1)[1], pretrained, num_classes)
+    if spec.startswith("timm:"):
+        spec = spec.split(":", 1)[1]
+    if ".py:" in spec:
+        return _from_file(spec, num_classes)
+    return _timm(spec, pretrained, num_classes)

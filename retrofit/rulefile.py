@@ -1,0 +1,202 @@
+"""Rule files: TOML data that says which attention goes on which sites.
+
+A file holds one or more ``[[rule]]`` tables (see ``rules/README.md``). Rules are plain
+frozen data; :mod:`retrofit.plan` applies them to a model's sites.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from .attention import GATES, get_attention, list_attention
+from .errors import RetrofitError, RuleError
+from .sites import SITE_KINDS
+
+__all__ = ["Rule", "RuleSet", "load_rules", "parse_rules", "builtin_rules_dir", "list_builtin_rules", "resolve_rules"]
+
+POSITIONS: dict[str, tuple[str, ...]] = {
+    "residual-add": ("branch", "after"),
+    "conv-block": ("after",),
+}
+
+# key -> (accepted types, default); `at` and `attn` have no default.
+_RULE_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
+    "at": ((str,), None),
+    "attn": ((str,), None),
+    "args": ((dict,), {}),
+    "position": ((str,), None),
+    "gate": ((str,), "identity"),
+    "include": ((list,), ["*"]),
+    "exclude": ((list,), []),
+    "fallback": ((bool,), False),
+}
+_FILE_KEYS = {"rule", "description"}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One ``[[rule]]`` table: attention ``attn`` on sites of kind ``at``."""
+
+    at: str  # site kind the rule applies to
+    attn: str  # registered attention name
+    args: Mapping[str, Any] = field(default_factory=dict)  # attention constructor arguments
+    position: str = "branch"  # where on the site: "branch" (before the add) or "after"
+    gate: str = "identity"  # gate form: "identity" or "sigmoid"
+    include: tuple[str, ...] = ("*",)  # fnmatch globs on the site path; a site must match one
+    exclude: tuple[str, ...] = ()  # fnmatch globs on the site path; a match removes the site
+    fallback: bool = False  # applies only if no earlier rule selected a site
+    source: str = "<rules>"  # where the rule came from: "file.toml, rule 2"
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """The rules of one file, in the order they apply."""
+
+    rules: tuple[Rule, ...]  # in file order; earlier rules claim sites first
+    name: str = "<rules>"  # file path or built-in name
+    description: str = ""  # one line, from the file's `description`
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    names = {str: "a string", dict: "a table", list: "an array", bool: "true or false"}
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def _unknown(key: str, valid: set[str] | dict[str, Any], where: str) -> RuleError:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return RuleError(f"{where}: unknown key {key!r}{hint} (valid: {', '.join(sorted(valid))})")
+
+
+def _parse_rule(table: Mapping[str, Any], where: str) -> Rule:
+    for key in table:
+        if key not in _RULE_KEYS:
+            raise _unknown(key, _RULE_KEYS, where)
+    for key in ("at", "attn"):
+        if key not in table:
+            raise RuleError(f"{where}: missing required key {key!r}")
+    values: dict[str, Any] = {}
+    for key, (types, default) in _RULE_KEYS.items():
+        value = table.get(key, default)
+        if value is not None and not isinstance(value, types):
+            raise RuleError(f"{where}: {key!r} must be {_type_name(types)}, got {value!r}")
+        values[key] = value
+    at = values["at"]
+    if at not in SITE_KINDS:
+        raise RuleError(f"{where}: unknown site kind at = {at!r} (valid: {', '.join(SITE_KINDS)})")
+    try:
+        get_attention(values["attn"])
+    except RetrofitError as e:
+        raise RuleError(f"{where}: {e}") from None
+    position = values["position"] or POSITIONS[at][0]
+    if position not in POSITIONS[at]:
+        raise RuleError(
+            f"{where}: position = {position!r} is not valid for {at} sites (valid: {', '.join(POSITIONS[at])})"
+        )
+    if values["gate"] not in GATES:
+        raise RuleError(f"{where}: unknown gate {values['gate']!r} (valid: {', '.join(GATES)})")
+    for key in ("include", "exclude"):
+        if not all(isinstance(g, str) for g in values[key]):
+            raise RuleError(f"{where}: {key!r} must be an array of strings (globs), got {values[key]!r}")
+    return Rule(
+        at=at,
+        attn=values["attn"],
+        args=MappingProxyType(dict(values["args"])),
+        position=position,
+        gate=values["gate"],
+        include=tuple(values["include"]),
+        exclude=tuple(values["exclude"]),
+        fallback=values["fallback"],
+        source=where,
+    )
+
+
+def parse_rules(doc: Mapping[str, Any], name: str = "<rules>") -> RuleSet:
+    """Validate a parsed TOML document and turn it into a :class:`RuleSet`.
+
+    Raises:
+        RuleError: an unknown key, a wrong type, an unknown site kind, attention, position
+            or gate; the message names the file and the rule.
+    """
+    for key in doc:
+        if key not in _FILE_KEYS:
+            raise _unknown(key, _FILE_KEYS, name)
+    tables = doc.get("rule", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise RuleError(f"{name}: 'rule' must be an array of tables, written [[rule]]")
+    if not tables:
+        raise RuleError(f"{name}: no [[rule]] table; a rule file needs at least one")
+    description = doc.get("description", "")
+    if not isinstance(description, str):
+        raise RuleError(f"{name}: 'description' must be a string")
+    rules = tuple(_parse_rule(t, f"{name}, rule {i}") for i, t in enumerate(tables, 1))
+    return RuleSet(rules, name, description)
+
+
+def load_rules(path: str | Path, name: str | None = None) -> RuleSet:
+    """Read and validate a rule file; ``name`` is how messages refer to it (default: the path).
+
+    Raises:
+        RuleError: the file is missing, is not valid TOML (file and line in the message), or
+            its rules are invalid.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RuleError(f"cannot read rule file {str(path)!r}: {e.strerror or e}") from e
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise RuleError(f"{path}: TOML syntax error: {e}") from e
+    return parse_rules(doc, name or str(path))
+
+
+def builtin_rules_dir() -> Path:
+    """The folder of built-in rule files: inside the installed package, or the checkout's ``rules/``."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "rules", here.parent / "rules"):
+        if candidate.is_dir():
+            return candidate
+    raise RetrofitError(f"built-in rule files not found next to {here}; the installation is incomplete")
+
+
+def list_builtin_rules() -> dict[str, str]:
+    """``{name: description}`` of the built-in rule sets."""
+    out = {}
+    for path in sorted(builtin_rules_dir().glob("*.toml")):
+        out[path.stem] = load_rules(path, f"built-in {path.stem!r}").description
+    return out
+
+
+def resolve_rules(attn: str | None = None, rules: str | Path | RuleSet | None = None) -> RuleSet:
+    """The rule set for ``retrofit(attn=..., rules=...)``.
+
+    ``rules`` (a file path or a RuleSet) wins; otherwise ``attn`` names a built-in rule file.
+
+    Raises:
+        RuleError: neither is given, or ``attn`` names no built-in rule set (the message
+            lists them and the closest match).
+    """
+    if isinstance(rules, RuleSet):
+        return rules
+    if rules is not None:
+        return load_rules(rules)
+    if attn is None:
+        raise RuleError("give attn='se' (a built-in rule set) or rules='file.toml'")
+    path = builtin_rules_dir() / f"{attn}.toml"
+    if not path.is_file():
+        names = sorted(p.stem for p in builtin_rules_dir().glob("*.toml"))
+        close = difflib.get_close_matches(attn, names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise RuleError(
+            f"unknown attention rule set {attn!r}{hint} (built-in: {', '.join(names)}; "
+            f"attention types: {', '.join(list_attention())}); or pass rules='file.toml'"
+        )
+    return load_rules(path, f"built-in {attn!r}")

@@ -1,0 +1,312 @@
+"""Site analysis: where attention can go. Read-only: it inspects the graph, changes nothing.
+
+Two kinds of site:
+
+* ``residual-add``: an addition of two same-shaped NCHW tensors whose operands split from a
+  common node, where one operand (the residual branch) runs through convolutions. The other
+  operand is the shortcut: ``identity`` when it carries no parameters, else ``projection``.
+* ``conv-block``: a 2-D convolution followed by any run of norm, activation, pooling and
+  pass-through layers, each the only consumer of the one before (plain CNNs such as VGG).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from .shapes import TensorInfo
+
+__all__ = ["Site", "SkippedCandidate", "SiteAnalysis", "find_sites", "SITE_KINDS"]
+
+SITE_KINDS: tuple[str, ...] = ("residual-add", "conv-block")
+
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
+
+_NORM_MODULES = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+)
+_NORM_FUNCTIONS = {F.batch_norm, F.group_norm, F.instance_norm, F.layer_norm, torch.batch_norm}
+_ACT_FUNCTIONS = {
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.silu, F.gelu, F.hardswish, F.mish,
+    F.leaky_relu, F.elu, F.selu, F.celu, F.softplus, F.hardtanh, torch.tanh, F.prelu,
+}
+_ACT_METHODS = {"relu", "relu_", "tanh", "tanh_"}
+_POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.LPPool2d)
+_POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, torch.max_pool2d}
+_PASS_MODULES = (nn.Identity, nn.modules.dropout._DropoutNd)
+# Element-wise gates that are attention's own output, not a block's activation.
+_NOT_ACTIVATIONS = (nn.Sigmoid, nn.Softmax, nn.Softmax2d, nn.LogSoftmax, nn.Hardsigmoid, nn.MultiheadAttention)
+
+
+@dataclass(frozen=True)
+class Site:
+    """A place in the graph where an attention module can be inserted."""
+
+    kind: str  # "residual-add" or "conv-block"
+    path: str  # module path rules match: the block holding the add, or the conv's own path
+    module_path: str  # qualified name of the module whose forward holds the site's node
+    qualname: str  # readable name of the site's node ("layer1.0.add", "features.0")
+    node: str  # fx node name of the add (residual-add) or of the block's last layer (conv-block)
+    channels: int  # channels of the tensor attention sees
+    size: tuple[int, int]  # its spatial size (H, W) for the analysed input
+    dtype: torch.dtype  # its dtype
+    device: torch.device  # its device
+    branch: str | None = None  # residual-add: fx node name of the residual branch operand
+    shortcut: str | None = None  # residual-add: fx node name of the shortcut operand
+    shortcut_kind: str | None = None  # residual-add: "identity" or "projection"
+    layers: tuple[str, ...] = ()  # conv-block: qualnames of conv, norm, act, pool in order
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data view (JSON-ready)."""
+        return {
+            "kind": self.kind,
+            "path": self.path,
+            "qualname": self.qualname,
+            "channels": self.channels,
+            "size": list(self.size),
+            "shortcut": self.shortcut_kind,
+            "layers": list(self.layers),
+        }
+
+
+@dataclass(frozen=True)
+class SkippedCandidate:
+    """A node that looked like a site but is not one, and why."""
+
+    kind: str  # the site kind it was a candidate for
+    qualname: str  # readable node name
+    reason: str  # why it is not a site
+
+
+@dataclass(frozen=True)
+class SiteAnalysis:
+    """Everything analysis found, in graph order."""
+
+    sites: tuple[Site, ...]  # the sites, in graph (execution) order
+    skipped: tuple[SkippedCandidate, ...] = field(default=())  # candidates that are not sites
+
+    def of_kind(self, kind: str) -> tuple[Site, ...]:
+        """The sites of one kind."""
+        return tuple(s for s in self.sites if s.kind == kind)
+
+
+def _module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module | None:
+    return gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+
+
+def _is_conv(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    mod = _module(gm, node)
+    if mod is not None:
+        return isinstance(mod, nn.Conv2d)
+    return node.op == "call_function" and node.target in (F.conv2d, torch.conv2d)
+
+
+def _contains_conv(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """A convolution, or a leaf module with one inside (its channels are then unknown)."""
+    if _is_conv(gm, node):
+        return True
+    mod = _module(gm, node)
+    return mod is not None and any(isinstance(m, nn.modules.conv._ConvNd) for m in mod.modules())
+
+
+def _has_params(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    mod = _module(gm, node)
+    if mod is not None:
+        return next(mod.parameters(), None) is not None
+    return node.op == "get_attr"
+
+
+def _layer_role(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
+    """'norm', 'act', 'pool' or 'pass' for a layer that may follow a conv in a block."""
+    mod = _module(gm, node)
+    if mod is not None:
+        if isinstance(mod, _NORM_MODULES):
+            return "norm"
+        if isinstance(mod, _POOL_MODULES):
+            return "pool"
+        if isinstance(mod, _PASS_MODULES) or type(mod).__name__ in ("DropPath", "DropBlock2d"):
+            return "pass"
+        if isinstance(mod, _NOT_ACTIVATIONS):
+            return None
+        if type(mod).__module__ in ("torch.nn.modules.activation",) or type(mod).__module__.startswith(
+            "timm.layers.activations"
+        ):
+            return "act"
+        return None
+    if node.op == "call_function":
+        if node.target in _NORM_FUNCTIONS:
+            return "norm"
+        if node.target in _ACT_FUNCTIONS:
+            return "act"
+        if node.target in _POOL_FUNCTIONS:
+            return "pool"
+        if node.target is F.dropout:
+            return "pass"
+    if node.op == "call_method" and node.target in _ACT_METHODS:
+        return "act"
+    return None
+
+
+def _add_operands(node: torch.fx.Node) -> tuple[Any, Any] | None:
+    """The two summands of an addition node, or None if the node is not one.
+
+    ``torch.add(a, b, alpha=...)`` with alpha other than 1 is a weighted sum, not a residual.
+    """
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        pass
+    elif node.op == "call_method" and node.target in _ADD_METHODS:
+        pass
+    else:
+        return None
+    if node.kwargs.get("alpha", 1) != 1 or len(node.args) < 2:
+        return None
+    other = node.kwargs.get("other", node.args[1] if len(node.args) > 1 else None)
+    return node.args[0], other
+
+
+class _Analyzer:
+    def __init__(self, gm: torch.fx.GraphModule, shapes: dict[str, TensorInfo]) -> None:
+        self.gm = gm
+        self.shapes = shapes
+        self.graph = nx.DiGraph()
+        for node in gm.graph.nodes:
+            self.graph.add_node(node.name)
+            for src in node.all_input_nodes:
+                self.graph.add_edge(src.name, node.name)
+        self.nodes = {n.name: n for n in gm.graph.nodes}
+        self.skipped: list[SkippedCandidate] = []
+
+    def skip(self, kind: str, node: torch.fx.Node, reason: str) -> None:
+        self.skipped.append(SkippedCandidate(kind, node.meta.get("qualname", node.name), reason))
+
+    def _path_nodes(self, split: str, end: str) -> list[torch.fx.Node]:
+        """Nodes strictly after ``split`` on the paths from ``split`` to ``end``, ``end`` included."""
+        if end == split:
+            return []
+        names = (nx.ancestors(self.graph, end) & nx.descendants(self.graph, split)) | {end}
+        return [self.nodes[n] for n in names]
+
+    def residual(self, node: torch.fx.Node) -> Site | None:
+        kind = "residual-add"
+        operands = _add_operands(node)
+        if operands is None:
+            return None
+        a, b = operands
+        if not isinstance(a, torch.fx.Node) or not isinstance(b, torch.fx.Node):
+            return None  # adding a constant (bias, scalar) is not a residual
+        ia, ib, out = self.shapes.get(a.name), self.shapes.get(b.name), self.shapes.get(node.name)
+        if ia is None or ib is None or out is None:
+            return None
+        if not out.is_nchw:
+            self.skip(kind, node, f"not a 4-D NCHW tensor (shape {list(out.shape)})")
+            return None
+        if ia.shape != ib.shape:
+            self.skip(kind, node, f"operands differ in shape ({list(ia.shape)} + {list(ib.shape)}): a broadcast, not a residual")
+            return None
+        split = nx.lowest_common_ancestor(self.graph, a.name, b.name)
+        if split is None:
+            self.skip(kind, node, "operands share no common input")
+            return None
+        path_a, path_b = self._path_nodes(split, a.name), self._path_nodes(split, b.name)
+        params_a = sum(_has_params(self.gm, n) for n in path_a)
+        params_b = sum(_has_params(self.gm, n) for n in path_b)
+        # The shortcut is the operand that is the split point itself, else the lighter path.
+        if b.name == split or (a.name != split and (params_a, len(path_a)) >= (params_b, len(path_b))):
+            branch, shortcut, branch_path, shortcut_params = a, b, path_a, params_b
+        else:
+            branch, shortcut, branch_path, shortcut_params = b, a, path_b, params_a
+        convs = [n for n in branch_path if _contains_conv(self.gm, n)]
+        if not convs:
+            self.skip(kind, node, "no convolution on either operand's path (not a conv residual)")
+            return None
+        last_conv = max(convs, key=self._order)
+        mod = _module(self.gm, last_conv)
+        if isinstance(mod, nn.Conv2d) and mod.out_channels != out.shape[1]:
+            self.skip(
+                kind, node,
+                f"dim 1 has {out.shape[1]} entries but the branch's last conv {last_conv.meta['qualname']!r} "
+                f"has {mod.out_channels} output channels: not an NCHW tensor",
+            )
+            return None
+        holder = node.meta.get("module_path", "")
+        return Site(
+            kind=kind,
+            path=holder,
+            module_path=holder,
+            qualname=node.meta.get("qualname", node.name),
+            node=node.name,
+            channels=out.shape[1],
+            size=(out.shape[2], out.shape[3]),
+            dtype=out.dtype,
+            device=out.device,
+            branch=branch.name,
+            shortcut=shortcut.name,
+            shortcut_kind="projection" if shortcut_params else "identity",
+        )
+
+    def conv_block(self, node: torch.fx.Node) -> Site | None:
+        if not _is_conv(self.gm, node):
+            return None
+        info = self.shapes.get(node.name)
+        if info is None or not info.is_nchw:
+            self.skip("conv-block", node, "conv output is not a 4-D NCHW tensor")
+            return None
+        layers, last = [node], node
+        while len(last.users) == 1:
+            nxt = next(iter(last.users))
+            if _layer_role(self.gm, nxt) is None or nxt.all_input_nodes != [last]:
+                break
+            if not (self.shapes.get(nxt.name) and self.shapes[nxt.name].is_nchw):
+                break
+            layers.append(nxt)
+            last = nxt
+        out = self.shapes[last.name]
+        return Site(
+            kind="conv-block",
+            path=node.meta.get("qualname", node.name),
+            module_path=node.meta.get("module_path", ""),
+            qualname=node.meta.get("qualname", node.name),
+            node=last.name,
+            channels=out.shape[1],
+            size=(out.shape[2], out.shape[3]),
+            dtype=out.dtype,
+            device=out.device,
+            layers=tuple(n.meta.get("qualname", n.name) for n in layers),
+        )
+
+    def _order(self, node: torch.fx.Node) -> int:
+        return self._index[node.name]
+
+    def run(self) -> SiteAnalysis:
+        self._index = {n.name: i for i, n in enumerate(self.gm.graph.nodes)}
+        sites: list[Site] = []
+        for node in self.gm.graph.nodes:
+            site = self.residual(node) or self.conv_block(node)
+            if site is not None:
+                sites.append(site)
+        return SiteAnalysis(tuple(sites), tuple(self.skipped))
+
+
+def find_sites(gm: torch.fx.GraphModule, shapes: dict[str, TensorInfo]) -> SiteAnalysis:
+    """Find every residual-add and conv-block site of a traced model.
+
+    Args:
+        gm: a GraphModule from :func:`retrofit.trace.trace`.
+        shapes: node shapes from :func:`retrofit.shapes.propagate_shapes`.
+
+    Returns:
+        The sites in graph order, and the candidates rejected with their reasons.
+    """
+    return _Analyzer(gm, shapes).run()

@@ -1,0 +1,215 @@
+"""Tracing a model into a torch.fx graph whose nodes carry readable module paths.
+
+The tracer honours the no-trace registrations of the libraries users' models come from:
+timm's leaf modules and autowrapped functions (``timm.layers.register_notrace_module`` /
+``register_notrace_function``) and torchvision's ops, plus leaf modules the caller names.
+Each node records the module whose ``forward`` holds it (``node.meta["module_path"]``) and
+a readable name like torchvision's feature extraction uses (``node.meta["qualname"]``,
+e.g. ``layer1.0.iadd``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from .errors import TraceError
+
+__all__ = ["RetrofitTracer", "trace", "LeafSpec"]
+
+# A leaf module given by the caller: a class, a class name, or a module path ("layer3.1").
+LeafSpec = type[nn.Module] | str
+
+_TORCH_DIR = str(Path(torch.__file__).parent)
+_COUNTER_SUFFIX = re.compile(r"_\d+$")
+
+
+def _timm_notrace() -> tuple[tuple[type[nn.Module], ...], tuple[Callable[..., Any], ...]]:
+    import timm.models  # noqa: F401  (model modules register their leaves on import)
+    from timm.layers import get_notrace_functions, get_notrace_modules
+
+    fns = tuple(f for f in get_notrace_functions() if callable(f))
+    return tuple(get_notrace_modules()), fns
+
+
+def _torchvision_leaves() -> tuple[type[nn.Module], ...]:
+    """torchvision.ops modules that torchvision's own feature extraction keeps opaque.
+
+    The building blocks of classification models (``Conv2dNormActivation``,
+    ``SqueezeExcitation``, ``StochasticDepth``, ...) trace cleanly and hold exactly the
+    convolutions and residuals we look for, so we trace through those.
+    """
+    import torchvision.ops
+    import torchvision.ops.misc
+    import torchvision.ops.stochastic_depth
+
+    transparent = {
+        obj
+        for mod in (torchvision.ops.misc, torchvision.ops.stochastic_depth)
+        for obj in vars(mod).values()
+        if isinstance(obj, type) and issubclass(obj, nn.Module)
+    }
+    return tuple(
+        obj
+        for obj in vars(torchvision.ops).values()
+        if isinstance(obj, type) and issubclass(obj, nn.Module) and obj not in transparent
+    )
+
+
+class RetrofitTracer(torch.fx.Tracer):
+    """A tracer with timm's and torchvision's leaf registrations and qualified node names.
+
+    Args:
+        leaf_modules: extra modules not to trace into: classes, class names, or module
+            paths of ``root``. Attention is never inserted inside a leaf module.
+    """
+
+    def __init__(self, leaf_modules: Sequence[LeafSpec] = ()) -> None:
+        import torchvision.ops
+
+        from .attention._registry import _ATTENTION
+
+        timm_leaves, timm_fns = _timm_notrace()
+        super().__init__(autowrap_modules=(math, torchvision.ops), autowrap_functions=timm_fns)
+        self._leaf_types = timm_leaves + _torchvision_leaves() + tuple(_ATTENTION.values())
+        self._user_types = tuple(m for m in leaf_modules if isinstance(m, type))
+        self._user_names = {m for m in leaf_modules if isinstance(m, str)}
+        self._module_path = ""
+        self._name_counts: dict[str, int] = {}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self._user_names or type(m).__name__ in self._user_names:
+            return True
+        if isinstance(m, self._user_types) or isinstance(m, self._leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        path = self.path_of_module(m)
+        outer = self._module_path
+        # A leaf's node belongs to its caller; a traced-through module's ops belong to it.
+        if not self.is_leaf_module(m, path):
+            self._module_path = path
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as e:
+            # The innermost module sees the failure first; keep its name for the message.
+            if not hasattr(e, "_retrofit_module"):
+                try:
+                    e._retrofit_module = (path, type(m).__name__)  # type: ignore[attr-defined]
+                except AttributeError:
+                    pass
+            raise
+        finally:
+            self._module_path = outer
+
+    def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
+                    type_expr: Any | None = None) -> torch.fx.Node:
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        node.meta["module_path"] = self._module_path
+        node.meta["qualname"] = self._qualname(node)
+        return node
+
+    def _qualname(self, node: torch.fx.Node) -> str:
+        if node.op in ("call_module", "get_attr"):
+            return str(node.target)
+        if node.op in ("placeholder", "output"):
+            return node.name
+        base = _COUNTER_SUFFIX.sub("", node.name)
+        name = f"{self._module_path}.{base}" if self._module_path else base
+        count = self._name_counts.get(name, 0)
+        self._name_counts[name] = count + 1
+        return f"{name}_{count}" if count else name
+
+
+def _failure_location(e: BaseException) -> str:
+    """``file:line `code``` of the innermost frame outside torch, where tracing broke."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
+    if not frames:
+        return ""
+    f = frames[-1]
+    code = f" `{f.line.strip()}`" if f.line else ""
+    return f" at {f.filename}:{f.lineno}{code}"
+
+
+def trace(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> torch.fx.GraphModule:
+    """Trace ``model`` into a GraphModule that shares ``model``'s submodules and tensors.
+
+    Args:
+        model: the model to trace.
+        leaf_modules: modules not to trace into (classes, class names or module paths).
+
+    Returns:
+        A GraphModule named after the model's class; every node has ``meta["module_path"]``
+        and ``meta["qualname"]``.
+
+    Raises:
+        TraceError: torch.fx could not trace the model; the message names the module and
+            the source line where tracing broke and suggests making it a leaf module.
+    """
+    tracer = RetrofitTracer(tuple(leaf_modules))
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:
+        path, cls = getattr(e, "_retrofit_module", ("", type(model).__name__))
+        where = f"module {path!r} ({cls})" if path else f"the top-level forward of {cls}"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TraceError(
+            f"cannot trace {type(model).__name__}: {where}{_failure_location(e)}: {reason}. "
+            f"torch.fx cannot follow data-dependent Python control flow; keep that module opaque "
+            f"with leaf_modules=[{cls!r}] (CLI: --leaf-module {cls}); no attention is inserted inside it"
+        ) from e
+    gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+    _carry_unused_state(model, gm)
+    _carry_metadata(model, gm)
+    return gm
+
+
+def _submodule_or_create(root: nn.Module, path: str) -> nn.Module:
+    mod = root
+    for part in filter(None, path.split(".")):
+        child = getattr(mod, part, None)
+        if not isinstance(child, nn.Module):
+            child = nn.Module()
+            mod.add_module(part, child)
+        mod = child
+    return mod
+
+
+def _carry_unused_state(model: nn.Module, gm: torch.fx.GraphModule) -> None:
+    """Give ``gm`` the parameters and buffers its graph never touches.
+
+    GraphModule keeps only what the traced forward uses; users expect every original
+    name (unused heads, auxiliary layers) to survive, so their state dicts still load.
+    """
+    have = set(gm.state_dict(keep_vars=True))
+    for mod_path, mod in model.named_modules():
+        prefix = f"{mod_path}." if mod_path else ""
+        for name, p in mod._parameters.items():
+            if p is not None and prefix + name not in have:
+                _submodule_or_create(gm, mod_path).register_parameter(name, p)
+        for name, b in mod._buffers.items():
+            if b is not None and prefix + name not in have and name not in mod._non_persistent_buffers_set:
+                _submodule_or_create(gm, mod_path).register_buffer(name, b)
+
+
+def _carry_metadata(model: nn.Module, gm: torch.fx.GraphModule) -> None:
+    """Copy the model's plain-data attributes (timm's ``pretrained_cfg``, ``num_classes``, ...).
+
+    ``timm.data.resolve_data_config(model=gm)`` and code that reads ``num_classes`` then work
+    on the result as on the original.
+    """
+    for key, value in vars(model).items():
+        if key.startswith("_") or key == "training" or hasattr(gm, key):
+            continue
+        if isinstance(value, (nn.Module, torch.Tensor)) or callable(value):
+            continue
+        setattr(gm, key, value)

@@ -1,0 +1,69 @@
+"""Shared model builders. Real models, ``pretrained=False``, small inputs."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+
+class SmallCNN(nn.Module):
+    """A plain CNN without BatchNorm whose layers are conv -> max-pool -> ReLU."""
+
+    def __init__(self, in_chans: int = 1, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, 8, 3, padding=1)
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.pool2 = nn.MaxPool2d(2)
+        self.fc = nn.Linear(16 * 7 * 7, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.pool1(self.conv1(x)))
+        x = torch.relu(self.pool2(self.conv2(x)))
+        return self.fc(x.flatten(1))
+
+
+def _like_trained(model: nn.Module) -> nn.Module:
+    """Give norm layers the non-trivial statistics and scales of a trained model.
+
+    Fresh timm ResNets zero their last BatchNorm in each block, so every residual branch
+    outputs a constant; real checkpoints never do, and a test on such a branch proves
+    little.
+    """
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+                if getattr(m, "weight", None) is not None:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.normal_(0.0, 0.1)
+                if getattr(m, "running_mean", None) is not None:
+                    m.running_mean.normal_(0.0, 0.1)
+                    m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def build(name: str) -> nn.Module:
+    """A fresh model with trained-like norms: a timm name, ``tv:NAME`` or ``small_cnn``."""
+    torch.manual_seed(0)
+    if name == "small_cnn":
+        return SmallCNN()
+    if name.startswith("tv:"):
+        return _like_trained(torchvision.models.get_model(name[3:], weights=None))
+    return _like_trained(timm.create_model(name, pretrained=False))
+
+
+@functools.cache
+def cached(name: str) -> nn.Module:
+    """A model shared by read-only tests (retrofit never modifies its input)."""
+    return build(name)
+
+
+@pytest.fixture
+def small_cnn() -> SmallCNN:
+    torch.manual_seed(0)
+    return SmallCNN()

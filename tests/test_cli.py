@@ -1,0 +1,119 @@
+"""The console script, run for real in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import retrofit
+
+from .conftest import cached
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = shutil.which("retrofit", path=str(Path(sys.executable).parent))
+
+
+def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SCRIPT, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_console_script_is_installed() -> None:
+    assert SCRIPT is not None, "pip install -e . installs the `retrofit` console script"
+
+
+def test_table_output() -> None:
+    r = run("resnet18", "--attn", "cbam", "--input-size", "64", "--sites")
+    assert r.returncode == 0, r.stderr
+    assert "parameters before      11,689,512" in r.stdout
+    assert "0 (exact identity)" in r.stdout
+    assert "layer4.1.cbam" in r.stdout
+
+
+def test_json_matches_python_api() -> None:
+    r = run("resnet18", "--attn", "se", "--input-size", "64", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    want = retrofit.get_report(retrofit.retrofit(cached("resnet18"), "se", input_size=64)).to_dict()
+    for key in ("params_before", "params_after", "sites_changed", "max_abs_diff"):
+        assert got[key] == want[key], key
+    assert [s["module"] for s in got["sites"]] == [s["module"] for s in want["sites"]]
+
+
+def test_checkout_entry_point() -> None:
+    r = subprocess.run([sys.executable, "cli.py", "resnet18", "--attn", "eca", "--input-size", "64"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "exact identity" in r.stdout
+
+
+def test_torchvision_and_file_models(tmp_path: Path) -> None:
+    r = run("torchvision:resnet18", "--input-size", "64")
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "mine.py").write_text(
+        "import torch.nn as nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU())\n"
+    )
+    r = run(f"{tmp_path / 'mine.py'}:build", "--input-size", "16", "--attn", "eca", "--sites")
+    assert r.returncode == 0, r.stderr
+    assert "0_eca" in r.stdout and "2_eca" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["resnet5O"], r"retrofit: error: unknown timm model 'resnet5O'; closest: resnet50"),
+        (["resnet18", "--attn", "cbm"], r"retrofit: error: unknown attention rule set 'cbm'; did you mean 'cbam'\?"),
+        (["torchvision:resnet5"], r"retrofit: error: unknown torchvision model 'resnet5'; closest: resnet50"),
+        (["nofile.py:build"], r"retrofit: error: model file 'nofile.py' not found"),
+        (["resnet18", "--rules", "missing.toml"], r"retrofit: error: cannot read rule file 'missing.toml'"),
+    ],
+)
+def test_user_errors_are_one_line_exit_2(args: list[str], message: str) -> None:
+    r = run(*args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert __import__("re").match(message, lines[0]), lines[0]
+
+
+def test_bad_input_size_is_usage_error() -> None:
+    r = run("resnet18", "--input-size", "big")
+    assert r.returncode == 2
+    assert "'big' is not a size; use 224, 224x224 or 3x224x224" in r.stderr
+
+
+def test_sigmoid_gate_exits_zero_and_says_outputs_change() -> None:
+    r = run("resnet18", "--gate", "sigmoid", "--input-size", "64")
+    assert r.returncode == 0, r.stderr
+    assert "sigmoid gates change outputs" in r.stdout
+
+
+def test_identity_failure_exits_1(tmp_path: Path) -> None:
+    """A model whose forward is not deterministic cannot pass the identity check."""
+    (tmp_path / "noisy.py").write_text(
+        "import torch, torch.nn as nn\n"
+        "class Noisy(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv2d(3, 4, 3)\n"
+        "    def forward(self, x):\n"
+        "        return self.conv(x) + torch.rand(1)\n"
+        "def build():\n"
+        "    return Noisy()\n"
+    )
+    r = run(f"{tmp_path / 'noisy.py'}:build", "--input-size", "8")
+    assert r.returncode == 1, r.stderr
+    assert "NOT identity" in r.stdout
+    assert torch.rand(1).shape == (1,)
+
+
+def test_debug_shows_traceback() -> None:
+    r = run("resnet5O", "--debug")
+    assert r.returncode != 0 and "Traceback" in r.stderr
