@@ -3,9 +3,10 @@
 from . import attention
 from .api import analyze, get_report, plan, retrofit
 from .attention import create_attention, get_attention, list_attention, register_attention
-from .errors import AttentionError, ModelLoadError, OptionError, RetrofitError, RuleError, SiteError, TraceError
+from .errors import AttentionError, ModelLoadError, OptionError, RetrofitError, SaveError, RuleError, SiteError, TraceError
 from .report import Report
 from .rulefile import RuleSet, list_builtin_rules, load_rules
+from .serialize import load, save
 
 __version__ = "0.1.0"
 
@@ -14,6 +15,8 @@ __all__ = [
     "analyze",
     "plan",
     "get_report",
+    "save",
+    "load",
     "Report",
     "RuleSet",
     "load_rules",
@@ -30,5 +33,6 @@ __all__ = [
     "SiteError",
     "ModelLoadError",
     "OptionError",
+    "SaveError",
     "__version__",
 ]

@@ -13,17 +13,56 @@ from torch import nn
 
 from .errors import SiteError
 from .plan import Plan, make_plan
-from .report import Report, SiteRow
+from .report import Report, SiteRow, StageRow
 from .rewrite import insert_attention
 from .rulefile import RuleSet, resolve_rules
 from .shapes import propagate_shapes, resolve_input_size
 from .sites import SiteAnalysis, find_sites
 from .trace import LeafSpec, trace
-from .verify import count_params, max_abs_diff
+from .verify import compare, count_params
 
 __all__ = ["retrofit", "analyze", "plan", "get_report"]
 
 _REPORT_KEY = "retrofit_report"
+RECIPE_KEY = "retrofit_recipe"
+
+
+def _stage_of(name: str, prefixes: list[str]) -> str:
+    best = ""
+    for p in prefixes:
+        if (name == p or name.startswith(p + ".")) and len(p) > len(best):
+            best = p
+    return best or name.split(".", 1)[0]
+
+
+def _stage_rows(model: nn.Module, gm: torch.fx.GraphModule) -> tuple[StageRow, ...]:
+    """Parameters per part of the model: timm's feature stages, else top-level modules."""
+    prefixes = [name for name, _ in model.named_children()]
+    info = getattr(model, "feature_info", None)
+    if isinstance(info, list):
+        for f in info:
+            path = f.get("module", "") if isinstance(f, dict) else ""
+            parent = path.rpartition(".")[0]
+            # timm lists only the stages where resolution changes ("blocks.1", "blocks.2",
+            # "blocks.4"); their siblings ("blocks.3") are stages too.
+            if parent:
+                prefixes += [f"{parent}.{name}" for name, _ in model.get_submodule(parent).named_children()]
+            elif path:
+                prefixes.append(path)
+    before: dict[str, int] = {}
+    after: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        key = _stage_of(name, prefixes)
+        before[key] = before.get(key, 0) + p.numel()
+    for name, p in gm.named_parameters():
+        key = _stage_of(name, prefixes)
+        after[key] = after.get(key, 0) + p.numel()
+    order = list(dict.fromkeys([*before, *after]))
+    return tuple(StageRow(k, before.get(k, 0), after.get(k, 0)) for k in order)
+
+
+def _leaf_name(leaf: LeafSpec) -> str:
+    return leaf if isinstance(leaf, str) else f"{leaf.__module__}:{leaf.__qualname__}"
 
 
 def _prepare(
@@ -61,13 +100,14 @@ def plan(
     attn_args: Mapping[str, Any] | None = None,
     input_size: int | tuple[int, ...] | None = None,
     leaf_modules: Iterable[LeafSpec] = (),
+    strict: bool = False,
 ) -> Plan:
     """What :func:`retrofit` would insert, and why it leaves the other sites alone.
 
     Arguments are those of :func:`retrofit`; nothing is changed.
     """
-    analysis = analyze(model, input_size, leaf_modules)
-    return make_plan(analysis, resolve_rules(attn, rules), gate, attn_args)
+    ruleset = resolve_rules(attn, rules)
+    return make_plan(analyze(model, input_size, leaf_modules), ruleset, gate, attn_args, strict)
 
 
 def retrofit(
@@ -81,6 +121,7 @@ def retrofit(
     leaf_modules: Iterable[LeafSpec] = (),
     inplace: bool = False,
     verify: bool = True,
+    strict: bool = False,
 ) -> torch.fx.GraphModule:
     """Insert attention into a trained CNN, starting as an exact identity.
 
@@ -103,6 +144,8 @@ def retrofit(
             parameters with ``model``.
         verify: run the original and the result on a probe input and record the largest
             output difference in the report.
+        strict: a rule glob that matches no site is an error (default: a warning, kept
+            in the report).
 
     Returns:
         A ``torch.fx.GraphModule``. ``retrofit.get_report(gm)`` returns its :class:`Report`.
@@ -118,6 +161,7 @@ def retrofit(
         >>> print(get_report(gm))
     """
     ruleset = resolve_rules(attn, rules)
+    leaf_modules = tuple(leaf_modules)
     work = model if inplace else copy.deepcopy(model)
     gm, size, analysis = _prepare(work, input_size, leaf_modules)
     if not analysis.sites:
@@ -125,12 +169,12 @@ def retrofit(
             f"{type(model).__name__} has no residual adds and no conv blocks for attention "
             f"(input size {size}); is it a CNN? Leaf modules hide what is inside them"
         )
-    the_plan = make_plan(analysis, ruleset, gate, attn_args)
+    the_plan = make_plan(analysis, ruleset, gate, attn_args, strict)
     if not the_plan.placements:
         warnings.warn(f"rules {ruleset.name!r} selected no site of {type(model).__name__}; nothing inserted",
                       stacklevel=2)
     inserted = insert_attention(gm, the_plan.placements)
-    diff = max_abs_diff(model, gm, size) if verify else None
+    comparison = compare(model, gm, size) if verify else None
     report = Report(
         model=type(model).__name__,
         input_size=size,
@@ -138,8 +182,8 @@ def retrofit(
             SiteRow(
                 path=i.placement.site.path,
                 kind=i.placement.site.kind,
-                channels=i.placement.site.channels,
-                size=i.placement.site.size,
+                channels=i.placement.channels,
+                size=i.placement.size,
                 attn=i.placement.attn,
                 gate=i.placement.gate,
                 position=i.placement.position,
@@ -152,12 +196,32 @@ def retrofit(
         skipped=tuple((s.path, why) for s, why in the_plan.skipped),
         params_before=count_params(model),
         params_after=count_params(gm),
-        max_abs_diff=diff,
+        max_abs_diff=None if comparison is None else comparison.max_abs_diff,
         identity_expected=all(i.placement.gate == "identity" for i in inserted),
         notes=the_plan.notes,
+        warnings=the_plan.warnings,
+        flops_before=None if comparison is None else comparison.flops_before,
+        flops_after=None if comparison is None else comparison.flops_after,
+        stages=_stage_rows(model, gm),
     )
     gm.meta[_REPORT_KEY] = report
+    # What `retrofit.save` needs to rebuild this exact graph: plain data, no code.
+    gm.meta[RECIPE_KEY] = {
+        "rules": {"name": ruleset.name, "doc": _plain(ruleset.doc)},
+        "gate": gate,
+        "attn_args": dict(attn_args or {}),
+        "input_size": list(size),
+        "leaf_modules": [_leaf_name(m) for m in leaf_modules],
+    }
     return gm
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def get_report(gm: torch.fx.GraphModule) -> Report:

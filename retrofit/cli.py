@@ -1,17 +1,40 @@
-"""The command line: ``retrofit MODEL --attn NAME``."""
+"""The command line.
+
+    retrofit MODEL [--attn NAME | --rules FILE] [options]   retrofit a model, print the diff
+    retrofit list                                           attention types and built-in rule sets
+    retrofit diff A B                                       compare two saved models' parameters
+    retrofit gates ...                                      inspect a fine-tuned model's gates
+
+Exit codes: 0 success, 1 the identity check failed, 2 bad usage or bad input.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from .errors import RetrofitError
+from .errors import RetrofitError, SaveError
 
 __all__ = ["main", "build_parser"]
 
 EXIT_OK, EXIT_IDENTITY_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _Progress:
+    """One line per slow step on stderr, only for a person watching a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            print(f"[{time.perf_counter() - self.start:5.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 def _input_size(text: str) -> tuple[int, ...]:
@@ -24,56 +47,181 @@ def _input_size(text: str) -> tuple[int, ...]:
     return parts
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line (not usage + error) and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="retrofit",
-        description="Add identity-initialized attention to a CNN and print the before/after diff.",
+        description="Add identity-initialized attention to a CNN and print the before/after diff. "
+        "Other commands: `retrofit list`, `retrofit diff A B`, `retrofit gates ...`.",
         epilog="example: retrofit resnet50 --attn cbam",
     )
-    p.add_argument("model", help="timm model name, torchvision:NAME, or path/to/file.py:factory")
-    p.add_argument("--attn", default="se", help="built-in rule set: se, eca, cbam (default: se)")
+    p.add_argument("model", help="timm model name, hf-hub:ORG/NAME, torchvision:NAME, or path/to/file.py:factory")
+    p.add_argument("--attn", default="se", help="built-in rule set (default: se; see `retrofit list`)")
     p.add_argument("--rules", metavar="FILE", help="rule file (TOML); overrides --attn")
     p.add_argument("--gate", choices=("identity", "sigmoid"), help="gate form for every rule")
     p.add_argument("--input-size", type=_input_size, metavar="SIZE", help="224, 224x224 or 3x224x224")
-    p.add_argument("--num-classes", type=int, help="classifier size of the built model")
-    p.add_argument("--pretrained", action="store_true", help="download pretrained weights")
+    p.add_argument("--num-classes", type=int, metavar="N", help="classifier size of the built model")
+    p.add_argument("--pretrained", action="store_true", help="download pretrained weights (needs the network)")
+    p.add_argument("--checkpoint", metavar="PATH", help="weights for the model before retrofitting "
+                   "(.safetensors, or .pt/.pth loaded with weights_only=True)")
     p.add_argument("--leaf-module", action="append", default=[], metavar="NAME",
                    help="class name or module path not to trace into (repeatable)")
+    p.add_argument("--strict", action="store_true", help="a rule glob that matches no site is an error")
+    p.add_argument("--out", metavar="PATH", help="save to PATH.safetensors or a folder (weights + recipe)")
+    p.add_argument("--force", action="store_true", help="let --out replace an existing file")
+    p.add_argument("--dry-run", action="store_true", help="show the plan (what would change, and why not elsewhere)")
     p.add_argument("--sites", action="store_true", help="add a row per inserted module")
     p.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress, no table (errors and --format json only)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        from .api import get_report, retrofit
-        from .models import create_model
+def _run_model(args: argparse.Namespace) -> int:
+    import warnings
 
-        model = create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes)
-        gm = retrofit(
-            model,
-            args.attn,
-            rules=args.rules,
-            gate=args.gate,
-            input_size=args.input_size,
-            leaf_modules=args.leaf_module,
-        )
-    except RetrofitError as e:
-        if args.debug:
-            raise
-        print(f"retrofit: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    from .api import get_report, plan, retrofit
+    from .checkpoint import load_checkpoint
+    from .models import create_model
+    from .serialize import save
+
+    if args.out and os.path.exists(args.out) and not args.force and not args.dry_run:
+        raise SaveError(f"{args.out!r} exists; not overwriting it (pass --force to replace it)")
+    progress = _Progress(not args.quiet and sys.stderr.isatty())
+    if args.quiet:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        warnings.simplefilter("ignore")
+    progress(f"building {args.model}" + (" (downloading weights)" if args.pretrained else ""))
+    model = create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes)
+    if args.checkpoint:
+        progress(f"loading {args.checkpoint}")
+        load_checkpoint(model, args.checkpoint)
+    options: dict[str, Any] = dict(rules=args.rules, gate=args.gate, input_size=args.input_size,
+                                   leaf_modules=args.leaf_module, strict=args.strict)
+    if args.dry_run:
+        progress("tracing and planning")
+        the_plan = plan(model, args.attn, **options)
+        if args.format == "json":
+            print(json.dumps(the_plan.to_dict(), indent=2))
+        elif not args.quiet:
+            print(the_plan.table())
+        return EXIT_OK
+    progress("tracing, inserting attention, checking identity")
+    gm = retrofit(model, args.attn, **options)
     report = get_report(gm)
     if args.format == "json":
         print(json.dumps(report.to_dict(), indent=2))
-    else:
+    elif not args.quiet:
         print(report.summary())
+        print()
+        print(report.stage_table())
         if args.sites:
             print()
             print(report.site_table())
-    return EXIT_IDENTITY_FAILED if report.identity_ok is False else EXIT_OK
+        for w in report.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+    if report.identity_ok is False:
+        print(f"retrofit: error: the rewritten model's outputs differ from the original's by up to "
+              f"{report.max_abs_diff:.3g} at init{'; not saved' if args.out else ''}", file=sys.stderr)
+        return EXIT_IDENTITY_FAILED
+    if args.out:
+        progress(f"saving {args.out}")
+        kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+        path = save(gm, args.out, model_spec=args.model, model_kwargs=kwargs, force=args.force)
+        if not args.quiet and args.format == "table":
+            print(f"\nsaved {path} (load it with retrofit.load({str(path)!r}))")
+    return EXIT_OK
+
+
+def _list(argv: Sequence[str]) -> int:
+    from tabulate import tabulate
+
+    from .attention import get_attention, list_attention
+    from .rulefile import list_builtin_rules
+
+    p = _Parser(prog="retrofit list", description="List attention types and built-in rule sets.")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    args = p.parse_args(argv)
+
+    def first_line(obj: object) -> str:
+        paragraph = (obj.__doc__ or "").strip().split("\n\n", 1)[0]
+        return " ".join(paragraph.split())
+
+    attns = {name: first_line(get_attention(name)) for name in list_attention()}
+    rules = list_builtin_rules()
+    if args.format == "json":
+        print(json.dumps({"attention": attns, "rules": rules}, indent=2))
+    else:
+        print(tabulate(attns.items(), headers=["attention (--rules attn=)", "description"]))
+        print()
+        print(tabulate(rules.items(), headers=["rule set (--attn)", "description"]))
+    return EXIT_OK
+
+
+def _diff(argv: Sequence[str]) -> int:
+    from tabulate import tabulate
+
+    from .serialize import read_recipe, tensor_sizes
+
+    p = _Parser(prog="retrofit diff", description="Compare the parameter counts of two saved models.")
+    p.add_argument("a", help="saved model (.safetensors or folder)")
+    p.add_argument("b", help="saved model (.safetensors or folder)")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    args = p.parse_args(argv)
+    counts = []
+    for path in (args.a, args.b):
+        buffers = set(read_recipe(path)["buffers"])
+        groups: dict[str, int] = {}
+        for name, numel in tensor_sizes(path).items():
+            if name not in buffers:
+                key = name.split(".", 1)[0]
+                groups[key] = groups.get(key, 0) + numel
+        counts.append(groups)
+    a, b = counts
+    keys = list(dict.fromkeys([*a, *b]))
+    rows = [[k, a.get(k, 0), b.get(k, 0), b.get(k, 0) - a.get(k, 0)] for k in keys]
+    rows.append(["total", sum(a.values()), sum(b.values()), sum(b.values()) - sum(a.values())])
+    if args.format == "json":
+        print(json.dumps({"a": args.a, "b": args.b, "rows": [dict(zip(("module", "a", "b", "delta"), r)) for r in rows]},
+                         indent=2))
+    else:
+        print(tabulate(rows, headers=["module", "A params", "B params", "B - A"], intfmt=","))
+    return EXIT_OK
+
+
+def _gates(argv: Sequence[str]) -> int:
+    try:
+        from .gates import gates_main
+    except ImportError:
+        print("retrofit: error: gate inspection is not available in this installation", file=sys.stderr)
+        return EXIT_USAGE
+    return gates_main(list(argv))
+
+
+_COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"list": _list, "diff": _diff, "gates": _gates}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        if argv and argv[0] in _COMMANDS:
+            return _COMMANDS[argv[0]]([a for a in argv[1:] if a != "--debug"])
+        return _run_model(build_parser().parse_args(argv))
+    except RetrofitError as e:
+        if debug:
+            raise
+        print(f"retrofit: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("retrofit: interrupted; nothing was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ __all__ = [
     "SiteError",
     "ModelLoadError",
     "OptionError",
+    "SaveError",
 ]
 
 
@@ -44,3 +45,7 @@ class ModelLoadError(RetrofitError, ValueError):
 
 class OptionError(RetrofitError, ValueError):
     """An option value is invalid (input size, gate, ...)."""
+
+
+class SaveError(RetrofitError, RuntimeError):
+    """A model could not be written (unwritable path, existing file without force, ...)."""

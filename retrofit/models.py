@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -13,24 +14,34 @@ from .errors import ModelLoadError
 __all__ = ["create_model"]
 
 
-def _timm(name: str, pretrained: bool, num_classes: int | None) -> nn.Module:
+def _download_error(what: str, e: Exception) -> ModelLoadError:
+    first = (str(e).strip().splitlines() or [""])[0]
+    return ModelLoadError(
+        f"cannot download pretrained weights for {what} ({type(e).__name__}: {first}); check the network "
+        "(or the local cache with HF_HUB_OFFLINE=1), or drop --pretrained and load weights with --checkpoint"
+    )
+
+
+def _timm(name: str, pretrained: bool, num_classes: int | None, **kwargs: Any) -> nn.Module:
     import timm
 
     if not name.startswith("hf-hub:") and not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; closest: {', '.join(close)}" if close else "; see timm.list_models()"
         raise ModelLoadError(f"unknown timm model {name!r}{hint}")
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except (OSError, ConnectionError) as e:
-        raise ModelLoadError(
-            f"cannot download pretrained weights for {name!r} ({type(e).__name__}); "
-            "check the network, or drop --pretrained and load weights with --checkpoint"
-        ) from e
+    except OSError as e:
+        if not pretrained:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ModelLoadError(f"cannot build timm model {name!r} ({type(e).__name__}: {first}); "
+                                 "hf-hub: models need the network or the local cache") from e
+        raise _download_error(repr(name), e) from e
 
 
-def _torchvision(name: str, pretrained: bool, num_classes: int | None) -> nn.Module:
+def _torchvision(name: str, pretrained: bool, num_classes: int | None, **kwargs: Any) -> nn.Module:
     import torchvision.models as tvm
 
     names = tvm.list_models(module=tvm)
@@ -38,17 +49,15 @@ def _torchvision(name: str, pretrained: bool, num_classes: int | None) -> nn.Mod
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
         hint = f"; closest: {', '.join(close)}" if close else ""
         raise ModelLoadError(f"unknown torchvision model {name!r}{hint}")
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
     try:
         return tvm.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
-    except (OSError, ConnectionError) as e:
-        raise ModelLoadError(
-            f"cannot download pretrained weights for torchvision:{name} ({type(e).__name__}); "
-            "check the network, or drop --pretrained"
-        ) from e
+    except OSError as e:
+        raise _download_error(f"torchvision:{name}", e) from e
 
 
-def _from_file(spec: str, num_classes: int | None) -> nn.Module:
+def _from_file(spec: str, num_classes: int | None, **kwargs: Any) -> nn.Module:
     file, _, factory = spec.rpartition(":")
     path = Path(file)
     if not path.is_file():
@@ -65,13 +74,15 @@ def _from_file(spec: str, num_classes: int | None) -> nn.Module:
     if not callable(fn):
         found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
         raise ModelLoadError(f"{file!r} has no callable {factory!r} (callables there: {', '.join(found) or 'none'})")
-    model = fn() if num_classes is None else fn(num_classes=num_classes)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    model = fn(**kwargs)
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"{spec} returned {type(model).__name__}, not an nn.Module")
     return model
 
 
-def create_model(spec: str, pretrained: bool = False, num_classes: int | None = None) -> nn.Module:
+def create_model(spec: str, pretrained: bool = False, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
     """Build the model named by ``spec``.
 
     Args:
@@ -79,15 +90,18 @@ def create_model(spec: str, pretrained: bool = False, num_classes: int | None = 
             or ``path/to/file.py:factory`` for a user's own model.
         pretrained: download pretrained weights (needs the network).
         num_classes: classifier size, where the model takes it.
+        kwargs: further arguments for the model's constructor or factory.
 
     Raises:
         ModelLoadError: the name is unknown (with the closest names), a file or factory is
             missing, or weights cannot be downloaded.
     """
+    if pretrained and ".py:" in spec:
+        raise ModelLoadError(f"--pretrained needs a timm or torchvision model; {spec!r} is a file (use --checkpoint)")
     if spec.startswith("torchvision:"):
-        return _torchvision(spec.split(":", 1)[1], pretrained, num_classes)
+        return _torchvision(spec.split(":", 1)[1], pretrained, num_classes, **kwargs)
     if spec.startswith("timm:"):
         spec = spec.split(":", 1)[1]
     if ".py:" in spec:
-        return _from_file(spec, num_classes)
-    return _timm(spec, pretrained, num_classes)
+        return _from_file(spec, num_classes, **kwargs)
+    return _timm(spec, pretrained, num_classes, **kwargs)

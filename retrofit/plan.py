@@ -1,13 +1,17 @@
 """The plan: which rule puts which attention on which site, and why the others are left alone.
 
-Rules apply in file order. A rule selects the sites of its kind whose path matches one of
-its ``include`` globs and none of its ``exclude`` globs; a ``fallback`` rule applies only
-if no earlier rule selected anything. Two rules selecting the same site is an error.
+Rules apply in file order. For each rule, the sites of its kind (``at``) pass these
+filters in this order, and the first that drops a site is the reason recorded for it:
+``include`` → ``exclude`` → ``min/max_channels`` → ``min/max_size`` → ``stages`` →
+``blocks`` → ``every`` → ``first`` → ``last``. A ``fallback`` rule applies only if no
+earlier rule selected anything. A site an earlier rule selected is a conflict, settled
+by the later rule's ``conflict`` key (``error`` by default).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -17,7 +21,7 @@ from tabulate import tabulate
 
 from .errors import RuleError
 from .rulefile import Rule, RuleSet
-from .sites import Site, SiteAnalysis
+from .sites import Site, SiteAnalysis, SkippedCandidate
 
 __all__ = ["Placement", "Plan", "make_plan"]
 
@@ -31,28 +35,116 @@ class Placement:
     attn: str  # registered attention name
     args: Mapping[str, Any]  # constructor arguments (rule args, then caller overrides)
     gate: str  # "identity" or "sigmoid"
-    position: str  # "branch" or "after"
+    position: str  # "branch", "mid" or "after"
+
+    @property
+    def channels(self) -> int:
+        """Channels of the tensor the module sees."""
+        return self.site.mid_channels if self.position == "mid" else self.site.channels  # type: ignore[return-value]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """Spatial size of the tensor the module sees."""
+        return self.site.mid_size if self.position == "mid" else self.site.size  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What a rewrite will do."""
+    """What a rewrite will do, and why it leaves the rest alone."""
 
-    placements: tuple[Placement, ...]  # in graph order
-    skipped: tuple[tuple[Site, str], ...]  # sites a rule looked at but did not select, with why
-    notes: tuple[str, ...]  # rule-level remarks (an unused fallback rule, ...)
+    placements: tuple[Placement, ...]  # in graph order (stacked modules in rule order)
+    skipped: tuple[tuple[Site, str], ...]  # sites a rule considered but did not select, with why
+    rejected: tuple[SkippedCandidate, ...]  # nodes analysis found unfit to be sites, with why
+    notes: tuple[str, ...]  # remarks: unused fallback rules, site kinds no rule targets
+    warnings: tuple[str, ...]  # globs that match no site (errors under strict=True)
     rules: RuleSet  # the rules applied
 
     def table(self) -> str:
-        """A text table of selected and skipped sites."""
-        rows = [[p.site.path or "<root>", p.site.kind, p.site.channels, p.attn, p.position, "selected"]
-                for p in self.placements]
-        rows += [[s.path or "<root>", s.kind, s.channels, "", "", f"skipped: {why}"] for s, why in self.skipped]
-        return tabulate(rows, headers=["site", "kind", "channels", "attn", "position", "decision"])
+        """A text table: every selected, skipped and rejected site with the decision."""
+        rows = [[p.site.path or "<root>", p.site.kind, p.channels, f"{p.size[0]}x{p.size[1]}", p.site.stage,
+                 f"{p.attn} ({p.position})", p.rule.source] for p in self.placements]
+        rows += [[s.path or "<root>", s.kind, s.channels, f"{s.size[0]}x{s.size[1]}", s.stage, "skipped", why]
+                 for s, why in self.skipped]
+        rows += [[c.qualname, c.kind, "", "", "", "not a site", c.reason] for c in self.rejected]
+        text = tabulate(rows, headers=["site", "kind", "channels", "size", "stage", "decision", "rule / reason"])
+        extra = [f"note: {n}" for n in self.notes] + [f"warning: {w}" for w in self.warnings]
+        return "\n".join([text, *extra])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data view (JSON-ready)."""
+        return {
+            "rules": self.rules.name,
+            "selected": [{**p.site.to_dict(), "attn": p.attn, "position": p.position, "gate": p.gate,
+                          "rule": p.rule.source} for p in self.placements],
+            "skipped": [{**s.to_dict(), "reason": why} for s, why in self.skipped],
+            "rejected": [{"qualname": c.qualname, "kind": c.kind, "reason": c.reason} for c in self.rejected],
+            "notes": list(self.notes),
+            "warnings": list(self.warnings),
+        }
 
 
 def _matches(path: str, globs: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(path, g) for g in globs)
+
+
+def _in(index: int, count: int, wanted: tuple[int, ...]) -> bool:
+    return any(index == (w if w >= 0 else count + w) for w in wanted)
+
+
+def _filter(rule: Rule, site: Site, n_stages: int, stage_sizes: Mapping[int, int]) -> str | None:
+    """Why ``rule`` drops ``site`` at one of its per-site filters, or None if it keeps it."""
+    if not _matches(site.path, rule.include):
+        return f"not matched by include {list(rule.include)}"
+    if _matches(site.path, rule.exclude):
+        return f"excluded by {list(rule.exclude)}"
+    channels = site.mid_channels if rule.position == "mid" and site.mid_channels else site.channels
+    if rule.min_channels is not None and channels < rule.min_channels:
+        return f"{channels} channels < min_channels = {rule.min_channels}"
+    if rule.max_channels is not None and channels > rule.max_channels:
+        return f"{channels} channels > max_channels = {rule.max_channels}"
+    h, w = site.size
+    if rule.min_size is not None and min(h, w) < rule.min_size:
+        return f"size {h}x{w} < min_size = {rule.min_size}"
+    if rule.max_size is not None and max(h, w) > rule.max_size:
+        return f"size {h}x{w} > max_size = {rule.max_size}"
+    if rule.stages is not None and not _in(site.stage - 1, n_stages, tuple(s - 1 if s > 0 else s for s in rule.stages)):
+        return f"stage {site.stage} of {n_stages} not in stages = {list(rule.stages)}"
+    if rule.blocks is not None and not _in(site.block, stage_sizes[site.stage], rule.blocks):
+        return f"block {site.block} of stage {site.stage} not in blocks = {list(rule.blocks)}"
+    if rule.position == "mid" and site.mid is None:
+        return "position 'mid' needs a branch with two or more convolutions; this one has one"
+    return None
+
+
+def _pick(rule: Rule, sites: list[Site]) -> tuple[list[Site], list[tuple[Site, str]]]:
+    """Apply ``every``, ``first`` and ``last`` to the sites that passed the per-site filters."""
+    dropped: list[tuple[Site, str]] = []
+    if rule.every:
+        dropped += [(s, f"every = {rule.every} keeps sites 1, {1 + rule.every}, ...") for i, s in enumerate(sites)
+                    if i % rule.every]
+        sites = sites[:: rule.every]
+    if rule.first is not None:
+        dropped += [(s, f"first = {rule.first} keeps the first {rule.first}") for s in sites[rule.first:]]
+        sites = sites[: rule.first]
+    if rule.last is not None:
+        cut = max(len(sites) - rule.last, 0)
+        dropped += [(s, f"last = {rule.last} keeps the last {rule.last}") for s in sites[:cut]]
+        sites = sites[cut:]
+    return sites, dropped
+
+
+def _glob_warnings(rule: Rule, sites: tuple[Site, ...]) -> list[str]:
+    out = []
+    paths = [s.path for s in sites]
+    example = ", ".join(repr(p) for p in dict.fromkeys(paths[:1] + paths[-1:])) or "none"
+    for key in ("include", "exclude"):
+        globs = getattr(rule, key)
+        if key == "include" and globs == ("*",):
+            continue
+        for g in globs:
+            if not any(fnmatch.fnmatchcase(p, g) for p in paths):
+                out.append(f"{rule.source}: {key} glob {g!r} matches no {rule.at} site (paths look like {example})")
+    return out
 
 
 def make_plan(
@@ -60,38 +152,47 @@ def make_plan(
     rules: RuleSet,
     gate: str | None = None,
     attn_args: Mapping[str, Any] | None = None,
+    strict: bool = False,
 ) -> Plan:
-    """Apply ``rules`` to the sites of ``analysis``.
+    """Apply ``rules`` to the sites of ``analysis``. Reads only; changes nothing.
 
     Args:
         analysis: sites from :func:`retrofit.sites.find_sites`.
         rules: the rule set.
         gate: overrides every rule's gate form when given.
         attn_args: constructor arguments that override the rules' ``args``.
+        strict: a glob that matches no site is an error instead of a warning.
 
     Raises:
-        RuleError: two rules select the same site.
+        RuleError: two rules select one site and the later says ``conflict = "error"``, or
+            (under ``strict``) a glob matches no site.
     """
-    claimed: dict[str, Placement] = {}
+    claimed: dict[str, list[Placement]] = {}
     skipped: dict[str, tuple[Site, str]] = {}
     notes: list[str] = []
+    warns: list[str] = []
     for rule in rules.rules:
+        of_kind = analysis.of_kind(rule.at)
+        warns += _glob_warnings(rule, of_kind)
         if rule.fallback and claimed:
             notes.append(f"{rule.source} ({rule.at}, fallback) not used: earlier rules selected {len(claimed)} sites")
             continue
-        for site in analysis.of_kind(rule.at):
-            if not _matches(site.path, rule.include):
-                skipped.setdefault(site.node, (site, f"not matched by include {list(rule.include)} ({rule.source})"))
-                continue
-            if _matches(site.path, rule.exclude):
-                skipped.setdefault(site.node, (site, f"excluded by {list(rule.exclude)} ({rule.source})"))
-                continue
-            if site.node in claimed:
-                raise RuleError(
-                    f"{rule.source} and {claimed[site.node].rule.source} both select site {site.qualname!r}; "
-                    "narrow one rule's include/exclude globs"
-                )
-            claimed[site.node] = Placement(
+        n_stages = max((s.stage for s in of_kind), default=0)
+        stage_sizes: dict[int, int] = {}
+        for s in of_kind:
+            stage_sizes[s.stage] = stage_sizes.get(s.stage, 0) + 1
+        kept: list[Site] = []
+        for site in of_kind:
+            why = _filter(rule, site, n_stages, stage_sizes)
+            if why is None:
+                kept.append(site)
+            else:
+                skipped.setdefault(site.node, (site, f"{why} ({rule.source})"))
+        kept, dropped = _pick(rule, kept)
+        for site, why in dropped:
+            skipped.setdefault(site.node, (site, f"{why} ({rule.source})"))
+        for site in kept:
+            placement = Placement(
                 site=site,
                 rule=rule,
                 attn=rule.attn,
@@ -99,8 +200,27 @@ def make_plan(
                 gate=gate or rule.gate,
                 position=rule.position,
             )
+            earlier = claimed.get(site.node)
+            if earlier:
+                if rule.conflict == "error":
+                    raise RuleError(
+                        f"{rule.source} and {earlier[0].rule.source} both select site {site.qualname!r}; "
+                        "narrow one rule's selectors, or say how to combine them with "
+                        "conflict = \"keep\", \"replace\" or \"stack\" in the later rule"
+                    )
+                if rule.conflict == "keep":
+                    continue
+                if rule.conflict == "replace":
+                    earlier.clear()
+            claimed.setdefault(site.node, []).append(placement)
             skipped.pop(site.node, None)
+    for kind in sorted({s.kind for s in analysis.sites} - {r.at for r in rules.rules}):
+        notes.append(f"{len(analysis.of_kind(kind))} {kind} sites: no rule targets {kind} sites")
+    if strict and warns:
+        raise RuleError(warns[0] + "; fix the glob or drop strict")
+    for w in warns:
+        warnings.warn(w, stacklevel=3)
     order = {s.node: i for i, s in enumerate(analysis.sites)}
-    placements = tuple(sorted(claimed.values(), key=lambda p: order[p.site.node]))
-    left = tuple(sorted((v for k, v in skipped.items() if k not in claimed), key=lambda v: order[v[0].node]))
-    return Plan(placements, left, tuple(notes), rules)
+    placements = tuple(p for node in sorted(claimed, key=order.__getitem__) for p in claimed[node])
+    left = tuple(sorted((v for k, v in skipped.items() if not claimed.get(k)), key=lambda v: order[v[0].node]))
+    return Plan(placements, left, analysis.skipped, tuple(notes), tuple(warns), rules)

@@ -7,7 +7,24 @@ from typing import Any
 
 from tabulate import tabulate
 
-__all__ = ["SiteRow", "Report"]
+__all__ = ["SiteRow", "StageRow", "Report"]
+
+
+@dataclass(frozen=True)
+class StageRow:
+    """Parameters of one part of the model (a timm feature stage or a top-level module)."""
+
+    name: str  # module path prefix ("layer3", "blocks.4", "fc")
+    params_before: int  # parameters under it in the input model
+    params_after: int  # parameters under it in the result
+
+    @property
+    def params_added(self) -> int:
+        return self.params_after - self.params_before
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "params_before": self.params_before, "params_after": self.params_after,
+                "params_added": self.params_added}
 
 
 @dataclass(frozen=True)
@@ -52,6 +69,10 @@ class Report:
     max_abs_diff: float | None  # max |output difference| on the probe input; None if not run
     identity_expected: bool  # True when every inserted gate is an identity gate
     notes: tuple[str, ...] = ()  # remarks from planning
+    warnings: tuple[str, ...] = ()  # rule globs that matched no site
+    flops_before: int | None = None  # FLOPs per sample of the input model (None if not run)
+    flops_after: int | None = None  # FLOPs per sample of the result
+    stages: tuple[StageRow, ...] = ()  # parameters per stage / top-level module
 
     @property
     def params_added(self) -> int:
@@ -72,14 +93,18 @@ class Report:
             "params_before": self.params_before,
             "params_after": self.params_after,
             "params_added": self.params_added,
+            "flops_before": self.flops_before,
+            "flops_after": self.flops_after,
             "sites_found": self.sites_found,
             "sites_changed": len(self.rows),
             "sites_skipped": len(self.skipped),
             "max_abs_diff": self.max_abs_diff,
             "identity_expected": self.identity_expected,
+            "stages": [r.to_dict() for r in self.stages],
             "sites": [r.to_dict() for r in self.rows],
             "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
             "notes": list(self.notes),
+            "warnings": list(self.warnings),
         }
 
     def summary(self) -> str:
@@ -97,10 +122,28 @@ class Report:
             ["parameters before", f"{self.params_before:,}"],
             ["parameters after", f"{self.params_after:,}"],
             ["parameters added", f"{self.params_added:,} (+{pct:.2f}%)"],
-            ["sites changed / found", f"{len(self.rows)} / {self.sites_found}"],
+        ]
+        if self.flops_before is not None and self.flops_after is not None:
+            fpct = 100.0 * (self.flops_after - self.flops_before) / self.flops_before if self.flops_before else 0.0
+            rows += [
+                ["FLOPs before", _giga(self.flops_before)],
+                ["FLOPs after", f"{_giga(self.flops_after)} (+{fpct:.2f}%)"],
+            ]
+        rows += [
+            ["sites changed / skipped / found", f"{len(self.rows)} / {len(self.skipped)} / {self.sites_found}"],
             ["max |Δoutput| at init", check],
         ]
         return tabulate(rows, tablefmt="simple")
+
+    def stage_table(self) -> str:
+        """Parameters before / after / added per stage, and the total."""
+        rows = [[s.name, f"{s.params_before:,}", f"{s.params_after:,}", f"{s.params_added:,}", _pct(s)]
+                for s in self.stages]
+        total = StageRow("total", self.params_before, self.params_after)
+        rows.append([total.name, f"{total.params_before:,}", f"{total.params_after:,}", f"{total.params_added:,}",
+                     _pct(total)])
+        return tabulate(rows, headers=["stage", "params before", "params after", "added", "added %"],
+                        colalign=("left", "right", "right", "right", "right"))
 
     def site_table(self) -> str:
         """A row per inserted module."""
@@ -112,6 +155,17 @@ class Report:
 
     def __str__(self) -> str:
         parts = [self.summary()]
+        if self.stages:
+            parts.append(self.stage_table())
         if self.rows:
             parts.append(self.site_table())
+        parts += [f"warning: {w}" for w in self.warnings]
         return "\n\n".join(parts)
+
+
+def _giga(flops: int) -> str:
+    return f"{flops / 1e9:.3f} G"
+
+
+def _pct(row: StageRow) -> str:
+    return f"+{100.0 * row.params_added / row.params_before:.2f}%" if row.params_before else "new"

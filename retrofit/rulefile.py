@@ -7,6 +7,7 @@ frozen data; :mod:`retrofit.plan` applies them to a model's sites.
 from __future__ import annotations
 
 import difflib
+import inspect
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,9 +22,10 @@ from .sites import SITE_KINDS
 __all__ = ["Rule", "RuleSet", "load_rules", "parse_rules", "builtin_rules_dir", "list_builtin_rules", "resolve_rules"]
 
 POSITIONS: dict[str, tuple[str, ...]] = {
-    "residual-add": ("branch", "after"),
+    "residual-add": ("branch", "after", "mid"),
     "conv-block": ("after",),
 }
+CONFLICTS: tuple[str, ...] = ("error", "keep", "replace", "stack")
 
 # key -> (accepted types, default); `at` and `attn` have no default.
 _RULE_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
@@ -34,8 +36,19 @@ _RULE_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
     "gate": ((str,), "identity"),
     "include": ((list,), ["*"]),
     "exclude": ((list,), []),
+    "min_channels": ((int,), None),
+    "max_channels": ((int,), None),
+    "min_size": ((int,), None),
+    "max_size": ((int,), None),
+    "stages": ((list,), None),
+    "blocks": ((list,), None),
+    "every": ((int,), None),
+    "first": ((int,), None),
+    "last": ((int,), None),
     "fallback": ((bool,), False),
+    "conflict": ((str,), "error"),
 }
+_POSITIVE = ("min_channels", "max_channels", "min_size", "max_size", "every", "first", "last")
 _FILE_KEYS = {"rule", "description"}
 
 
@@ -50,7 +63,17 @@ class Rule:
     gate: str = "identity"  # gate form: "identity" or "sigmoid"
     include: tuple[str, ...] = ("*",)  # fnmatch globs on the site path; a site must match one
     exclude: tuple[str, ...] = ()  # fnmatch globs on the site path; a match removes the site
+    min_channels: int | None = None  # keep sites with at least this many channels
+    max_channels: int | None = None  # keep sites with at most this many channels
+    min_size: int | None = None  # keep sites whose H and W are both at least this
+    max_size: int | None = None  # keep sites whose H and W are both at most this
+    stages: tuple[int, ...] | None = None  # keep these 1-based stages (negative: from the last)
+    blocks: tuple[int, ...] | None = None  # keep these 0-based blocks of each stage (negative: from the end)
+    every: int | None = None  # then keep every n-th remaining site (1st, n+1-th, ...)
+    first: int | None = None  # then keep the first k
+    last: int | None = None  # then keep the last k
     fallback: bool = False  # applies only if no earlier rule selected a site
+    conflict: str = "error"  # on a site an earlier rule selected: error, keep, replace or stack
     source: str = "<rules>"  # where the rule came from: "file.toml, rule 2"
 
 
@@ -61,10 +84,11 @@ class RuleSet:
     rules: tuple[Rule, ...]  # in file order; earlier rules claim sites first
     name: str = "<rules>"  # file path or built-in name
     description: str = ""  # one line, from the file's `description`
+    doc: Mapping[str, Any] = field(default_factory=dict)  # the parsed TOML, to save and re-parse
 
 
 def _type_name(types: tuple[type, ...]) -> str:
-    names = {str: "a string", dict: "a table", list: "an array", bool: "true or false"}
+    names = {str: "a string", dict: "a table", list: "an array", bool: "true or false", int: "an integer"}
     return " or ".join(names.get(t, t.__name__) for t in types)
 
 
@@ -84,16 +108,28 @@ def _parse_rule(table: Mapping[str, Any], where: str) -> Rule:
     values: dict[str, Any] = {}
     for key, (types, default) in _RULE_KEYS.items():
         value = table.get(key, default)
-        if value is not None and not isinstance(value, types):
+        # TOML booleans are Python bools, which are ints too; a count is never true/false.
+        wrong = value is not None and (not isinstance(value, types) or (bool not in types and isinstance(value, bool)))
+        if wrong:
             raise RuleError(f"{where}: {key!r} must be {_type_name(types)}, got {value!r}")
+        if key in _POSITIVE and value is not None and value < 1:
+            raise RuleError(f"{where}: {key!r} must be at least 1, got {value}")
         values[key] = value
+    for key in ("stages", "blocks"):
+        if values[key] is not None and not all(isinstance(v, int) and not isinstance(v, bool) for v in values[key]):
+            raise RuleError(f"{where}: {key!r} must be an array of integers, got {values[key]!r}")
+    if 0 in (values["stages"] or ()):
+        raise RuleError(f"{where}: stages are numbered from 1 (or -1 for the last), got 0")
+    if values["conflict"] not in CONFLICTS:
+        raise RuleError(f"{where}: conflict = {values['conflict']!r} is not valid (valid: {', '.join(CONFLICTS)})")
     at = values["at"]
     if at not in SITE_KINDS:
         raise RuleError(f"{where}: unknown site kind at = {at!r} (valid: {', '.join(SITE_KINDS)})")
     try:
-        get_attention(values["attn"])
+        cls = get_attention(values["attn"])
     except RetrofitError as e:
         raise RuleError(f"{where}: {e}") from None
+    _check_args(cls, values["attn"], values["args"], where)
     position = values["position"] or POSITIONS[at][0]
     if position not in POSITIONS[at]:
         raise RuleError(
@@ -112,9 +148,38 @@ def _parse_rule(table: Mapping[str, Any], where: str) -> Rule:
         gate=values["gate"],
         include=tuple(values["include"]),
         exclude=tuple(values["exclude"]),
+        min_channels=values["min_channels"],
+        max_channels=values["max_channels"],
+        min_size=values["min_size"],
+        max_size=values["max_size"],
+        stages=None if values["stages"] is None else tuple(values["stages"]),
+        blocks=None if values["blocks"] is None else tuple(values["blocks"]),
+        every=values["every"],
+        first=values["first"],
+        last=values["last"],
         fallback=values["fallback"],
+        conflict=values["conflict"],
         source=where,
     )
+
+
+_RESERVED_ARGS = ("channels", "gate", "device", "dtype")
+
+
+def _check_args(cls: type, attn: str, args: Mapping[str, Any], where: str) -> None:
+    """Reject attention arguments the class does not take, before anything is built."""
+    for key in _RESERVED_ARGS:
+        if key in args:
+            raise RuleError(f"{where}: args.{key} is set by retrofit, not by a rule (use the rule's own keys)")
+    params = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [n for n in params if n not in _RESERVED_ARGS and params[n].kind is not inspect.Parameter.VAR_POSITIONAL]
+    for key in args:
+        if key not in params:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise RuleError(f"{where}: attention {attn!r} takes no argument {key!r}{hint} (valid: {', '.join(valid)})")
 
 
 def parse_rules(doc: Mapping[str, Any], name: str = "<rules>") -> RuleSet:
@@ -136,7 +201,7 @@ def parse_rules(doc: Mapping[str, Any], name: str = "<rules>") -> RuleSet:
     if not isinstance(description, str):
         raise RuleError(f"{name}: 'description' must be a string")
     rules = tuple(_parse_rule(t, f"{name}, rule {i}") for i, t in enumerate(tables, 1))
-    return RuleSet(rules, name, description)
+    return RuleSet(rules, name, description, MappingProxyType(dict(doc)))
 
 
 def load_rules(path: str | Path, name: str | None = None) -> RuleSet:

@@ -12,7 +12,7 @@ Two kinds of site:
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import networkx as nx
@@ -67,6 +67,12 @@ class Site:
     shortcut: str | None = None  # residual-add: fx node name of the shortcut operand
     shortcut_kind: str | None = None  # residual-add: "identity" or "projection"
     layers: tuple[str, ...] = ()  # conv-block: qualnames of conv, norm, act, pool in order
+    mid: str | None = None  # residual-add: fx node name of the input of the branch's last conv
+    mid_conv: str | None = None  # residual-add: fx node name of that last conv
+    mid_channels: int | None = None  # residual-add: channels at `mid` (the bottleneck width)
+    mid_size: tuple[int, int] | None = None  # residual-add: spatial size at `mid`
+    stage: int = 0  # 1-based stage: rank of the site's spatial size among sites of its kind, largest first
+    block: int = 0  # 0-based index of the site within its stage, in graph order
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data view (JSON-ready)."""
@@ -76,7 +82,10 @@ class Site:
             "qualname": self.qualname,
             "channels": self.channels,
             "size": list(self.size),
+            "stage": self.stage,
+            "block": self.block,
             "shortcut": self.shortcut_kind,
+            "mid_channels": self.mid_channels,
             "layers": list(self.layers),
         }
 
@@ -241,6 +250,8 @@ class _Analyzer:
             )
             return None
         holder = node.meta.get("module_path", "")
+        mid = self._mid(branch_path)
+        mid_info = self.shapes.get(mid[0].name) if mid else None
         return Site(
             kind=kind,
             path=holder,
@@ -254,7 +265,29 @@ class _Analyzer:
             branch=branch.name,
             shortcut=shortcut.name,
             shortcut_kind="projection" if shortcut_params else "identity",
+            mid=mid[0].name if mid and mid_info else None,
+            mid_conv=mid[1].name if mid and mid_info else None,
+            mid_channels=mid_info.shape[1] if mid_info else None,
+            mid_size=(mid_info.shape[2], mid_info.shape[3]) if mid_info else None,
         )
+
+    def _mid(self, branch_path: list[torch.fx.Node]) -> tuple[torch.fx.Node, torch.fx.Node] | None:
+        """(input of the branch's last conv, that conv) when the branch has two or more convs.
+
+        In a bottleneck block that input carries the narrow middle channels, where attention
+        costs a fraction of what it costs at the block's output.
+        """
+        convs = sorted((n for n in branch_path if _is_conv(self.gm, n)), key=self._order)
+        if len(convs) < 2:
+            return None
+        last = convs[-1]
+        src = last.args[0] if last.args else None
+        if not isinstance(src, torch.fx.Node) or src not in branch_path:
+            return None
+        info = self.shapes.get(src.name)
+        if info is None or not info.is_nchw:
+            return None
+        return src, last
 
     def conv_block(self, node: torch.fx.Node) -> Site | None:
         if not _is_conv(self.gm, node):
@@ -296,7 +329,22 @@ class _Analyzer:
             site = self.residual(node) or self.conv_block(node)
             if site is not None:
                 sites.append(site)
-        return SiteAnalysis(tuple(sites), tuple(self.skipped))
+        return SiteAnalysis(_with_stages(sites), tuple(self.skipped))
+
+
+def _with_stages(sites: list[Site]) -> tuple[Site, ...]:
+    """Number stages per site kind by spatial size, largest first, and blocks within them."""
+    out: list[Site] = []
+    for kind in SITE_KINDS:
+        of_kind = [s for s in sites if s.kind == kind]
+        areas = sorted({s.size[0] * s.size[1] for s in of_kind}, reverse=True)
+        counts: dict[int, int] = {}
+        for s in of_kind:
+            stage = areas.index(s.size[0] * s.size[1]) + 1
+            out.append(replace(s, stage=stage, block=counts.get(stage, 0)))
+            counts[stage] = counts.get(stage, 0) + 1
+    order = {s.node: i for i, s in enumerate(sites)}
+    return tuple(sorted(out, key=lambda s: order[s.node]))
 
 
 def find_sites(gm: torch.fx.GraphModule, shapes: dict[str, TensorInfo]) -> SiteAnalysis:

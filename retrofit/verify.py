@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["max_abs_diff", "count_params", "eval_mode"]
+__all__ = ["Comparison", "compare", "max_abs_diff", "count_params", "eval_mode"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -30,6 +32,15 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """The two models run side by side on one probe input."""
+
+    max_abs_diff: float  # largest |output difference|; inf if the output shapes differ
+    flops_before: int  # FLOPs of one forward of the reference, per sample
+    flops_after: int  # FLOPs of one forward of the candidate, per sample
+
+
 def _probe(model: nn.Module, input_size: tuple[int, int, int], batch_size: int, seed: int) -> torch.Tensor | None:
     ref = next(iter(model.parameters()), None)
     device = ref.device if ref is not None else torch.device("cpu")
@@ -40,32 +51,46 @@ def _probe(model: nn.Module, input_size: tuple[int, int, int], batch_size: int, 
     return torch.randn((batch_size, *input_size), generator=gen).to(device=device, dtype=dtype)
 
 
-def max_abs_diff(
+def _run(model: nn.Module, x: torch.Tensor) -> tuple[list[object], int]:
+    with FlopCounterMode(display=False) as counter:
+        out = model(x)
+    return pytree.tree_leaves(out), counter.get_total_flops() // x.shape[0]
+
+
+def compare(
     reference: nn.Module,
     candidate: nn.Module,
     input_size: tuple[int, int, int],
     batch_size: int = 1,
     seed: int = 0,
-) -> float | None:
-    """Largest absolute difference between the two models' outputs on one random probe input.
+) -> Comparison | None:
+    """Run both models on one seeded random probe input; compare outputs and count FLOPs.
 
     Both run in eval mode without gradients; every submodule's mode is restored afterwards,
-    and nothing of either model is written. Tuple and dict outputs are compared leaf by leaf.
+    and nothing of either model is written. Tuple and dict outputs are compared leaf by
+    leaf. FLOPs are ``torch.utils.flop_counter``'s count (convolutions and matrix
+    products; element-wise work such as a gate's multiply is not counted).
 
     Returns:
-        The difference, or None for models on the ``meta`` device (nothing to run).
+        The comparison, or None for models on the ``meta`` device (nothing to run).
     """
     x = _probe(reference, input_size, batch_size, seed)
     if x is None:
         return None
     with torch.no_grad(), eval_mode(reference, candidate):
-        want = pytree.tree_leaves(reference(x))
-        got = pytree.tree_leaves(candidate(x))
+        want, flops_before = _run(reference, x)
+        got, flops_after = _run(candidate, x)
     diff = 0.0
     for w, g in zip(want, got, strict=True):
-        if isinstance(w, torch.Tensor):
+        if isinstance(w, torch.Tensor) and isinstance(g, torch.Tensor):
             if w.shape != g.shape:
-                return float("inf")
-            if w.numel():
-                diff = max(diff, (w.float() - g.float()).abs().max().item())
-    return diff
+                diff = float("inf")
+            elif w.numel():
+                diff = max(diff, (w.double() - g.double()).abs().max().item())
+    return Comparison(diff, flops_before, flops_after)
+
+
+def max_abs_diff(reference: nn.Module, candidate: nn.Module, input_size: tuple[int, int, int]) -> float | None:
+    """Largest absolute output difference on a probe input (None on the meta device)."""
+    result = compare(reference, candidate, input_size)
+    return None if result is None else result.max_abs_diff

@@ -1,0 +1,83 @@
+"""Loading a user's checkpoint into the model before it is retrofitted."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError
+
+__all__ = ["read_state_dict", "load_checkpoint"]
+
+_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+# Keys under which training scripts commonly nest the model's state dict.
+_NESTED = ("state_dict", "model", "model_state_dict", "module")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict: ``.safetensors``, or ``.pt``/``.pth``/``.bin`` with ``weights_only=True``.
+
+    A dict that nests the weights under ``state_dict`` / ``model`` is unwrapped, and the
+    ``module.`` prefix DistributedDataParallel adds is removed.
+
+    Raises:
+        ModelLoadError: the file is missing, has another suffix, or is corrupted.
+    """
+    path = Path(path)
+    if path.suffix not in _SUFFIXES:
+        raise ModelLoadError(f"checkpoint {str(path)!r}: unknown suffix {path.suffix!r} (valid: {', '.join(_SUFFIXES)})")
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint {str(path)!r} not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: object = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"cannot read checkpoint {str(path)!r} (corrupted or not a checkpoint): {first}") from e
+    while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        inner = next((obj[k] for k in _NESTED if k in obj), None)
+        if inner is None:
+            break
+        obj = inner
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, Mapping) else {}
+    if not sd:
+        raise ModelLoadError(f"checkpoint {str(path)!r} holds no state dict (no tensors in its {type(obj).__name__})")
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Load a checkpoint into ``model`` (strict), or raise naming what does not match.
+
+    Raises:
+        ModelLoadError: unreadable file, or keys / shapes that do not match the model.
+    """
+    sd = read_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k} {list(sd[k].shape)} vs {list(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if wrong:
+            parts.append(f"{len(wrong)} of another shape (e.g. {'; '.join(wrong[:2])})")
+        hint = "check the model name and --num-classes"
+        if unexpected and not missing:
+            hint = "is it an already retrofitted model? load those with retrofit.load()"
+        raise ModelLoadError(
+            f"checkpoint {str(path)!r} does not fit {type(model).__name__}: {', '.join(parts)}; {hint}"
+        )
+    model.load_state_dict(sd)
