@@ -11,11 +11,12 @@ from typing import Any
 import torch.fx
 from torch import nn
 
-from .errors import SiteError
+from .attention import GATES
+from .errors import OptionError, SiteError
 from .plan import Plan, make_plan
 from .report import Report, SiteRow, StageRow
 from .rewrite import insert_attention
-from .rulefile import RuleSet, resolve_rules
+from .rulefile import ON_EXISTING, RuleSet, resolve_rules
 from .shapes import propagate_shapes, resolve_input_size
 from .sites import SiteAnalysis, find_sites
 from .trace import LeafSpec, trace
@@ -61,6 +62,11 @@ def _stage_rows(model: nn.Module, gm: torch.fx.GraphModule) -> tuple[StageRow, .
     return tuple(StageRow(k, before.get(k, 0), after.get(k, 0)) for k in order)
 
 
+def _check_choice(name: str, value: str | None, valid: tuple[str, ...]) -> None:
+    if value is not None and value not in valid:
+        raise OptionError(f"{name}={value!r} is not valid (valid: {', '.join(valid)})")
+
+
 def _leaf_name(leaf: LeafSpec) -> str:
     return leaf if isinstance(leaf, str) else f"{leaf.__module__}:{leaf.__qualname__}"
 
@@ -101,13 +107,15 @@ def plan(
     input_size: int | tuple[int, ...] | None = None,
     leaf_modules: Iterable[LeafSpec] = (),
     strict: bool = False,
+    on_existing: str | None = None,
 ) -> Plan:
     """What :func:`retrofit` would insert, and why it leaves the other sites alone.
 
     Arguments are those of :func:`retrofit`; nothing is changed.
     """
     ruleset = resolve_rules(attn, rules)
-    return make_plan(analyze(model, input_size, leaf_modules), ruleset, gate, attn_args, strict)
+    _check_choice("on_existing", on_existing, ON_EXISTING)
+    return make_plan(analyze(model, input_size, leaf_modules), ruleset, gate, attn_args, strict, on_existing)
 
 
 def retrofit(
@@ -122,6 +130,9 @@ def retrofit(
     inplace: bool = False,
     verify: bool = True,
     strict: bool = False,
+    on_existing: str | None = None,
+    fuse: bool = True,
+    check_identity: bool = True,
 ) -> torch.fx.GraphModule:
     """Insert attention into a trained CNN, starting as an exact identity.
 
@@ -146,6 +157,14 @@ def retrofit(
             output difference in the report.
         strict: a rule glob that matches no site is an error (default: a warning, kept
             in the report).
+        on_existing: where the model already has attention (timm's ``seresnet50``, the
+            SE inside EfficientNet blocks, an earlier retrofit): ``"skip"`` (the rules'
+            default) leaves the site alone and says so in the plan; ``"stack"`` adds another.
+        fuse: a gating module (SE, ECA, CBAM) right before an out-of-place residual add
+            computes only its gate, and one ``torch.addcmul`` does its multiply and the add
+            (same outputs, one less pass over the activation); ``False`` calls the module.
+        check_identity: refuse an identity-gate module that does not return its input
+            exactly on a probe before inserting it (user types); ``False`` opts out.
 
     Returns:
         A ``torch.fx.GraphModule``. ``retrofit.get_report(gm)`` returns its :class:`Report`.
@@ -160,6 +179,8 @@ def retrofit(
         >>> gm = retrofit(model, attn="cbam")
         >>> print(get_report(gm))
     """
+    _check_choice("gate", gate, GATES)
+    _check_choice("on_existing", on_existing, ON_EXISTING)
     ruleset = resolve_rules(attn, rules)
     leaf_modules = tuple(leaf_modules)
     work = model if inplace else copy.deepcopy(model)
@@ -169,11 +190,11 @@ def retrofit(
             f"{type(model).__name__} has no residual adds and no conv blocks for attention "
             f"(input size {size}); is it a CNN? Leaf modules hide what is inside them"
         )
-    the_plan = make_plan(analysis, ruleset, gate, attn_args, strict)
+    the_plan = make_plan(analysis, ruleset, gate, attn_args, strict, on_existing)
     if not the_plan.placements:
         warnings.warn(f"rules {ruleset.name!r} selected no site of {type(model).__name__}; nothing inserted",
                       stacklevel=2)
-    inserted = insert_attention(gm, the_plan.placements)
+    inserted = insert_attention(gm, the_plan.placements, fuse=fuse, check_identity=check_identity)
     comparison = compare(model, gm, size) if verify else None
     report = Report(
         model=type(model).__name__,
@@ -199,7 +220,7 @@ def retrofit(
         max_abs_diff=None if comparison is None else comparison.max_abs_diff,
         identity_expected=all(i.placement.gate == "identity" for i in inserted),
         notes=the_plan.notes,
-        warnings=the_plan.warnings,
+        warnings=the_plan.warnings + tuple(gm.meta.get("retrofit_trace_notes", ())),
         flops_before=None if comparison is None else comparison.flops_before,
         flops_after=None if comparison is None else comparison.flops_after,
         stages=_stage_rows(model, gm),
@@ -209,6 +230,8 @@ def retrofit(
     gm.meta[RECIPE_KEY] = {
         "rules": {"name": ruleset.name, "doc": _plain(ruleset.doc)},
         "gate": gate,
+        "on_existing": on_existing,
+        "fuse": fuse,
         "attn_args": dict(attn_args or {}),
         "input_size": list(size),
         "leaf_modules": [_leaf_name(m) for m in leaf_modules],

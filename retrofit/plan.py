@@ -3,9 +3,11 @@
 Rules apply in file order. For each rule, the sites of its kind (``at``) pass these
 filters in this order, and the first that drops a site is the reason recorded for it:
 ``include`` → ``exclude`` → ``min/max_channels`` → ``min/max_size`` → ``stages`` →
-``blocks`` → ``every`` → ``first`` → ``last``. A ``fallback`` rule applies only if no
-earlier rule selected anything. A site an earlier rule selected is a conflict, settled
-by the later rule's ``conflict`` key (``error`` by default).
+``blocks`` → existing attention (``on_existing``) → ``every`` → ``first`` → ``last``.
+A site an earlier rule selected is a conflict, settled
+by the later rule's ``conflict`` key (``error`` by default). A ``fallback`` rule applies
+only if the model has no site of the kinds the earlier rules target (conv blocks for plain
+CNNs without residual adds).
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def _in(index: int, count: int, wanted: tuple[int, ...]) -> bool:
     return any(index == (w if w >= 0 else count + w) for w in wanted)
 
 
-def _filter(rule: Rule, site: Site, n_stages: int, stage_sizes: Mapping[int, int]) -> str | None:
+def _filter(rule: Rule, site: Site, n_stages: int, stage_sizes: Mapping[int, int], on_existing: str) -> str | None:
     """Why ``rule`` drops ``site`` at one of its per-site filters, or None if it keeps it."""
     if not _matches(site.path, rule.include):
         return f"not matched by include {list(rule.include)}"
@@ -113,6 +115,9 @@ def _filter(rule: Rule, site: Site, n_stages: int, stage_sizes: Mapping[int, int
         return f"block {site.block} of stage {site.stage} not in blocks = {list(rule.blocks)}"
     if rule.position == "mid" and site.mid is None:
         return "position 'mid' needs a branch with two or more convolutions; this one has one"
+    existing = site.existing_mid if rule.position == "mid" else site.existing
+    if existing and on_existing == "skip":
+        return f"already has attention here ({existing}); on_existing = \"stack\" adds another"
     return None
 
 
@@ -153,6 +158,7 @@ def make_plan(
     gate: str | None = None,
     attn_args: Mapping[str, Any] | None = None,
     strict: bool = False,
+    on_existing: str | None = None,
 ) -> Plan:
     """Apply ``rules`` to the sites of ``analysis``. Reads only; changes nothing.
 
@@ -162,6 +168,7 @@ def make_plan(
         gate: overrides every rule's gate form when given.
         attn_args: constructor arguments that override the rules' ``args``.
         strict: a glob that matches no site is an error instead of a warning.
+        on_existing: overrides every rule's ``on_existing`` (``"skip"`` or ``"stack"``).
 
     Raises:
         RuleError: two rules select one site and the later says ``conflict = "error"``, or
@@ -171,11 +178,13 @@ def make_plan(
     skipped: dict[str, tuple[Site, str]] = {}
     notes: list[str] = []
     warns: list[str] = []
-    for rule in rules.rules:
+    for i, rule in enumerate(rules.rules):
         of_kind = analysis.of_kind(rule.at)
         warns += _glob_warnings(rule, of_kind)
-        if rule.fallback and claimed:
-            notes.append(f"{rule.source} ({rule.at}, fallback) not used: earlier rules selected {len(claimed)} sites")
+        earlier = {r.at for r in rules.rules[:i] if not r.fallback}
+        found = sorted(k for k in earlier if analysis.of_kind(k))
+        if rule.fallback and found:
+            notes.append(f"{rule.source} ({rule.at}, fallback) not used: the model has {' and '.join(found)} sites")
             continue
         n_stages = max((s.stage for s in of_kind), default=0)
         stage_sizes: dict[int, int] = {}
@@ -183,7 +192,7 @@ def make_plan(
             stage_sizes[s.stage] = stage_sizes.get(s.stage, 0) + 1
         kept: list[Site] = []
         for site in of_kind:
-            why = _filter(rule, site, n_stages, stage_sizes)
+            why = _filter(rule, site, n_stages, stage_sizes, on_existing or rule.on_existing)
             if why is None:
                 kept.append(site)
             else:

@@ -4,19 +4,28 @@ Inserting a module takes four steps (as torch's own FX passes do): pick a free a
 name, install the module, move the graph's insertion point, create the ``call_module``
 node and rewire the users. Each new module is created on the device and in the dtype of
 the activation it will see, in the train/eval mode of the model.
+
+With ``fuse`` (the default), a gating module that is the last thing on a residual branch
+before an out-of-place add is not called as a module: its gate is computed alone and one
+:func:`~retrofit.fuse.gated_residual` node replaces the module call and the add, saving a
+full read and write of the activation. The module stays where it was installed (same
+name, parameters and state-dict keys); the graph reaches it with a ``get_attr`` node.
 """
 
 from __future__ import annotations
 
 import keyword
+import operator
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch.fx
 from torch import nn
 
 from .attention import create_attention
-from .errors import SiteError
+from .attention._identity import identity_error
+from .errors import AttentionError, SiteError
+from .fuse import gate_methods, gated_residual
 from .plan import Placement
 
 __all__ = ["Inserted", "insert_attention"]
@@ -29,6 +38,7 @@ class Inserted:
     placement: Placement  # what the plan asked for
     name: str  # qualified name of the new submodule ("layer3.2.se")
     params: int  # parameters it added
+    fused: bool = False  # its last gate's multiply is done by the residual add (a gated_residual node)
 
 
 def _has_attr_path(root: nn.Module, path: str) -> bool:
@@ -64,17 +74,84 @@ def _base_name(p: Placement) -> str:
     return f"{site.module_path}.{leaf}" if site.module_path else leaf
 
 
-def insert_attention(gm: torch.fx.GraphModule, placements: tuple[Placement, ...]) -> tuple[Inserted, ...]:
+def _fusable_add(add: torch.fx.Node, attn: torch.fx.Node) -> torch.fx.Node | None:
+    """The shortcut operand if ``add`` is an out-of-place ``attn + shortcut``, else None.
+
+    In-place adds (``iadd``, ``add_``) write into an operand other nodes may read, ``out=``
+    writes into a given tensor, and ``alpha`` scales a summand: those keep the module call.
+    """
+    if add.op == "call_function" and add.target in (operator.add, torch.add):
+        if set(add.kwargs) - {"alpha"} or add.kwargs.get("alpha", 1) != 1:
+            return None
+    elif not (add.op == "call_method" and add.target == "add" and not add.kwargs):
+        return None
+    if len(add.args) != 2 or len(attn.users) != 1:
+        return None
+    a, b = add.args
+    if a is attn and b is not attn:
+        return b if isinstance(b, torch.fx.Node) else None
+    if b is attn and a is not attn:
+        return a if isinstance(a, torch.fx.Node) else None
+    return None
+
+
+# Modules whose output is a new tensor (no view of, or in-place write into, their input).
+_FRESH_OUTPUT = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def _donatable(gm: torch.fx.GraphModule, branch: torch.fx.Node) -> bool:
+    """Whether the fused add may write into ``branch``'s memory: a conv, a norm or a gating
+    module (whose forward returns a new product) made it, and the attention is its only reader."""
+    if branch.op != "call_module" or len(branch.users) != 1:
+        return False
+    module = gm.get_submodule(str(branch.target))
+    return isinstance(module, _FRESH_OUTPUT) or gate_methods(module) is not None
+
+
+def _fuse(gm: torch.fx.GraphModule, attn: torch.fx.Node, add: torch.fx.Node) -> bool:
+    """Replace ``add(attn(branch), shortcut)`` with one ``gated_residual`` node; False if it cannot."""
+    module = gm.get_submodule(str(attn.target))
+    shortcut = _fusable_add(add, attn)
+    if shortcut is None or gate_methods(module) is None:
+        return False
+    (branch,) = attn.args
+    with gm.graph.inserting_before(add):
+        ref = gm.graph.get_attr(str(attn.target))
+        new = gm.graph.call_function(gated_residual, (ref, branch, shortcut, _donatable(gm, branch)))
+    ref.meta.update(attn.meta)
+    new.meta.update(add.meta)
+    add.replace_all_uses_with(new)
+    gm.graph.erase_node(add)
+    gm.graph.erase_node(attn)
+    return True
+
+
+def insert_attention(
+    gm: torch.fx.GraphModule, placements: tuple[Placement, ...], fuse: bool = True, check_identity: bool = True
+) -> tuple[Inserted, ...]:
     """Insert one attention module per placement into ``gm``, in place.
 
     Residual-add sites with position ``branch`` get the module on the residual branch right
     before the add, ``mid`` right before the branch's last convolution; position ``after``
     (and conv-block sites) put it after the site's node, feeding all its former users.
-    Several placements at one site and position are chained in order. The graph is linted
-    and recompiled.
+    Several placements at one site and position are chained in order. With ``fuse``, the
+    module nearest an out-of-place residual add, when it is a gating module
+    (:func:`~retrofit.fuse.gate_methods`), is fused into the add. The graph is linted and
+    recompiled.
+
+    Args:
+        gm: the traced model; changed in place.
+        placements: what to insert where, from the plan.
+        fuse: fuse gating modules into residual adds (same outputs, less memory traffic).
+        check_identity: refuse an identity-gate module that does not return its input
+            exactly on a probe (a user type whose ``reset_parameters`` misses a layer).
+
+    Returns:
+        One record per placement, in order.
 
     Raises:
         SiteError: a site's tensor is not floating point, or its node is gone.
+        AttentionError: with ``check_identity``, an identity-gate module is not an identity.
     """
     nodes = {n.name: n for n in gm.graph.nodes}
     # The node each (site, position) currently feeds from: stacked modules chain on it.
@@ -87,6 +164,14 @@ def insert_attention(gm: torch.fx.GraphModule, placements: tuple[Placement, ...]
         if site.node not in nodes:
             raise SiteError(f"site {site.qualname!r}: node {site.node!r} is not in the graph")
         module = create_attention(p.attn, p.channels, gate=p.gate, device=site.device, dtype=site.dtype, **p.args)
+        if check_identity and p.gate == "identity" and site.device.type != "meta":
+            err = identity_error(module, p.channels, device=site.device, dtype=site.dtype)
+            if err != 0.0:
+                raise AttentionError(
+                    f"attention {p.attn!r} ({type(module).__name__}) at site {site.qualname!r} is not an identity "
+                    f"at init: max |out - in| = {err:.3g} on a (2, {p.channels}, 7, 5) probe; make its "
+                    "reset_parameters() start it at identity, use gate='sigmoid', or pass check_identity=False"
+                )
         module.train(gm.training)
         name = _free_name(gm, _base_name(p))
         gm.add_submodule(name, module)
@@ -106,6 +191,15 @@ def insert_attention(gm: torch.fx.GraphModule, placements: tuple[Placement, ...]
         new.meta["module_path"] = site.module_path
         new.meta["qualname"] = name
         done.append(Inserted(p, name, sum(t.numel() for t in module.parameters())))
+    if fuse:
+        # The last module on each residual branch feeds the add; the ones before it in a
+        # chain feed a module, which needs their output.
+        fused = {
+            new.target
+            for (node, position), new in cursor.items()
+            if position == "branch" and node in nodes and _fuse(gm, new, nodes[node])
+        }
+        done = [replace(i, fused=True) if i.name in fused else i for i in done]
     gm.graph.lint()
     gm.recompile()
     return tuple(done)

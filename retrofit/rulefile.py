@@ -26,6 +26,7 @@ POSITIONS: dict[str, tuple[str, ...]] = {
     "conv-block": ("after",),
 }
 CONFLICTS: tuple[str, ...] = ("error", "keep", "replace", "stack")
+ON_EXISTING: tuple[str, ...] = ("skip", "stack")
 
 # key -> (accepted types, default); `at` and `attn` have no default.
 _RULE_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
@@ -47,6 +48,7 @@ _RULE_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
     "last": ((int,), None),
     "fallback": ((bool,), False),
     "conflict": ((str,), "error"),
+    "on_existing": ((str,), "skip"),
 }
 _POSITIVE = ("min_channels", "max_channels", "min_size", "max_size", "every", "first", "last")
 _FILE_KEYS = {"rule", "description"}
@@ -74,6 +76,7 @@ class Rule:
     last: int | None = None  # then keep the last k
     fallback: bool = False  # applies only if no earlier rule selected a site
     conflict: str = "error"  # on a site an earlier rule selected: error, keep, replace or stack
+    on_existing: str = "skip"  # where the model already has attention: skip, or stack another
     source: str = "<rules>"  # where the rule came from: "file.toml, rule 2"
 
 
@@ -120,6 +123,10 @@ def _parse_rule(table: Mapping[str, Any], where: str) -> Rule:
             raise RuleError(f"{where}: {key!r} must be an array of integers, got {values[key]!r}")
     if 0 in (values["stages"] or ()):
         raise RuleError(f"{where}: stages are numbered from 1 (or -1 for the last), got 0")
+    if values["on_existing"] not in ON_EXISTING:
+        raise RuleError(
+            f"{where}: on_existing = {values['on_existing']!r} is not valid (valid: {', '.join(ON_EXISTING)})"
+        )
     if values["conflict"] not in CONFLICTS:
         raise RuleError(f"{where}: conflict = {values['conflict']!r} is not valid (valid: {', '.join(CONFLICTS)})")
     at = values["at"]
@@ -159,6 +166,7 @@ def _parse_rule(table: Mapping[str, Any], where: str) -> Rule:
         last=values["last"],
         fallback=values["fallback"],
         conflict=values["conflict"],
+        on_existing=values["on_existing"],
         source=where,
     )
 
@@ -240,10 +248,20 @@ def list_builtin_rules() -> dict[str, str]:
     return out
 
 
+def _is_attention(name: str) -> bool:
+    try:
+        get_attention(name)
+    except RetrofitError:
+        return False
+    return True
+
+
 def resolve_rules(attn: str | None = None, rules: str | Path | RuleSet | None = None) -> RuleSet:
     """The rule set for ``retrofit(attn=..., rules=...)``.
 
-    ``rules`` (a file path or a RuleSet) wins; otherwise ``attn`` names a built-in rule file.
+    ``rules`` (a file path or a RuleSet) wins; otherwise ``attn`` names a built-in rule file,
+    or a registered attention type without one, which gets the default placement (before
+    every residual add; after every conv block in plain CNNs).
 
     Raises:
         RuleError: neither is given, or ``attn`` names no built-in rule set (the message
@@ -256,6 +274,13 @@ def resolve_rules(attn: str | None = None, rules: str | Path | RuleSet | None = 
     if attn is None:
         raise RuleError("give attn='se' (a built-in rule set) or rules='file.toml'")
     path = builtin_rules_dir() / f"{attn}.toml"
+    if not path.is_file() and _is_attention(attn):
+        # A registered type without a rule file of its own: the default placement.
+        return parse_rules(
+            {"description": f"{attn} on every residual branch before the add; after every conv block in plain CNNs",
+             "rule": [{"at": "residual-add", "attn": attn}, {"at": "conv-block", "attn": attn, "fallback": True}]},
+            f"default placement for {attn!r}",
+        )
     if not path.is_file():
         names = sorted(p.stem for p in builtin_rules_dir().glob("*.toml"))
         close = difflib.get_close_matches(attn, names, n=1)

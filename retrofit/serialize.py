@@ -225,10 +225,13 @@ def load(path: str | Path) -> torch.fx.GraphModule:
         model,
         rules=rules,
         gate=options.get("gate"),
+        on_existing=options.get("on_existing"),
+        fuse=options.get("fuse", True),
         attn_args=options.get("attn_args") or None,
         input_size=tuple(options["input_size"]),
         leaf_modules=[_leaf(s) for s in options.get("leaf_modules", [])],
         verify=False,
+        check_identity=False,  # the saved weights replace the init right after
     )
     try:
         missing, unexpected = load_model(gm, str(_weights_file(path)), strict=False)

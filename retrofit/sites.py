@@ -11,6 +11,7 @@ Two kinds of site:
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -21,6 +22,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from .fuse import gated_residual
 from .shapes import TensorInfo
 
 __all__ = ["Site", "SkippedCandidate", "SiteAnalysis", "find_sites", "SITE_KINDS"]
@@ -71,6 +73,8 @@ class Site:
     mid_conv: str | None = None  # residual-add: fx node name of that last conv
     mid_channels: int | None = None  # residual-add: channels at `mid` (the bottleneck width)
     mid_size: tuple[int, int] | None = None  # residual-add: spatial size at `mid`
+    existing: str | None = None  # attention the model already has where `branch`/`after` would go
+    existing_mid: str | None = None  # attention the model already has where `mid` would go
     stage: int = 0  # 1-based stage: rank of the site's spatial size among sites of its kind, largest first
     block: int = 0  # 0-based index of the site within its stage, in graph order
 
@@ -86,6 +90,7 @@ class Site:
             "block": self.block,
             "shortcut": self.shortcut_kind,
             "mid_channels": self.mid_channels,
+            "existing": self.existing,
             "layers": list(self.layers),
         }
 
@@ -145,7 +150,7 @@ def _layer_role(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
             return "norm"
         if isinstance(mod, _POOL_MODULES):
             return "pool"
-        if isinstance(mod, _PASS_MODULES) or type(mod).__name__ in ("DropPath", "DropBlock2d"):
+        if isinstance(mod, _PASS_MODULES) or type(mod).__name__ in ("DropPath", "DropBlock2d", "StochasticDepth"):
             return "pass"
         if isinstance(mod, _NOT_ACTIVATIONS):
             return None
@@ -168,11 +173,22 @@ def _layer_role(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
     return None
 
 
+_LAYOUT_OPS = {"permute", "transpose", "view", "reshape", "flatten", "unflatten", "movedim", "swapaxes"}
+
+
+def _is_layout_op(node: torch.fx.Node) -> bool:
+    """An op that moves or merges dimensions (so dim 1 may no longer be channels)."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return node.op in ("call_method", "call_function") and name in _LAYOUT_OPS
+
+
 def _add_operands(node: torch.fx.Node) -> tuple[Any, Any] | None:
     """The two summands of an addition node, or None if the node is not one.
 
     ``torch.add(a, b, alpha=...)`` with alpha other than 1 is a weighted sum, not a residual.
     """
+    if node.op == "call_function" and node.target is gated_residual:
+        return node.args[1], node.args[2]  # a site retrofit already fused: (branch, shortcut)
     if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
         pass
     elif node.op == "call_method" and node.target in _ADD_METHODS:
@@ -242,11 +258,17 @@ class _Analyzer:
             return None
         last_conv = max(convs, key=self._order)
         mod = _module(self.gm, last_conv)
-        if isinstance(mod, nn.Conv2d) and mod.out_channels != out.shape[1]:
+        after_conv = nx.descendants(self.graph, last_conv.name)
+        relayout = [n for n in branch_path if n.name in after_conv and _is_layout_op(n)]
+        # Channels that differ from the last conv's are fine when no op in between moves
+        # dimensions (GhostNet concatenates and slices channels); after a permute they are
+        # the sign of a channels-last tensor, which an NCHW attention would misread.
+        if isinstance(mod, nn.Conv2d) and mod.out_channels != out.shape[1] and relayout:
             self.skip(
                 kind, node,
                 f"dim 1 has {out.shape[1]} entries but the branch's last conv {last_conv.meta['qualname']!r} "
-                f"has {mod.out_channels} output channels: not an NCHW tensor",
+                f"has {mod.out_channels} output channels and {relayout[0].meta.get('qualname', relayout[0].name)!r} "
+                "moves dimensions after it: not an NCHW tensor",
             )
             return None
         holder = node.meta.get("module_path", "")
@@ -267,6 +289,8 @@ class _Analyzer:
             shortcut_kind="projection" if shortcut_params else "identity",
             mid=mid[0].name if mid and mid_info else None,
             mid_conv=mid[1].name if mid and mid_info else None,
+            existing=self._fused(node) or self._existing(branch),
+            existing_mid=self._existing(mid[0]) if mid and mid_info else None,
             mid_channels=mid_info.shape[1] if mid_info else None,
             mid_size=(mid_info.shape[2], mid_info.shape[3]) if mid_info else None,
         )
@@ -288,6 +312,50 @@ class _Analyzer:
         if info is None or not info.is_nchw:
             return None
         return src, last
+
+    def _existing(self, node: torch.fx.Node) -> str | None:
+        """Attention the model already applies to produce ``node``, or None.
+
+        Walks back over pass-through layers (dropout, drop-path, identity) to a module of a
+        registered attention type, or to a gating multiply ``x * g`` where ``g`` is computed
+        from ``x`` through a reduction (pooling): SE, ECA, CBAM, GE and their kin.
+        """
+        from .attention._registry import _ATTENTION
+
+        for _ in range(4):
+            mod = _module(self.gm, node)
+            if mod is not None and isinstance(mod, tuple(_ATTENTION.values())):
+                return f"{type(mod).__name__} at {node.target!r}"
+            if self._is_gating_mul(node):
+                path = node.meta.get("module_path", "") or node.meta.get("qualname", node.name)
+                return f"a gate at {path!r}"
+            if _layer_role(self.gm, node) != "pass" or not node.all_input_nodes:
+                return None
+            node = node.all_input_nodes[0]
+        return None
+
+    def _fused(self, node: torch.fx.Node) -> str | None:
+        """The attention of a residual add retrofit fused into ``gated_residual``, or None."""
+        if node.op != "call_function" or node.target is not gated_residual:
+            return None
+        target = str(node.args[0].target)  # type: ignore[union-attr]
+        return f"{type(self.gm.get_submodule(target)).__name__} at {target!r}"
+
+    def _is_gating_mul(self, node: torch.fx.Node) -> bool:
+        is_mul = (node.op == "call_function" and node.target in (operator.mul, torch.mul)) or (
+            node.op == "call_method" and node.target in ("mul", "mul_")
+        )
+        if not is_mul or len(node.all_input_nodes) != 2:
+            return False
+        for x, g in (node.all_input_nodes, node.all_input_nodes[::-1]):
+            info = self.shapes.get(x.name)
+            if info is None or g.name not in nx.descendants(self.graph, x.name):
+                continue
+            size = math.prod(info.shape)
+            between = nx.ancestors(self.graph, g.name) & nx.descendants(self.graph, x.name)
+            if any(n in self.shapes and math.prod(self.shapes[n].shape) < size for n in between | {g.name}):
+                return True
+        return False
 
     def conv_block(self, node: torch.fx.Node) -> Site | None:
         if not _is_conv(self.gm, node):
@@ -317,6 +385,7 @@ class _Analyzer:
             dtype=out.dtype,
             device=out.device,
             layers=tuple(n.meta.get("qualname", n.name) for n in layers),
+            existing=next((self._existing(u) for u in last.users if self._existing(u)), None),
         )
 
     def _order(self, node: torch.fx.Node) -> int:

@@ -10,10 +10,12 @@ e.g. ``layer1.0.iadd``).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import re
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +59,20 @@ def _torchvision_leaves() -> tuple[type[nn.Module], ...]:
         for obj in vars(mod).values()
         if isinstance(obj, type) and issubclass(obj, nn.Module)
     }
+    # StochasticDepth reads self.training: as a leaf it keeps switching with train/eval.
+    transparent.discard(torchvision.ops.StochasticDepth)
     return tuple(
         obj
         for obj in vars(torchvision.ops).values()
         if isinstance(obj, type) and issubclass(obj, nn.Module) and obj not in transparent
     )
+
+
+def _mode_dependent_leaves() -> tuple[type[nn.Module], ...]:
+    """timm layers whose forward reads ``self.training``: leaves keep them switchable."""
+    from timm.layers import DropBlock2d, DropPath
+
+    return (DropPath, DropBlock2d)
 
 
 class RetrofitTracer(torch.fx.Tracer):
@@ -76,10 +87,12 @@ class RetrofitTracer(torch.fx.Tracer):
         import torchvision.ops
 
         from .attention._registry import _ATTENTION
+        from .fuse import gated_residual
 
         timm_leaves, timm_fns = _timm_notrace()
-        super().__init__(autowrap_modules=(math, torchvision.ops), autowrap_functions=timm_fns)
-        self._leaf_types = timm_leaves + _torchvision_leaves() + tuple(_ATTENTION.values())
+        # A retrofitted model traced again keeps its fused residual adds as single nodes.
+        super().__init__(autowrap_modules=(math, torchvision.ops), autowrap_functions=(*timm_fns, gated_residual))
+        self._leaf_types = timm_leaves + _torchvision_leaves() + _mode_dependent_leaves() + tuple(_ATTENTION.values())
         self._user_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self._user_names = {m for m in leaf_modules if isinstance(m, str)}
         self._module_path = ""
@@ -155,9 +168,42 @@ def trace(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> torch.fx.G
         TraceError: torch.fx could not trace the model; the message names the module and
             the source line where tracing broke and suggests making it a leaf module.
     """
-    tracer = RetrofitTracer(tuple(leaf_modules))
+    if isinstance(model, torch.fx.GraphModule) and all("module_path" in n.meta for n in model.graph.nodes):
+        # A model retrofit already traced (e.g. retrofitted once): its graph still knows
+        # every node's module path, which a re-trace of the generated forward would lose.
+        gm = torch.fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__)
+        _carry_unused_state(model, gm)
+        _carry_metadata(model, gm)
+        return gm
+    leaves = tuple(leaf_modules)
+    graph = _trace_graph(model, leaves)
+    notes: list[str] = []
+    # Python code that reads `self.training` (F.dropout(training=self.training), drop-path
+    # outside a module) is frozen into the graph in the mode it was traced in. If the two
+    # modes trace differently, keep the eval-mode graph: exact at inference, always.
+    with _mode(model, not model.training):
+        other = _trace_graph(model, leaves)
+    if _signature(graph) != _signature(other):
+        changed = sorted({n.meta.get("qualname", n.name) for n in _differing(graph, other)})
+        if model.training:
+            graph = other
+        notes.append(
+            "the forward depends on train/eval mode outside leaf modules "
+            f"({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''}); the graph keeps the eval-mode "
+            "behaviour (exact at inference; those ops stay as in eval when training). Make the modules "
+            "holding them leaf modules to keep them switchable"
+        )
+    gm = torch.fx.GraphModule(model, graph, type(model).__name__)
+    gm.meta["retrofit_trace_notes"] = notes
+    _carry_unused_state(model, gm)
+    _carry_metadata(model, gm)
+    return gm
+
+
+def _trace_graph(model: nn.Module, leaves: tuple[LeafSpec, ...]) -> torch.fx.Graph:
+    tracer = RetrofitTracer(leaves)
     try:
-        graph = tracer.trace(model)
+        return tracer.trace(model)
     except Exception as e:
         path, cls = getattr(e, "_retrofit_module", ("", type(model).__name__))
         where = f"module {path!r} ({cls})" if path else f"the top-level forward of {cls}"
@@ -167,10 +213,31 @@ def trace(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> torch.fx.G
             f"torch.fx cannot follow data-dependent Python control flow; keep that module opaque "
             f"with leaf_modules=[{cls!r}] (CLI: --leaf-module {cls}); no attention is inserted inside it"
         ) from e
-    gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
-    _carry_unused_state(model, gm)
-    _carry_metadata(model, gm)
-    return gm
+
+
+@contextlib.contextmanager
+def _mode(model: nn.Module, training: bool) -> Iterator[None]:
+    saved = [(m, m.training) for m in model.modules()]
+    try:
+        model.train(training)
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+def _node_key(n: torch.fx.Node) -> tuple[str, str, str, str]:
+    return (n.op, str(n.target), repr(n.args), repr(n.kwargs))
+
+
+def _signature(graph: torch.fx.Graph) -> list[tuple[str, str, str, str]]:
+    return [_node_key(n) for n in graph.nodes]
+
+
+def _differing(a: torch.fx.Graph, b: torch.fx.Graph) -> list[torch.fx.Node]:
+    keys_b = {_node_key(n) for n in b.nodes}
+    keys_a = {_node_key(n) for n in a.nodes}
+    return [n for n in a.nodes if _node_key(n) not in keys_b] + [n for n in b.nodes if _node_key(n) not in keys_a]
 
 
 def _submodule_or_create(root: nn.Module, path: str) -> nn.Module:

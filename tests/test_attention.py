@@ -152,7 +152,7 @@ def test_unknown_gate() -> None:
 
 
 def test_bad_argument_names_the_attention() -> None:
-    with pytest.raises(AttentionError, match=r"invalid arguments for attention 'se' \(SqueezeExcite\)"):
+    with pytest.raises(AttentionError, match=r"invalid arguments for attention 'se' \(SqueezeExcite\) at 8 channels"):
         create_attention("se", 8, reduction=4)
 
 

@@ -1,10 +1,18 @@
 """Attention modules, one paper per file, all registered by short name."""
 
 from ._gate import GATES
+from ._identity import identity_error
 from ._registry import create_attention, get_attention, list_attention, register_attention
 from .cbam import Cbam
+from .chsa import ChannelSelfAttn
+from .coord import CoordAttn
 from .eca import EfficientChannelAttn, eca_kernel_size
+from .gc import GlobalContext
+from .ge import GatherExcite
+from .nonlocal_ import NonLocal
+from .psa import PointwiseSpatialAttn
 from .se import SqueezeExcite
+from .simam import SimAM
 
 __all__ = [
     "GATES",
@@ -12,8 +20,16 @@ __all__ = [
     "get_attention",
     "list_attention",
     "create_attention",
+    "identity_error",
     "SqueezeExcite",
     "EfficientChannelAttn",
     "eca_kernel_size",
     "Cbam",
+    "CoordAttn",
+    "GatherExcite",
+    "GlobalContext",
+    "SimAM",
+    "NonLocal",
+    "ChannelSelfAttn",
+    "PointwiseSpatialAttn",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -45,16 +46,56 @@ def list_attention() -> list[str]:
     return sorted(_ATTENTION)
 
 
-def get_attention(name: str) -> type[nn.Module]:
-    """The class registered as ``name``; an unknown name lists the valid ones."""
+def _import_attention(spec: str) -> type[nn.Module]:
+    """Import ``"package.module:ClassName"`` and register the class under that spec."""
+    module_name, _, qualname = spec.partition(":")
+    if not module_name or not qualname:
+        raise AttentionError(f"attention {spec!r}: write an imported class as 'package.module:ClassName'")
     try:
-        return _ATTENTION[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, _ATTENTION, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        module = importlib.import_module(module_name)
+    except ImportError as e:
         raise AttentionError(
-            f"unknown attention {name!r}{hint} (valid: {', '.join(list_attention())})"
-        ) from None
+            f"attention {spec!r}: cannot import module {module_name!r} ({e}); is its package installed "
+            "or on PYTHONPATH?"
+        ) from e
+    except Exception as e:
+        raise AttentionError(f"attention {spec!r}: importing {module_name!r} failed: {type(e).__name__}: {e}") from e
+    obj: object = module
+    for part in qualname.split("."):
+        if not hasattr(obj, part):
+            names = sorted(n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, nn.Module))
+            raise AttentionError(
+                f"attention {spec!r}: module {module_name!r} has no {qualname!r} "
+                f"(its nn.Module classes: {', '.join(names) or 'none'})"
+            )
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise AttentionError(f"attention {spec!r}: {qualname} is a {type(obj).__name__}, not an nn.Module subclass")
+    _ATTENTION[spec] = obj
+    return obj
+
+
+def get_attention(name: str) -> type[nn.Module]:
+    """The class registered as ``name``, or imported from ``"package.module:ClassName"``.
+
+    A name with a ``:`` is imported on first use and registered under that name, so rule
+    files can name a user's class without registering it first.
+
+    Raises:
+        AttentionError: an unknown name (the message lists the valid ones), or a module or
+            class that cannot be imported, or an imported object that is not an
+            ``nn.Module`` subclass.
+    """
+    if name in _ATTENTION:
+        return _ATTENTION[name]
+    if ":" in name:
+        return _import_attention(name)
+    close = difflib.get_close_matches(name, _ATTENTION, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise AttentionError(
+        f"unknown attention {name!r}{hint} (valid: {', '.join(list_attention())}; "
+        "or a class as 'package.module:ClassName')"
+    )
 
 
 def create_attention(name: str, channels: int, **kwargs) -> nn.Module:
@@ -62,5 +103,10 @@ def create_attention(name: str, channels: int, **kwargs) -> nn.Module:
     cls = get_attention(name)
     try:
         return cls(channels, **kwargs)
-    except TypeError as e:
-        raise AttentionError(f"invalid arguments for attention {name!r} ({cls.__name__}): {e}") from e
+    except AttentionError:
+        raise
+    except (TypeError, ValueError, RuntimeError) as e:
+        # e.g. rd_channels=0, or an argument the class rejects for this channel count
+        raise AttentionError(
+            f"invalid arguments for attention {name!r} ({cls.__name__}) at {channels} channels: {e}"
+        ) from e

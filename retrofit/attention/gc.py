@@ -1,0 +1,130 @@
+"""Global Context block.
+
+Cao, Xu, Lin, Wei, Hu: "GCNet: Non-local Networks Meet Squeeze-Excitation Networks and
+Beyond", ICCV Workshops 2019, arXiv:1904.11492.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import get_act_layer, make_divisible
+from torch import Tensor, nn
+
+from ..errors import AttentionError
+from ._additive import check_additive_gate
+from ._gate import apply_gate, check_gate
+from ._registry import register_attention
+
+__all__ = ["GlobalContext"]
+
+
+def _transform(channels: int, rd_channels: int, act_layer: type[nn.Module], dd: dict) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(channels, rd_channels, **dd),
+        nn.LayerNorm(rd_channels, **dd),
+        act_layer(),
+        nn.Linear(rd_channels, channels, **dd),
+    )
+
+
+@register_attention("gc")
+class GlobalContext(nn.Module):
+    """Global Context: softmax-weighted pooling of the map into one context vector (a 1x1
+    convolution scores every position), a bottleneck transform with LayerNorm, then fusion
+    into every position: ``x + transform(context)`` (the paper's default, ``fuse_add``)
+    and/or ``x * gate(transform'(context))`` (``fuse_scale``).
+
+    Arguments follow timm's ``GlobalContext``; defaults are the paper's (add fusion only,
+    ratio 1/16; timm's are scale fusion and 1/8). The add branch's last layer starts at
+    zero in both gate forms, as in the official code, so the add fusion alone is an
+    identity at init; the ``gate`` argument chooses the form of the scale branch and so
+    needs ``fuse_scale=True`` to mean anything: ``gate="sigmoid"`` without it raises.
+    Where it differs: the bottleneck layers are ``nn.Linear`` on the pooled vector (the
+    paper's 1x1 convolutions on a 1x1 map, same parameters). ``scale(x)`` (scale fusion
+    only) returns the gate, shape ``(N, C, 1, 1)``; ``delta(x)`` the added term.
+
+    Args:
+        channels: input (and output) channels.
+        fuse_add: add the transformed context (the paper's best fusion).
+        fuse_scale: multiply by a gate from a second transform of the context.
+        rd_ratio: bottleneck width as a fraction of ``channels``.
+        rd_channels: bottleneck width; overrides ``rd_ratio``.
+        rd_divisor: round the bottleneck width to a multiple of this.
+        act_layer: activation in the bottleneck (class or timm name).
+        gate: ``"identity"`` (output equals input at init) or, with ``fuse_scale``,
+            ``"sigmoid"`` (the paper's scale fusion and init).
+        device: where to create the parameters.
+        dtype: dtype of the parameters.
+
+    Raises:
+        AttentionError: neither fusion is on, or ``gate="sigmoid"`` without ``fuse_scale``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        fuse_add: bool = True,
+        fuse_scale: bool = False,
+        rd_ratio: float = 1.0 / 16,
+        rd_channels: int | None = None,
+        rd_divisor: int = 1,
+        act_layer: type[nn.Module] | str = nn.ReLU,
+        gate: str = "identity",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not (fuse_add or fuse_scale):
+            raise AttentionError("gc: set fuse_add, fuse_scale or both; with neither the block does nothing")
+        self.gate = check_gate(gate) if fuse_scale else check_additive_gate(
+            "gc", gate, ", or fuse_scale=True for the paper's scale fusion"
+        )
+        if rd_channels is None:
+            rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
+        dd = {"device": device, "dtype": dtype}
+        act = get_act_layer(act_layer)
+        self.conv_attn = nn.Conv2d(channels, 1, 1, **dd)
+        self.mlp_add = _transform(channels, rd_channels, act, dd) if fuse_add else None
+        self.mlp_scale = _transform(channels, rd_channels, act, dd) if fuse_scale else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The official init (Kaiming fan-in scores, add branch's last layer at zero); with
+        the identity gate the scale branch's last layer starts at zero too."""
+        nn.init.kaiming_normal_(self.conv_attn.weight, mode="fan_in", nonlinearity="relu")
+        nn.init.zeros_(self.conv_attn.bias)
+        for mlp in (self.mlp_add, self.mlp_scale):
+            if mlp is None:
+                continue
+            for layer in mlp:
+                if hasattr(layer, "reset_parameters"):
+                    layer.reset_parameters()
+            if mlp is self.mlp_add or self.gate == "identity":
+                nn.init.zeros_(mlp[-1].weight)
+                nn.init.zeros_(mlp[-1].bias)
+
+    def context(self, x: Tensor) -> Tensor:
+        """The softmax-pooled context, shape ``(N, C)``."""
+        n, c, h, w = x.shape
+        attn = self.conv_attn(x).reshape(n, 1, h * w).softmax(dim=-1)  # (N, 1, HW)
+        return torch.bmm(x.reshape(n, c, h * w), attn.transpose(1, 2)).reshape(n, c)
+
+    def scale(self, x: Tensor) -> Tensor:
+        """The scale fusion's gate, shape ``(N, C, 1, 1)``."""
+        if self.mlp_scale is None:
+            raise AttentionError("gc: scale() needs fuse_scale=True")
+        return apply_gate(self.mlp_scale(self.context(x)), self.gate)[:, :, None, None]
+
+    def delta(self, x: Tensor) -> Tensor:
+        """The add fusion's term, shape ``(N, C, 1, 1)``."""
+        if self.mlp_add is None:
+            raise AttentionError("gc: delta() needs fuse_add=True")
+        return self.mlp_add(self.context(x))[:, :, None, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        ctx = self.context(x)
+        if self.mlp_scale is not None:
+            x = x * apply_gate(self.mlp_scale(ctx), self.gate)[:, :, None, None]
+        if self.mlp_add is not None:
+            x = x + self.mlp_add(ctx)[:, :, None, None]
+        return x

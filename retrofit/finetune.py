@@ -1,0 +1,430 @@
+"""Fine-tune a retrofitted model: the new attention parameters get their own learning rate
+(and, optionally, the first epochs to themselves), the schedule is a linear warm-up then
+a cosine, and checkpoints resume exactly.
+
+One function, :func:`fit`, runs alone or under ``torchrun`` (see :mod:`retrofit.distributed`):
+CUDA when present, bf16 autocast on GPU, channels-last and ``torch.compile`` on request, a
+progress bar and a JSON-lines metrics log on rank 0, checkpoints written by rank 0 only.
+
+Example:
+    >>> spec = ModelSpec("resnet50", attn="se")
+    >>> gm = spec.build(pretrained=True)
+    >>> data = imagefolder_datasets("data/", gm)
+    >>> fit(gm, data.train, data.val, FinetuneConfig(epochs=10, out="runs/se"), spec=spec)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .train_checkpoint import ModelSpec, load_state, rng_state, save_state, set_rng_state
+from .distributed import DistContext, ShardSampler, init_distributed
+from .errors import OptionError
+
+__all__ = [
+    "FinetuneConfig",
+    "FitResult",
+    "attention_parameter_names",
+    "param_groups",
+    "WarmupCosine",
+    "evaluate",
+    "fit",
+]
+
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How to fine-tune. Learning rates are the peaks of the warm-up + cosine schedule."""
+
+    epochs: int = 10  # total epochs, attention-only ones included
+    batch_size: int = 64  # per process
+    lr: float = 0.01  # peak learning rate of the model's own parameters
+    attn_lr: float | None = None  # peak learning rate of the new attention parameters; None: 10 * lr
+    attn_only_epochs: int = 0  # the first epochs train only the attention parameters (norm statistics frozen too)
+    optimizer: str = "sgd"  # "sgd" (Nesterov momentum) or "adamw"
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-4  # not applied to 1-d tensors (biases, norm scales)
+    warmup_epochs: float = 1.0  # linear warm-up length in epochs (fractions allowed)
+    min_lr_ratio: float = 0.0  # the cosine ends at this fraction of the peak
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    clip_grad_norm: float | None = None  # clip the gradient norm to this; None: no clipping
+    amp: bool | None = None  # bf16 autocast; None: on CUDA only
+    channels_last: bool = False  # channels-last memory format for the model and inputs
+    compile: bool = False  # torch.compile the training model
+    num_workers: int = 0  # DataLoader worker processes
+    seed: int = 0  # seeds the shuffle (same on all ranks) and the augmentation (offset by rank)
+    device: str | None = None  # None: this rank's CUDA GPU if any, else the CPU
+    progress: bool = True  # tqdm progress bar and a line per epoch (rank 0 only)
+    out: str | None = None  # folder for last.pt, best.pt and metrics.jsonl (written by rank 0)
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise OptionError(f"unknown optimizer {self.optimizer!r} (valid: {', '.join(OPTIMIZERS)})")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise OptionError(f"epochs and batch_size must be positive (got {self.epochs}, {self.batch_size})")
+        if not 0 <= self.attn_only_epochs <= self.epochs:
+            raise OptionError(f"attn_only_epochs must be in 0..epochs={self.epochs}, not {self.attn_only_epochs}")
+        if self.warmup_epochs < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise OptionError("warmup_epochs must be >= 0 and min_lr_ratio in [0, 1]")
+
+    @property
+    def peak_attn_lr(self) -> float:
+        return 10.0 * self.lr if self.attn_lr is None else self.attn_lr
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What :func:`fit` did."""
+
+    history: tuple[dict[str, Any], ...]  # one metrics record per epoch, resumed epochs included
+    best_val_acc: float  # best validation accuracy seen (fraction)
+    best_epoch: int  # 1-based epoch of the best validation accuracy
+    checkpoint: Path | None  # last.pt; None without `out`, and on ranks other than 0
+    steps: int  # optimizer steps taken in total
+
+
+def _attention_modules(model: nn.Module) -> tuple[str, ...]:
+    """Qualified names of the modules :func:`retrofit.retrofit` inserted (none for other models)."""
+    from .api import get_report
+
+    try:
+        return tuple(r.module for r in get_report(model).rows)  # type: ignore[arg-type]
+    except ValueError:
+        return ()
+
+
+def attention_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters :func:`retrofit.retrofit` added (empty for other models)."""
+    prefixes = tuple(f"{m}." for m in _attention_modules(model))
+    return {n for n, _ in model.named_parameters() if prefixes and n.startswith(prefixes)}
+
+
+def param_groups(model: nn.Module, lr: float, attn_lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """Optimizer groups: the model's own parameters and the new attention parameters, each
+    split into decayed (weights) and undecayed (1-d: biases, norm scales) tensors.
+
+    Every group carries a ``name`` ("base", "base_no_wd", "attn", "attn_no_wd"); empty
+    groups are left out.
+    """
+    attn = attention_parameter_names(model)
+    buckets: dict[str, list[nn.Parameter]] = {"base": [], "base_no_wd": [], "attn": [], "attn_no_wd": []}
+    for name, p in model.named_parameters():
+        key = ("attn" if name in attn else "base") + ("_no_wd" if p.ndim <= 1 else "")
+        buckets[key].append(p)
+    groups = []
+    for key, params in buckets.items():
+        if params:
+            groups.append({
+                "name": key,
+                "params": params,
+                "lr": attn_lr if key.startswith("attn") else lr,
+                "weight_decay": 0.0 if key.endswith("_no_wd") else weight_decay,
+            })
+    return groups
+
+
+class WarmupCosine:
+    """Learning-rate factor per step: linear from ``1 / warmup`` to 1 over ``warmup`` steps,
+    then a half cosine from 1 down to ``min_ratio`` at ``total`` steps."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float = 0.0) -> None:
+        self.warmup, self.total, self.min_ratio = warmup, max(total, 1), min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _make_optimizer(groups: list[dict[str, Any]], config: FinetuneConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups)
+    return torch.optim.SGD(groups, momentum=config.momentum, nesterov=config.momentum > 0)
+
+
+def _to_input(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    ctx: DistContext | None = None,
+    *,
+    amp: bool = False,
+    channels_last: bool = False,
+) -> dict[str, float]:
+    """Mean cross-entropy and top-1 accuracy over ``loader``, summed over all ranks.
+
+    Give each rank a disjoint shard (:class:`~retrofit.distributed.ShardSampler`) and the
+    unwrapped model (DDP's forward would ask every rank for the same number of batches).
+
+    Returns:
+        ``{"loss": ..., "acc": ..., "count": ...}``.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    for x, y in loader:
+        y = y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(_to_input(x, device, channels_last))
+        sums["loss"] += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        sums["correct"] += (logits.argmax(1) == y).sum().item()
+        sums["count"] += len(y)
+    model.train(was_training)
+    if ctx is not None:
+        sums = ctx.all_reduce_sums(sums)
+    n = max(sums["count"], 1.0)
+    return {"loss": sums["loss"] / n, "acc": sums["correct"] / n, "count": sums["count"]}
+
+
+def _resolve_amp(config: FinetuneConfig, device: torch.device) -> bool:
+    if config.amp is False:
+        return False
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        warnings.warn(f"{torch.cuda.get_device_name(device)} has no bf16; training in float32", stacklevel=3)
+        return False
+    return config.amp is True or device.type == "cuda"
+
+
+def _set_phase(model: nn.Module, attn: set[str], attn_only: bool) -> None:
+    """Attention-only phase: only the attention parameters take gradients."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in attn or not attn_only)
+
+
+def _freeze_norm_stats(model: nn.Module) -> None:
+    """Eval mode for the model's own norm layers, so their running statistics stay put."""
+    prefixes = tuple(f"{m}." for m in _attention_modules(model))
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and not (prefixes and f"{name}.".startswith(prefixes)):
+            m.eval()
+
+
+class _JsonLines:
+    """Append one JSON object per line (rank 0 only; a no-op elsewhere)."""
+
+    def __init__(self, path: Path | None, fresh: bool) -> None:
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if fresh:
+                path.write_text("")
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def fit(
+    model: nn.Module,
+    train_set: Dataset,
+    val_set: Dataset,
+    config: FinetuneConfig = FinetuneConfig(),
+    *,
+    spec: ModelSpec | None = None,
+    resume: str | Path | None = None,
+    ctx: DistContext | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> FitResult:
+    """Fine-tune ``model`` (a retrofitted GraphModule, or any classifier) in place.
+
+    The attention parameters :func:`retrofit.retrofit` added get ``config.attn_lr``; for
+    the first ``config.attn_only_epochs`` epochs nothing else trains (the model's own
+    parameters are frozen and its BatchNorm layers keep their statistics). Each step is one
+    optimizer step of a per-step warm-up + cosine schedule.
+
+    Under ``torchrun`` (or with a distributed ``ctx``) the model is wrapped in
+    DistributedDataParallel, the training set is split by ``DistributedSampler``, metrics
+    are summed over ranks, BatchNorm statistics are copied from rank 0 after each epoch,
+    and only rank 0 logs and writes files. Every rank ends with the same weights and
+    history. The caller owns the process group (``ctx.close()`` at the end).
+
+    Args:
+        model: the model to train; its parameters are updated in place (moved to the
+            device, and to channels-last if asked).
+        train_set: yields ``(image, class index)``.
+        val_set: evaluated after every epoch.
+        config: the recipe.
+        spec: how to rebuild the model; stored in checkpoints so that
+            :func:`retrofit.train_checkpoint.load_model` and ``retrofit gates`` can rebuild it.
+        resume: a ``last.pt`` from an earlier run of the same recipe; training continues
+            after its last epoch with the model, optimizer, schedule and RNG states it had.
+        ctx: the process context; default :func:`~retrofit.distributed.init_distributed`.
+        on_epoch: called with each epoch's metrics record (on every rank).
+
+    Returns:
+        A :class:`FitResult` with the per-epoch history.
+
+    Raises:
+        OptionError: ``attn_only_epochs`` is set but the model has no attention parameters.
+        ModelLoadError: ``resume`` is not a readable retrofit checkpoint.
+    """
+    from tqdm.auto import tqdm
+
+    ctx = ctx or init_distributed(config.device)
+    device = ctx.device
+    attn = attention_parameter_names(model)
+    if config.attn_only_epochs and not attn:
+        raise OptionError(
+            f"attn_only_epochs={config.attn_only_epochs} but {type(model).__name__} has no attention "
+            "parameters (it did not come from retrofit()); use attn_only_epochs=0"
+        )
+    amp = _resolve_amp(config, device)
+    model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    torch.manual_seed(config.seed + ctx.rank)
+    train_sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank,
+                                       shuffle=True, seed=config.seed)
+    loader_gen = torch.Generator()
+    train_loader = DataLoader(
+        train_set, batch_size=config.batch_size, sampler=train_sampler, num_workers=config.num_workers,
+        pin_memory=device.type == "cuda", drop_last=len(train_sampler) >= config.batch_size,
+        generator=loader_gen,
+    )
+    val_loader = DataLoader(
+        val_set, batch_size=config.batch_size, sampler=ShardSampler(len(val_set), ctx.rank, ctx.world_size),
+        num_workers=config.num_workers, pin_memory=device.type == "cuda",
+    )
+    steps_per_epoch = max(len(train_loader), 1)
+    optimizer = _make_optimizer(param_groups(model, config.lr, config.peak_attn_lr, config.weight_decay), config)
+    schedule_args = (round(config.warmup_epochs * steps_per_epoch), config.epochs * steps_per_epoch)
+    schedule = WarmupCosine(*schedule_args, config.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    start_epoch, step, history, best = 0, 0, [], (-1.0, 0)
+    rng_to_restore = None
+    if resume is not None:
+        ckpt = load_state(resume)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        # The schedule is this config's (the same for the same recipe; a larger `epochs`
+        # stretches the cosine from where the run stopped).
+        schedule = WarmupCosine(schedule_args[0], schedule_args[1], config.min_lr_ratio)
+        scheduler.lr_lambdas = [schedule] * len(optimizer.param_groups)
+        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+            group["lr"] = base_lr * schedule(scheduler.last_epoch)
+        start_epoch, step, history = ckpt["epoch"], ckpt["step"], list(ckpt["history"])
+        best = (ckpt["best_val_acc"], ckpt["best_epoch"])
+        rngs = ckpt["rng"]
+        rng_to_restore = rngs[ctx.rank] if len(rngs) == ctx.world_size else rngs[0]
+
+    out = Path(config.out) if config.out is not None and ctx.is_main else None
+    log = _JsonLines(out / "metrics.jsonl" if out else None, fresh=resume is None)
+    show = ctx.is_main and config.progress
+    if rng_to_restore is not None:
+        set_rng_state(rng_to_restore)
+
+    phase: bool | None = None  # attention-only?
+    net = model
+    last_path = None
+    for epoch in range(start_epoch, config.epochs):
+        attn_only = epoch < config.attn_only_epochs
+        if attn_only != phase:
+            phase = attn_only
+            _set_phase(model, attn, attn_only)
+            net = ctx.wrap(model)
+            if config.compile:
+                net = torch.compile(net)
+        train_sampler.set_epoch(epoch)
+        loader_gen.manual_seed(config.seed * 1_000_003 + epoch * 1009 + ctx.rank)
+        model.train()
+        if attn_only:
+            _freeze_norm_stats(model)
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.float64, device=device)
+        seen = 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not show,
+                   leave=False, dynamic_ncols=True)
+        for x, y in bar:
+            x, y = _to_input(x, device, config.channels_last), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = net(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.clip_grad_norm is not None:
+                nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.clip_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            loss_sum += loss.detach().double() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(y)
+            if show and step % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.close()
+        sums = ctx.all_reduce_sums({"loss": loss_sum.item(), "correct": correct.item(), "count": seen})
+        ctx.broadcast_buffers(model)
+        val = evaluate(model, val_loader, ctx, amp=amp, channels_last=config.channels_last)
+        lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+        record = {
+            "epoch": epoch + 1,
+            "step": step,
+            "phase": "attn-only" if attn_only else "all",
+            "train_loss": sums["loss"] / max(sums["count"], 1.0),
+            "train_acc": sums["correct"] / max(sums["count"], 1.0),
+            "val_loss": val["loss"],
+            "val_acc": val["acc"],
+            "lr": lrs.get("base", lrs.get("base_no_wd")),
+            "attn_lr": lrs.get("attn", lrs.get("attn_no_wd")),
+            "time_s": time.perf_counter() - t0,
+            "world_size": ctx.world_size,
+        }
+        history.append(record)
+        if val["acc"] > best[0]:
+            best = (val["acc"], epoch + 1)
+        rngs = ctx.all_gather_object(rng_state())
+        if out is not None:
+            log.write(record)
+            payload = {
+                "spec": spec.to_dict() if spec is not None else None,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch + 1,
+                "step": step,
+                "rng": rngs,
+                "config": asdict(config),
+                "history": history,
+                "best_val_acc": best[0],
+                "best_epoch": best[1],
+            }
+            last_path = save_state(out / "last.pt", payload)
+            if best[1] == epoch + 1:
+                save_state(out / "best.pt", {**payload, "optimizer": None, "scheduler": None})
+        if show:
+            tqdm.write(
+                f"epoch {epoch + 1}/{config.epochs}  train loss {record['train_loss']:.4f} "
+                f"acc {record['train_acc']:.4f}  val loss {val['loss']:.4f} acc {val['acc']:.4f}  "
+                f"({record['time_s']:.1f}s)"
+            )
+        if on_epoch is not None:
+            on_epoch(record)
+    _set_phase(model, attn, attn_only=False)
+    ctx.barrier()
+    return FitResult(tuple(history), best[0], best[1], last_path, step)

@@ -1,0 +1,299 @@
+"""Write ``docs/attention.md``: every attention type on timm's resnet50 with its built-in rules.
+
+For each registered type that has a built-in rule file of the same name, the script
+retrofits a fresh ``resnet50`` (``pretrained=False``) at 224x224 and measures, in one run:
+
+* parameters added (from the report);
+* FLOPs added: ``torch.utils.flop_counter.FlopCounterMode``, one forward at batch 1;
+* CPU forward latency relative to the plain model: eval mode, ``no_grad``, every model
+  timed once per round in a shuffled order between two runs of the plain model, the ratio
+  taken against those two and its median over the rounds reported (interleaving cancels
+  drift in a shared machine's speed);
+* the largest output difference at init (the report's identity check).
+
+It also tabulates the attention-matrix memory of the two types that are quadratic in H*W.
+Nothing in the output is typed by hand; run it again to refresh the file.
+
+Usage:
+    python scripts/attention_table.py [--out docs/attention.md] [--batch 4] [--rounds 9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import random
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from tabulate import tabulate
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+import retrofit
+from retrofit.attention import NonLocal, get_attention, list_attention
+from retrofit.rulefile import builtin_rules_dir, resolve_rules
+
+MODEL = "resnet50"
+SIZE = 224
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# FlopCounterMode knows the GPU attention kernels; nn.MultiheadAttention on the CPU calls this one.
+_CUSTOM_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One attention type's figures."""
+
+    name: str  # registered name (= built-in rule set)
+    paper: str  # first line of its module's docstring
+    arxiv: str  # arXiv id from its module's docstring, or ""
+    sites: int  # modules inserted
+    params: int  # parameters added
+    flops: int  # forward FLOPs added at batch 1
+    latency_ms: float  # median forward time at the benchmark batch
+    ratio: float  # median per-round latency ratio to the plain model
+    ratio_iqr: tuple[float, float]  # its first and third quartile over the rounds
+    max_abs_diff: float | None  # output difference at init (eval mode)
+
+
+def count_flops(model: nn.Module, size: int) -> int:
+    """Forward FLOPs at batch 1. Gradients stay on so nn.MultiheadAttention takes its
+    decomposed path, which the counter can see (its fused inference kernel is opaque)."""
+    x = torch.randn(1, 3, size, size)
+    with FlopCounterMode(display=False, custom_mapping=_CUSTOM_FLOPS) as counter:
+        model(x)
+    return counter.get_total_flops()
+
+
+def time_interleaved(
+    models: dict[str, nn.Module], batch: int, rounds: int, warmup: int, size: int
+) -> dict[str, tuple[float, list[float]]]:
+    """``{name: (median ms, ratios to models['plain'], one per round)}``.
+
+    Each round runs the plain model between every two others, in a shuffled order
+    (``P A P B P ...``); a model's ratio in that round is its time over the mean of the two
+    plain runs around it, which cancels a machine's slowly changing speed.
+    """
+    x = torch.randn(batch, 3, size, size)
+    others = [name for name in models if name != "plain"]
+    times: dict[str, list[float]] = {name: [] for name in models}
+    ratios: dict[str, list[float]] = {name: [] for name in others}
+    rng = random.Random(0)
+
+    def run(name: str) -> float:
+        t0 = time.perf_counter()
+        models[name](x)
+        return time.perf_counter() - t0
+
+    with torch.no_grad():
+        for r in range(warmup + rounds):
+            rng.shuffle(others)
+            before = run("plain")
+            for name in others:
+                t = run(name)
+                after = run("plain")
+                if r >= warmup:
+                    times[name].append(t)
+                    times["plain"].append(after)
+                    ratios[name].append(t / ((before + after) / 2))
+                before = after
+            print(f"  round {r + 1}/{warmup + rounds}", file=sys.stderr)
+    out = {name: (1e3 * statistics.median(times[name]), ratios[name]) for name in others}
+    out["plain"] = (1e3 * statistics.median(times["plain"]), [1.0])
+    return out
+
+
+def describe(name: str) -> tuple[str, str]:
+    """(first docstring line, arXiv id) of the module defining the attention class."""
+    doc = sys.modules[get_attention(name).__module__].__doc__ or ""
+    first = doc.strip().splitlines()[0].rstrip(".") if doc.strip() else name
+    found = re.search(r"arXiv:(\d{4}\.\d{4,5})", doc)
+    return first, found.group(1) if found else ""
+
+
+def quadratic_memory_rows(sides: tuple[int, ...]) -> list[list[str]]:
+    """Attention-matrix bytes per image (float32) of non-local and PSA at square map sizes."""
+    psa_mask = resolve_rules("psa").rules[0].args.get("mask_size", 14)
+    nl = NonLocal(8, sub_sample=True)
+    rows = []
+    for s in sides:
+        hw = s * s
+        with torch.no_grad():
+            keys = nl._pool(torch.zeros(1, 1, s, s)).numel()
+        psa_side = min(s, psa_mask)
+        psa_default = min(s, 14)
+        rows.append([
+            f"{s}x{s}",
+            _mib(4 * hw * hw),
+            _mib(4 * hw * keys),
+            _mib(4 * 2 * psa_default**4),
+            _mib(4 * 2 * psa_side**4),
+        ])
+    return rows
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return q1, q3
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
+
+
+def _pct(part: float, whole: float) -> str:
+    return f"+{100 * part / whole:.1f}%" if whole else "n/a"
+
+
+def render(
+    rows: list[Row], plain: tuple[int, int, float], args: argparse.Namespace, mem: list[list[str]], load: str
+) -> str:
+    params0, flops0, ms0 = plain
+    psa_mask = resolve_rules("psa").rules[0].args.get("mask_size", 14)
+    table = tabulate(
+        [
+            [
+                f"`{r.name}`",
+                r.paper + (f" ([arXiv:{r.arxiv}](https://arxiv.org/abs/{r.arxiv}))" if r.arxiv else ""),
+                r.sites,
+                f"{r.params:,} ({_pct(r.params, params0)})",
+                f"{r.flops / 1e9:.3f} ({_pct(r.flops, flops0)})",
+                f"{r.ratio:.2f}x ({r.ratio_iqr[0]:.2f}-{r.ratio_iqr[1]:.2f})",
+                "not run" if r.max_abs_diff is None else f"{r.max_abs_diff:g}",
+            ]
+            for r in rows
+        ],
+        headers=["type", "paper", "sites", "params added", "GFLOPs added", "CPU latency", "max abs diff at init"],
+        tablefmt="github",
+    )
+    memory = tabulate(
+        mem,
+        headers=["map", "non-local", "non-local, sub_sample", "PSA, mask_size 14", f"PSA, mask_size {psa_mask}"],
+        tablefmt="github",
+    )
+    threads = torch.get_num_threads()
+    return f"""# Attention types compared
+
+<!-- Generated by scripts/attention_table.py; do not edit by hand, run the script again. -->
+
+Every registered attention type with a built-in rule set of the same name, inserted into
+timm's `{MODEL}` (`pretrained=False`) by `retrofit.retrofit(model, attn=NAME)` at
+{SIZE}x{SIZE}. The plain model has {params0:,} parameters and {flops0 / 1e9:.3f} GFLOPs
+(batch 1) and runs a batch of {args.batch} in {ms0:.0f} ms here.
+
+| column | how it is measured |
+| --- | --- |
+| sites | attention modules the built-in rules insert (`rules/NAME.toml`) |
+| params added | `get_report(gm).params_added`; the percentage is of the plain model |
+| GFLOPs added | `torch.utils.flop_counter.FlopCounterMode`, one forward at batch 1, minus the plain model's. It counts matrix multiplies, convolutions and attention kernels (a multiply-add is 2 FLOPs); element-wise work, pooling and softmax count zero, so parameter-free gates (`ge`'s default θ⁻, `simam`) show almost nothing |
+| CPU latency | forward time relative to the plain model: eval mode, `torch.no_grad()`, batch {args.batch}, {threads} CPU threads. Each round runs the {len(rows)} retrofitted models in a shuffled order with the plain model before and after each (`P A P B P ...`); a model's ratio is its time over the mean of the two plain runs around it, which cancels slow changes in the machine's speed; {args.rounds} rounds after {args.warmup} warm-up rounds, median ratio shown with its interquartile range over the rounds |
+| max abs diff at init | `get_report(gm).max_abs_diff`: the largest output change on a probe input; 0 means exact identity |
+
+{table}
+
+Measured with torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}
+on {platform.machine()} ({_cpu_name()}, {os.cpu_count()} cores; 1-minute load average {load}).
+Latency ratios move with the machine, the thread count and other load;
+compare them within one run of this script, not across runs, and distrust a wide range.
+
+## Memory: non-local and PSA are quadratic in H*W
+
+Both build an attention matrix with one entry per pair of positions: a non-local block
+`(H*W) x (H*W')` per image, where `H*W'` is `H*W` or, with `sub_sample`, about a quarter of
+it; PSA `(h*w) x (h*w)` per image for each of its two branches, where `h x w` is the map
+average-pooled to at most `mask_size` on a side. The table gives that matrix's size per
+image in float32 (training keeps it for the backward pass, so multiply by the batch size).
+This is why their built-in rules take only maps of at most 14x14 (`max_size = 14`: the
+last two stages of a ResNet at 224x224), with `sub_sample = true` for non-local and
+`mask_size = {psa_mask}` for PSA. Channel self-attention (`chsa`) is quadratic in the
+channels instead: `C x C` per image and head.
+
+{memory}
+"""
+
+
+def _load() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "unknown"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "attention.md")
+    parser.add_argument("--batch", type=int, default=4, help="latency batch size")
+    parser.add_argument("--rounds", type=int, default=9, help="timed rounds")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--types", nargs="*", help="only these types (default: all with a built-in rule set)")
+    args = parser.parse_args(argv)
+
+    names = args.types or [n for n in list_attention() if (builtin_rules_dir() / f"{n}.toml").is_file()]
+    torch.manual_seed(0)
+    plain = timm.create_model(MODEL, pretrained=False).eval()
+    models: dict[str, nn.Module] = {"plain": plain}
+    reports = {}
+    for name in names:
+        print(f"retrofit {name}", file=sys.stderr)
+        gm = retrofit.retrofit(copy.deepcopy(plain), attn=name, input_size=SIZE).eval()
+        models[name] = gm
+        reports[name] = retrofit.get_report(gm)
+    flops = {name: count_flops(m, SIZE) for name, m in models.items()}
+    print("timing", file=sys.stderr)
+    load_before = _load()
+    timed = time_interleaved(models, args.batch, args.rounds, args.warmup, SIZE)
+    load = f"{load_before} before the timing, {_load()} after"
+    params0 = sum(p.numel() for p in plain.parameters())
+    rows = []
+    for name in names:
+        report = reports[name]
+        paper, arxiv = describe(name)
+        rows.append(Row(
+            name=name,
+            paper=paper,
+            arxiv=arxiv,
+            sites=len(report.rows),
+            params=report.params_added,
+            flops=flops[name] - flops["plain"],
+            latency_ms=timed[name][0],
+            ratio=statistics.median(timed[name][1]),
+            ratio_iqr=_quartiles(timed[name][1]),
+            max_abs_diff=report.max_abs_diff,
+        ))
+    mem = quadratic_memory_rows((7, 14, 28, 56, 112))
+    text = render(rows, (params0, flops["plain"], timed["plain"][0]), args, mem, load)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text, encoding="utf-8")
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

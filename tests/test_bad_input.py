@@ -1,0 +1,100 @@
+"""Bad input: a clear error or a recorded skip, and nothing the user had is changed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import retrofit
+from retrofit import AttentionError, RuleError, SiteError, get_report
+
+from .conftest import build
+
+
+def _snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[bool], list[str]]:
+    return ({k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()],
+            [n for n, _ in model.named_modules()])
+
+
+def _unchanged(model: nn.Module, snap) -> bool:
+    sd, flags, names = snap
+    return (model.state_dict().keys() == sd.keys() and all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+            and flags == [m.training for m in model.modules()] and names == [n for n, _ in model.named_modules()])
+
+
+def test_no_sites() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 4))
+    snap = _snapshot(model)
+    with pytest.raises(SiteError, match=r"has no residual adds and no conv blocks .*is it a CNN\?"):
+        retrofit.retrofit(model, input_size=(3, 4, 4))
+    assert _unchanged(model, snap)
+
+
+def test_channels_smaller_than_the_reduction_work() -> None:
+    """One channel with SE's 1/16 reduction rounds the bottleneck up to rd_divisor."""
+    model = nn.Sequential(nn.Conv2d(3, 1, 3), nn.ReLU(), nn.Conv2d(1, 1, 3))
+    for attn in ("se", "eca", "cbam"):
+        report = get_report(retrofit.retrofit(model, attn, input_size=(3, 9, 7)))
+        assert [r.channels for r in report.rows] == [1, 1] and report.max_abs_diff == 0.0
+
+
+def test_impossible_attention_arguments_name_the_site() -> None:
+    model = build("resnet18")
+    snap = _snapshot(model)
+    with pytest.raises(AttentionError, match=r"invalid arguments for attention 'se' \(SqueezeExcite\) at 64 channels"):
+        retrofit.retrofit(model, "se", attn_args={"rd_channels": -1}, input_size=64)
+    assert _unchanged(model, snap)
+
+
+def test_other_input_sizes_after_rewrite() -> None:
+    """Sites are found at one size; the result runs, exactly, at others (odd and non-square)."""
+    model = build("resnet18").eval()
+    gm = retrofit.retrofit(model, "cbam", input_size=64).eval()
+    for h, w in ((33, 47), (96, 64), (224, 224)):
+        x = torch.randn(1, 3, h, w)
+        assert torch.equal(gm(x), model(x))
+
+
+def test_unknown_attention_in_rule_changes_nothing(tmp_path: Path) -> None:
+    model = build("resnet18")
+    snap = _snapshot(model)
+    path = tmp_path / "r.toml"
+    path.write_text('[[rule]]\nat = "residual-add"\nattn = "squeeze"\n')
+    with pytest.raises(RuleError, match=r"rule 1: unknown attention 'squeeze'"):
+        retrofit.retrofit(model, rules=path)
+    assert _unchanged(model, snap)
+
+
+def test_interrupted_rewrite_leaves_the_model_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = build("resnet18")
+    snap = _snapshot(model)
+
+    def interrupted(gm, placements, **kwargs):
+        gm.add_submodule("layer1.0.partial", nn.Identity())  # partway through
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("retrofit.api.insert_attention", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        retrofit.retrofit(model, "se", input_size=64)
+    assert _unchanged(model, snap)
+
+
+def test_failed_verification_forward_leaves_the_model_alone() -> None:
+    class Breaks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.bn(self.conv(x))
+            return y.view(-1, 4 * 5 * 5)  # only works at 7x7 input
+
+    model = Breaks().train()
+    snap = _snapshot(model)
+    with pytest.raises(retrofit.TraceError, match=r"shape propagation failed at node 'view'"):
+        retrofit.retrofit(model, input_size=(3, 8, 8))
+    assert _unchanged(model, snap)
