@@ -11,11 +11,11 @@ optimizer step makes it non-zero, so every parameter is learning from the second
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import AttentionError
 
-__all__ = ["GATES", "check_gate", "apply_gate"]
+__all__ = ["GATES", "check_gate", "apply_gate", "zero_init_"]
 
 GATES: tuple[str, ...] = ("identity", "sigmoid")
 
@@ -32,3 +32,12 @@ def apply_gate(z: Tensor, gate: str) -> Tensor:
     if gate == "identity":
         return torch.sigmoid(z) * 2.0
     return torch.sigmoid(z)
+
+
+def zero_init_(*layers: nn.Module) -> None:
+    """Zero each layer's weight and bias: the last layer of a gate or an added branch,
+    so the module starts as an exact identity."""
+    for layer in layers:
+        nn.init.zeros_(layer.weight)
+        if getattr(layer, "bias", None) is not None:
+            nn.init.zeros_(layer.bias)

@@ -10,7 +10,7 @@ import torch
 from timm.layers import get_act_layer, make_divisible
 from torch import Tensor, nn
 
-from ._gate import apply_gate, check_gate
+from ._gate import apply_gate, check_gate, zero_init_
 from ._registry import register_attention
 
 __all__ = ["Cbam"]
@@ -68,10 +68,7 @@ class Cbam(nn.Module):
         for conv in (self.fc1, self.fc2, self.spatial):
             conv.reset_parameters()
         if self.gate == "identity":
-            for conv in (self.fc2, self.spatial):
-                nn.init.zeros_(conv.weight)
-                if conv.bias is not None:
-                    nn.init.zeros_(conv.bias)
+            zero_init_(self.fc2, self.spatial)
 
     def channel_scale(self, x: Tensor) -> Tensor:
         """The channel gate, shape ``(N, C, 1, 1)``."""

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..errors import AttentionError
 from ._additive import check_additive_gate
+from ._gate import zero_init_
 from ._registry import register_attention
 
 __all__ = ["ChannelSelfAttn"]
@@ -79,9 +80,7 @@ class ChannelSelfAttn(nn.Module):
         """PyTorch's default init; the attention's output projection starts at zero."""
         self.norm.reset_parameters()
         self.attn._reset_parameters()
-        nn.init.zeros_(self.attn.out_proj.weight)
-        if self.attn.out_proj.bias is not None:
-            nn.init.zeros_(self.attn.out_proj.bias)
+        zero_init_(self.attn.out_proj)
 
     def delta(self, x: Tensor) -> Tensor:
         """The added term, shape ``(N, C, H, W)``."""

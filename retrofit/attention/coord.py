@@ -10,7 +10,7 @@ import torch
 from timm.layers import get_act_layer, make_divisible
 from torch import Tensor, nn
 
-from ._gate import apply_gate, check_gate
+from ._gate import apply_gate, check_gate, zero_init_
 from ._registry import register_attention
 
 __all__ = ["CoordAttn"]
@@ -69,10 +69,7 @@ class CoordAttn(nn.Module):
         for conv in (self.conv1, self.conv_h, self.conv_w):
             conv.reset_parameters()
         if self.gate == "identity":
-            for conv in (self.conv_h, self.conv_w):
-                nn.init.zeros_(conv.weight)
-                if conv.bias is not None:
-                    nn.init.zeros_(conv.bias)
+            zero_init_(self.conv_h, self.conv_w)
 
     def gates(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The two directional gates, shapes ``(N, C, H, 1)`` and ``(N, C, 1, W)``."""

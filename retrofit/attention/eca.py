@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ._gate import apply_gate, check_gate
+from ._gate import apply_gate, check_gate, zero_init_
 from ._registry import register_attention
 
 __all__ = ["EfficientChannelAttn", "eca_kernel_size"]
@@ -64,7 +64,7 @@ class EfficientChannelAttn(nn.Module):
         """PyTorch's default init; with the identity gate the convolution starts at zero."""
         self.conv.reset_parameters()
         if self.gate == "identity":
-            nn.init.zeros_(self.conv.weight)
+            zero_init_(self.conv)
 
     def scale(self, x: Tensor) -> Tensor:
         """The per-channel gate, shape ``(N, C, 1, 1)``."""

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..errors import AttentionError
 from ._additive import check_additive_gate
-from ._gate import apply_gate, check_gate
+from ._gate import apply_gate, check_gate, zero_init_
 from ._registry import register_attention
 
 __all__ = ["GlobalContext"]
@@ -100,8 +100,7 @@ class GlobalContext(nn.Module):
                 if hasattr(layer, "reset_parameters"):
                     layer.reset_parameters()
             if mlp is self.mlp_add or self.gate == "identity":
-                nn.init.zeros_(mlp[-1].weight)
-                nn.init.zeros_(mlp[-1].bias)
+                zero_init_(mlp[-1])
 
     def context(self, x: Tensor) -> Tensor:
         """The softmax-pooled context, shape ``(N, C)``."""

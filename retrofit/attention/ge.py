@@ -14,7 +14,7 @@ from timm.layers import get_act_layer, make_divisible
 from torch import Tensor, nn
 
 from ..errors import AttentionError
-from ._gate import apply_gate, check_gate
+from ._gate import apply_gate, check_gate, zero_init_
 from ._registry import register_attention
 
 __all__ = ["GatherExcite"]
@@ -129,8 +129,7 @@ class GatherExcite(nn.Module):
             nn.init.constant_(self.alpha, 0.0 if self.gate == "identity" else 1.0)
         last = self._last()
         if last is not None and self.gate == "identity":
-            nn.init.zeros_(last.weight)
-            nn.init.zeros_(last.bias)
+            zero_init_(last)
 
     def _gather(self, x: Tensor) -> Tensor:
         if self.gather is None:

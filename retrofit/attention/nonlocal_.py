@@ -11,6 +11,7 @@ from timm.layers import make_divisible
 from torch import Tensor, nn
 
 from ._additive import check_additive_gate
+from ._gate import zero_init_
 from ._registry import register_attention
 
 __all__ = ["NonLocal"]
@@ -80,8 +81,7 @@ class NonLocal(nn.Module):
         """PyTorch's default init; the output projection starts at zero."""
         for conv in (self.theta, self.phi, self.g, self.out):
             conv.reset_parameters()
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        zero_init_(self.out)
 
     def _pool(self, t: Tensor) -> Tensor:
         if not self.sub_sample:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..errors import AttentionError
 from ._additive import check_additive_gate
+from ._gate import zero_init_
 from ._registry import register_attention
 
 __all__ = ["PointwiseSpatialAttn"]
@@ -112,8 +113,7 @@ class PointwiseSpatialAttn(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 m.reset_parameters()
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        zero_init_(self.proj)
 
     def attention(self, branch: nn.ModuleDict, y: Tensor) -> Tensor:
         """``a[n, p, q]``: position ``p``'s softmax weight on position ``q``, shape ``(N, HW, HW)``."""

@@ -9,7 +9,7 @@ import torch
 from timm.layers import get_act_layer, make_divisible
 from torch import Tensor, nn
 
-from ._gate import apply_gate, check_gate
+from ._gate import apply_gate, check_gate, zero_init_
 from ._registry import register_attention
 
 __all__ = ["SqueezeExcite"]
@@ -63,9 +63,7 @@ class SqueezeExcite(nn.Module):
         self.fc1.reset_parameters()
         self.fc2.reset_parameters()
         if self.gate == "identity":
-            nn.init.zeros_(self.fc2.weight)
-            if self.fc2.bias is not None:
-                nn.init.zeros_(self.fc2.bias)
+            zero_init_(self.fc2)
 
     def scale(self, x: Tensor) -> Tensor:
         """The per-channel gate, shape ``(N, C, 1, 1)``; ``forward`` multiplies it in."""
