@@ -5,24 +5,26 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch.fx
 from torch import nn
 
 from .attention import GATES
-from .errors import OptionError, SiteError
+from .errors import OptionError, SiteError, TraceError
+from .partial import Partition, partition
 from .plan import Plan, make_plan
 from .report import Report, SiteRow, StageRow
-from .rewrite import insert_attention
+from .rewrite import insert_attention, insert_attention_partial
 from .rulefile import ON_EXISTING, RuleSet, resolve_rules
 from .shapes import propagate_shapes, resolve_input_size
 from .sites import SiteAnalysis, find_sites
 from .trace import LeafSpec, trace
 from .verify import compare, count_params
 
-__all__ = ["retrofit", "analyze", "plan", "get_report"]
+__all__ = ["retrofit", "analyze", "plan", "get_report", "retrofit_meta"]
 
 _REPORT_KEY = "retrofit_report"
 RECIPE_KEY = "retrofit_recipe"
@@ -71,30 +73,56 @@ def _leaf_name(leaf: LeafSpec) -> str:
     return leaf if isinstance(leaf, str) else f"{leaf.__module__}:{leaf.__qualname__}"
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    size: tuple[int, int, int]  # (C, H, W) used for shapes
+    analysis: SiteAnalysis  # every site, in the model's namespace
+    gm: torch.fx.GraphModule | None  # the whole model traced; None on the partial path
+    parts: Partition | None = None  # the traced submodules, on the partial path
+    trace_error: TraceError | None = None  # why the whole model did not trace
+
+
 def _prepare(
     model: nn.Module,
     input_size: int | tuple[int, ...] | None,
     leaf_modules: Iterable[LeafSpec],
-) -> tuple[torch.fx.GraphModule, tuple[int, int, int], SiteAnalysis]:
-    gm = trace(model, leaf_modules)
+    keep_class: bool = False,
+) -> _Prepared:
+    leaf_modules = tuple(leaf_modules)
     size = resolve_input_size(model, input_size)
-    return gm, size, find_sites(gm, propagate_shapes(gm, size))
+    error: TraceError | None = None
+    if not keep_class:
+        try:
+            gm = trace(model, leaf_modules)
+        except TraceError as e:
+            error = e
+        else:
+            return _Prepared(size, find_sites(gm, propagate_shapes(gm, size)), gm)
+    reason = (f"the forward of {type(model).__name__} stays Python code (keep_class)" if error is None
+              else f"does not trace: {str(error).split('. torch.fx', 1)[0]}")
+    parts = partition(model, size, leaf_modules, reason)
+    if error is not None and not parts.analysis.sites:
+        raise error
+    return _Prepared(size, parts.analysis, None, parts, error)
 
 
 def analyze(
     model: nn.Module,
     input_size: int | tuple[int, ...] | None = None,
     leaf_modules: Iterable[LeafSpec] = (),
+    keep_class: bool = False,
 ) -> SiteAnalysis:
     """Find the sites of ``model`` without changing anything.
 
     Args:
-        model: any ``nn.Module`` torch.fx can trace.
+        model: any ``nn.Module``; one torch.fx cannot trace as a whole is analysed in its
+            largest traceable submodules (see :func:`retrofit`).
         input_size: ``(C, H, W)``, ``(H, W)`` or an int; default from timm's pretrained
             config, else 224x224.
         leaf_modules: modules not to trace into (classes, class names or module paths).
+        keep_class: analyse as :func:`retrofit` with ``keep_class=True`` would see it.
     """
-    return _prepare(model, input_size, leaf_modules)[2]
+    return _prepare(model, input_size, leaf_modules, keep_class).analysis
 
 
 def plan(
@@ -108,6 +136,7 @@ def plan(
     leaf_modules: Iterable[LeafSpec] = (),
     strict: bool = False,
     on_existing: str | None = None,
+    keep_class: bool = False,
 ) -> Plan:
     """What :func:`retrofit` would insert, and why it leaves the other sites alone.
 
@@ -115,7 +144,8 @@ def plan(
     """
     ruleset = resolve_rules(attn, rules)
     _check_choice("on_existing", on_existing, ON_EXISTING)
-    return make_plan(analyze(model, input_size, leaf_modules), ruleset, gate, attn_args, strict, on_existing)
+    analysis = analyze(model, input_size, leaf_modules, keep_class)
+    return make_plan(analysis, ruleset, gate, attn_args, strict, on_existing)
 
 
 def retrofit(
@@ -133,13 +163,22 @@ def retrofit(
     on_existing: str | None = None,
     fuse: bool = True,
     check_identity: bool = True,
-) -> torch.fx.GraphModule:
+    keep_class: bool = False,
+) -> nn.Module:
     """Insert attention into a trained CNN, starting as an exact identity.
 
     The model is traced with torch.fx; residual adds and conv blocks are found; the rules
     (a built-in set named by ``attn``, or a rule file) choose the sites; one attention
     module is inserted per site. With identity gates (the default) the result computes
     exactly what the model computed; fine-tuning then trains the gates.
+
+    A model that torch.fx cannot trace as a whole (data-dependent control flow) is
+    retrofitted in its largest submodules that do trace: each one that receives attention
+    is replaced, in place, by its rewritten ``GraphModule``; the result is the model's own
+    class, and the report lists what was left alone and why (``report.left_alone``). The
+    same path runs on request with ``keep_class=True``, for code that needs the model's
+    methods (``forward_features``, ``reset_classifier``); sites in the top-level forward
+    itself are then out of reach, and the report says how many.
 
     Args:
         model: a timm, torchvision or user ``nn.Module``. It is not modified.
@@ -165,12 +204,17 @@ def retrofit(
             (same outputs, one less pass over the activation); ``False`` calls the module.
         check_identity: refuse an identity-gate module that does not return its input
             exactly on a probe before inserting it (user types); ``False`` opts out.
+        keep_class: keep the model's class: trace and rewrite its submodules, never its
+            own forward.
 
     Returns:
-        A ``torch.fx.GraphModule``. ``retrofit.get_report(gm)`` returns its :class:`Report`.
+        A ``torch.fx.GraphModule``; on the partial path (``keep_class``, or a model that
+        does not trace as a whole) the model's own class with traced submodules.
+        ``retrofit.get_report(result)`` returns its :class:`Report`.
 
     Raises:
-        TraceError: the model does not trace (the message names the module and line).
+        TraceError: no part of the model with sites traces (the message names the module
+            and line of the whole-model failure).
         RuleError: the rules are invalid or ``attn`` names no built-in rule set.
         SiteError: the model has no residual adds and no conv blocks.
 
@@ -184,7 +228,8 @@ def retrofit(
     ruleset = resolve_rules(attn, rules)
     leaf_modules = tuple(leaf_modules)
     work = model if inplace else copy.deepcopy(model)
-    gm, size, analysis = _prepare(work, input_size, leaf_modules)
+    prep = _prepare(work, input_size, leaf_modules, keep_class)
+    size, analysis = prep.size, prep.analysis
     if not analysis.sites:
         raise SiteError(
             f"{type(model).__name__} has no residual adds and no conv blocks for attention "
@@ -194,8 +239,35 @@ def retrofit(
     if not the_plan.placements:
         warnings.warn(f"rules {ruleset.name!r} selected no site of {type(model).__name__}; nothing inserted",
                       stacklevel=2)
-    inserted = insert_attention(gm, the_plan.placements, fuse=fuse, check_identity=check_identity)
-    comparison = compare(model, gm, size) if verify else None
+    result: nn.Module
+    left_alone: tuple[tuple[str, str], ...] = ()
+    traced: list[str] = []
+    notes: list[str] = []
+    if prep.gm is not None:
+        result = prep.gm
+        inserted = insert_attention(prep.gm, the_plan.placements, fuse=fuse, check_identity=check_identity)
+        notes += prep.gm.meta.get("retrofit_trace_notes", ())
+    else:
+        parts = cast(Partition, prep.parts)  # _prepare returns a partition whenever it returns no graph
+        inserted = insert_attention_partial(work, parts, the_plan.placements, fuse, check_identity)
+        result = work
+        left_alone = parts.left_alone
+        notes += parts.notes
+        traced = sorted({parts.local(i.placement.site)[0].path for i in inserted})
+        if prep.trace_error is not None:
+            msg = (f"{type(model).__name__} does not trace as a whole; attention went into {len(traced)} traced "
+                   f"submodule(s) and {len(left_alone)} part(s) were left alone (report.left_alone). "
+                   f"First failure: {str(prep.trace_error).split('. torch.fx', 1)[0]}")
+            notes.append(msg)
+            warnings.warn(msg, stacklevel=2)
+        else:
+            missed = _placements_out_of_reach(model, prep, leaf_modules, the_plan,
+                                              (ruleset, gate, attn_args, False, on_existing))
+            if missed:
+                notes.append(f"keep_class: {len(missed)} site(s) the rules select are in forward code kept as "
+                             "Python, out of reach: "
+                             f"{', '.join(missed[:4])}{', ...' if len(missed) > 4 else ''}")
+    comparison = compare(model, result, size) if verify else None
     report = Report(
         model=type(model).__name__,
         input_size=size,
@@ -216,27 +288,63 @@ def retrofit(
         sites_found=len(analysis.sites),
         skipped=tuple((s.path, why) for s, why in the_plan.skipped),
         params_before=count_params(model),
-        params_after=count_params(gm),
+        params_after=count_params(result),
         max_abs_diff=None if comparison is None else comparison.max_abs_diff,
         identity_expected=all(i.placement.gate == "identity" for i in inserted),
         notes=the_plan.notes,
-        warnings=the_plan.warnings + tuple(gm.meta.get("retrofit_trace_notes", ())),
+        warnings=the_plan.warnings + tuple(notes),
         flops_before=None if comparison is None else comparison.flops_before,
         flops_after=None if comparison is None else comparison.flops_after,
-        stages=_stage_rows(model, gm),
+        stages=_stage_rows(model, result),
+        left_alone=left_alone,
+        traced=tuple(traced),
     )
-    gm.meta[_REPORT_KEY] = report
-    # What `retrofit.save` needs to rebuild this exact graph: plain data, no code.
-    gm.meta[RECIPE_KEY] = {
+    meta = retrofit_meta(result, create=True)
+    meta[_REPORT_KEY] = report
+    # What `retrofit.save` needs to rebuild this exact model: plain data, no code.
+    meta[RECIPE_KEY] = {
         "rules": {"name": ruleset.name, "doc": _plain(ruleset.doc)},
         "gate": gate,
         "on_existing": on_existing,
         "fuse": fuse,
+        "keep_class": keep_class,
         "attn_args": dict(attn_args or {}),
         "input_size": list(size),
         "leaf_modules": [_leaf_name(m) for m in leaf_modules],
     }
-    return gm
+    return result
+
+
+def _placements_out_of_reach(model: nn.Module, prep: _Prepared, leaf_modules: tuple[LeafSpec, ...],
+                             the_plan: Plan, plan_args: tuple[Any, ...]) -> list[str]:
+    """Sites the rules select in a whole-model trace that the traced submodules do not reach."""
+    try:
+        gm = trace(model, leaf_modules)
+        whole = find_sites(gm, propagate_shapes(gm, prep.size))
+    except TraceError:
+        return []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = make_plan(whole, *plan_args).placements
+    got = {(p.site.path, p.position) for p in the_plan.placements}
+    return [p.site.path or "(top level)" for p in want if (p.site.path, p.position) not in got]
+
+
+def retrofit_meta(module: nn.Module, create: bool = False) -> dict[str, Any]:
+    """The dict where retrofit keeps a result's report and recipe.
+
+    A ``GraphModule``'s own ``meta``; on any other module (a partial or keep-class
+    result) its attribute ``retrofit_meta``. Without ``create``, a module that has none
+    gets a new empty dict and is not changed.
+    """
+    if isinstance(module, torch.fx.GraphModule):
+        return module.meta
+    meta = module.__dict__.get("retrofit_meta")
+    if meta is None:
+        meta = {}
+        if create:
+            module.__dict__["retrofit_meta"] = meta
+    return meta
 
 
 def _plain(value: Any) -> Any:
@@ -247,13 +355,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def get_report(gm: torch.fx.GraphModule) -> Report:
+def get_report(gm: nn.Module) -> Report:
     """The :class:`Report` of a model returned by :func:`retrofit`.
 
     Raises:
         ValueError: ``gm`` did not come from :func:`retrofit`.
     """
-    report = getattr(gm, "meta", {}).get(_REPORT_KEY)
+    report = retrofit_meta(gm).get(_REPORT_KEY)
     if report is None:
         raise ValueError(f"{type(gm).__name__} carries no retrofit report; it did not come from retrofit()")
     return report

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--leaf-module", action="append", default=[], metavar="NAME",
                    help="class name or module path not to trace into (repeatable)")
     p.add_argument("--strict", action="store_true", help="a rule glob that matches no site is an error")
+    p.add_argument("--keep-class", action="store_true",
+                   help="keep the model's class: rewrite traced submodules in place, not its own forward")
+    p.add_argument("--no-fuse", action="store_true", help="call gating modules instead of fusing them into adds")
     p.add_argument("--out", metavar="PATH", help="save to PATH.safetensors or a folder (weights + recipe)")
     p.add_argument("--force", action="store_true", help="let --out replace an existing file")
     p.add_argument("--dry-run", action="store_true", help="show the plan (what would change, and why not elsewhere)")
@@ -103,7 +106,7 @@ def _run_model(args: argparse.Namespace) -> int:
         progress(f"loading {args.checkpoint}")
         load_checkpoint(model, args.checkpoint)
     options: dict[str, Any] = dict(rules=args.rules, gate=args.gate, input_size=args.input_size,
-                                   leaf_modules=args.leaf_module, strict=args.strict)
+                                   leaf_modules=args.leaf_module, strict=args.strict, keep_class=args.keep_class)
     if args.dry_run:
         progress("tracing and planning")
         the_plan = plan(model, args.attn, **options)
@@ -113,7 +116,7 @@ def _run_model(args: argparse.Namespace) -> int:
             print(the_plan.table())
         return EXIT_OK
     progress("tracing, inserting attention, checking identity")
-    gm = retrofit(model, args.attn, **options)
+    gm = retrofit(model, args.attn, fuse=not args.no_fuse, **options)
     report = get_report(gm)
     if args.format == "json":
         print(json.dumps(report.to_dict(), indent=2))
@@ -124,6 +127,11 @@ def _run_model(args: argparse.Namespace) -> int:
         if args.sites:
             print()
             print(report.site_table())
+        if report.traced or report.left_alone:
+            print()
+            print("rewritten in place: " + (", ".join(report.traced) or "nothing"))
+            for where, why in report.left_alone:
+                print(f"left alone: {where or '(top level)'}: {why}")
         for w in report.warnings:
             print(f"warning: {w}", file=sys.stderr)
     if report.identity_ok is False:

@@ -73,6 +73,8 @@ class Report:
     flops_before: int | None = None  # FLOPs per sample of the input model (None if not run)
     flops_after: int | None = None  # FLOPs per sample of the result
     stages: tuple[StageRow, ...] = ()  # parameters per stage / top-level module
+    left_alone: tuple[tuple[str, str], ...] = ()  # partial path: (module path, why it was not traced)
+    traced: tuple[str, ...] = ()  # partial path: submodules replaced by their rewritten GraphModule
 
     @property
     def params_added(self) -> int:
@@ -105,6 +107,8 @@ class Report:
             "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
             "notes": list(self.notes),
             "warnings": list(self.warnings),
+            "traced": list(self.traced),
+            "left_alone": [{"path": p, "reason": r} for p, r in self.left_alone],
         }
 
     def summary(self) -> str:
@@ -159,6 +163,9 @@ class Report:
             parts.append(self.stage_table())
         if self.rows:
             parts.append(self.site_table())
+        if self.traced or self.left_alone:
+            parts.append("rewritten in place: " + (", ".join(self.traced) or "nothing"))
+            parts.append("\n".join(f"left alone: {p or '(top level)'}: {r}" for p, r in self.left_alone))
         parts += [f"warning: {w}" for w in self.warnings]
         return "\n\n".join(parts)
 

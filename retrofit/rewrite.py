@@ -26,9 +26,10 @@ from .attention import create_attention
 from .attention._identity import identity_error
 from .errors import AttentionError, SiteError
 from .fuse import gate_methods, gated_residual
+from .partial import Partition, set_submodule
 from .plan import Placement
 
-__all__ = ["Inserted", "insert_attention"]
+__all__ = ["Inserted", "insert_attention", "insert_attention_partial"]
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,24 @@ class Inserted:
 def _has_attr_path(root: nn.Module, path: str) -> bool:
     obj: object = root
     for part in path.split("."):
-        if not hasattr(obj, part):
+        if not hasattr(obj, part) or _none_slot(obj, part):
             return False
         obj = getattr(obj, part)
     return True
+
+
+def _none_slot(obj: object, name: str) -> bool:
+    """A plain attribute set to None, as timm's blocks keep an absent layer (``self.se = None``)."""
+    return name in getattr(obj, "__dict__", {}) and obj.__dict__[name] is None
+
+
+def _install(gm: torch.fx.GraphModule, name: str, module: nn.Module) -> None:
+    parent_path, _, leaf = name.rpartition(".")
+    parent = gm.get_submodule(parent_path) if parent_path else gm
+    if _none_slot(parent, leaf):
+        # The slot a block keeps for an absent layer is where that layer belongs.
+        del parent.__dict__[leaf]
+    gm.add_submodule(name, module)
 
 
 def _free_name(gm: torch.fx.GraphModule, base: str) -> str:
@@ -126,6 +141,21 @@ def _fuse(gm: torch.fx.GraphModule, attn: torch.fx.Node, add: torch.fx.Node) -> 
     return True
 
 
+def _unfuse(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:
+    """Turn a ``gated_residual`` node back into its module call and add; return both nodes."""
+    ref, branch, shortcut = node.args[:3]
+    with gm.graph.inserting_before(node):
+        call = gm.graph.call_module(str(ref.target), (branch,))  # type: ignore[union-attr]
+        add = gm.graph.call_function(operator.add, (call, shortcut))
+    call.meta.update(ref.meta)  # type: ignore[union-attr]
+    add.meta.update(node.meta)
+    node.replace_all_uses_with(add)
+    gm.graph.erase_node(node)
+    if not ref.users:  # type: ignore[union-attr]
+        gm.graph.erase_node(ref)  # type: ignore[arg-type]
+    return call, add
+
+
 def insert_attention(
     gm: torch.fx.GraphModule, placements: tuple[Placement, ...], fuse: bool = True, check_identity: bool = True
 ) -> tuple[Inserted, ...]:
@@ -134,7 +164,9 @@ def insert_attention(
     Residual-add sites with position ``branch`` get the module on the residual branch right
     before the add, ``mid`` right before the branch's last convolution; position ``after``
     (and conv-block sites) put it after the site's node, feeding all its former users.
-    Several placements at one site and position are chained in order. With ``fuse``, the
+    Several placements at one site and position are chained in order, after any module
+    already there (a fused site from an earlier retrofit is unfused first, so its module
+    runs before the new one, as on an unfused site). With ``fuse``, the
     module nearest an out-of-place residual add, when it is a gating module
     (:func:`~retrofit.fuse.gate_methods`), is fused into the add. The graph is linted and
     recompiled.
@@ -156,6 +188,13 @@ def insert_attention(
     nodes = {n.name: n for n in gm.graph.nodes}
     # The node each (site, position) currently feeds from: stacked modules chain on it.
     cursor: dict[tuple[str, str], torch.fx.Node] = {}
+    for p in placements:
+        node = nodes.get(p.site.node)
+        if p.position == "branch" and node is not None and node.target is gated_residual:
+            # Stacking on a fused site (an earlier retrofit): call the existing module again,
+            # so the new one runs after it, as on an unfused site; fusion below then takes
+            # the new module, the last on the branch.
+            cursor[(p.site.node, "branch")], nodes[p.site.node] = _unfuse(gm, node)
     done: list[Inserted] = []
     for p in placements:
         site = p.site
@@ -174,7 +213,7 @@ def insert_attention(
                 )
         module.train(gm.training)
         name = _free_name(gm, _base_name(p))
-        gm.add_submodule(name, module)
+        _install(gm, name, module)
         key = (site.node, p.position)
         if p.position in ("branch", "mid"):
             consumer = nodes[site.node] if p.position == "branch" else nodes[site.mid_conv]  # type: ignore[index]
@@ -203,3 +242,36 @@ def insert_attention(
     gm.graph.lint()
     gm.recompile()
     return tuple(done)
+
+
+def insert_attention_partial(
+    model: nn.Module,
+    partition: Partition,
+    placements: tuple[Placement, ...],
+    fuse: bool = True,
+    check_identity: bool = True,
+) -> tuple[Inserted, ...]:
+    """Insert attention into the traced units of ``model`` and put each changed unit in place.
+
+    Placements carry sites in the model's namespace (from ``partition.analysis``); each is
+    inserted into its unit's graph by :func:`insert_attention`, and every unit that got a
+    module replaces the submodule it was traced from (``setattr`` on its parent). All units
+    are rewritten before the first swap, so an error leaves ``model`` as it was.
+
+    Returns:
+        One record per placement, in order; ``name`` is the module's path in ``model``.
+    """
+    by_unit: dict[int, list[tuple[int, Placement]]] = {}
+    for k, p in enumerate(placements):
+        by_unit.setdefault(partition.origin[p.site.node][0], []).append((k, p))
+    records: dict[int, Inserted] = {}
+    for index, items in by_unit.items():
+        unit = partition.units[index]
+        local = tuple(replace(p, site=partition.local(p.site)[1]) for _, p in items)
+        for (k, p), done in zip(items, insert_attention(unit.gm, local, fuse, check_identity), strict=True):
+            name = f"{unit.path}.{done.name}" if unit.path else done.name
+            records[k] = replace(done, placement=p, name=name)
+    for index in by_unit:
+        unit = partition.units[index]
+        set_submodule(model, unit.path, unit.gm)
+    return tuple(records[k] for k in sorted(records))

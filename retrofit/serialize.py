@@ -61,9 +61,9 @@ def _model_spec(gm: torch.fx.GraphModule, model_spec: str | None, model_kwargs: 
 
 
 def _recipe(gm: torch.fx.GraphModule, model_spec: str | None, model_kwargs: dict[str, Any] | None) -> dict[str, Any]:
-    from .api import RECIPE_KEY
+    from .api import RECIPE_KEY, retrofit_meta
 
-    options = getattr(gm, "meta", {}).get(RECIPE_KEY)
+    options = retrofit_meta(gm).get(RECIPE_KEY)
     if options is None:
         raise OptionError(f"{type(gm).__name__} did not come from retrofit(); only retrofitted models can be saved")
     params = {id(p) for p in gm.parameters()}
@@ -201,7 +201,7 @@ def _leaf(spec: str) -> Any:
     return obj
 
 
-def load(path: str | Path) -> torch.fx.GraphModule:
+def load(path: str | Path) -> torch.nn.Module:
     """Rebuild a model saved with :func:`save`; its outputs equal the saved model's bit for bit.
 
     Raises:
@@ -227,6 +227,7 @@ def load(path: str | Path) -> torch.fx.GraphModule:
         gate=options.get("gate"),
         on_existing=options.get("on_existing"),
         fuse=options.get("fuse", True),
+        keep_class=options.get("keep_class", False),
         attn_args=options.get("attn_args") or None,
         input_size=tuple(options["input_size"]),
         leaf_modules=[_leaf(s) for s in options.get("leaf_modules", [])],

@@ -94,25 +94,35 @@ class _FakeInterpreter(torch.fx.Interpreter):
 
 
 def propagate_shapes(
-    gm: torch.fx.GraphModule, input_size: tuple[int, int, int], batch_size: int = 2
+    gm: torch.fx.GraphModule,
+    input_size: tuple[int, int, int] | None,
+    batch_size: int = 2,
+    inputs: tuple[Any, ...] | None = None,
 ) -> dict[str, TensorInfo]:
     """Shapes of every tensor-valued node of ``gm`` for an input of ``input_size`` (C, H, W).
 
     The input gets the dtype and device of the model's first parameter. ``batch_size`` is 2
     so that train-mode BatchNorm on a 1x1 map still has more than one value per channel.
+    ``inputs`` replaces the single image input: one value per placeholder, a
+    :class:`TensorInfo` where the graph takes a tensor (a submodule's recorded inputs).
 
     Returns:
         ``{node name: TensorInfo}``.
     """
-    ref = next(iter(gm.parameters()), None)
-    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
-    device = ref.device if ref is not None else torch.device("cpu")
     mode = FakeTensorMode(allow_non_fake_inputs=True)
+    if inputs is None:
+        if input_size is None:
+            raise OptionError("propagate_shapes needs input_size or inputs")
+        ref = next(iter(gm.parameters()), None)
+        dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+        device = ref.device if ref is not None else torch.device("cpu")
+        inputs = (TensorInfo((batch_size, *input_size), dtype, device),)
     with mode:
-        x = torch.empty((batch_size, *input_size), dtype=dtype, device=device)
+        args = tuple(torch.empty(a.shape, dtype=a.dtype, device=a.device) if isinstance(a, TensorInfo) else a
+                     for a in inputs)
     interp = _FakeInterpreter(gm, mode)
     with torch.no_grad():
-        interp.run(x)
+        interp.run(*args)
     return interp.infos
 
 

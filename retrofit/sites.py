@@ -398,10 +398,10 @@ class _Analyzer:
             site = self.residual(node) or self.conv_block(node)
             if site is not None:
                 sites.append(site)
-        return SiteAnalysis(_with_stages(sites), tuple(self.skipped))
+        return SiteAnalysis(number_stages(sites), tuple(self.skipped))
 
 
-def _with_stages(sites: list[Site]) -> tuple[Site, ...]:
+def number_stages(sites: list[Site]) -> tuple[Site, ...]:
     """Number stages per site kind by spatial size, largest first, and blocks within them."""
     out: list[Site] = []
     for kind in SITE_KINDS:

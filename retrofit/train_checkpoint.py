@@ -47,6 +47,8 @@ class ModelSpec:
     input_size: tuple[int, ...] | None = None  # size retrofit analyses the model at
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)  # base model arguments (num_classes, ...)
     retrofitted: bool = True  # False: the base model alone (a baseline), no attention
+    keep_class: bool = False  # rewrite submodules in place and keep the model's class
+    fuse: bool = True  # fuse gating modules into residual adds
 
     def build_base(self, pretrained: bool = False) -> nn.Module:
         """The base model, before attention (fresh weights unless ``pretrained``).
@@ -84,7 +86,7 @@ class ModelSpec:
         from .api import retrofit
 
         return retrofit(base, self.attn, rules=self.rules, gate=self.gate, attn_args=self.attn_args,
-                        input_size=self.input_size, verify=verify)
+                        input_size=self.input_size, verify=verify, keep_class=self.keep_class, fuse=self.fuse)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

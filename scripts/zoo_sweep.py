@@ -1,17 +1,25 @@
 """Sweep retrofit over timm's and torchvision's registered classification models.
 
-For every model: build it on the meta device and analyse it (structure only). Models with
-residual adds or conv blocks are then built for real (``pretrained=False``) and, for each
-of ``se``, ``eca`` and ``cbam``, retrofitted and checked:
+Two passes, each in worker processes with a time limit per model (a crash or a timeout
+is a recorded failure, and the sweep goes on):
 
-* identity at init on a real input: max |Δoutput| <= 1e-5 * max(1, max |output|);
-* backward works and reaches the new parameters;
-* the parameter delta equals the sum of the per-site closed forms;
-* the original model is untouched (every tensor and every train/eval flag).
+1. structure: build every model on the meta device (no memory, no init) and analyse it:
+   parameters, residual adds, conv blocks.
+2. checks: models with residual adds or conv blocks are built for real
+   (``pretrained=False``), smallest first, and for each of ``se``, ``eca`` and ``cbam``
+   retrofitted and checked:
 
-Each model runs in a worker process with a time limit; a crash or a timeout is a recorded
-failure, and the sweep goes on. Writes ``results.csv`` and ``summary.md`` (by family,
-with every failure and its reason) to ``--out``.
+   * identity at init on a real input: max |Δoutput| <= 1e-5 * max(1, max |output|);
+   * backward works and reaches every new parameter;
+   * the parameter delta equals the sum of the per-site closed forms;
+   * the original model is untouched (every tensor and every train/eval flag).
+
+A model that does not trace as a whole goes the partial path (its largest traceable
+submodules are rewritten in place); the ``partial`` column lists the parts left alone.
+
+Models above ``--big`` parameters run one at a time after the others (memory), with batch 1.
+Writes ``results.csv`` (one row per model, appended as models finish, so ``--resume``
+picks up an interrupted sweep) and ``summary.md`` (by family, every failure and its reason).
 
     python scripts/zoo_sweep.py                       # everything (hours on 2 cores)
     python scripts/zoo_sweep.py --filter 'resnet*'    # a slice
@@ -24,7 +32,7 @@ import csv
 import fnmatch
 import math
 import multiprocessing as mp
-import os
+import multiprocessing.connection
 import sys
 import time
 import traceback
@@ -32,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 ATTNS = ("se", "eca", "cbam")
-FIELDS = ["source", "family", "model", "params", "residual_adds", "conv_blocks", "status",
+FIELDS = ["source", "family", "model", "params", "residual_adds", "conv_blocks", "partial", "status", "input_size",
           *[f"{a}_{k}" for a in ATTNS for k in ("sites", "added", "diff", "seconds")], "reason"]
 
 
@@ -63,49 +71,78 @@ def build(source: str, name: str, device: str | None = None) -> Any:
     return tvm.get_model(name, weights=None)
 
 
-def check_model(source: str, name: str, size: int) -> dict[str, Any]:
+def structure(source: str, name: str) -> dict[str, Any]:
+    """Pass 1: parameters and site counts, from a model built on the meta device."""
+    from retrofit.api import _prepare
+
+    from retrofit.errors import TraceError
+
+    meta = build(source, name, "meta")
+    try:
+        prep = _prepare(meta, None, ())
+    except TraceError:
+        # The partial path's probe must run control flow that reads values, which meta
+        # tensors do not have: analyse real weights instead.
+        meta = build(source, name)
+        prep = _prepare(meta, None, ())
+    analysis = prep.analysis
+    row: dict[str, Any] = {"source": source, "model": name, "params": sum(p.numel() for p in meta.parameters()),
+                           "residual_adds": len(analysis.of_kind("residual-add")),
+                           "conv_blocks": len(analysis.of_kind("conv-block"))}
+    if prep.parts is not None:
+        # The whole model did not trace; the partial path found these parts it left alone.
+        row["partial"] = "; ".join(p or "(top level)" for p, _ in prep.parts.left_alone)
+    row["status"] = "pending" if analysis.sites else "no sites"
+    return row
+
+
+def _leaves(out: Any) -> list[Any]:
+    import torch
+
+    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def real_check(source: str, name: str, size: int, batch: int = 2) -> dict[str, Any]:
+    """Pass 2: retrofit se, eca and cbam into the real model and check each result."""
     import torch
 
     import retrofit
 
     torch.manual_seed(0)
     row: dict[str, Any] = {"source": source, "model": name}
-    meta = build(source, name, "meta")
-    row["params"] = sum(p.numel() for p in meta.parameters())
-    analysis = retrofit.analyze(meta)
-    row["residual_adds"] = len(analysis.of_kind("residual-add"))
-    row["conv_blocks"] = len(analysis.of_kind("conv-block"))
-    del meta
-    if not analysis.sites:
-        row["status"] = "no sites"
-        return row
-    model = build(source, name)
+    model = build(source, name).eval()
     cfg = getattr(model, "pretrained_cfg", {}) or {}
-    in_size = tuple(cfg.get("input_size", (3, 224, 224)))
-    if not cfg.get("fixed_input_size", False):
-        in_size = (in_size[0], size, size)
+    native = tuple(cfg.get("input_size", (3, 224, 224)))
+    in_size = native if cfg.get("fixed_input_size", False) else (native[0], size, size)
+    x = torch.randn(batch, *in_size)
+    try:
+        with torch.no_grad():
+            want = _leaves(model(x))
+    except Exception:
+        # Too small for this model (its own forward fails): use the size it was made for.
+        in_size = native
+        x = torch.randn(batch, *in_size)
+        with torch.no_grad():
+            want = _leaves(model(x))
+    row["input_size"] = "x".join(map(str, in_size))
+    scale = max(w.double().abs().max().item() for w in want)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     flags = [m.training for m in model.modules()]
     for attn in ATTNS:
         t0 = time.perf_counter()
         # Stack on attention the model already has, so every site exercises the rewrite.
-        gm = retrofit.retrofit(model, attn, input_size=in_size, verify=False, on_existing="stack")
+        gm = retrofit.retrofit(model, attn, input_size=in_size, verify=False, on_existing="stack").eval()
         report = retrofit.get_report(gm)
-        x = torch.randn(2, *in_size)
-        with torch.no_grad(), retrofit.verify.eval_mode(model, gm):
-            want, got = model(x), gm(x)
-        leaves = [(w, g) for w, g in zip(torch.utils._pytree.tree_leaves(want), torch.utils._pytree.tree_leaves(got))
-                  if isinstance(w, torch.Tensor)]
-        diff = max((w.double() - g.double()).abs().max().item() for w, g in leaves)
-        scale = max(w.double().abs().max().item() for w, _ in leaves)
+        # One forward with autograd serves both checks: identity (eval mode, as deployed)
+        # and backward through every inserted module.
+        got = _leaves(gm(x))
+        diff = max((w.double() - g.detach().double()).abs().max().item() for w, g in zip(want, got))
         if not diff <= 1e-5 * max(1.0, scale):
             raise AssertionError(f"{attn}: not identity at init, max |Δ| = {diff:.3g} (output scale {scale:.3g})")
         expected = sum(closed_form(attn, r.channels) for r in report.rows)
         if report.params_added != expected:
             raise AssertionError(f"{attn}: parameter delta {report.params_added} != closed form {expected}")
-        gm.train()
-        out = torch.utils._pytree.tree_leaves(gm(x))
-        sum(o.float().mean() for o in out if isinstance(o, torch.Tensor)).backward()
+        sum(o.float().mean() for o in got).backward()
         prefixes = tuple(f"{r.module}." for r in report.rows)
         new = [p for n, p in gm.named_parameters() if n.startswith(prefixes)]
         if any(p.grad is None for p in new):
@@ -114,16 +151,24 @@ def check_model(source: str, name: str, size: int) -> dict[str, Any]:
         row[f"{attn}_added"] = report.params_added
         row[f"{attn}_diff"] = diff
         row[f"{attn}_seconds"] = round(time.perf_counter() - t0, 2)
-        del gm
+        del gm, got
     if any(not torch.equal(v, before[k]) for k, v in model.state_dict().items()):
         raise AssertionError("the original model's tensors changed")
     if flags != [m.training for m in model.modules()]:
         raise AssertionError("the original model's train/eval flags changed")
-    row["status"] = "ok"
+    row["status"] = "ok" if any(row[f"{a}_sites"] for a in ATTNS) else "nothing selected"
     return row
 
 
-def _worker(conn: Any, size: int) -> None:
+def check_model(source: str, name: str, size: int) -> dict[str, Any]:
+    """Both passes for one model, in this process."""
+    row = structure(source, name)
+    if row["status"] == "pending":
+        row.update(real_check(source, name, size))
+    return row
+
+
+def _worker(conn: Any) -> None:
     import warnings
 
     import torch
@@ -134,15 +179,79 @@ def _worker(conn: Any, size: int) -> None:
         job = conn.recv()
         if job is None:
             return
-        source, name = job
+        kind, source, name, size, batch = job
         try:
-            conn.send(check_model(source, name, size))
+            conn.send(structure(source, name) if kind == "structure" else real_check(source, name, size, batch))
         except Exception as e:  # a failure of this model, recorded; the sweep goes on
             first = (str(e).strip().splitlines() or [""])[0][:300]
             tb = traceback.extract_tb(e.__traceback__)
             where = f" [{Path(tb[-1].filename).name}:{tb[-1].lineno}]" if tb else ""
             conn.send({"source": source, "model": name, "status": "fail",
-                       "reason": f"{type(e).__name__}: {first}{where}"})
+                       "reason": f"{kind}: {type(e).__name__}: {first}{where}"})
+
+
+class Pool:
+    """Worker processes, one job each at a time, each job under a time limit."""
+
+    def __init__(self, workers: int, timeout: float) -> None:
+        self.ctx = mp.get_context("spawn")
+        self.size, self.timeout = workers, timeout
+        self.slots: list[dict[str, Any]] = []
+
+    def _spawn(self) -> dict[str, Any]:
+        conn, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=_worker, args=(child,), daemon=True)
+        proc.start()
+        return {"proc": proc, "conn": conn, "job": None, "t0": 0.0}
+
+    def run(self, jobs: list[tuple[Any, ...]], workers: int | None = None):  # type: ignore[no-untyped-def]
+        """Yield ``(job, row)`` as jobs finish."""
+        want = min(workers or self.size, self.size)
+        while len(self.slots) < want:
+            self.slots.append(self._spawn())
+        active = self.slots[:want]
+        todo = list(jobs)
+        while todo or any(s["job"] for s in active):
+            for i, s in enumerate(active):
+                if s["job"] is None and todo:
+                    if not s["proc"].is_alive():
+                        active[i] = s = self._replace(s)
+                    s["job"], s["t0"] = todo.pop(0), time.perf_counter()
+                    s["conn"].send(s["job"])
+            busy = [s for s in active if s["job"]]
+            ready = multiprocessing.connection.wait([s["conn"] for s in busy], timeout=1.0)
+            for i, s in enumerate(active):
+                if s["job"] is None:
+                    continue
+                job = s["job"]
+                _, source, name = job[:3]
+                if s["conn"] in ready:
+                    try:
+                        row = s["conn"].recv()
+                    except EOFError:
+                        row = {"source": source, "model": name, "status": "fail",
+                               "reason": f"{job[0]}: worker died (out of memory?)"}
+                        active[i] = self._replace(s)
+                    active[i]["job"] = None
+                    yield job, row
+                elif time.perf_counter() - s["t0"] > self.timeout:
+                    active[i] = self._replace(s)
+                    yield job, {"source": source, "model": name, "status": "fail",
+                                "reason": f"{job[0]}: timeout after {self.timeout:.0f}s"}
+        self.slots[:want] = active
+
+    def _replace(self, slot: dict[str, Any]) -> dict[str, Any]:
+        slot["proc"].kill()
+        slot["proc"].join()
+        new = self._spawn()
+        self.slots = [new if s is slot else s for s in self.slots]
+        return new
+
+    def close(self) -> None:
+        for s in self.slots:
+            if s["proc"].is_alive():
+                s["conn"].send(None)
+                s["proc"].join(timeout=10)
 
 
 def families() -> dict[str, str]:
@@ -163,19 +272,24 @@ def model_list(source: str, pattern: str) -> list[tuple[str, str]]:
     return [(s, n) for s, n in names if fnmatch.fnmatchcase(n, pattern)]
 
 
-def write_summary(rows: list[dict[str, Any]], out: Path, command: str) -> None:
+def write_summary(rows: list[dict[str, Any]], out: Path, command: str, seconds: float | None = None) -> None:
     by_family: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
         by_family.setdefault((r["source"], r.get("family", "")), []).append(r)
     with_sites = [r for r in rows if r.get("status") != "no sites"]
     ok = [r for r in with_sites if r.get("status") == "ok"]
-    lines = [
-        "# Zoo sweep",
+    lines = ["# Zoo sweep", "", f"Command: `{command}`", ""]
+    if seconds is not None:
+        lines += [f"Wall time: {seconds / 60:.1f} min.", ""]
+    for source in sorted({r["source"] for r in rows}):
+        rs = [r for r in with_sites if r["source"] == source]
+        n_ok = sum(r.get("status") == "ok" for r in rs)
+        lines.append(f"- {source}: {sum(r['source'] == source for r in rows)} models; with residual adds or "
+                     f"conv blocks: {len(rs)}; passed every check for se, eca and cbam: {n_ok} "
+                     f"({100.0 * n_ok / max(1, len(rs)):.2f}%).")
+    lines += [
         "",
-        f"Command: `{command}`",
-        "",
-        f"Models swept: {len(rows)}; with residual adds or conv blocks: {len(with_sites)}; "
-        f"passed every check for se, eca and cbam: {len(ok)} "
+        f"All: {len(rows)} models; with sites: {len(with_sites)}; passed: {len(ok)} "
         f"({100.0 * len(ok) / max(1, len(with_sites)):.2f}%).",
         "",
         "| source | family | models | with sites | passed | failed |",
@@ -184,10 +298,14 @@ def write_summary(rows: list[dict[str, Any]], out: Path, command: str) -> None:
     for (source, fam), rs in sorted(by_family.items()):
         ws = [r for r in rs if r.get("status") != "no sites"]
         lines.append(f"| {source} | {fam} | {len(rs)} | {len(ws)} | {sum(r.get('status') == 'ok' for r in ws)} | "
-                     f"{sum(r.get('status') == 'fail' for r in ws)} |")
-    fails = [r for r in rows if r.get("status") == "fail"]
-    lines += ["", f"## Failures ({len(fails)})", ""]
-    lines += [f"- `{r['source']}:{r['model']}`: {r.get('reason', '')}" for r in fails] or ["none"]
+                     f"{sum(r.get('status') not in ('ok', 'no sites') for r in ws)} |")
+    partial = [r for r in rows if r.get("partial")]
+    lines += ["", f"## Partial path ({len(partial)}): models that do not trace as a whole", ""]
+    lines += [f"- `{r['source']}:{r['model']}` ({r.get('status')}): left alone: {r['partial']}" for r in partial] or [
+        "none"]
+    fails = [r for r in rows if r.get("status") not in ("ok", "no sites")]
+    lines += ["", f"## Not passed ({len(fails)})", ""]
+    lines += [f"- `{r['source']}:{r['model']}` ({r.get('status')}): {r.get('reason', '')}" for r in fails] or ["none"]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
@@ -196,49 +314,66 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", choices=("timm", "torchvision", "all"), default="all")
     p.add_argument("--filter", default="*", help="fnmatch glob on model names")
     p.add_argument("--size", type=int, default=96, help="input size for the real checks (fixed-size models use theirs)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds per model")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per model and pass")
+    p.add_argument("--workers", type=int, default=2, help="worker processes (one torch thread each)")
+    p.add_argument("--big", type=float, default=300e6, help="parameters above which a model runs alone, batch 1")
     p.add_argument("--out", default="docs/zoo", help="folder for results.csv and summary.md")
+    p.add_argument("--resume", action="store_true", help="keep the rows results.csv has; sweep the rest")
+    p.add_argument("--redo-failed", action="store_true", help="with --resume: sweep the failed models again")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = model_list(args.source, args.filter)
     fam = families()
-    ctx = mp.get_context("spawn")
-    rows: list[dict[str, Any]] = []
-    conn, proc = None, None
+    command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    csv_path = out / "results.csv"
+    done: dict[tuple[str, str], dict[str, Any]] = {}
+    if args.resume and csv_path.exists():
+        done = {(r["source"], r["model"]): r for r in csv.DictReader(csv_path.open())
+                if not (args.redo_failed and r["status"] == "fail")}
+    pool = Pool(args.workers, args.timeout)
     start = time.perf_counter()
-    with open(out / "results.csv", "w", newline="") as f:
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    with open(csv_path, "a" if done else "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for i, (source, name) in enumerate(names, 1):
-            if proc is None or not proc.is_alive():
-                conn, child = ctx.Pipe()
-                proc = ctx.Process(target=_worker, args=(child, args.size), daemon=True)
-                proc.start()
-            conn.send((source, name))
-            if conn.poll(args.timeout):
-                try:
-                    row = conn.recv()
-                except EOFError:
-                    row = {"source": source, "model": name, "status": "fail", "reason": "worker died (out of memory?)"}
-                    proc = None
-            else:
-                proc.kill()
-                proc.join()
-                proc = None
-                row = {"source": source, "model": name, "status": "fail", "reason": f"timeout after {args.timeout:.0f}s"}
-            if proc is not None and not proc.is_alive():
-                proc = None
-            row["family"] = fam.get(name, "torchvision") if source == "timm" else "torchvision"
-            rows.append(row)
+        if not done:
+            writer.writeheader()
+
+        def finish(row: dict[str, Any]) -> None:
+            row["family"] = fam.get(row["model"], "torchvision") if row["source"] == "timm" else "torchvision"
             writer.writerow(row)
             f.flush()
-            print(f"[{time.perf_counter() - start:7.0f}s] {i}/{len(names)} {source}:{name} {row.get('status')} "
-                  f"{row.get('reason', '')}", flush=True)
-    if proc is not None:
-        conn.send(None)
-        proc.join(timeout=10)
-    write_summary(rows, out, "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]))
+            print(f"[{time.perf_counter() - start:7.0f}s] {len(done) + len(rows)}/{len(names)} "
+                  f"{row['source']}:{row['model']} {row.get('status')} {row.get('reason', '')}", flush=True)
+
+        todo = [(s, n) for s, n in names if (s, n) not in done]
+        pending: list[dict[str, Any]] = []
+        for k, (job, row) in enumerate(pool.run([("structure", s, n, args.size, 2) for s, n in todo]), 1):
+            if row.get("status") == "pending":
+                pending.append(row)
+                print(f"[{time.perf_counter() - start:7.0f}s] structure {k}/{len(todo)} {row['source']}:{row['model']}"
+                      f" {row['residual_adds']} adds, {row['conv_blocks']} conv blocks", flush=True)
+            else:
+                rows[(row["source"], row["model"])] = row
+                finish(row)
+        pending.sort(key=lambda r: r["params"])
+        small = [r for r in pending if r["params"] <= args.big]
+        big = [r for r in pending if r["params"] > args.big]
+        for group, workers, batch in ((small, args.workers, 2), (big, 1, 1)):
+            base = {(r["source"], r["model"]): r for r in group}
+            for job, row in pool.run([("check", r["source"], r["model"], args.size, batch) for r in group], workers):
+                key = (row["source"], row["model"])
+                rows[key] = {**base[key], **row}
+                finish(rows[key])
+    pool.close()
+    every = {**done, **rows}
+    ordered = [every[(s, n)] for s, n in names if (s, n) in every]
+    # Rows were appended as models finished; leave one row per model, in registry order.
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(ordered)
+    write_summary(ordered, out, command, time.perf_counter() - start if not done else None)
     return 0
 
 

@@ -64,3 +64,30 @@ def test_rule_key_and_bad_values(tmp_path) -> None:
         retrofit.retrofit(cached("resnet18"), on_existing="always")
     with pytest.raises(OptionError, match=r"gate='relu' is not valid \(valid: identity, sigmoid\)"):
         retrofit.retrofit(cached("resnet18"), gate="relu")
+
+
+def test_stacking_order_is_the_same_on_fused_and_unfused_sites() -> None:
+    """The new module runs after the existing one, whether that one was fused or not."""
+    torch.manual_seed(0)
+    model = build("resnet18")
+    fused = retrofit.retrofit(model, "se", input_size=64, gate="sigmoid")
+    unfused = retrofit.retrofit(model, "se", input_size=64, gate="sigmoid", fuse=False)
+    with torch.no_grad():
+        for name, p in fused.named_parameters():
+            if ".se." in name:
+                p.normal_(0.0, 0.5)
+        unfused.load_state_dict(fused.state_dict())
+    a = retrofit.retrofit(fused, "eca", input_size=64, gate="sigmoid", on_existing="stack")
+    b = retrofit.retrofit(unfused, "eca", input_size=64, gate="sigmoid", on_existing="stack", fuse=False)
+    calls = [str(n.target) for n in a.graph.nodes if n.op == "call_module" and str(n.target).startswith("layer1.0.")]
+    assert calls[-2:] == ["layer1.0.se", "layer1.0.act2"]  # SE called as a module again; then the block's ReLU
+    eca = next(n for n in a.graph.nodes if n.op == "get_attr" and n.target == "layer1.0.eca")
+    assert next(iter(eca.users)).args[1].target == "layer1.0.se"  # ECA (fused into the add) gates SE's output
+    with torch.no_grad():
+        for name, p in a.named_parameters():
+            if ".eca." in name:
+                p.normal_(0.0, 0.5)
+        b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(a.eval()(x), b.eval()(x))

@@ -1,0 +1,247 @@
+"""Partial tracing: models that do not trace as a whole, and results that keep the model's class."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import retrofit
+from retrofit import TraceError
+from retrofit.partial import partition, record_inputs
+from retrofit.trace import trace
+
+from .conftest import build, cached
+
+
+class NanGuard(nn.Module):
+    """Skips its block on non-finite input: value-dependent control flow torch.fx cannot follow."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.isfinite(x).all():
+            return x
+        return self.block(x)
+
+
+def guarded_resnet18() -> nn.Module:
+    model = build("resnet18")
+    model.layer3[1] = NanGuard(model.layer3[1])
+    return model
+
+
+class Wrapper(nn.Module):
+    """A top-level forward that branches on values, around a whole timm model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = build("resnet18")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.abs().max() > 1e6:  # refuse absurd inputs
+            raise ValueError("input out of range")
+        return self.net(x)
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    now = model.state_dict()
+    return now.keys() == state.keys() and all(torch.equal(now[k], v) for k, v in state.items())
+
+
+def test_untraceable_block_is_retrofitted_around() -> None:
+    model = guarded_resnet18().eval()
+    with pytest.raises(TraceError):
+        trace(model)
+    before, structure = _state(model), repr(model)
+    with pytest.warns(UserWarning, match=r"ResNet does not trace as a whole; attention went into 5 traced"):
+        out = retrofit.retrofit(model, "se", input_size=64)
+    assert _same(model, before) and repr(model) == structure  # the input is untouched
+    assert type(out) is type(model)
+    report = retrofit.get_report(out)
+    # Every site of resnet18, the one inside the guard included (its block traces alone).
+    assert [r.module for r in report.rows] == [
+        "layer1.0.se", "layer1.1.se", "layer2.0.se", "layer2.1.se",
+        "layer3.0.se", "layer3.1.block.se", "layer4.0.se", "layer4.1.se",
+    ]
+    assert report.traced == ("layer1", "layer2", "layer3.0", "layer3.1.block", "layer4")
+    assert [p for p, _ in report.left_alone] == ["", "layer3", "layer3.1"]
+    assert "module 'layer3.1' (NanGuard)" in report.left_alone[0][1]
+    assert "module '1' (NanGuard)" in report.left_alone[1][1]  # layer3's own trace breaks at its child 1
+    assert "cannot trace NanGuard" in report.left_alone[2][1]
+    assert report.max_abs_diff == 0.0
+    assert isinstance(out.layer1, torch.fx.GraphModule) and isinstance(out.layer3[1], NanGuard)
+    assert isinstance(out.layer3[1].block, torch.fx.GraphModule)
+    # Same module names and parameter count as a whole-model rewrite of plain resnet18.
+    whole = retrofit.get_report(retrofit.retrofit(cached("resnet18"), "se", input_size=64, verify=False))
+    assert report.params_added == whole.params_added
+    assert [r.path for r in report.rows] == [
+        r.path.replace("layer3.1", "layer3.1.block") for r in whole.rows
+    ]
+    # Stages are numbered over the whole model, not per traced piece.
+    adds = retrofit.analyze(model, 64).of_kind("residual-add")
+    assert [(s.path, s.stage, s.block) for s in adds][4:6] == [("layer3.0", 3, 0), ("layer3.1.block", 3, 1)]
+
+
+def test_partial_result_trains_and_runs_the_guard() -> None:
+    out = retrofit.retrofit(guarded_resnet18(), "cbam", input_size=64, gate="sigmoid")
+    out.train()
+    x = torch.randn(2, 3, 64, 64)
+    out(x).logsumexp(1).mean().backward()
+    new = [p for n, p in out.named_parameters() if ".cbam." in n]
+    assert new and all(p.grad is not None for p in new)
+    # The guard is still Python: a non-finite input skips its block, as before the rewrite.
+    out.eval()
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with torch.no_grad():
+        assert torch.isnan(out(bad)).any()
+
+
+def test_untraceable_top_level_keeps_the_wrapper() -> None:
+    model = Wrapper().eval()
+    with pytest.warns(UserWarning, match="Wrapper does not trace as a whole"):
+        out = retrofit.retrofit(model, "eca", input_size=64)
+    report = retrofit.get_report(out)
+    assert type(out) is Wrapper and isinstance(out.net, torch.fx.GraphModule)
+    assert report.traced == ("net",) and len(report.rows) == 8 and report.max_abs_diff == 0.0
+    assert report.left_alone[0][0] == "" and "the top-level forward of Wrapper" in report.left_alone[0][1]
+    with pytest.raises(ValueError, match="input out of range"):
+        out(torch.full((1, 3, 64, 64), 1e7))
+
+
+def test_nothing_traceable_raises_the_whole_model_error() -> None:
+    class Hopeless(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return y if y.mean() > 0 else -y
+
+    with pytest.raises(TraceError, match=r"cannot trace Hopeless: the top-level forward of Hopeless"):
+        retrofit.retrofit(Hopeless(), "se", input_size=16)
+
+
+@pytest.mark.parametrize("attn", ["se", "cbam"])
+def test_keep_class_matches_the_whole_model_rewrite(attn: str) -> None:
+    model = cached("resnet50")
+    kept = retrofit.retrofit(model, attn, input_size=64, keep_class=True)
+    whole = retrofit.retrofit(model, attn, input_size=64)
+    assert type(kept) is type(model) and isinstance(kept.layer2, torch.fx.GraphModule)
+    report = retrofit.get_report(kept)
+    assert report.traced == ("layer1", "layer2", "layer3", "layer4")
+    assert len(report.rows) == 16 and report.max_abs_diff == 0.0
+    assert not [w for w in report.warnings if "out of reach" in w]
+    # Same names, so checkpoints move between the two forms.
+    assert kept.state_dict().keys() == whole.state_dict().keys()
+    assert [r.module for r in report.rows] == [r.module for r in retrofit.get_report(whole).rows]
+    x = torch.randn(2, 3, 64, 64)
+    kept.eval(), whole.eval()
+    with torch.no_grad():
+        assert torch.equal(kept(x), whole(x))
+        assert torch.equal(kept.forward_features(x), model.eval().forward_features(x))
+
+
+def test_keep_class_methods_work() -> None:
+    kept = retrofit.retrofit(cached("resnet18"), "se", input_size=64, keep_class=True)
+    kept.reset_classifier(7)
+    assert kept.get_classifier().out_features == 7
+    assert kept.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 7)
+    # timm's own helpers read the config the model keeps.
+    assert timm.data.resolve_data_config(model=kept)["input_size"] == (3, 224, 224)
+
+
+def test_keep_class_reports_sites_in_the_top_level_forward() -> None:
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+            self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.stem(x)
+            return x + self.body(x)  # a residual add in the forward that keep_class keeps
+
+    whole = retrofit.get_report(retrofit.retrofit(Outer(), "se", input_size=16))
+    assert [r.path for r in whole.rows] == [""]
+    kept = retrofit.retrofit(Outer(), "se", input_size=16, keep_class=True)
+    report = retrofit.get_report(kept)
+    # Without the residual add, the rules' conv-block fallback applies to what is reachable.
+    assert [r.path for r in report.rows] == ["stem.0", "body.0"]
+    assert ("keep_class: 1 site(s) the rules select are in forward code kept as Python, out of reach: (top level)"
+            in report.warnings)
+    assert report.max_abs_diff == 0.0
+
+
+def test_keep_class_round_trips(tmp_path: Path) -> None:
+    kept = retrofit.retrofit(build("resnet18"), "se", input_size=64, gate="sigmoid", keep_class=True)
+    with torch.no_grad():
+        for p in kept.parameters():
+            p.add_(0.01)
+    path = retrofit.save(kept, tmp_path / "m.safetensors")
+    loaded = retrofit.load(path)
+    assert type(loaded) is type(kept)
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(kept.eval()(x), loaded.eval()(x))
+
+
+def test_recorded_inputs_and_units_of_a_multi_input_block() -> None:
+    class Mixer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor, skip: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+            return self.conv(x) * scale + skip
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 3, padding=1)
+            self.mix = Mixer()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.stem(x)
+            if y.std() > 0:
+                y = y * 1.0
+            return self.mix(y, skip=y)
+
+    net = Net()
+    calls = record_inputs(net, (3, 9, 7))
+    (args, kwargs), = calls["mix"]
+    assert args[0].shape == (2, 4, 9, 7) and kwargs["skip"].shape == (2, 4, 9, 7)
+    parts = partition(net, (3, 9, 7), root_reason="test")
+    assert [u.path for u in parts.units] == ["mix"]
+    (site,) = parts.analysis.sites
+    # x and skip arrive as separate inputs: inside the unit the add has no common
+    # ancestor, so it is not a residual site; the conv is a conv block.
+    assert (site.kind, site.path, site.channels, site.size) == ("conv-block", "mix.conv", 4, (9, 7))
+    out = retrofit.retrofit(net, "se", input_size=(3, 9, 7))
+    assert retrofit.get_report(out).max_abs_diff == 0.0 and [r.module for r in retrofit.get_report(out).rows] == [
+        "mix.conv_se"]
+
+
+def test_cli_keep_class(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "retrofit.cli", "resnet18", "--attn", "se", "--input-size", "64", "--keep-class",
+         "--no-fuse", "--out", str(tmp_path / "m.safetensors")],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "rewritten in place: layer1, layer2, layer3, layer4" in proc.stdout
+    assert "left alone: (top level): the forward of ResNet stays Python code (keep_class)" in proc.stdout
+    loaded = retrofit.load(tmp_path / "m.safetensors")
+    assert type(loaded).__name__ == "ResNet" and "addcmul" not in loaded.layer1.code
