@@ -20,6 +20,7 @@ Analysis here reads only; :mod:`retrofit.rewrite` still does every graph change.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -33,7 +34,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .errors import TraceError
 from .shapes import TensorInfo, propagate_shapes
 from .sites import Site, SiteAnalysis, SkippedCandidate, find_sites, number_stages
-from .trace import LeafSpec, RetrofitTracer, trace
+from .trace import LeafSpec, RetrofitTracer, none_defaults, trace
 from .verify import eval_mode
 
 __all__ = ["Unit", "Partition", "partition", "record_inputs", "set_submodule"]
@@ -148,6 +149,15 @@ def _placeholder_inputs(gm: torch.fx.GraphModule, call: Call) -> tuple[Any, ...]
     return tuple(values)
 
 
+def _concrete(mod: nn.Module, call: Call) -> dict[str, None]:
+    """Optional inputs the model passes as None (or not at all) stay None while tracing."""
+    try:
+        bound = inspect.signature(mod.forward).bind_partial(*call[0], **call[1]).arguments
+    except TypeError:
+        return {}
+    return {k: None for k in none_defaults(mod) if bound.get(k) is None}
+
+
 def _relative_leaves(leaves: Sequence[LeafSpec], path: str) -> tuple[LeafSpec, ...]:
     """Leaf specs for tracing the submodule at ``path``: module paths become relative to it."""
     out: list[LeafSpec] = list(leaves)
@@ -222,7 +232,7 @@ def partition(
             left.append((path, f"called {len(recorded)} times with different inputs; its children are tried"))
         else:
             try:
-                gm = trace(mod, _relative_leaves(leaf_modules, path))
+                gm = trace(mod, _relative_leaves(leaf_modules, path), _concrete(mod, recorded[0]))
                 analysis = find_sites(gm, propagate_shapes(gm, None, inputs=_placeholder_inputs(gm, recorded[0])))
             except TraceError as e:
                 left.append((path, _first_line(e)))

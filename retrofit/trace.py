@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 import re
 import traceback
@@ -153,12 +154,32 @@ def _failure_location(e: BaseException) -> str:
     return f" at {f.filename}:{f.lineno}{code}"
 
 
-def trace(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> torch.fx.GraphModule:
+def none_defaults(model: nn.Module) -> dict[str, None]:
+    """The forward's optional inputs that default to None (``mask=None``), past the first.
+
+    Traced as proxies they would take the ``if mask is not None:`` branch; a model is
+    called with its input alone, so they are traced as the None they are then (the
+    generated forward asserts they stay None).
+    """
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: None for p in params[1:]
+            if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def trace(
+    model: nn.Module, leaf_modules: Iterable[LeafSpec] = (), concrete_args: dict[str, Any] | None = None
+) -> torch.fx.GraphModule:
     """Trace ``model`` into a GraphModule that shares ``model``'s submodules and tensors.
 
     Args:
         model: the model to trace.
         leaf_modules: modules not to trace into (classes, class names or module paths).
+        concrete_args: forward inputs fixed to a value while tracing (torch.fx's
+            ``concrete_args``); default: the optional inputs that default to None
+            (:func:`none_defaults`).
 
     Returns:
         A GraphModule named after the model's class; every node has ``meta["module_path"]``
@@ -176,13 +197,14 @@ def trace(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> torch.fx.G
         _carry_metadata(model, gm)
         return gm
     leaves = tuple(leaf_modules)
-    graph = _trace_graph(model, leaves)
+    concrete = none_defaults(model) if concrete_args is None else concrete_args
+    graph = _trace_graph(model, leaves, concrete)
     notes: list[str] = []
     # Python code that reads `self.training` (F.dropout(training=self.training), drop-path
     # outside a module) is frozen into the graph in the mode it was traced in. If the two
     # modes trace differently, keep the eval-mode graph: exact at inference, always.
     with _mode(model, not model.training):
-        other = _trace_graph(model, leaves)
+        other = _trace_graph(model, leaves, concrete)
     if _signature(graph) != _signature(other):
         changed = sorted({n.meta.get("qualname", n.name) for n in _differing(graph, other)})
         if model.training:
@@ -200,10 +222,10 @@ def trace(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> torch.fx.G
     return gm
 
 
-def _trace_graph(model: nn.Module, leaves: tuple[LeafSpec, ...]) -> torch.fx.Graph:
+def _trace_graph(model: nn.Module, leaves: tuple[LeafSpec, ...], concrete: dict[str, Any]) -> torch.fx.Graph:
     tracer = RetrofitTracer(leaves)
     try:
-        return tracer.trace(model)
+        return tracer.trace(model, concrete_args=concrete or None)
     except Exception as e:
         path, cls = getattr(e, "_retrofit_module", ("", type(model).__name__))
         where = f"module {path!r} ({cls})" if path else f"the top-level forward of {cls}"

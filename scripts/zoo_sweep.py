@@ -17,9 +17,13 @@ is a recorded failure, and the sweep goes on):
 A model that does not trace as a whole goes the partial path (its largest traceable
 submodules are rewritten in place); the ``partial`` column lists the parts left alone.
 
-Models above ``--big`` parameters run one at a time after the others (memory), with batch 1.
-Writes ``results.csv`` (one row per model, appended as models finish, so ``--resume``
-picks up an interrupted sweep) and ``summary.md`` (by family, every failure and its reason).
+CNNs (residual adds, or conv blocks with a norm, activation or pooling) are checked
+before models whose only site is a bare conv (a transformer's patch embedding); within
+each, models above ``--big`` parameters run one at a time after the others (memory), with
+batch 1. Writes ``structure.csv`` (pass 1), ``results.csv`` (one row per checked model,
+appended as models finish, so ``--resume`` picks up an interrupted sweep) and
+``summary.md`` (by population and family, every failure and its reason);
+``--summary-only`` rewrites the summary from the CSV files.
 
     python scripts/zoo_sweep.py                       # everything (hours on 2 cores)
     python scripts/zoo_sweep.py --filter 'resnet*'    # a slice
@@ -40,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 ATTNS = ("se", "eca", "cbam")
-FIELDS = ["source", "family", "model", "params", "residual_adds", "conv_blocks", "partial", "status", "input_size",
+FIELDS = ["source", "family", "model", "params", "residual_adds", "conv_blocks", "cnn_blocks", "partial", "status",
+          "input_size",
           *[f"{a}_{k}" for a in ATTNS for k in ("sites", "added", "diff", "seconds")], "reason"]
 
 
@@ -88,7 +93,10 @@ def structure(source: str, name: str) -> dict[str, Any]:
     analysis = prep.analysis
     row: dict[str, Any] = {"source": source, "model": name, "params": sum(p.numel() for p in meta.parameters()),
                            "residual_adds": len(analysis.of_kind("residual-add")),
-                           "conv_blocks": len(analysis.of_kind("conv-block"))}
+                           "conv_blocks": len(analysis.of_kind("conv-block")),
+                           # Conv blocks with a norm, activation or pooling after the conv: the
+                           # conv-BN chains of CNNs, not a bare conv such as a ViT's patch embedding.
+                           "cnn_blocks": sum(len(s.layers) > 1 for s in analysis.of_kind("conv-block"))}
     if prep.parts is not None:
         # The whole model did not trace; the partial path found these parts it left alone.
         row["partial"] = "; ".join(p or "(top level)" for p, _ in prep.parts.left_alone)
@@ -272,41 +280,66 @@ def model_list(source: str, pattern: str) -> list[tuple[str, str]]:
     return [(s, n) for s, n in names if fnmatch.fnmatchcase(n, pattern)]
 
 
+def is_cnn(row: dict[str, Any]) -> bool:
+    """Residual adds, or conv blocks with more than a bare conv: the models retrofit is for."""
+    return int(row.get("residual_adds") or 0) > 0 or int(row.get("cnn_blocks") or 0) > 0
+
+
+def _pct(n: int, d: int) -> str:
+    return f"{n} ({100.0 * n / d:.2f}%)" if d else "0"
+
+
 def write_summary(rows: list[dict[str, Any]], out: Path, command: str, seconds: float | None = None) -> None:
+    with_sites = [r for r in rows if r.get("status") != "no sites"]
+    lines = ["# Zoo sweep", "", f"Command: `{command}`", ""]
+    if seconds is not None:
+        lines += [f"Wall time of the last invocation: {seconds / 60:.1f} min.", ""]
+    lines += [
+        "Population: models whose analysis finds sites. *CNN* models have residual adds or conv",
+        "blocks with a norm, activation or pooling after the conv; the others have only a bare",
+        "conv (a transformer's patch embedding). *Checked* models ran every real-weight check for",
+        "se, eca and cbam; *pending* ones were not reached yet (`--resume` continues).",
+        "",
+        "| source | population | models | checked | passed | failed | pending |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for source in sorted({r["source"] for r in rows}):
+        for label, group in (("CNN", [r for r in with_sites if r["source"] == source and is_cnn(r)]),
+                             ("bare conv only", [r for r in with_sites if r["source"] == source and not is_cnn(r)])):
+            if not group:
+                continue
+            pending = sum(r.get("status") == "pending" for r in group)
+            checked = len(group) - pending
+            passed = sum(r.get("status") == "ok" for r in group)
+            lines.append(f"| {source} | {label} | {len(group)} | {checked} | {_pct(passed, checked)} | "
+                         f"{checked - passed} | {pending} |")
+        lines.append(f"| {source} | no sites | {sum(r['source'] == source and r.get('status') == 'no sites' for r in rows)}"
+                     " | | | | |")
+    lines += ["", "## By family", "",
+              "| source | family | models | with sites | passed | failed | pending |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     by_family: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
         by_family.setdefault((r["source"], r.get("family", "")), []).append(r)
-    with_sites = [r for r in rows if r.get("status") != "no sites"]
-    ok = [r for r in with_sites if r.get("status") == "ok"]
-    lines = ["# Zoo sweep", "", f"Command: `{command}`", ""]
-    if seconds is not None:
-        lines += [f"Wall time: {seconds / 60:.1f} min.", ""]
-    for source in sorted({r["source"] for r in rows}):
-        rs = [r for r in with_sites if r["source"] == source]
-        n_ok = sum(r.get("status") == "ok" for r in rs)
-        lines.append(f"- {source}: {sum(r['source'] == source for r in rows)} models; with residual adds or "
-                     f"conv blocks: {len(rs)}; passed every check for se, eca and cbam: {n_ok} "
-                     f"({100.0 * n_ok / max(1, len(rs)):.2f}%).")
-    lines += [
-        "",
-        f"All: {len(rows)} models; with sites: {len(with_sites)}; passed: {len(ok)} "
-        f"({100.0 * len(ok) / max(1, len(with_sites)):.2f}%).",
-        "",
-        "| source | family | models | with sites | passed | failed |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
-    ]
     for (source, fam), rs in sorted(by_family.items()):
         ws = [r for r in rs if r.get("status") != "no sites"]
-        lines.append(f"| {source} | {fam} | {len(rs)} | {len(ws)} | {sum(r.get('status') == 'ok' for r in ws)} | "
-                     f"{sum(r.get('status') not in ('ok', 'no sites') for r in ws)} |")
+        ok = sum(r.get("status") == "ok" for r in ws)
+        pending = sum(r.get("status") == "pending" for r in ws)
+        lines.append(f"| {source} | {fam} | {len(rs)} | {len(ws)} | {ok} | {len(ws) - ok - pending} | {pending} |")
     partial = [r for r in rows if r.get("partial")]
     lines += ["", f"## Partial path ({len(partial)}): models that do not trace as a whole", ""]
     lines += [f"- `{r['source']}:{r['model']}` ({r.get('status')}): left alone: {r['partial']}" for r in partial] or [
         "none"]
-    fails = [r for r in rows if r.get("status") not in ("ok", "no sites")]
+    fails = [r for r in rows if r.get("status") not in ("ok", "no sites", "pending")]
     lines += ["", f"## Not passed ({len(fails)})", ""]
     lines += [f"- `{r['source']}:{r['model']}` ({r.get('status')}): {r.get('reason', '')}" for r in fails] or ["none"]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def _read(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    if not path.exists():
+        return {}
+    return {(r["source"], r["model"]): r for r in csv.DictReader(path.open())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,63 +350,84 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per model and pass")
     p.add_argument("--workers", type=int, default=2, help="worker processes (one torch thread each)")
     p.add_argument("--big", type=float, default=300e6, help="parameters above which a model runs alone, batch 1")
-    p.add_argument("--out", default="docs/zoo", help="folder for results.csv and summary.md")
-    p.add_argument("--resume", action="store_true", help="keep the rows results.csv has; sweep the rest")
+    p.add_argument("--out", default="docs/zoo", help="folder for results.csv, structure.csv and summary.md")
+    p.add_argument("--resume", action="store_true", help="keep the rows already written; sweep the rest")
     p.add_argument("--redo-failed", action="store_true", help="with --resume: sweep the failed models again")
+    p.add_argument("--summary-only", action="store_true", help="write summary.md from the CSV files, run nothing")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = model_list(args.source, args.filter)
     fam = families()
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    csv_path = out / "results.csv"
-    done: dict[tuple[str, str], dict[str, Any]] = {}
-    if args.resume and csv_path.exists():
-        done = {(r["source"], r["model"]): r for r in csv.DictReader(csv_path.open())
-                if not (args.redo_failed and r["status"] == "fail")}
-    pool = Pool(args.workers, args.timeout)
+    csv_path, structure_path = out / "results.csv", out / "structure.csv"
+    keep = args.resume or args.summary_only
+    structure_rows = _read(structure_path) if keep else {}
+    done = _read(csv_path) if keep else {}
+    if args.redo_failed:
+        done = {k: r for k, r in done.items() if r["status"] != "fail"}
+        structure_rows = {k: r for k, r in structure_rows.items() if r["status"] != "fail"}
     start = time.perf_counter()
     rows: dict[tuple[str, str], dict[str, Any]] = {}
-    with open(csv_path, "a" if done else "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        if not done:
-            writer.writeheader()
 
-        def finish(row: dict[str, Any]) -> None:
-            row["family"] = fam.get(row["model"], "torchvision") if row["source"] == "timm" else "torchvision"
-            writer.writerow(row)
-            f.flush()
-            print(f"[{time.perf_counter() - start:7.0f}s] {len(done) + len(rows)}/{len(names)} "
-                  f"{row['source']}:{row['model']} {row.get('status')} {row.get('reason', '')}", flush=True)
+    def family(row: dict[str, Any]) -> dict[str, Any]:
+        row["family"] = fam.get(row["model"], "torchvision") if row["source"] == "timm" else "torchvision"
+        return row
 
-        todo = [(s, n) for s, n in names if (s, n) not in done]
-        pending: list[dict[str, Any]] = []
-        for k, (job, row) in enumerate(pool.run([("structure", s, n, args.size, 2) for s, n in todo]), 1):
-            if row.get("status") == "pending":
-                pending.append(row)
+    if not args.summary_only:
+        pool = Pool(args.workers, args.timeout)
+        with open(csv_path, "a" if done else "w", newline="") as f, \
+                open(structure_path, "a" if structure_rows else "w", newline="") as sf:
+            writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+            swriter = csv.DictWriter(sf, fieldnames=FIELDS, extrasaction="ignore")
+            if not done:
+                writer.writeheader()
+            if not structure_rows:
+                swriter.writeheader()
+
+            def finish(row: dict[str, Any]) -> None:
+                writer.writerow(family(row))
+                f.flush()
+                print(f"[{time.perf_counter() - start:7.0f}s] {len(done) + len(rows)}/{len(names)} "
+                      f"{row['source']}:{row['model']} {row.get('status')} {row.get('reason', '')}", flush=True)
+
+            todo = [(s, n) for s, n in names if (s, n) not in done and (s, n) not in structure_rows]
+            for k, (job, row) in enumerate(pool.run([("structure", s, n, args.size, 2) for s, n in todo]), 1):
+                swriter.writerow(family(row))
+                sf.flush()
+                structure_rows[(row["source"], row["model"])] = row
                 print(f"[{time.perf_counter() - start:7.0f}s] structure {k}/{len(todo)} {row['source']}:{row['model']}"
-                      f" {row['residual_adds']} adds, {row['conv_blocks']} conv blocks", flush=True)
-            else:
-                rows[(row["source"], row["model"])] = row
-                finish(row)
-        pending.sort(key=lambda r: r["params"])
-        small = [r for r in pending if r["params"] <= args.big]
-        big = [r for r in pending if r["params"] > args.big]
-        for group, workers, batch in ((small, args.workers, 2), (big, 1, 1)):
-            base = {(r["source"], r["model"]): r for r in group}
-            for job, row in pool.run([("check", r["source"], r["model"], args.size, batch) for r in group], workers):
-                key = (row["source"], row["model"])
-                rows[key] = {**base[key], **row}
-                finish(rows[key])
-    pool.close()
-    every = {**done, **rows}
-    ordered = [every[(s, n)] for s, n in names if (s, n) in every]
-    # Rows were appended as models finished; leave one row per model, in registry order.
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(ordered)
-    write_summary(ordered, out, command, time.perf_counter() - start if not done else None)
+                      f" {row.get('status')} {row.get('reason', '')}", flush=True)
+                if row.get("status") != "pending":
+                    rows[(row["source"], row["model"])] = row
+                    finish(row)
+            pending = sorted((r for k, r in structure_rows.items() if r.get("status") == "pending"
+                              and k not in done and k not in rows and k in set(names)),
+                             key=lambda r: int(r["params"]))
+            cnn = [r for r in pending if is_cnn(r)]
+            bare = [r for r in pending if not is_cnn(r)]
+            # CNNs first (what retrofit is for), smallest first; big models alone (memory).
+            groups = [(g, big, workers, batch) for g, b2 in ((cnn, 2), (bare, 1))
+                      for big, workers, batch in ((False, args.workers, b2), (True, 1, 1))]
+            for group, big, workers, batch in groups:
+                chosen = [r for r in group if (int(r["params"]) > args.big) == big]
+                base = {(r["source"], r["model"]): r for r in chosen}
+                jobs = [("check", r["source"], r["model"], args.size, batch) for r in chosen]
+                for job, row in pool.run(jobs, workers):
+                    key = (row["source"], row["model"])
+                    rows[key] = {**base[key], **row}
+                    finish(rows[key])
+        pool.close()
+    every = {**structure_rows, **done, **rows}
+    ordered = [family(every[(s, n)]) for s, n in names if (s, n) in every]
+    if not args.summary_only:
+        # Rows were appended as models finished; leave one row per model, in registry order.
+        finished = [r for r in ordered if r.get("status") != "pending"]
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(finished)
+    write_summary(ordered, out, command, None if args.summary_only else time.perf_counter() - start)
     return 0
 
 

@@ -112,3 +112,26 @@ def test_add_forms_are_all_recognised() -> None:
     report = retrofit.get_report(retrofit.retrofit(Forms(), "se", input_size=(4, 6, 6)))
     assert [(r.kind, r.module) for r in report.rows] == [("residual-add", f"se{s}") for s in ("", "_1", "_2", "_3", "_4")]
     assert report.max_abs_diff == 0.0
+
+
+def test_optional_inputs_are_traced_as_none() -> None:
+    """``forward(x, mask=None)`` is analysed as the model is called: with its input alone."""
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+            if mask is not None:
+                x = x * mask.view(x.shape[0], 1, *x.shape[2:])
+            return self.bn(self.conv(x))
+
+    model = Masked().eval()
+    gm = retrofit.retrofit(model, "se", input_size=8)
+    assert [r.path for r in retrofit.get_report(gm).rows] == ["conv"]
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(gm(x), model(x))
+    with pytest.raises(AssertionError, match="mask has been specialized to have value None"):
+        gm(x, torch.ones(2, 8, 8))
