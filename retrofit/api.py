@@ -41,16 +41,18 @@ def _stage_of(name: str, prefixes: list[str]) -> str:
 def _stage_rows(model: nn.Module, gm: torch.fx.GraphModule) -> tuple[StageRow, ...]:
     """Parameters per part of the model: timm's feature stages, else top-level modules."""
     prefixes = [name for name, _ in model.named_children()]
+    modules = dict(model.named_modules())
     info = getattr(model, "feature_info", None)
     if isinstance(info, list):
         for f in info:
             path = f.get("module", "") if isinstance(f, dict) else ""
             parent = path.rpartition(".")[0]
             # timm lists only the stages where resolution changes ("blocks.1", "blocks.2",
-            # "blocks.4"); their siblings ("blocks.3") are stages too.
-            if parent:
-                prefixes += [f"{parent}.{name}" for name, _ in model.get_submodule(parent).named_children()]
-            elif path:
+            # "blocks.4"); their siblings ("blocks.3") are stages too. Some models' lists
+            # name modules they do not have (timm's Twins: "block.0"); those are left out.
+            if parent in modules and parent:
+                prefixes += [f"{parent}.{name}" for name, _ in modules[parent].named_children()]
+            elif path in modules and path:
                 prefixes.append(path)
     before: dict[str, int] = {}
     after: dict[str, int] = {}
@@ -100,9 +102,14 @@ def _prepare(
             return _Prepared(size, find_sites(gm, propagate_shapes(gm, size)), gm)
     reason = (f"the forward of {type(model).__name__} stays Python code (keep_class)" if error is None
               else f"does not trace: {str(error).split('. torch.fx', 1)[0]}")
-    parts = partition(model, size, leaf_modules, reason)
+    try:
+        parts = partition(model, size, leaf_modules, reason)
+    except TraceError:
+        if error is None:
+            raise
+        raise error from None  # the whole-model failure is the one to act on
     if error is not None and not parts.analysis.sites:
-        raise error
+        raise error  # nothing with sites traced: likewise
     return _Prepared(size, parts.analysis, None, parts, error)
 
 

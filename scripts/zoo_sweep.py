@@ -82,7 +82,12 @@ def structure(source: str, name: str) -> dict[str, Any]:
 
     from retrofit.errors import TraceError
 
-    meta = build(source, name, "meta")
+    try:
+        meta = build(source, name, "meta")
+    except Exception:
+        # Some constructors read weight values while building (torchvision's RegNets): build
+        # for real; analysis still reads only shapes.
+        meta = build(source, name)
     try:
         prep = _prepare(meta, None, ())
     except TraceError:

@@ -235,3 +235,14 @@ def test_report_renders_and_serialises() -> None:
     assert "parameters added" in text and "layer4.1.eca" in text and "exact identity" in text
     d = report.to_dict()
     assert d["params_added"] == 2 * 3 + 6 * 5 and d["sites_changed"] == 8 and len(d["sites"]) == 8
+
+
+def test_stage_table_ignores_feature_info_naming_missing_modules() -> None:
+    """timm's Twins lists feature modules ("block.0") it does not have; the report still works."""
+    plain = retrofit.get_report(retrofit.retrofit(build("resnet18"), "se", input_size=64, verify=False))
+    model = build("resnet18")
+    model.feature_info = [{"module": "block.0", "num_chs": 64}, {"module": "nowhere", "num_chs": 64},
+                          *model.feature_info]
+    report = retrofit.get_report(retrofit.retrofit(model, "se", input_size=64, verify=False))
+    assert report.stages == plain.stages
+    assert [s.name for s in report.stages][:3] == ["conv1", "bn1", "layer1"]
