@@ -302,15 +302,21 @@ def write_summary(rows: list[dict[str, Any]], out: Path, command: str, seconds: 
     lines += [
         "Population: models whose analysis finds sites. *CNN* models have residual adds or conv",
         "blocks with a norm, activation or pooling after the conv; the others have only a bare",
-        "conv (a transformer's patch embedding). *Checked* models ran every real-weight check for",
-        "se, eca and cbam; *pending* ones were not reached yet (`--resume` continues).",
+        "conv (a transformer's patch embedding); *analysis failed* ones did not get that far.",
+        "*Checked* models ran every real-weight check for se, eca and cbam; *pending* ones were",
+        "not reached yet (`--resume` continues).",
         "",
         "| source | population | models | checked | passed | failed | pending |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
+    def analysis_failed(r: dict[str, Any]) -> bool:
+        return r.get("status") == "fail" and str(r.get("reason", "")).startswith("structure:")
+
     for source in sorted({r["source"] for r in rows}):
-        for label, group in (("CNN", [r for r in with_sites if r["source"] == source and is_cnn(r)]),
-                             ("bare conv only", [r for r in with_sites if r["source"] == source and not is_cnn(r)])):
+        mine = [r for r in with_sites if r["source"] == source]
+        for label, group in (("CNN", [r for r in mine if is_cnn(r) and not analysis_failed(r)]),
+                             ("bare conv only", [r for r in mine if not is_cnn(r) and not analysis_failed(r)]),
+                             ("analysis failed", [r for r in mine if analysis_failed(r)])):
             if not group:
                 continue
             pending = sum(r.get("status") == "pending" for r in group)
@@ -359,12 +365,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="keep the rows already written; sweep the rest")
     p.add_argument("--redo-failed", action="store_true", help="with --resume: sweep the failed models again")
     p.add_argument("--summary-only", action="store_true", help="write summary.md from the CSV files, run nothing")
+    p.add_argument("--command", help="with --summary-only: the sweep command(s) to name in the summary")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = model_list(args.source, args.filter)
     fam = families()
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    if args.summary_only and args.command:
+        command = args.command
     csv_path, structure_path = out / "results.csv", out / "structure.csv"
     keep = args.resume or args.summary_only
     structure_rows = _read(structure_path) if keep else {}
@@ -424,6 +433,13 @@ def main(argv: list[str] | None = None) -> int:
                     finish(rows[key])
         pool.close()
     every = {**structure_rows, **done, **rows}
+    for key, row in structure_rows.items():
+        # An analysis failure later redone with success (--redo-failed, still running or
+        # interrupted) is superseded by its newer structure row.
+        old = every[key]
+        if old.get("status") == "fail" and str(old.get("reason", "")).startswith("structure:") \
+                and row.get("status") != "fail":
+            every[key] = row
     ordered = [family(every[(s, n)]) for s, n in names if (s, n) in every]
     if not args.summary_only:
         # Rows were appended as models finished; leave one row per model, in registry order.
