@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, first_line
 
 __all__ = ["read_state_dict", "load_checkpoint"]
 
@@ -40,8 +40,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ModelLoadError(f"cannot read checkpoint {str(path)!r} (corrupted or not a checkpoint): {first}") from e
+        raise ModelLoadError(
+            f"cannot read checkpoint {str(path)!r} (corrupted or not a checkpoint): {first_line(e)}"
+        ) from e
     while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         inner = next((obj[k] for k in _NESTED if k in obj), None)
         if inner is None:

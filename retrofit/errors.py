@@ -8,6 +8,7 @@ failed, where (file, rule, node or module), what is valid and what to try.
 from __future__ import annotations
 
 __all__ = [
+    "first_line",
     "RetrofitError",
     "RuleError",
     "AttentionError",
@@ -49,3 +50,8 @@ class OptionError(RetrofitError, ValueError):
 
 class SaveError(RetrofitError, RuntimeError):
     """A model could not be written (unwritable path, existing file without force, ...)."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, first_line
 
 __all__ = ["create_model"]
 
@@ -35,7 +35,7 @@ def _timm(name: str, pretrained: bool, num_classes: int | None, **kwargs: Any) -
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except OSError as e:
         if not pretrained:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            first = first_line(e)
             raise ModelLoadError(f"cannot build timm model {name!r} ({type(e).__name__}: {first}); "
                                  "hf-hub: models need the network or the local cache") from e
         raise _download_error(repr(name), e) from e

@@ -31,13 +31,13 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .errors import TraceError
+from .errors import TraceError, first_line
 from .shapes import TensorInfo, propagate_shapes
 from .sites import Site, SiteAnalysis, SkippedCandidate, find_sites, number_stages
 from .trace import LeafSpec, RetrofitTracer, none_defaults, trace
-from .verify import eval_mode
+from .verify import eval_mode, input_dtype_device
 
-__all__ = ["Unit", "Partition", "partition", "record_inputs", "set_submodule"]
+__all__ = ["Unit", "Partition", "partition", "record_inputs"]
 
 # One recorded call: positional and keyword inputs, tensors as TensorInfo.
 Call = tuple[tuple[Any, ...], dict[str, Any]]
@@ -106,9 +106,7 @@ def record_inputs(model: nn.Module, input_size: tuple[int, int, int], batch_size
     Raises:
         TraceError: the model does not run on the probe input.
     """
-    ref = next(iter(model.parameters()), None)
-    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
-    device = ref.device if ref is not None else torch.device("cpu")
+    dtype, device = input_dtype_device(model)
     shape = (batch_size, *input_size)
     with eval_mode(model), torch.no_grad():
         try:
@@ -125,7 +123,7 @@ def record_inputs(model: nn.Module, input_size: tuple[int, int, int], batch_size
                 model(torch.zeros(shape, dtype=dtype, device=device))
             return calls
         except Exception as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            reason = first_line(e)
             raise TraceError(
                 f"{type(model).__name__} does not run on a {tuple(shape)} probe input ({reason}); "
                 "check input_size"
@@ -180,10 +178,6 @@ def _prefixed(site: Site, prefix: str, index: int) -> Site:
     )
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
 def partition(
     model: nn.Module,
     input_size: tuple[int, int, int],
@@ -235,7 +229,7 @@ def partition(
                 gm = trace(mod, _relative_leaves(leaf_modules, path), _concrete(mod, recorded[0]))
                 analysis = find_sites(gm, propagate_shapes(gm, None, inputs=_placeholder_inputs(gm, recorded[0])))
             except TraceError as e:
-                left.append((path, _first_line(e)))
+                left.append((path, first_line(e)))
             else:
                 units.append(Unit(path, gm, analysis))
                 notes.extend(f"{path}: {n}" for n in gm.meta.get("retrofit_trace_notes", ()))
@@ -256,8 +250,3 @@ def partition(
     return Partition(tuple(units), tuple(left), SiteAnalysis(number_stages(sites), tuple(skipped)), origin,
                      tuple(notes))
 
-
-def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    """Put ``module`` at ``path`` inside ``root`` (as ``setattr`` on its parent does)."""
-    parent_path, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent_path) if parent_path else root, name, module)

@@ -26,7 +26,7 @@ from .attention import create_attention
 from .attention._identity import identity_error
 from .errors import AttentionError, SiteError
 from .fuse import gate_methods, gated_residual
-from .partial import Partition, set_submodule
+from .partial import Partition
 from .plan import Placement
 
 __all__ = ["Inserted", "insert_attention", "insert_attention_partial"]
@@ -273,5 +273,5 @@ def insert_attention_partial(
             records[k] = replace(done, placement=p, name=name)
     for index in by_unit:
         unit = partition.units[index]
-        set_submodule(model, unit.path, unit.gm)
+        model.set_submodule(unit.path, unit.gm)
     return tuple(records[k] for k in sorted(records))

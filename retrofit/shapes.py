@@ -22,7 +22,7 @@ from torch._subclasses.fake_tensor import (
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from .errors import OptionError, TraceError
-from .verify import eval_mode
+from .verify import eval_mode, input_dtype_device
 
 __all__ = ["TensorInfo", "propagate_shapes", "resolve_input_size"]
 
@@ -113,9 +113,7 @@ def propagate_shapes(
     if inputs is None:
         if input_size is None:
             raise OptionError("propagate_shapes needs input_size or inputs")
-        ref = next(iter(gm.parameters()), None)
-        dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
-        device = ref.device if ref is not None else torch.device("cpu")
+        dtype, device = input_dtype_device(gm)
         inputs = (TensorInfo((batch_size, *input_size), dtype, device),)
     with mode:
         args = tuple(torch.empty(a.shape, dtype=a.dtype, device=a.device) if isinstance(a, TensorInfo) else a

@@ -24,7 +24,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .errors import TraceError
+from .errors import TraceError, first_line
 
 __all__ = ["RetrofitTracer", "trace", "LeafSpec"]
 
@@ -229,7 +229,7 @@ def _trace_graph(model: nn.Module, leaves: tuple[LeafSpec, ...], concrete: dict[
     except Exception as e:
         path, cls = getattr(e, "_retrofit_module", ("", type(model).__name__))
         where = f"module {path!r} ({cls})" if path else f"the top-level forward of {cls}"
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = first_line(e)
         raise TraceError(
             f"cannot trace {type(model).__name__}: {where}{_failure_location(e)}: {reason}. "
             f"torch.fx cannot follow data-dependent Python control flow; keep that module opaque "

@@ -11,7 +11,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["Comparison", "compare", "max_abs_diff", "count_params", "eval_mode"]
+__all__ = ["Comparison", "compare", "max_abs_diff", "count_params", "eval_mode", "input_dtype_device"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -41,12 +41,17 @@ class Comparison:
     flops_after: int  # FLOPs of one forward of the candidate, per sample
 
 
-def _probe(model: nn.Module, input_size: tuple[int, int, int], batch_size: int, seed: int) -> torch.Tensor | None:
+def input_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device of a model's input: those of its first parameter (float32, CPU if none)."""
     ref = next(iter(model.parameters()), None)
-    device = ref.device if ref is not None else torch.device("cpu")
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    return dtype, ref.device if ref is not None else torch.device("cpu")
+
+
+def _probe(model: nn.Module, input_size: tuple[int, int, int], batch_size: int, seed: int) -> torch.Tensor | None:
+    dtype, device = input_dtype_device(model)
     if device.type == "meta":
         return None
-    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
     gen = torch.Generator().manual_seed(seed)
     return torch.randn((batch_size, *input_size), generator=gen).to(device=device, dtype=dtype)
 
