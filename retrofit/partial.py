@@ -34,7 +34,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .errors import TraceError, first_line
 from .shapes import TensorInfo, propagate_shapes
 from .sites import Site, SiteAnalysis, SkippedCandidate, find_sites, number_stages
-from .trace import LeafSpec, RetrofitTracer, none_defaults, trace
+from .trace import LeafSpec, RetrofitTracer, optional_defaults, trace
 from .verify import eval_mode, input_dtype_device
 
 __all__ = ["Unit", "Partition", "partition", "record_inputs"]
@@ -147,13 +147,19 @@ def _placeholder_inputs(gm: torch.fx.GraphModule, call: Call) -> tuple[Any, ...]
     return tuple(values)
 
 
-def _concrete(mod: nn.Module, call: Call) -> dict[str, None]:
-    """Optional inputs the model passes as None (or not at all) stay None while tracing."""
+def _concrete(mod: nn.Module, call: Call) -> dict[str, bool | None]:
+    """Optional inputs the model passes as None or a bool (or not at all) keep that value
+    while tracing; the generated forward asserts they keep it."""
     try:
         bound = inspect.signature(mod.forward).bind_partial(*call[0], **call[1]).arguments
     except TypeError:
         return {}
-    return {k: None for k in none_defaults(mod) if bound.get(k) is None}
+    out: dict[str, bool | None] = {}
+    for k, default in optional_defaults(mod).items():
+        value = bound.get(k, default)
+        if value is None or type(value) is bool:
+            out[k] = value
+    return out
 
 
 def _relative_leaves(leaves: Sequence[LeafSpec], path: str) -> tuple[LeafSpec, ...]:

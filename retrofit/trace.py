@@ -154,19 +154,21 @@ def _failure_location(e: BaseException) -> str:
     return f" at {f.filename}:{f.lineno}{code}"
 
 
-def none_defaults(model: nn.Module) -> dict[str, None]:
-    """The forward's optional inputs that default to None (``mask=None``), past the first.
+def optional_defaults(model: nn.Module) -> dict[str, bool | None]:
+    """The forward's optional inputs that default to None or a bool (``mask=None``,
+    ``is_causal=False``), past the first, with their defaults.
 
-    Traced as proxies they would take the ``if mask is not None:`` branch; a model is
-    called with its input alone, so they are traced as the None they are then (the
-    generated forward asserts they stay None).
+    Traced as proxies they would take the ``if mask is not None:`` branch or fail at
+    ``if is_causal:``; a model is called with its input alone, so they are traced as the
+    defaults they have then (torch.fx's generated forward asserts they keep them).
     """
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
         return {}
-    return {p.name: None for p in params[1:]
-            if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {p.name: p.default for p in params[1:]
+            if (p.default is None or type(p.default) is bool)
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def trace(
@@ -179,7 +181,7 @@ def trace(
         leaf_modules: modules not to trace into (classes, class names or module paths).
         concrete_args: forward inputs fixed to a value while tracing (torch.fx's
             ``concrete_args``); default: the optional inputs that default to None
-            (:func:`none_defaults`).
+            and bool (:func:`optional_defaults`).
 
     Returns:
         A GraphModule named after the model's class; every node has ``meta["module_path"]``
@@ -197,7 +199,7 @@ def trace(
         _carry_metadata(model, gm)
         return gm
     leaves = tuple(leaf_modules)
-    concrete = none_defaults(model) if concrete_args is None else concrete_args
+    concrete = optional_defaults(model) if concrete_args is None else concrete_args
     graph = _trace_graph(model, leaves, concrete)
     notes: list[str] = []
     # Python code that reads `self.training` (F.dropout(training=self.training), drop-path
@@ -225,7 +227,7 @@ def trace(
 def _trace_graph(model: nn.Module, leaves: tuple[LeafSpec, ...], concrete: dict[str, Any]) -> torch.fx.Graph:
     tracer = RetrofitTracer(leaves)
     try:
-        return tracer.trace(model, concrete_args=concrete or None)
+        graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as e:
         path, cls = getattr(e, "_retrofit_module", ("", type(model).__name__))
         where = f"module {path!r} ({cls})" if path else f"the top-level forward of {cls}"
@@ -235,6 +237,16 @@ def _trace_graph(model: nn.Module, leaves: tuple[LeafSpec, ...], concrete: dict[
             f"torch.fx cannot follow data-dependent Python control flow; keep that module opaque "
             f"with leaf_modules=[{cls!r}] (CLI: --leaf-module {cls}); no attention is inserted inside it"
         ) from e
+    # torch.fx names a fixed input's placeholder `mask_1`; give the generated forward the
+    # model's own keyword (`gm(x, mask=None)`), as callers write it.
+    taken = {n.target for n in graph.nodes if n.op == "placeholder"}
+    for node in graph.nodes:
+        if node.op == "placeholder" and isinstance(node.target, str) and node.target.endswith("_1"):
+            name = node.target[:-2]
+            if name in concrete and name not in taken:
+                node.target = name
+                taken.add(name)
+    return graph
 
 
 @contextlib.contextmanager

@@ -20,7 +20,12 @@ submodules are rewritten in place); the ``partial`` column lists the parts left 
 CNNs (residual adds, or conv blocks with a norm, activation or pooling) are checked
 before models whose only site is a bare conv (a transformer's patch embedding); within
 each, models above ``--big`` parameters run one at a time after the others (memory), with
-batch 1. Writes ``structure.csv`` (pass 1), ``results.csv`` (one row per checked model,
+batch 1 and gradients for the inserted parameters only. Bare-conv-only timm models made
+for a fixed input size are built with ``img_size=--size`` where their constructor takes
+it (``--native-size`` turns this off): their position tables shrink, the patch embedding
+that holds the site does not, and a ViT-g at 518 pixels costs minutes of CPU per check.
+A model whose parameters, with retrofit's copy and its gradients, would not fit in this
+machine's memory is recorded as ``skipped`` with the figures. Writes ``structure.csv`` (pass 1), ``results.csv`` (one row per checked model,
 appended as models finish, so ``--resume`` picks up an interrupted sweep) and
 ``summary.md`` (by population and family, every failure and its reason);
 ``--summary-only`` rewrites the summary from the CSV files.
@@ -61,13 +66,13 @@ def closed_form(attn: str, c: int) -> int:
     return 2 * c * rd + 2 * 7 * 7 + 1
 
 
-def build(source: str, name: str, device: str | None = None) -> Any:
+def build(source: str, name: str, device: str | None = None, **kwargs: Any) -> Any:
     import torch
 
     if source == "timm":
         import timm
 
-        return timm.create_model(name, pretrained=False, **({"device": device} if device else {}))
+        return timm.create_model(name, pretrained=False, **({"device": device} if device else {}), **kwargs)
     import torchvision.models as tvm
 
     if device:
@@ -115,18 +120,69 @@ def _leaves(out: Any) -> list[Any]:
     return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
-def real_check(source: str, name: str, size: int, batch: int = 2) -> dict[str, Any]:
-    """Pass 2: retrofit se, eca and cbam into the real model and check each result."""
+def _fingerprint(model: Any) -> dict[str, bytes]:
+    """A digest of every state-dict tensor's bytes: exact like a clone, without its memory."""
+    import hashlib
+
+    import torch
+
+    out = {}
+    for k, v in model.state_dict().items():
+        flat = v.detach().contiguous().reshape(-1)
+        data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+        out[k] = hashlib.blake2b(data, digest_size=16).digest() + str((v.dtype, tuple(v.shape))).encode()
+    return out
+
+
+def _memory_bytes() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def real_check(source: str, name: str, size: int, batch: int = 2, shrink: bool = False,
+               frozen: bool = False) -> dict[str, Any]:
+    """Pass 2: retrofit se, eca and cbam into the real model and check each result.
+
+    ``shrink``: a timm model made for a fixed input size is built with ``img_size=size``
+    where its constructor takes it (a transformer's position table shrinks; its layers and
+    their sites do not change). ``frozen``: only the inserted parameters take gradients
+    (backward still runs through the whole model to reach them): memory for big models.
+    """
     import torch
 
     import retrofit
 
     torch.manual_seed(0)
     row: dict[str, Any] = {"source": source, "model": name}
-    model = build(source, name).eval()
+    params = None
+    if source == "timm":
+        import timm
+
+        params = sum(p.numel() for p in timm.create_model(name, pretrained=False, device="meta").parameters())
+        # The model, retrofit's copy of it and the copy's gradients (or, frozen, the copy alone).
+        need = params * 4 * (2 if frozen else 3) + (1 << 30)
+        if need > 0.9 * _memory_bytes():
+            row.update(status="skipped", reason=f"needs about {need / 2**30:.0f} GiB for {params / 1e9:.2f}B "
+                                                f"parameters; this machine has {_memory_bytes() / 2**30:.0f} GiB")
+            return row
+    model, built_with = None, ""
+    if shrink and source == "timm":
+        cfg = timm.models.get_pretrained_cfg(name)
+        native = tuple(cfg.input_size) if cfg else (3, 224, 224)
+        if native[-1] > size:
+            try:
+                model = build(source, name, img_size=size).eval()
+                with torch.no_grad():
+                    model(torch.randn(1, native[0], size, size))
+                built_with = f" (img_size={size})"
+            except Exception:
+                model = None  # this constructor or forward does not take it: the model's own size
+    if model is None:
+        model = build(source, name).eval()
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     native = tuple(cfg.get("input_size", (3, 224, 224)))
-    in_size = native if cfg.get("fixed_input_size", False) else (native[0], size, size)
+    in_size = native if cfg.get("fixed_input_size", False) and not built_with else (native[0], size, size)
     x = torch.randn(batch, *in_size)
     try:
         with torch.no_grad():
@@ -137,15 +193,19 @@ def real_check(source: str, name: str, size: int, batch: int = 2) -> dict[str, A
         x = torch.randn(batch, *in_size)
         with torch.no_grad():
             want = _leaves(model(x))
-    row["input_size"] = "x".join(map(str, in_size))
+    row["input_size"] = "x".join(map(str, in_size)) + built_with
     scale = max(w.double().abs().max().item() for w in want)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = _fingerprint(model)
     flags = [m.training for m in model.modules()]
     for attn in ATTNS:
         t0 = time.perf_counter()
         # Stack on attention the model already has, so every site exercises the rewrite.
         gm = retrofit.retrofit(model, attn, input_size=in_size, verify=False, on_existing="stack").eval()
         report = retrofit.get_report(gm)
+        prefixes = tuple(f"{r.module}." for r in report.rows)
+        if frozen:
+            for n, p in gm.named_parameters():
+                p.requires_grad_(n.startswith(prefixes))
         # One forward with autograd serves both checks: identity (eval mode, as deployed)
         # and backward through every inserted module.
         got = _leaves(gm(x))
@@ -156,7 +216,6 @@ def real_check(source: str, name: str, size: int, batch: int = 2) -> dict[str, A
         if report.params_added != expected:
             raise AssertionError(f"{attn}: parameter delta {report.params_added} != closed form {expected}")
         sum(o.float().mean() for o in got).backward()
-        prefixes = tuple(f"{r.module}." for r in report.rows)
         new = [p for n, p in gm.named_parameters() if n.startswith(prefixes)]
         if any(p.grad is None for p in new):
             raise AssertionError(f"{attn}: backward did not reach every new parameter")
@@ -165,7 +224,7 @@ def real_check(source: str, name: str, size: int, batch: int = 2) -> dict[str, A
         row[f"{attn}_diff"] = diff
         row[f"{attn}_seconds"] = round(time.perf_counter() - t0, 2)
         del gm, got
-    if any(not torch.equal(v, before[k]) for k, v in model.state_dict().items()):
+    if _fingerprint(model) != before:
         raise AssertionError("the original model's tensors changed")
     if flags != [m.training for m in model.modules()]:
         raise AssertionError("the original model's train/eval flags changed")
@@ -192,9 +251,10 @@ def _worker(conn: Any) -> None:
         job = conn.recv()
         if job is None:
             return
-        kind, source, name, size, batch = job
+        kind, source, name, size, batch, shrink, frozen = job
         try:
-            conn.send(structure(source, name) if kind == "structure" else real_check(source, name, size, batch))
+            conn.send(structure(source, name) if kind == "structure"
+                      else real_check(source, name, size, batch, shrink, frozen))
         except Exception as e:  # a failure of this model, recorded; the sweep goes on
             first = (str(e).strip().splitlines() or [""])[0][:300]
             tb = traceback.extract_tb(e.__traceback__)
@@ -304,10 +364,11 @@ def write_summary(rows: list[dict[str, Any]], out: Path, command: str, seconds: 
         "blocks with a norm, activation or pooling after the conv; the others have only a bare",
         "conv (a transformer's patch embedding); *analysis failed* ones did not get that far.",
         "*Checked* models ran every real-weight check for se, eca and cbam; *pending* ones were",
-        "not reached yet (`--resume` continues).",
+        "not reached yet (`--resume` continues); *too big* ones need more memory than the machine",
+        "that ran the sweep has (each is listed below with the figures).",
         "",
-        "| source | population | models | checked | passed | failed | pending |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| source | population | models | checked | passed | failed | too big | pending |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     def analysis_failed(r: dict[str, Any]) -> bool:
         return r.get("status") == "fail" and str(r.get("reason", "")).startswith("structure:")
@@ -320,15 +381,16 @@ def write_summary(rows: list[dict[str, Any]], out: Path, command: str, seconds: 
             if not group:
                 continue
             pending = sum(r.get("status") == "pending" for r in group)
-            checked = len(group) - pending
+            skipped = sum(r.get("status") == "skipped" for r in group)
+            checked = len(group) - pending - skipped
             passed = sum(r.get("status") == "ok" for r in group)
             lines.append(f"| {source} | {label} | {len(group)} | {checked} | {_pct(passed, checked)} | "
-                         f"{checked - passed} | {pending} |")
+                         f"{checked - passed} | {skipped} | {pending} |")
         lines.append(f"| {source} | no sites | {sum(r['source'] == source and r.get('status') == 'no sites' for r in rows)}"
-                     " | | | | |")
+                     " | | | | | |")
     lines += ["", "## By family", "",
-              "| source | family | models | with sites | passed | failed | pending |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+              "| source | family | models | with sites | passed | failed | too big | pending |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     by_family: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
         by_family.setdefault((r["source"], r.get("family", "")), []).append(r)
@@ -336,7 +398,9 @@ def write_summary(rows: list[dict[str, Any]], out: Path, command: str, seconds: 
         ws = [r for r in rs if r.get("status") != "no sites"]
         ok = sum(r.get("status") == "ok" for r in ws)
         pending = sum(r.get("status") == "pending" for r in ws)
-        lines.append(f"| {source} | {fam} | {len(rs)} | {len(ws)} | {ok} | {len(ws) - ok - pending} | {pending} |")
+        skipped = sum(r.get("status") == "skipped" for r in ws)
+        lines.append(f"| {source} | {fam} | {len(rs)} | {len(ws)} | {ok} | {len(ws) - ok - pending - skipped} | "
+                     f"{skipped} | {pending} |")
     partial = [r for r in rows if r.get("partial")]
     lines += ["", f"## Partial path ({len(partial)}): models that do not trace as a whole", ""]
     lines += [f"- `{r['source']}:{r['model']}` ({r.get('status')}): left alone: {r['partial']}" for r in partial] or [
@@ -360,10 +424,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=96, help="input size for the real checks (fixed-size models use theirs)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per model and pass")
     p.add_argument("--workers", type=int, default=2, help="worker processes (one torch thread each)")
+    p.add_argument("--native-size", action="store_true",
+                   help="build bare-conv-only timm models at their own input size (default: img_size=--size "
+                        "where the constructor takes it)")
     p.add_argument("--big", type=float, default=300e6, help="parameters above which a model runs alone, batch 1")
     p.add_argument("--out", default="docs/zoo", help="folder for results.csv, structure.csv and summary.md")
     p.add_argument("--resume", action="store_true", help="keep the rows already written; sweep the rest")
     p.add_argument("--redo-failed", action="store_true", help="with --resume: sweep the failed models again")
+    p.add_argument("--redo", metavar="GLOB", help="with --resume: sweep again the models matching GLOB "
+                                                  "(fnmatch on names; e.g. after a fix)")
     p.add_argument("--summary-only", action="store_true", help="write summary.md from the CSV files, run nothing")
     p.add_argument("--command", help="with --summary-only: the sweep command(s) to name in the summary")
     args = p.parse_args(argv)
@@ -378,9 +447,17 @@ def main(argv: list[str] | None = None) -> int:
     keep = args.resume or args.summary_only
     structure_rows = _read(structure_path) if keep else {}
     done = _read(csv_path) if keep else {}
+    if args.resume:
+        # A model not checked yet is analysed again, by the code that will check it.
+        structure_rows = {k: r for k, r in structure_rows.items() if r["status"] != "pending" or k in done}
     if args.redo_failed:
         done = {k: r for k, r in done.items() if r["status"] != "fail"}
         structure_rows = {k: r for k, r in structure_rows.items() if r["status"] != "fail"}
+    if args.redo:
+        again = {k for k in {**done, **structure_rows} if fnmatch.fnmatchcase(k[1], args.redo)}
+        done = {k: r for k, r in done.items() if k not in again}
+        structure_rows = {k: r for k, r in structure_rows.items() if k not in again}
+    shrink = not args.native_size
     start = time.perf_counter()
     rows: dict[tuple[str, str], dict[str, Any]] = {}
 
@@ -406,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['source']}:{row['model']} {row.get('status')} {row.get('reason', '')}", flush=True)
 
             todo = [(s, n) for s, n in names if (s, n) not in done and (s, n) not in structure_rows]
-            for k, (job, row) in enumerate(pool.run([("structure", s, n, args.size, 2) for s, n in todo]), 1):
+            for k, (job, row) in enumerate(pool.run([("structure", s, n, args.size, 2, False, False) for s, n in todo]), 1):
                 swriter.writerow(family(row))
                 sf.flush()
                 structure_rows[(row["source"], row["model"])] = row
@@ -426,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
             for group, big, workers, batch in groups:
                 chosen = [r for r in group if (int(r["params"]) > args.big) == big]
                 base = {(r["source"], r["model"]): r for r in chosen}
-                jobs = [("check", r["source"], r["model"], args.size, batch) for r in chosen]
+                jobs = [("check", r["source"], r["model"], args.size, batch, shrink and not is_cnn(r), big)
+                        for r in chosen]
                 for job, row in pool.run(jobs, workers):
                     key = (row["source"], row["model"])
                     rows[key] = {**base[key], **row}

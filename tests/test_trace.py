@@ -5,6 +5,7 @@ from __future__ import annotations
 import operator
 
 import pytest
+import timm
 import torch
 from torch import nn
 
@@ -135,3 +136,39 @@ def test_optional_inputs_are_traced_as_none() -> None:
     assert torch.equal(gm(x), model(x))
     with pytest.raises(AssertionError, match="mask has been specialized to have value None"):
         gm(x, torch.ones(2, 8, 8))
+    with pytest.raises(AssertionError, match="mask has been specialized"):
+        gm(x, mask=torch.ones(2, 8, 8))
+
+
+def test_optional_bool_flags_are_traced_as_their_default() -> None:
+    """timm's ViTs: ``forward(x, attn_mask=None, is_causal=False)`` branches on the flag."""
+
+    class Flagged(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                    is_causal: bool = False) -> torch.Tensor:
+            if attn_mask is not None or is_causal:
+                x = x.flip(-1)
+            return self.bn(self.conv(x))
+
+    model = Flagged().eval()
+    gm = retrofit.retrofit(model, "se", input_size=8)
+    assert isinstance(gm, torch.fx.GraphModule) and retrofit.get_report(gm).left_alone == ()
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(gm(x), model(x)) and torch.equal(gm(x, is_causal=False), model(x))
+    with pytest.raises(AssertionError, match="is_causal has been specialized to have value False"):
+        gm(x, is_causal=True)
+
+
+def test_timm_vit_traces_as_a_whole() -> None:
+    model = timm.create_model("test_vit", pretrained=False).eval()
+    gm = retrofit.retrofit(model, "se")
+    report = retrofit.get_report(gm)
+    assert isinstance(gm, torch.fx.GraphModule) and report.left_alone == ()
+    assert [r.path for r in report.rows] == ["patch_embed.proj"]
+    x = torch.randn(1, 3, 160, 160)
+    assert torch.equal(gm(x), model(x))

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("zoo_sweep", ROOT / "scripts" / "zoo_sweep.py")
@@ -33,6 +34,36 @@ def test_sweep_slice(source: str, name: str) -> None:
     assert row["status"] in ("ok", "no sites"), row
 
 
+def test_fixed_size_transformer_is_checked_at_a_smaller_size() -> None:
+    # test_vit is made for a fixed 160-pixel input; built with img_size=64 its patch
+    # embedding (the one site) is the same layer.
+    row = zoo_sweep.real_check("timm", "test_vit", 64, batch=1, shrink=True)
+    assert (row["status"], row["input_size"], row["se_sites"]) == ("ok", "3x64x64 (img_size=64)", 1)
+    native = zoo_sweep.real_check("timm", "test_vit", 64, batch=1)
+    assert (native["input_size"], native["se_added"]) == ("3x160x160", row["se_added"])
+
+
+def test_frozen_check_still_reaches_new_parameters() -> None:
+    row = zoo_sweep.real_check("timm", "test_resnet", 64, batch=1, frozen=True)
+    assert row["status"] == "ok" and row["se_sites"] > 0, row
+
+
+def test_model_too_big_for_memory_is_skipped_with_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(zoo_sweep, "_memory_bytes", lambda: 2**30)
+    row = zoo_sweep.real_check("timm", "resnet50", 64)
+    assert row["status"] == "skipped"
+    assert row["reason"] == "needs about 1 GiB for 0.03B parameters; this machine has 1 GiB"
+
+
+def test_fingerprint_sees_any_changed_tensor() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    before = zoo_sweep._fingerprint(model)
+    assert zoo_sweep._fingerprint(model) == before
+    with torch.no_grad():
+        model[1].running_var[2] = torch.nextafter(model[1].running_var[2], torch.tensor(2.0))
+    assert zoo_sweep._fingerprint(model) != before
+
+
 def sweep(*args: str, timeout: float | None = 600) -> None:
     subprocess.run([sys.executable, str(ROOT / "scripts" / "zoo_sweep.py"), *args], check=True, cwd=ROOT,
                    timeout=timeout)
@@ -43,9 +74,16 @@ def test_sweep_script_writes_report(tmp_path: Path) -> None:
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert [(r["model"], r["status"]) for r in rows] == [("resnet18", "ok")]
     summary = (tmp_path / "summary.md").read_text()
-    assert "| torchvision | CNN | 1 | 1 | 1 (100.00%) | 0 | 0 |" in summary
+    assert "| torchvision | CNN | 1 | 1 | 1 (100.00%) | 0 | 0 | 0 |" in summary
     structure = list(csv.DictReader((tmp_path / "structure.csv").open()))
     assert [(r["model"], r["residual_adds"], r["cnn_blocks"]) for r in structure] == [("resnet18", "8", "20")]
+    # --redo sweeps a finished model again; results.csv keeps one row per model.
+    (tmp_path / "summary.md").unlink()
+    sweep("--source", "torchvision", "--filter", "resnet18", "--size", "64", "--out", str(tmp_path), "--resume",
+          "--redo", "resnet18")
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [(r["model"], r["status"]) for r in rows] == [("resnet18", "ok")]
+    assert "| torchvision | CNN | 1 | 1 | 1 (100.00%) | 0 | 0 | 0 |" in (tmp_path / "summary.md").read_text()
 
 
 @pytest.mark.zoo
