@@ -18,12 +18,13 @@ A model that does not trace as a whole goes the partial path (its largest tracea
 submodules are rewritten in place); the ``partial`` column lists the parts left alone.
 
 CNNs (residual adds, or conv blocks with a norm, activation or pooling) are checked
-before models whose only site is a bare conv (a transformer's patch embedding); within
-each, models above ``--big`` parameters run one at a time after the others (memory), with
-batch 1 and gradients for the inserted parameters only. Bare-conv-only timm models made
-for a fixed input size are built with ``img_size=--size`` where their constructor takes
-it (``--native-size`` turns this off): their position tables shrink, the patch embedding
-that holds the site does not, and a ViT-g at 518 pixels costs minutes of CPU per check.
+before models whose only site is a bare conv (a transformer's patch embedding), smallest
+first; models above ``--big`` parameters run one at a time after all the others (memory),
+with batch 1 and gradients for the inserted parameters only. timm models made for a fixed
+input size are built with ``img_size=--size`` where their constructor takes it
+(``--native-size`` turns this off): position tables and attention windows shrink, the
+layers that hold the sites do not, and a ViT-g at 518 pixels costs minutes of CPU per
+check.
 A model whose parameters, with retrofit's copy and its gradients, would not fit in this
 machine's memory is recorded as ``skipped`` with the figures. Writes ``structure.csv`` (pass 1), ``results.csv`` (one row per checked model,
 appended as models finish, so ``--resume`` picks up an interrupted sweep) and
@@ -145,8 +146,8 @@ def real_check(source: str, name: str, size: int, batch: int = 2, shrink: bool =
     """Pass 2: retrofit se, eca and cbam into the real model and check each result.
 
     ``shrink``: a timm model made for a fixed input size is built with ``img_size=size``
-    where its constructor takes it (a transformer's position table shrinks; its layers and
-    their sites do not change). ``frozen``: only the inserted parameters take gradients
+    where its constructor takes it (position tables and attention windows shrink; the
+    layers that hold the sites, and their channels, do not change). ``frozen``: only the inserted parameters take gradients
     (backward still runs through the whole model to reach them): memory for big models.
     """
     import torch
@@ -170,7 +171,7 @@ def real_check(source: str, name: str, size: int, batch: int = 2, shrink: bool =
     if shrink and source == "timm":
         cfg = timm.models.get_pretrained_cfg(name)
         native = tuple(cfg.input_size) if cfg else (3, 224, 224)
-        if native[-1] > size:
+        if cfg and cfg.fixed_input_size and native[-1] > size:
             try:
                 model = build(source, name, img_size=size).eval()
                 with torch.no_grad():
@@ -184,15 +185,20 @@ def real_check(source: str, name: str, size: int, batch: int = 2, shrink: bool =
     native = tuple(cfg.get("input_size", (3, 224, 224)))
     in_size = native if cfg.get("fixed_input_size", False) and not built_with else (native[0], size, size)
     x = torch.randn(batch, *in_size)
+
+    def reference() -> list[Any]:
+        # Autograd on, as in the retrofitted model's forward below: some kernels differ
+        # between grad and no-grad mode (timm's MaxViT-rmlp-base output moves by 1e-3 on
+        # CPU, without retrofit), and identity must compare like with like.
+        return [t.detach() for t in _leaves(model(x))]
+
     try:
-        with torch.no_grad():
-            want = _leaves(model(x))
+        want = reference()
     except Exception:
         # Too small for this model (its own forward fails): use the size it was made for.
         in_size = native
         x = torch.randn(batch, *in_size)
-        with torch.no_grad():
-            want = _leaves(model(x))
+        want = reference()
     row["input_size"] = "x".join(map(str, in_size)) + built_with
     scale = max(w.double().abs().max().item() for w in want)
     before = _fingerprint(model)
@@ -425,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per model and pass")
     p.add_argument("--workers", type=int, default=2, help="worker processes (one torch thread each)")
     p.add_argument("--native-size", action="store_true",
-                   help="build bare-conv-only timm models at their own input size (default: img_size=--size "
+                   help="build timm models made for a fixed input size at that size (default: img_size=--size "
                         "where the constructor takes it)")
     p.add_argument("--big", type=float, default=300e6, help="parameters above which a model runs alone, batch 1")
     p.add_argument("--out", default="docs/zoo", help="folder for results.csv, structure.csv and summary.md")
@@ -433,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redo-failed", action="store_true", help="with --resume: sweep the failed models again")
     p.add_argument("--redo", metavar="GLOB", help="with --resume: sweep again the models matching GLOB "
                                                   "(fnmatch on names; e.g. after a fix)")
+    p.add_argument("--keep-analysis", action="store_true",
+                   help="with --resume: keep the structure rows of models not checked yet (default: analyse again)")
     p.add_argument("--summary-only", action="store_true", help="write summary.md from the CSV files, run nothing")
     p.add_argument("--command", help="with --summary-only: the sweep command(s) to name in the summary")
     args = p.parse_args(argv)
@@ -447,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     keep = args.resume or args.summary_only
     structure_rows = _read(structure_path) if keep else {}
     done = _read(csv_path) if keep else {}
-    if args.resume:
+    if args.resume and not args.keep_analysis:
         # A model not checked yet is analysed again, by the code that will check it.
         structure_rows = {k: r for k, r in structure_rows.items() if r["status"] != "pending" or k in done}
     if args.redo_failed:
@@ -497,13 +505,14 @@ def main(argv: list[str] | None = None) -> int:
                              key=lambda r: int(r["params"]))
             cnn = [r for r in pending if is_cnn(r)]
             bare = [r for r in pending if not is_cnn(r)]
-            # CNNs first (what retrofit is for), smallest first; big models alone (memory).
-            groups = [(g, big, workers, batch) for g, b2 in ((cnn, 2), (bare, 1))
-                      for big, workers, batch in ((False, args.workers, b2), (True, 1, 1))]
+            # Smallest first, CNNs (what retrofit is for) before bare-conv models; big models
+            # alone at the end (memory).
+            groups = [(g, big, workers, 1 if big else b2) for big, workers in ((False, args.workers), (True, 1))
+                      for g, b2 in ((cnn, 2), (bare, 1))]
             for group, big, workers, batch in groups:
                 chosen = [r for r in group if (int(r["params"]) > args.big) == big]
                 base = {(r["source"], r["model"]): r for r in chosen}
-                jobs = [("check", r["source"], r["model"], args.size, batch, shrink and not is_cnn(r), big)
+                jobs = [("check", r["source"], r["model"], args.size, batch, shrink, big)
                         for r in chosen]
                 for job, row in pool.run(jobs, workers):
                     key = (row["source"], row["model"])

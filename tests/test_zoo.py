@@ -34,13 +34,14 @@ def test_sweep_slice(source: str, name: str) -> None:
     assert row["status"] in ("ok", "no sites"), row
 
 
-def test_fixed_size_transformer_is_checked_at_a_smaller_size() -> None:
-    # test_vit is made for a fixed 160-pixel input; built with img_size=64 its patch
-    # embedding (the one site) is the same layer.
-    row = zoo_sweep.real_check("timm", "test_vit", 64, batch=1, shrink=True)
-    assert (row["status"], row["input_size"], row["se_sites"]) == ("ok", "3x64x64 (img_size=64)", 1)
-    native = zoo_sweep.real_check("timm", "test_vit", 64, batch=1)
-    assert (native["input_size"], native["se_added"]) == ("3x160x160", row["se_added"])
+@pytest.mark.parametrize("name,sites", [("test_vit", 1), ("test_coatnet", 8)])
+def test_fixed_size_model_is_checked_at_a_smaller_size(name: str, sites: int) -> None:
+    # Both are made for a fixed 160-pixel input; built with img_size=64 their layers with
+    # sites (a ViT's patch embedding, CoAtNet's MBConv blocks) are the same.
+    row = zoo_sweep.real_check("timm", name, 64, batch=1, shrink=True)
+    assert (row["status"], row["input_size"], row["se_sites"]) == ("ok", "3x64x64 (img_size=64)", sites)
+    native = zoo_sweep.real_check("timm", name, 64, batch=1)
+    assert (native["input_size"], native["se_sites"], native["se_added"]) == ("3x160x160", sites, row["se_added"])
 
 
 def test_frozen_check_still_reaches_new_parameters() -> None:
