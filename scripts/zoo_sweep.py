@@ -26,10 +26,12 @@ input size are built with ``img_size=--size`` where their constructor takes it
 layers that hold the sites do not, and a ViT-g at 518 pixels costs minutes of CPU per
 check.
 A model whose parameters, with retrofit's copy and its gradients, would not fit in this
-machine's memory is recorded as ``skipped`` with the figures. Writes ``structure.csv`` (pass 1), ``results.csv`` (one row per checked model,
-appended as models finish, so ``--resume`` picks up an interrupted sweep) and
-``summary.md`` (by population and family, every failure and its reason);
-``--summary-only`` rewrites the summary from the CSV files.
+machine's memory is recorded as ``skipped`` with the figures.
+
+Writes ``structure.csv`` (pass 1), ``results.csv`` (one row per checked model, appended as
+models finish, so ``--resume`` picks up an interrupted sweep) and ``summary.md`` (by
+population and family, every failure and its reason); ``--summary-only`` rewrites the
+summary from the CSV files (and compacts ``results.csv``).
 
     python scripts/zoo_sweep.py                       # everything (hours on 2 cores)
     python scripts/zoo_sweep.py --filter 'resnet*'    # a slice
@@ -267,6 +269,20 @@ def _worker(conn: Any) -> None:
             where = f" [{Path(tb[-1].filename).name}:{tb[-1].lineno}]" if tb else ""
             conn.send({"source": source, "model": name, "status": "fail",
                        "reason": f"{kind}: {type(e).__name__}: {first}{where}"})
+        _release_memory()
+
+
+def _release_memory() -> None:
+    """Collect garbage and trim the heap between jobs: workers were seen holding 10+ GiB
+    after a big model, and the next big model beside them ran out of memory."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 class Pool:
@@ -441,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   "(fnmatch on names; e.g. after a fix)")
     p.add_argument("--keep-analysis", action="store_true",
                    help="with --resume: keep the structure rows of models not checked yet (default: analyse again)")
-    p.add_argument("--summary-only", action="store_true", help="write summary.md from the CSV files, run nothing")
+    p.add_argument("--summary-only", action="store_true", help="write summary.md from the CSV files (and leave one row per model in "
+                        "results.csv), run nothing")
     p.add_argument("--command", help="with --summary-only: the sweep command(s) to name in the summary")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -455,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     keep = args.resume or args.summary_only
     structure_rows = _read(structure_path) if keep else {}
     done = _read(csv_path) if keep else {}
+    previous = dict(done)
     if args.resume and not args.keep_analysis:
         # A model not checked yet is analysed again, by the code that will check it.
         structure_rows = {k: r for k, r in structure_rows.items() if r["status"] != "pending" or k in done}
@@ -528,9 +546,12 @@ def main(argv: list[str] | None = None) -> int:
                 and row.get("status") != "fail":
             every[key] = row
     ordered = [family(every[(s, n)]) for s, n in names if (s, n) in every]
-    if not args.summary_only:
-        # Rows were appended as models finished; leave one row per model, in registry order.
+    if not args.summary_only or csv_path.exists():
+        # Rows were appended as models finished (an interrupted sweep leaves a model's older
+        # rows); leave one row per model, in registry order.
         finished = [r for r in ordered if r.get("status") != "pending"]
+        listed = set(names)
+        finished += [r for k, r in previous.items() if k not in listed]  # outside --source/--filter: kept
         with open(csv_path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
             writer.writeheader()

@@ -85,6 +85,10 @@ def test_sweep_script_writes_report(tmp_path: Path) -> None:
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert [(r["model"], r["status"]) for r in rows] == [("resnet18", "ok")]
     assert "| torchvision | CNN | 1 | 1 | 1 (100.00%) | 0 | 0 | 0 |" in (tmp_path / "summary.md").read_text()
+    # Compacting results.csv keeps the rows of models outside --filter.
+    sweep("--source", "torchvision", "--filter", "alexnet", "--out", str(tmp_path), "--summary-only")
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [(r["model"], r["status"]) for r in rows] == [("resnet18", "ok")]
 
 
 @pytest.mark.zoo
