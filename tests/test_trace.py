@@ -115,15 +115,19 @@ def test_add_forms_are_all_recognised() -> None:
     assert report.max_abs_diff == 0.0
 
 
+class _ConvBN(nn.Module):
+    """One conv→BN site; subclasses add optional forward inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+
 def test_optional_inputs_are_traced_as_none() -> None:
     """``forward(x, mask=None)`` is analysed as the model is called: with its input alone."""
 
-    class Masked(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3, padding=1)
-            self.bn = nn.BatchNorm2d(4)
-
+    class Masked(_ConvBN):
         def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
             if mask is not None:
                 x = x * mask.view(x.shape[0], 1, *x.shape[2:])
@@ -143,12 +147,7 @@ def test_optional_inputs_are_traced_as_none() -> None:
 def test_optional_bool_flags_are_traced_as_their_default() -> None:
     """timm's ViTs: ``forward(x, attn_mask=None, is_causal=False)`` branches on the flag."""
 
-    class Flagged(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3, padding=1)
-            self.bn = nn.BatchNorm2d(4)
-
+    class Flagged(_ConvBN):
         def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                     is_causal: bool = False) -> torch.Tensor:
             if attn_mask is not None or is_causal:
