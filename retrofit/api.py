@@ -75,6 +75,15 @@ def _leaf_name(leaf: LeafSpec) -> str:
     return leaf if isinstance(leaf, str) else f"{leaf.__module__}:{leaf.__qualname__}"
 
 
+def _what_failed(error: TraceError) -> str:
+    """A trace error's first sentence: where it failed, without torch.fx's general advice."""
+    return str(error).split(". torch.fx", 1)[0]
+
+
+def _holds_conv(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+
+
 @dataclass(frozen=True)
 class _Prepared:
     size: tuple[int, int, int]  # (C, H, W) used for shapes
@@ -101,15 +110,17 @@ def _prepare(
         else:
             return _Prepared(size, find_sites(gm, propagate_shapes(gm, size)), gm)
     reason = (f"the forward of {type(model).__name__} stays Python code (keep_class)" if error is None
-              else f"does not trace: {str(error).split('. torch.fx', 1)[0]}")
+              else f"does not trace: {_what_failed(error)}")
     try:
         parts = partition(model, size, leaf_modules, reason)
     except TraceError:
         if error is None:
             raise
         raise error from None  # the whole-model failure is the one to act on
-    if error is not None and not parts.analysis.sites:
-        raise error  # nothing with sites traced: likewise
+    if error is not None and not parts.analysis.sites and _holds_conv(model):
+        # Nothing with sites traced: the trace failure is what hides them. A model with no
+        # convolution at all has no sites however it traces; "no sites" is then the answer.
+        raise error
     return _Prepared(size, parts.analysis, None, parts, error)
 
 
@@ -238,9 +249,12 @@ def retrofit(
     prep = _prepare(work, input_size, leaf_modules, keep_class)
     size, analysis = prep.size, prep.analysis
     if not analysis.sites:
+        untraced = ("" if prep.trace_error is None else
+                    f"; it also does not trace as a whole ({_what_failed(prep.trace_error)}),"
+                    " but it holds no convolution, so no part of it could hold a site")
         raise SiteError(
             f"{type(model).__name__} has no residual adds and no conv blocks for attention "
-            f"(input size {size}); is it a CNN? Leaf modules hide what is inside them"
+            f"(input size {size}); is it a CNN? Leaf modules hide what is inside them{untraced}"
         )
     the_plan = make_plan(analysis, ruleset, gate, attn_args, strict, on_existing)
     if not the_plan.placements:
@@ -264,7 +278,7 @@ def retrofit(
         if prep.trace_error is not None:
             msg = (f"{type(model).__name__} does not trace as a whole; attention went into {len(traced)} traced "
                    f"submodule(s) and {len(left_alone)} part(s) were left alone (report.left_alone). "
-                   f"First failure: {str(prep.trace_error).split('. torch.fx', 1)[0]}")
+                   f"First failure: {_what_failed(prep.trace_error)}")
             notes.append(msg)
             warnings.warn(msg, stacklevel=2)
         else:

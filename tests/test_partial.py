@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import retrofit
-from retrofit import TraceError
+from retrofit import SiteError, TraceError
 from retrofit.partial import partition, record_inputs
 from retrofit.trace import trace
 
@@ -133,6 +133,27 @@ def test_nothing_traceable_raises_the_whole_model_error() -> None:
 
     with pytest.raises(TraceError, match=r"cannot trace Hopeless: the top-level forward of Hopeless"):
         retrofit.retrofit(Hopeless(), "se", input_size=16)
+
+
+def test_untraceable_model_without_convolutions_has_no_sites() -> None:
+    # Like timm's Gemma4 ViT: a Linear patch embedding and a shape check torch.fx cannot
+    # follow. No trace could find a site in it, so the answer is "no sites", not the trace error.
+    class LinearPatches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(48, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.ndim != 4:
+                raise ValueError("images only")
+            return self.embed(x.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 1, 4, 5).flatten(3))
+
+    model = LinearPatches()
+    assert retrofit.analyze(model, input_size=16).sites == ()
+    with pytest.raises(SiteError, match=r"LinearPatches has no residual adds and no conv blocks .* it also does "
+                                        r"not trace as a whole \(cannot trace LinearPatches: the top-level forward"
+                                        r".*\), but it holds no convolution"):
+        retrofit.retrofit(model, "se", input_size=16)
 
 
 @pytest.mark.parametrize("attn", ["se", "cbam"])
