@@ -20,7 +20,7 @@ from .report import Report, SiteRow, StageRow
 from .rewrite import insert_attention, insert_attention_partial
 from .rulefile import ON_EXISTING, RuleSet, resolve_rules
 from .shapes import propagate_shapes, resolve_input_size
-from .sites import SiteAnalysis, find_sites
+from .sites import SiteAnalysis, find_sites, holds_conv
 from .trace import LeafSpec, trace
 from .verify import compare, count_params
 
@@ -80,10 +80,6 @@ def _what_failed(error: TraceError) -> str:
     return str(error).split(". torch.fx", 1)[0]
 
 
-def _holds_conv(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
-
-
 @dataclass(frozen=True)
 class _Prepared:
     size: tuple[int, int, int]  # (C, H, W) used for shapes
@@ -117,7 +113,7 @@ def _prepare(
         if error is None:
             raise
         raise error from None  # the whole-model failure is the one to act on
-    if error is not None and not parts.analysis.sites and _holds_conv(model):
+    if error is not None and not parts.analysis.sites and holds_conv(model):
         # Nothing with sites traced: the trace failure is what hides them. A model with no
         # convolution at all has no sites however it traces; "no sites" is then the answer.
         raise error
@@ -249,6 +245,7 @@ def retrofit(
     prep = _prepare(work, input_size, leaf_modules, keep_class)
     size, analysis = prep.size, prep.analysis
     if not analysis.sites:
+        # _prepare returns a trace error beside no sites only for a model with no convolution.
         untraced = ("" if prep.trace_error is None else
                     f"; it also does not trace as a whole ({_what_failed(prep.trace_error)}),"
                     " but it holds no convolution, so no part of it could hold a site")

@@ -33,7 +33,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .errors import TraceError, first_line
 from .shapes import TensorInfo, propagate_shapes
-from .sites import Site, SiteAnalysis, SkippedCandidate, find_sites, number_stages
+from .sites import Site, SiteAnalysis, SkippedCandidate, find_sites, holds_conv, number_stages
 from .trace import LeafSpec, RetrofitTracer, optional_defaults, trace
 from .verify import eval_mode, input_dtype_device
 
@@ -216,16 +216,14 @@ def partition(
     def visit(mod: nn.Module, path: str) -> None:
         if path and tracer.is_leaf_module(mod, path):
             # Built-in layers hold no sites of their own; other leaves are opaque by request.
-            if not type(mod).__module__.startswith("torch.nn") and any(
-                isinstance(m, nn.modules.conv._ConvNd) for m in mod.modules()
-            ):
+            if not type(mod).__module__.startswith("torch.nn") and holds_conv(mod):
                 left.append((path, f"leaf module ({type(mod).__name__}); not traced into"))
             return
         recorded = calls.get(path, [])
         if not path:
             left.append(("", root_reason))
         elif not recorded:
-            if any(isinstance(m, nn.modules.conv._ConvNd) for m in mod.modules()):
+            if holds_conv(mod):
                 left.append((path, "not called on the probe input"))
             return
         elif any(c != recorded[0] for c in recorded[1:]):

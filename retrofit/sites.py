@@ -127,12 +127,17 @@ def _is_conv(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     return node.op == "call_function" and node.target in (F.conv2d, torch.conv2d)
 
 
+def holds_conv(module: nn.Module) -> bool:
+    """Whether ``module`` or anything inside it is a convolution: only then can it hold a site."""
+    return any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
+
+
 def _contains_conv(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     """A convolution, or a leaf module with one inside (its channels are then unknown)."""
     if _is_conv(gm, node):
         return True
     mod = _module(gm, node)
-    return mod is not None and any(isinstance(m, nn.modules.conv._ConvNd) for m in mod.modules())
+    return mod is not None and holds_conv(mod)
 
 
 def _has_params(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:

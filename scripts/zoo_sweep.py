@@ -149,8 +149,9 @@ def real_check(source: str, name: str, size: int, batch: int = 2, shrink: bool =
 
     ``shrink``: a timm model made for a fixed input size is built with ``img_size=size``
     where its constructor takes it (position tables and attention windows shrink; the
-    layers that hold the sites, and their channels, do not change). ``frozen``: only the inserted parameters take gradients
-    (backward still runs through the whole model to reach them): memory for big models.
+    layers that hold the sites, and their channels, do not change). ``frozen``: only the
+    inserted parameters take gradients (backward still runs through the whole model to
+    reach them): memory for big models.
     """
     import torch
 
@@ -459,8 +460,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   "(fnmatch on names; e.g. after a fix)")
     p.add_argument("--keep-analysis", action="store_true",
                    help="with --resume: keep the structure rows of models not checked yet (default: analyse again)")
-    p.add_argument("--summary-only", action="store_true", help="write summary.md from the CSV files (and leave one row per model in "
-                        "results.csv), run nothing")
+    p.add_argument("--summary-only", action="store_true",
+                   help="write summary.md from the CSV files (and leave one row per model in results.csv), run nothing")
     p.add_argument("--command", help="with --summary-only: the sweep command(s) to name in the summary")
     args = p.parse_args(argv)
     out = Path(args.out)
