@@ -17,6 +17,7 @@ __all__ = [
     "ModelLoadError",
     "OptionError",
     "SaveError",
+    "DataError",
 ]
 
 
@@ -50,6 +51,10 @@ class OptionError(RetrofitError, ValueError):
 
 class SaveError(RetrofitError, RuntimeError):
     """A model could not be written (unwritable path, existing file without force, ...)."""
+
+
+class DataError(RetrofitError, ValueError):
+    """A dataset is missing or its files are malformed (the message says how to get it)."""
 
 
 def first_line(e: BaseException) -> str:
