@@ -45,7 +45,6 @@ from retrofit.data import digits_datasets  # noqa: E402
 from retrofit.errors import RetrofitError  # noqa: E402
 from retrofit.finetune import FinetuneConfig, fit  # noqa: E402
 from retrofit.gates import plot_gates, record_gates  # noqa: E402
-from retrofit.train_checkpoint import ModelSpec  # noqa: E402
 
 MODEL_KWARGS = {"num_classes": 10, "in_chans": 1, "channels": (16, 32, 64, 128), "stem_type": "deep", "stem_width": 8}
 FULL = {"base_epochs": 10, "epochs": 6}
@@ -108,14 +107,13 @@ def run(args: argparse.Namespace) -> dict:
     data = digits_datasets(args.size, 1)
     val_x = torch.stack([data.val[i][0] for i in range(len(data.val))])
     val_y = torch.stack([data.val[i][1] for i in range(len(data.val))])
-    spec = ModelSpec("resnet18", model_kwargs=MODEL_KWARGS, retrofitted=False)
     common = dict(batch_size=args.batch_size, progress=False, weight_decay=5e-4)
     results: dict = {"contenders": {}, "baseline": {"curve": [], "acc": []}, "skipped": {}}
     gate_plot = None
     for seed in args.seeds:
         t0 = time.perf_counter()
         torch.manual_seed(seed)
-        base = spec.build_base()
+        base = retrofit.create_model("resnet18", **MODEL_KWARGS)
         hist = fit(base, data.train, data.val,
                    FinetuneConfig(epochs=base_epochs, lr=args.base_lr, warmup_epochs=1, seed=seed, **common)).history
         base_logits = logits_of(base, val_x)

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from retrofit.train_checkpoint import ModelSpec, load_state
+import retrofit
 from retrofit.data import digits_datasets, imagefolder_datasets
 from retrofit.distributed import init_distributed
-from retrofit.errors import ModelLoadError, RetrofitError
+from retrofit.errors import RetrofitError
 from retrofit.finetune import FinetuneConfig, fit
 
 
@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-amp", action="store_true", help="no bf16 autocast on GPU")
     t.add_argument("--device", help="cpu, cuda, ... (default: this rank's GPU if any)")
     t.add_argument("--resume", metavar="CKPT", help="continue from a last.pt of the same recipe")
+    t.add_argument("--trust-code", action="store_true",
+                   help="let --resume run the code its checkpoint names (a model file, an attention class); "
+                        "only for checkpoints you trust")
     t.add_argument("--out", default="runs/finetune", help="run folder (default: runs/finetune)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -79,11 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     ctx = init_distributed(args.device)
     try:
         if args.resume:
-            saved = load_state(args.resume).get("spec")
-            if saved is None:
-                raise ModelLoadError(f"{args.resume} has no model spec; it was not written by this script")
-            spec = ModelSpec.from_dict(saved)
-            model = spec.build(verify=False)  # fit() loads the weights, optimizer and RNG states
+            # The checkpoint's recipe builds the model; fit() then loads the weights,
+            # optimizer and RNG states.
+            model = retrofit.load(args.resume, trust_code=args.trust_code)
         else:
             kwargs = dict(args.model_kwargs)
             if args.digits:
@@ -95,19 +96,16 @@ def main(argv: list[str] | None = None) -> int:
                 kwargs.setdefault("num_classes", n_classes or None)  # imagefolder_datasets reports a bad PATH
             kwargs = {k: v for k, v in kwargs.items() if v is not None}
             input_size = args.input_size or ((kwargs.get("in_chans", 1), 32, 32) if args.digits else None)
-            spec = ModelSpec(args.model, attn=None if args.rules else args.attn, rules=args.rules, gate=args.gate,
-                             input_size=input_size, model_kwargs=kwargs)
-            base = spec.build_base(pretrained=args.pretrained)
+            base = retrofit.create_model(args.model, pretrained=args.pretrained, **kwargs)
             if args.base_weights:
                 base.load_state_dict(torch.load(args.base_weights, map_location="cpu", weights_only=True))
             torch.manual_seed(args.seed)
-            model = spec.build(base)
+            model = retrofit.retrofit(base, None if args.rules else args.attn, rules=args.rules, gate=args.gate,
+                                      input_size=input_size)
             if ctx.is_main:
-                from retrofit import get_report
-
-                print(get_report(model).summary(), flush=True)
+                print(retrofit.get_report(model).summary(), flush=True)
         if args.digits:
-            c, h, _ = spec.input_size or (1, 32, 32)
+            c, h, _ = retrofit.get_report(model).input_size
             data = digits_datasets(h, c)
         else:
             data = imagefolder_datasets(args.data, model)
@@ -119,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             num_workers=args.workers, seed=args.seed, device=args.device, progress=not args.no_progress,
             out=args.out,
         )
-        result = fit(model, data.train, data.val, config, spec=spec, resume=args.resume, ctx=ctx)
+        result = fit(model, data.train, data.val, config, resume=args.resume, ctx=ctx)
     except RetrofitError as e:
         print(f"finetune: error: {e}", file=sys.stderr)
         ctx.close()

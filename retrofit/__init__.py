@@ -3,10 +3,23 @@
 from . import attention
 from .api import analyze, get_report, plan, retrofit
 from .attention import create_attention, get_attention, list_attention, register_attention
-from .errors import AttentionError, ModelLoadError, OptionError, RetrofitError, SaveError, RuleError, SiteError, TraceError
+from .errors import (
+    AttentionError,
+    DataError,
+    ModelLoadError,
+    OptionError,
+    RetrofitError,
+    RuleError,
+    SaveError,
+    SiteError,
+    TraceError,
+    UntrustedCodeError,
+)
+from .models import create_model
+from .recipe import Recipe, get_recipe
 from .report import Report
 from .rulefile import RuleSet, list_builtin_rules, load_rules
-from .serialize import load, save
+from .saving import load, save
 
 __version__ = "0.1.0"
 
@@ -17,6 +30,9 @@ __all__ = [
     "get_report",
     "save",
     "load",
+    "create_model",
+    "Recipe",
+    "get_recipe",
     "Report",
     "RuleSet",
     "load_rules",
@@ -34,5 +50,7 @@ __all__ = [
     "ModelLoadError",
     "OptionError",
     "SaveError",
+    "DataError",
+    "UntrustedCodeError",
     "__version__",
 ]

@@ -14,8 +14,10 @@ from torch import nn
 
 from .attention import GATES
 from .errors import OptionError, SiteError, TraceError
+from .meta import REPORT_KEY, retrofit_meta
 from .partial import Partition, partition
 from .plan import Plan, make_plan
+from .recipe import attach_recipe, recipe_of_result
 from .report import Report, SiteRow, StageRow
 from .rewrite import insert_attention, insert_attention_partial
 from .rulefile import ON_EXISTING, RuleSet, resolve_rules
@@ -24,10 +26,7 @@ from .sites import SiteAnalysis, find_sites, holds_conv
 from .trace import LeafSpec, trace
 from .verify import compare, count_params
 
-__all__ = ["retrofit", "analyze", "plan", "get_report", "retrofit_meta"]
-
-_REPORT_KEY = "retrofit_report"
-RECIPE_KEY = "retrofit_recipe"
+__all__ = ["retrofit", "analyze", "plan", "get_report"]
 
 
 def _stage_of(name: str, prefixes: list[str]) -> str:
@@ -69,10 +68,6 @@ def _stage_rows(model: nn.Module, gm: torch.fx.GraphModule) -> tuple[StageRow, .
 def _check_choice(name: str, value: str | None, valid: tuple[str, ...]) -> None:
     if value is not None and value not in valid:
         raise OptionError(f"{name}={value!r} is not valid (valid: {', '.join(valid)})")
-
-
-def _leaf_name(leaf: LeafSpec) -> str:
-    return leaf if isinstance(leaf, str) else f"{leaf.__module__}:{leaf.__qualname__}"
 
 
 def _what_failed(error: TraceError) -> str:
@@ -317,19 +312,10 @@ def retrofit(
         left_alone=left_alone,
         traced=tuple(traced),
     )
-    meta = retrofit_meta(result, create=True)
-    meta[_REPORT_KEY] = report
-    # What `retrofit.save` needs to rebuild this exact model: plain data, no code.
-    meta[RECIPE_KEY] = {
-        "rules": {"name": ruleset.name, "doc": _plain(ruleset.doc)},
-        "gate": gate,
-        "on_existing": on_existing,
-        "fuse": fuse,
-        "keep_class": keep_class,
-        "attn_args": dict(attn_args or {}),
-        "input_size": list(size),
-        "leaf_modules": [_leaf_name(m) for m in leaf_modules],
-    }
+    retrofit_meta(result, create=True)[REPORT_KEY] = report
+    attach_recipe(result, recipe_of_result(
+        model, ruleset.doc, ruleset.name, gate=gate, attn_args=attn_args, input_size=size,
+        leaf_modules=leaf_modules, strict=strict, on_existing=on_existing, fuse=fuse, keep_class=keep_class))
     return result
 
 
@@ -348,38 +334,13 @@ def _placements_out_of_reach(model: nn.Module, prep: _Prepared, leaf_modules: tu
     return [p.site.path or "(top level)" for p in want if (p.site.path, p.position) not in got]
 
 
-def retrofit_meta(module: nn.Module, create: bool = False) -> dict[str, Any]:
-    """The dict where retrofit keeps a result's report and recipe.
-
-    A ``GraphModule``'s own ``meta``; on any other module (a partial or keep-class
-    result) its attribute ``retrofit_meta``. Without ``create``, a module that has none
-    gets a new empty dict and is not changed.
-    """
-    if isinstance(module, torch.fx.GraphModule):
-        return module.meta
-    meta = module.__dict__.get("retrofit_meta")
-    if meta is None:
-        meta = {}
-        if create:
-            module.__dict__["retrofit_meta"] = meta
-    return meta
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def get_report(gm: nn.Module) -> Report:
     """The :class:`Report` of a model returned by :func:`retrofit`.
 
     Raises:
         ValueError: ``gm`` did not come from :func:`retrofit`.
     """
-    report = retrofit_meta(gm).get(_REPORT_KEY)
+    report = retrofit_meta(gm).get(REPORT_KEY)
     if report is None:
         raise ValueError(f"{type(gm).__name__} carries no retrofit report; it did not come from retrofit()")
     return report

@@ -90,9 +90,9 @@ def _run_model(args: argparse.Namespace) -> int:
     import warnings
 
     from .api import get_report, plan, retrofit
-    from .checkpoint import load_checkpoint
     from .models import create_model
-    from .serialize import save
+    from .saving import save
+    from .weights import load_checkpoint
 
     if args.out and os.path.exists(args.out) and not args.force and not args.dry_run:
         raise SaveError(f"{args.out!r} exists; not overwriting it (pass --force to replace it)")
@@ -140,8 +140,7 @@ def _run_model(args: argparse.Namespace) -> int:
         return EXIT_IDENTITY_FAILED
     if args.out:
         progress(f"saving {args.out}")
-        kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
-        path = save(gm, args.out, model_spec=args.model, model_kwargs=kwargs, force=args.force)
+        path = save(gm, args.out, force=args.force)  # create_model recorded the model and its arguments
         if not args.quiet and args.format == "table":
             print(f"\nsaved {path} (load it with retrofit.load({str(path)!r}))")
     return EXIT_OK
@@ -175,16 +174,17 @@ def _list(argv: Sequence[str]) -> int:
 def _diff(argv: Sequence[str]) -> int:
     from tabulate import tabulate
 
-    from .serialize import read_recipe, tensor_sizes
+    from .saving import read_save, tensor_sizes
 
-    p = _Parser(prog="retrofit diff", description="Compare the parameter counts of two saved models.")
-    p.add_argument("a", help="saved model (.safetensors or folder)")
-    p.add_argument("b", help="saved model (.safetensors or folder)")
+    p = _Parser(prog="retrofit diff", description="Compare the parameter counts of two saved models "
+                "(read from the files; nothing is built or imported).")
+    p.add_argument("a", help="saved model (.safetensors, folder, or a fine-tuning .pt checkpoint)")
+    p.add_argument("b", help="saved model (.safetensors, folder, or a fine-tuning .pt checkpoint)")
     p.add_argument("--format", choices=("table", "json"), default="table")
     args = p.parse_args(argv)
     counts = []
     for path in (args.a, args.b):
-        buffers = set(read_recipe(path)["buffers"])
+        buffers = set(read_save(path).buffers)
         groups: dict[str, int] = {}
         for name, numel in tensor_sizes(path).items():
             if name not in buffers:

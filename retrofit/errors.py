@@ -18,6 +18,7 @@ __all__ = [
     "OptionError",
     "SaveError",
     "DataError",
+    "UntrustedCodeError",
 ]
 
 
@@ -43,6 +44,11 @@ class SiteError(RetrofitError, ValueError):
 
 class ModelLoadError(RetrofitError, ValueError):
     """A model could not be built or loaded from what the user named."""
+
+
+class UntrustedCodeError(ModelLoadError):
+    """A file asks to run code (a model file, an attention or leaf-module class to import)
+    and the caller did not allow it (``trust_code=True``, ``--trust-code``)."""
 
 
 class OptionError(RetrofitError, ValueError):

@@ -6,17 +6,21 @@ One function, :func:`fit`, runs alone or under ``torchrun`` (see :mod:`retrofit.
 CUDA when present, bf16 autocast on GPU, channels-last and ``torch.compile`` on request, a
 progress bar and a JSON-lines metrics log on rank 0, checkpoints written by rank 0 only.
 
+Checkpoints carry the model's recipe (:mod:`retrofit.recipe`), so :func:`retrofit.load`
+builds a fine-tuned model again from ``best.pt`` alone.
+
 Example:
-    >>> spec = ModelSpec("resnet50", attn="se")
-    >>> gm = spec.build(pretrained=True)
+    >>> gm = retrofit.retrofit(retrofit.create_model("resnet50", pretrained=True), "se")
     >>> data = imagefolder_datasets("data/", gm)
-    >>> fit(gm, data.train, data.val, FinetuneConfig(epochs=10, out="runs/se"), spec=spec)
+    >>> fit(gm, data.train, data.val, FinetuneConfig(epochs=10, out="runs/se"))
+    >>> gm = retrofit.load("runs/se/best.pt")
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -24,14 +28,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .train_checkpoint import ModelSpec, load_state, rng_state, save_state, set_rng_state
 from .distributed import DistContext, ShardSampler, init_distributed
 from .errors import OptionError
+from .recipe import get_recipe
+from .saving import buffer_names, load_training_state, package_versions, save_training_state
 
 __all__ = [
     "FinetuneConfig",
@@ -41,6 +47,8 @@ __all__ = [
     "WarmupCosine",
     "evaluate",
     "fit",
+    "rng_state",
+    "set_rng_state",
 ]
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
@@ -95,6 +103,28 @@ class FitResult:
     best_epoch: int  # 1-based epoch of the best validation accuracy
     checkpoint: Path | None  # last.pt; None without `out`, and on ranks other than 0
     steps: int  # optimizer steps taken in total
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step may draw from: Python, NumPy, torch CPU and CUDA."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def _attention_modules(model: nn.Module) -> tuple[str, ...]:
@@ -242,7 +272,6 @@ def fit(
     val_set: Dataset,
     config: FinetuneConfig = FinetuneConfig(),
     *,
-    spec: ModelSpec | None = None,
     resume: str | Path | None = None,
     ctx: DistContext | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
@@ -253,6 +282,9 @@ def fit(
     the first ``config.attn_only_epochs`` epochs nothing else trains (the model's own
     parameters are frozen and its BatchNorm layers keep their statistics). Each step is one
     optimizer step of a per-step warm-up + cosine schedule.
+
+    Checkpoints (``config.out``) carry the model's recipe (what :func:`retrofit.retrofit`
+    attached), so that :func:`retrofit.load` and ``retrofit gates`` build it again.
 
     Under ``torchrun`` (or with a distributed ``ctx``) the model is wrapped in
     DistributedDataParallel, the training set is split by ``DistributedSampler``, metrics
@@ -266,8 +298,6 @@ def fit(
         train_set: yields ``(image, class index)``.
         val_set: evaluated after every epoch.
         config: the recipe.
-        spec: how to rebuild the model; stored in checkpoints so that
-            :func:`retrofit.train_checkpoint.load_model` and ``retrofit gates`` can rebuild it.
         resume: a ``last.pt`` from an earlier run of the same recipe; training continues
             after its last epoch with the model, optimizer, schedule and RNG states it had.
         ctx: the process context; default :func:`~retrofit.distributed.init_distributed`.
@@ -279,6 +309,8 @@ def fit(
     Raises:
         OptionError: ``attn_only_epochs`` is set but the model has no attention parameters.
         ModelLoadError: ``resume`` is not a readable retrofit checkpoint.
+        SaveError: the recipe names a model file that no longer exists (checkpoints record
+            its hash).
     """
     from tqdm.auto import tqdm
 
@@ -317,7 +349,7 @@ def fit(
     start_epoch, step, history, best = 0, 0, [], (-1.0, 0)
     rng_to_restore = None
     if resume is not None:
-        ckpt = load_state(resume)
+        ckpt = load_training_state(resume)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -333,6 +365,8 @@ def fit(
         rng_to_restore = rngs[ctx.rank] if len(rngs) == ctx.world_size else rngs[0]
 
     out = Path(config.out) if config.out is not None and ctx.is_main else None
+    recipe = get_recipe(model)
+    recipe_data = None if recipe is None or out is None else recipe.located(out).to_dict()
     log = _JsonLines(out / "metrics.jsonl" if out else None, fresh=resume is None)
     show = ctx.is_main and config.progress
     if rng_to_restore is not None:
@@ -402,7 +436,9 @@ def fit(
         if out is not None:
             log.write(record)
             payload = {
-                "spec": spec.to_dict() if spec is not None else None,
+                "recipe": recipe_data,
+                "versions": package_versions(),
+                "buffers": buffer_names(model),
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
@@ -414,9 +450,9 @@ def fit(
                 "best_val_acc": best[0],
                 "best_epoch": best[1],
             }
-            last_path = save_state(out / "last.pt", payload)
+            last_path = save_training_state(out / "last.pt", payload)
             if best[1] == epoch + 1:
-                save_state(out / "best.pt", {**payload, "optimizer": None, "scheduler": None})
+                save_training_state(out / "best.pt", {**payload, "optimizer": None, "scheduler": None})
         if show:
             tqdm.write(
                 f"epoch {epoch + 1}/{config.epochs}  train loss {record['train_loss']:.4f} "

@@ -339,7 +339,8 @@ def _gates_parser() -> argparse.ArgumentParser:
                     "(the SE paper's view).",
         epilog="example: retrofit gates runs/se/best.pt --data data/val --out gates.png",
     )
-    p.add_argument("checkpoint", help="a checkpoint written by retrofit.finetune.fit (last.pt or best.pt)")
+    p.add_argument("checkpoint", help="a checkpoint written by retrofit.finetune.fit (last.pt or best.pt), or a save "
+                   "(.safetensors or folder)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", metavar="DIR", help="ImageFolder split to run on (DIR/CLASS/*.jpg)")
     src.add_argument("--digits", action="store_true",
@@ -349,6 +350,8 @@ def _gates_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=512, help="images to run (a fixed random subset; default 512)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: a GPU if present)")
+    p.add_argument("--trust-code", action="store_true",
+                   help="allow the code the file names (a model file, an attention class); only for files you trust")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -360,12 +363,12 @@ def gates_main(argv: Sequence[str] | None = None) -> int:
         from torch.utils.data import DataLoader, Subset
 
         from .api import get_report
-        from .train_checkpoint import load_model
         from .data import digits_datasets, imagefolder_dataset
         from .distributed import choose_device
+        from .saving import load
 
         device = choose_device(args.device)
-        model = load_model(args.checkpoint).to(device)
+        model = load(args.checkpoint, trust_code=args.trust_code, map_location=device)
         if args.digits:
             c, h, _ = get_report(model).input_size
             dataset = digits_datasets(h, c, augment=False).val

@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from .errors import ModelLoadError, first_line
+from .recipe import Recipe, attach_recipe, is_file_spec
 
 __all__ = ["create_model"]
 
@@ -22,15 +23,13 @@ def _download_error(what: str, e: Exception) -> ModelLoadError:
     )
 
 
-def _timm(name: str, pretrained: bool, num_classes: int | None, **kwargs: Any) -> nn.Module:
+def _timm(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     import timm
 
     if not name.startswith("hf-hub:") and not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; closest: {', '.join(close)}" if close else "; see timm.list_models()"
         raise ModelLoadError(f"unknown timm model {name!r}{hint}")
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except OSError as e:
@@ -41,23 +40,27 @@ def _timm(name: str, pretrained: bool, num_classes: int | None, **kwargs: Any) -
         raise _download_error(repr(name), e) from e
 
 
-def _torchvision(name: str, pretrained: bool, num_classes: int | None, **kwargs: Any) -> nn.Module:
+def _torchvision(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+    import inspect
+
     import torchvision.models as tvm
 
-    names = tvm.list_models(module=tvm)
+    names = tvm.list_models()  # every kind: classification, detection, segmentation, video, optical flow
     if name not in names:
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
         hint = f"; closest: {', '.join(close)}" if close else ""
         raise ModelLoadError(f"unknown torchvision model {name!r}{hint}")
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
+    if not pretrained and "weights_backbone" in inspect.signature(tvm.get_model_builder(name)).parameters:
+        # Detection and segmentation builders download ImageNet backbone weights by
+        # default; fresh weights mean none of them.
+        kwargs.setdefault("weights_backbone", None)
     try:
         return tvm.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
     except OSError as e:
         raise _download_error(f"torchvision:{name}", e) from e
 
 
-def _from_file(spec: str, num_classes: int | None, **kwargs: Any) -> nn.Module:
+def _from_file(spec: str, **kwargs: Any) -> nn.Module:
     file, _, factory = spec.rpartition(":")
     path = Path(file)
     if not path.is_file():
@@ -74,8 +77,6 @@ def _from_file(spec: str, num_classes: int | None, **kwargs: Any) -> nn.Module:
     if not callable(fn):
         found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
         raise ModelLoadError(f"{file!r} has no callable {factory!r} (callables there: {', '.join(found) or 'none'})")
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
     model = fn(**kwargs)
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"{spec} returned {type(model).__name__}, not an nn.Module")
@@ -83,7 +84,8 @@ def _from_file(spec: str, num_classes: int | None, **kwargs: Any) -> nn.Module:
 
 
 def create_model(spec: str, pretrained: bool = False, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
-    """Build the model named by ``spec``.
+    """Build the model named by ``spec``, and record how (``retrofit.save`` and fine-tuning
+    checkpoints of a retrofit of it then know which model to build again).
 
     Args:
         spec: a timm model name (``resnet50``), ``hf-hub:org/name`` (timm), ``torchvision:NAME``,
@@ -96,12 +98,15 @@ def create_model(spec: str, pretrained: bool = False, num_classes: int | None = 
         ModelLoadError: the name is unknown (with the closest names), a file or factory is
             missing, or weights cannot be downloaded.
     """
-    if pretrained and ".py:" in spec:
+    if pretrained and is_file_spec(spec):
         raise ModelLoadError(f"--pretrained needs a timm or torchvision model; {spec!r} is a file (use --checkpoint)")
+    args = dict(kwargs) if num_classes is None else {**kwargs, "num_classes": num_classes}
     if spec.startswith("torchvision:"):
-        return _torchvision(spec.split(":", 1)[1], pretrained, num_classes, **kwargs)
-    if spec.startswith("timm:"):
-        spec = spec.split(":", 1)[1]
-    if ".py:" in spec:
-        return _from_file(spec, num_classes, **kwargs)
-    return _timm(spec, pretrained, num_classes, **kwargs)
+        model = _torchvision(spec.split(":", 1)[1], pretrained, **args)
+    elif is_file_spec(spec.removeprefix("timm:")):
+        spec = spec.removeprefix("timm:")
+        model = _from_file(spec, **args)
+    else:
+        model = _timm(spec.removeprefix("timm:"), pretrained, **args)
+    attach_recipe(model, Recipe().with_model(spec, args))
+    return model

@@ -19,7 +19,8 @@ from .attention import GATES, get_attention, list_attention
 from .errors import RetrofitError, RuleError
 from .sites import SITE_KINDS
 
-__all__ = ["Rule", "RuleSet", "load_rules", "parse_rules", "builtin_rules_dir", "list_builtin_rules", "resolve_rules"]
+__all__ = ["Rule", "RuleSet", "load_rules", "parse_rules", "builtin_rules_dir", "list_builtin_rules", "resolve_rules",
+           "default_rules_doc"]
 
 POSITIONS: dict[str, tuple[str, ...]] = {
     "residual-add": ("branch", "after", "mid"),
@@ -256,6 +257,13 @@ def _is_attention(name: str) -> bool:
     return True
 
 
+def default_rules_doc(attn: str) -> dict[str, Any]:
+    """The default placement of an attention type without a rule file of its own: before
+    every residual add; after every conv block in plain CNNs."""
+    return {"description": f"{attn} on every residual branch before the add; after every conv block in plain CNNs",
+            "rule": [{"at": "residual-add", "attn": attn}, {"at": "conv-block", "attn": attn, "fallback": True}]}
+
+
 def resolve_rules(attn: str | None = None, rules: str | Path | RuleSet | None = None) -> RuleSet:
     """The rule set for ``retrofit(attn=..., rules=...)``.
 
@@ -276,11 +284,7 @@ def resolve_rules(attn: str | None = None, rules: str | Path | RuleSet | None = 
     path = builtin_rules_dir() / f"{attn}.toml"
     if not path.is_file() and _is_attention(attn):
         # A registered type without a rule file of its own: the default placement.
-        return parse_rules(
-            {"description": f"{attn} on every residual branch before the add; after every conv block in plain CNNs",
-             "rule": [{"at": "residual-add", "attn": attn}, {"at": "conv-block", "attn": attn, "fallback": True}]},
-            f"default placement for {attn!r}",
-        )
+        return parse_rules(default_rules_doc(attn), f"default placement for {attn!r}")
     if not path.is_file():
         names = sorted(p.stem for p in builtin_rules_dir().glob("*.toml"))
         close = difflib.get_close_matches(attn, names, n=1)

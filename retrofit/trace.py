@@ -25,6 +25,7 @@ import torch.fx
 from torch import nn
 
 from .errors import TraceError, first_line
+from .meta import META_ATTR
 
 __all__ = ["RetrofitTracer", "trace", "LeafSpec"]
 
@@ -306,10 +307,11 @@ def _carry_metadata(model: nn.Module, gm: torch.fx.GraphModule) -> None:
     """Copy the model's plain-data attributes (timm's ``pretrained_cfg``, ``num_classes``, ...).
 
     ``timm.data.resolve_data_config(model=gm)`` and code that reads ``num_classes`` then work
-    on the result as on the original.
+    on the result as on the original. retrofit's own record of the model is not copied: the
+    caller writes the result's.
     """
     for key, value in vars(model).items():
-        if key.startswith("_") or key == "training" or hasattr(gm, key):
+        if key.startswith("_") or key in ("training", META_ATTR) or hasattr(gm, key):
             continue
         if isinstance(value, (nn.Module, torch.Tensor)) or callable(value):
             continue

@@ -13,7 +13,7 @@ from retrofit.distributed import init_distributed
 from retrofit.finetune import FinetuneConfig, fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.finetune_helpers import build, spec, tiny_digits  # noqa: E402
+from tests.finetune_helpers import build, tiny_digits  # noqa: E402
 
 
 def main(out: Path) -> None:
@@ -25,7 +25,7 @@ def main(out: Path) -> None:
     train, val = tiny_digits(128, 48)
     config = FinetuneConfig(epochs=2, batch_size=16, lr=0.05, attn_only_epochs=1, progress=True, seed=0,
                             out=str(out / f"run{ctx.rank}"))
-    result = fit(model, train, val, config, spec=spec("se"), ctx=ctx)
+    result = fit(model, train, val, config, ctx=ctx)
     torch.save(model.state_dict(), out / f"weights{ctx.rank}.pt")
     (out / f"result{ctx.rank}.json").write_text(json.dumps({
         "history": [{k: v for k, v in r.items() if k != "time_s"} for r in result.history],

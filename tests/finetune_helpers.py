@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
+import retrofit
 from retrofit.data import DataSplits, digits_datasets
-from retrofit.train_checkpoint import ModelSpec
 
 # timm's resnet18 (BasicBlocks, 2 per stage, 8 residual sites), narrowed to 16..128
 # channels with an 8-wide deep stem (the digits demo's network), on 1x32x32 digits: stages
@@ -21,13 +21,11 @@ NARROW = {"num_classes": 10, "in_chans": 1, "channels": (16, 32, 64, 128), "stem
           "zero_init_last": False}
 
 
-def spec(attn: str = "se", gate: str | None = None) -> ModelSpec:
-    return ModelSpec("resnet18", attn=attn, gate=gate, input_size=(1, 32, 32), model_kwargs=NARROW)
-
-
 def build(attn: str = "se", gate: str | None = None, seed: int = 0) -> torch.nn.Module:
+    """The narrow resnet18, retrofitted; it carries its recipe, so checkpoints rebuild it."""
     torch.manual_seed(seed)
-    return spec(attn, gate).build(verify=False)
+    base = retrofit.create_model("resnet18", **NARROW)
+    return retrofit.retrofit(base, attn, gate=gate, input_size=(1, 32, 32), verify=False)
 
 
 @functools.cache

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from retrofit.distributed import DistContext, ShardSampler, init_distributed
-from retrofit.train_checkpoint import load_state
+from retrofit.saving import load_training_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def test_two_processes_end_with_identical_weights(tmp_path: Path) -> None:
     assert r0["checkpoint"] and r1["checkpoint"] is None
     assert sorted(p.name for p in (tmp_path / "run0").iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]
     assert not (tmp_path / "run1").exists()
-    ckpt = load_state(tmp_path / "run0" / "last.pt")
+    ckpt = load_training_state(tmp_path / "run0" / "last.pt")
     assert all(torch.equal(ckpt["model"][k], w0[k]) for k in w0)
     assert len(ckpt["rng"]) == 2  # each rank's RNG, for an exact resume
     assert len((tmp_path / "run0" / "metrics.jsonl").read_text().splitlines()) == 2

@@ -14,12 +14,13 @@ import pytest
 import timm
 import torch
 
+import retrofit
 from retrofit import get_report
 from retrofit.errors import ModelLoadError, OptionError
 from retrofit.finetune import FinetuneConfig, WarmupCosine, attention_parameter_names, fit, param_groups
-from retrofit.train_checkpoint import ModelSpec, load_model, load_state, save_state
+from retrofit.saving import load_training_state, save_training_state
 
-from .finetune_helpers import NARROW, build, one_thread, spec, tiny_digits  # noqa: F401
+from .finetune_helpers import NARROW, build, one_thread, tiny_digits  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +45,7 @@ def _same_tensors(a, b) -> bool:
 def test_loss_goes_down(tmp_path: Path) -> None:
     gm = build("se")
     train, val = tiny_digits()
-    result = fit(gm, train, val, _config(tmp_path, epochs=4, lr=0.1), spec=spec("se"))
+    result = fit(gm, train, val, _config(tmp_path, epochs=4, lr=0.1))
     losses = [r["train_loss"] for r in result.history]
     assert losses[-1] < 0.9 * losses[0], losses
     assert result.steps == 4 * (len(train) // 32)
@@ -53,7 +54,7 @@ def test_loss_goes_down(tmp_path: Path) -> None:
     assert {"train_loss", "val_acc", "lr", "attn_lr", "phase"} <= lines[0].keys()
     assert (tmp_path / "last.pt").is_file() and (tmp_path / "best.pt").is_file()
     # the checkpoint rebuilds the model: same outputs, bit for bit
-    again = load_model(tmp_path / "last.pt")
+    again = retrofit.load(tmp_path / "last.pt")
     x = torch.randn(4, 1, 32, 32)
     assert torch.equal(again.eval()(x), gm.eval()(x))
     assert get_report(again).rows == get_report(gm).rows
@@ -68,7 +69,7 @@ def test_resume_gives_the_same_state(tmp_path: Path) -> None:
     # attention only for epoch 1, then everything: the resume crosses the phase change
     cfg = dict(epochs=3, attn_only_epochs=1)
     straight = build("cbam")
-    fit(straight, train, val, _config(tmp_path / "straight", **cfg), spec=spec("cbam"))
+    fit(straight, train, val, _config(tmp_path / "straight", **cfg))
 
     def stop_after_first(record: dict) -> None:
         if record["epoch"] == 1:
@@ -76,15 +77,15 @@ def test_resume_gives_the_same_state(tmp_path: Path) -> None:
 
     first = build("cbam")
     with pytest.raises(_Stop):
-        fit(first, train, val, _config(tmp_path / "split", **cfg), spec=spec("cbam"), on_epoch=stop_after_first)
-    assert load_state(tmp_path / "split" / "last.pt")["epoch"] == 1
+        fit(first, train, val, _config(tmp_path / "split", **cfg), on_epoch=stop_after_first)
+    assert load_training_state(tmp_path / "split" / "last.pt")["epoch"] == 1
     torch.manual_seed(1234)  # a fresh process would start from anything
-    resumed = spec("cbam").build(verify=False)
-    fit(resumed, train, val, _config(tmp_path / "split", **cfg), spec=spec("cbam"),
-        resume=tmp_path / "split" / "last.pt")
+    resumed = retrofit.load(tmp_path / "split" / "last.pt")
+    fit(resumed, train, val, _config(tmp_path / "split", **cfg), resume=tmp_path / "split" / "last.pt")
 
     assert _same_tensors(straight.state_dict(), resumed.state_dict())
-    a, b = load_state(tmp_path / "straight" / "last.pt"), load_state(tmp_path / "split" / "last.pt")
+    a = load_training_state(tmp_path / "straight" / "last.pt")
+    b = load_training_state(tmp_path / "split" / "last.pt")
     for key in ("model", "optimizer", "scheduler", "epoch", "step", "rng", "best_val_acc"):
         assert _same_tensors(a[key], b[key]), key
     assert a["step"] == 3 * (len(train) // 32)
@@ -158,23 +159,25 @@ def test_config_and_checkpoint_errors(tmp_path: Path) -> None:
     with pytest.raises(OptionError, match="has no attention parameters.*use attn_only_epochs=0"):
         fit(plain, train, val, _config(attn_only_epochs=1))
     with pytest.raises(ModelLoadError, match="training checkpoint .*nope.pt' not found"):
-        load_model(tmp_path / "nope.pt")
+        retrofit.load(tmp_path / "nope.pt")
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(ModelLoadError, match="not a retrofit training checkpoint"):
-        load_model(tmp_path / "other.pt")
-    save_state(tmp_path / "nospec.pt", {"spec": None, "model": {}})
-    with pytest.raises(ModelLoadError, match="has no model spec"):
-        load_model(tmp_path / "nospec.pt")
-    with pytest.raises(ModelLoadError, match="model_kwargs \\['in_chans'\\] are only passed to timm models"):
-        ModelSpec("torchvision:resnet18", model_kwargs={"in_chans": 1}).build_base()
+        retrofit.load(tmp_path / "other.pt")
+    save_training_state(tmp_path / "norecipe.pt", {"recipe": None, "model": {}})
+    with pytest.raises(ModelLoadError, match="has no recipe: it was fine-tuned from a model retrofit\\(\\) did not build"):
+        retrofit.load(tmp_path / "norecipe.pt")
 
 
-def test_model_spec_round_trip() -> None:
-    s = ModelSpec("resnet18", attn="cbam", gate="sigmoid", attn_args={"rd_ratio": 0.25}, input_size=(1, 32, 32),
-                  model_kwargs=NARROW)
-    assert ModelSpec.from_dict(s.to_dict()) == s
-    baseline = ModelSpec("resnet18", retrofitted=False, model_kwargs=NARROW).build()
-    assert not hasattr(baseline, "meta")
+def test_checkpoint_carries_the_recipe(tmp_path: Path) -> None:
+    gm = build("cbam", gate="sigmoid")
+    train, val = tiny_digits(32, 32)
+    fit(gm, train, val, _config(tmp_path, epochs=1))
+    ckpt = load_training_state(tmp_path / "best.pt")
+    recipe = retrofit.Recipe.from_dict(ckpt["recipe"])
+    assert recipe == retrofit.get_recipe(gm)
+    assert recipe.model == "resnet18" and recipe.gate == "sigmoid" and recipe.input_size == (1, 32, 32)
+    assert recipe.model_kwargs == {**NARROW, "channels": [16, 32, 64, 128]}
+    assert ckpt["versions"]["torch"] == torch.__version__ and "bn1.running_mean" in ckpt["buffers"]
 
 
 def test_choose_device(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -199,7 +202,7 @@ def test_finetune_example_runs_and_resumes(tmp_path: Path) -> None:
     r = subprocess.run([*args, "--epochs", "2", "--resume", str(tmp_path / "last.pt")],
                        capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
-    assert load_state(tmp_path / "last.pt")["epoch"] == 2
+    assert load_training_state(tmp_path / "last.pt")["epoch"] == 2
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
 
 
@@ -214,7 +217,7 @@ def test_imagefolder_datasets_use_the_models_data_config(tmp_path: Path) -> None
             for i in range(2):
                 Image.new("RGB", (40, 30), (40 * i, 100, 200)).save(tmp_path / split / cls / f"{i}.png")
     base = timm.create_model("resnet18", num_classes=2, channels=(16, 32, 64, 128))
-    gm = ModelSpec("resnet18", attn="se", input_size=(3, 32, 32)).build(base, verify=False)
+    gm = retrofit.retrofit(base, "se", input_size=(3, 32, 32), verify=False)
     data = imagefolder_datasets(tmp_path, gm)
     assert data.classes == ("cat", "dog") and data.input_size == (3, 224, 224)
     x, y = data.val[3]
@@ -232,4 +235,4 @@ def test_imagefolder_datasets_use_the_models_data_config(tmp_path: Path) -> None
 def test_unreadable_training_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')
     with pytest.raises(ModelLoadError, match="cannot read training checkpoint .*expected a last.pt or best.pt"):
-        load_state(tmp_path / "metrics.jsonl")
+        load_training_state(tmp_path / "metrics.jsonl")

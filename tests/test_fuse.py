@@ -295,8 +295,9 @@ def test_only_the_module_next_to_the_add_fuses() -> None:
 
 def test_fuse_is_in_the_recipe_and_survives_save_and_load(tmp_path: Path) -> None:
     fused, plain = _pair("resnet18", "cbam", 32)
-    assert fused.meta["retrofit_recipe"]["fuse"] is True and plain.meta["retrofit_recipe"]["fuse"] is False
-    # (test_serialize round-trips fused models.) An unfused model loads unfused.
+    assert retrofit.get_recipe(fused).fuse is True and retrofit.get_recipe(plain).fuse is False
+    assert fused.meta["retrofit_recipe"] is retrofit.get_recipe(fused)  # torch.fx's meta holds it too
+    # (test_saving round-trips fused models.) An unfused model loads unfused.
     loaded = retrofit.load(retrofit.save(plain, tmp_path / "plain.safetensors", model_spec="resnet18"))
     assert not _fused(loaded) and {r.module for r in get_report(loaded).rows} <= _called(loaded)
     x = torch.randn(2, 3, 32, 32)

@@ -14,7 +14,7 @@ from retrofit.data import digits_datasets
 from retrofit.finetune import FinetuneConfig, fit
 from retrofit.gates import GateRecord, gates_main, plot_gates, record_gates
 
-from .finetune_helpers import build, one_thread, spec, tiny_digits  # noqa: F401
+from .finetune_helpers import build, one_thread, tiny_digits  # noqa: F401
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -86,8 +86,7 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
 def test_gates_cli_on_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     gm = build("se")
     train, val = tiny_digits(64, 32)
-    fit(gm, train, val, FinetuneConfig(epochs=1, batch_size=32, progress=False, out=str(tmp_path / "run")),
-        spec=spec("se"))
+    fit(gm, train, val, FinetuneConfig(epochs=1, batch_size=32, progress=False, out=str(tmp_path / "run")))
     code = gates_main([str(tmp_path / "run" / "last.pt"), "--digits", "--samples", "50",
                        "--out", str(tmp_path / "g.png"), "--json", str(tmp_path / "g.json")])
     assert code == 0

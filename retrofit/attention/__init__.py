@@ -2,7 +2,7 @@
 
 from ._gate import GATES
 from ._identity import identity_error
-from ._registry import create_attention, get_attention, list_attention, register_attention
+from ._registry import create_attention, get_attention, is_registered, list_attention, register_attention
 from .cbam import Cbam
 from .chsa import ChannelSelfAttn
 from .coord import CoordAttn
@@ -20,6 +20,7 @@ __all__ = [
     "get_attention",
     "list_attention",
     "create_attention",
+    "is_registered",
     "identity_error",
     "SqueezeExcite",
     "EfficientChannelAttn",

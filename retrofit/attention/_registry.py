@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import AttentionError
 
-__all__ = ["register_attention", "get_attention", "list_attention", "create_attention"]
+__all__ = ["register_attention", "get_attention", "list_attention", "create_attention", "is_registered"]
 
 _ATTENTION: dict[str, type[nn.Module]] = {}
 
@@ -44,6 +44,12 @@ def register_attention(name: str) -> Callable[[_M], _M]:
 def list_attention() -> list[str]:
     """Names of all registered attention types, sorted."""
     return sorted(_ATTENTION)
+
+
+def is_registered(name: str) -> bool:
+    """Whether ``name`` is registered in this process (built in, registered by the user, or a
+    ``module:Class`` already imported once): using it imports nothing."""
+    return name in _ATTENTION
 
 
 def _import_attention(spec: str) -> type[nn.Module]:

@@ -1,0 +1,351 @@
+"""How a model was built: one record, from the base model's name to every option of
+:func:`retrofit.retrofit`.
+
+:func:`retrofit.create_model` records the base model's name and arguments on the model it
+builds; :func:`retrofit.retrofit` attaches the full :class:`Recipe` to its result;
+:func:`retrofit.save` writes it, fine-tuning checkpoints carry it, and
+:func:`retrofit.load` builds the model again from it. A recipe is plain data (strings,
+numbers, lists, tables), so that the files that hold one hold no pickled code.
+
+Files come from other people, so building from a recipe trusts nothing by default, as
+Hugging Face's ``trust_remote_code``. Without ``trust_code`` a recipe may name timm and
+torchvision models by their registry names, retrofit's attention types and the types
+registered in the running process, and leaf-module classes of modules already imported.
+Anything else it names (a model file and its factory, a ``module:Class`` attention or leaf
+module whose module is not imported, a model argument that loads a file) is refused
+before anything is imported, by an :class:`~retrofit.errors.UntrustedCodeError` that says
+what the recipe asks to run and how to allow it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import ModelLoadError, SaveError, UntrustedCodeError
+from .meta import RECIPE_KEY, retrofit_meta
+
+__all__ = ["Recipe", "get_recipe", "attach_recipe", "recipe_of_result", "is_file_spec", "leaf_name", "TRUST_HINT"]
+
+TRUST_HINT = ("load it only if you trust where it came from: trust_code=True in Python, --trust-code on the "
+              "command line")
+# Model constructor arguments that make timm or torchvision read a file or download one
+# (timm's `checkpoint_path` is read with pickle): weights come from the save, never from these.
+_LOADING_KWARGS = ("pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir",
+                   "weights", "weights_backbone")
+
+
+def is_file_spec(spec: str) -> bool:
+    """``path/to/file.py:factory``: a user's model file (running it runs its code)."""
+    return ".py:" in spec
+
+
+def leaf_name(leaf: type[nn.Module] | str) -> str:
+    """How a recipe names a leaf module: a class as ``module:QualName``, a string as it is."""
+    return leaf if isinstance(leaf, str) else f"{leaf.__module__}:{leaf.__qualname__}"
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready: mappings to dicts, tuples to lists."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to build a model again: its base model, then the retrofit options.
+
+    Plain data throughout (the tables are dicts, so that a model carrying a recipe can be
+    deep-copied and pickled); treat it as read-only.
+
+    Example:
+        >>> gm = retrofit.retrofit(retrofit.create_model("resnet18", num_classes=10), "se")
+        >>> get_recipe(gm).model, get_recipe(gm).model_kwargs
+        ('resnet18', {'num_classes': 10})
+    """
+
+    model: str | None = None  # timm name, "hf-hub:ORG/NAME", "torchvision:NAME", "path/to/file.py:factory"; None: unknown
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)  # constructor or factory arguments
+    model_sha256: str | None = None  # file models: the file's hash when the recipe was written
+    base: Recipe | None = None  # the model retrofit() got was itself built by this recipe (stacked)
+    rules: Mapping[str, Any] | None = None  # the rule document as plain data; None: no retrofit, the base alone
+    rules_name: str = "<rules>"  # where the rules came from ("built-in 'se'", a file path)
+    gate: str | None = None  # retrofit(gate=...)
+    attn_args: Mapping[str, Any] = field(default_factory=dict)  # retrofit(attn_args=...)
+    input_size: tuple[int, ...] | None = None  # (C, H, W) the sites were analysed at
+    leaf_modules: tuple[str, ...] = ()  # retrofit(leaf_modules=...), classes as "module:QualName"
+    strict: bool = False  # retrofit(strict=...)
+    on_existing: str | None = None  # retrofit(on_existing=...)
+    fuse: bool = True  # retrofit(fuse=...)
+    keep_class: bool = False  # retrofit(keep_class=...)
+
+    # ------------------------------------------------------------------ plain data
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready plain data; :meth:`from_dict` reads it back."""
+        d = {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+        d["base"] = None if self.base is None else self.base.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "recipe") -> Recipe:
+        """Read a recipe written by :meth:`to_dict`, checking every field's type.
+
+        Raises:
+            ModelLoadError: not a recipe: an unknown field, or a field of the wrong type.
+        """
+        if not isinstance(d, Mapping):
+            raise ModelLoadError(f"{where}: the recipe is a {type(d).__name__}, not a table")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ModelLoadError(f"{where}: unknown recipe field(s) {', '.join(map(repr, unknown))} "
+                                 f"(valid: {', '.join(sorted(known))}); was it written by a newer retrofit?")
+        types: dict[str, tuple[type, ...]] = {
+            "model": (str, type(None)), "model_kwargs": (dict,), "model_sha256": (str, type(None)),
+            "base": (dict, type(None)), "rules": (dict, type(None)), "rules_name": (str,),
+            "gate": (str, type(None)), "attn_args": (dict,), "input_size": (list, tuple, type(None)),
+            "leaf_modules": (list, tuple), "strict": (bool,), "on_existing": (str, type(None)), "fuse": (bool,),
+            "keep_class": (bool,),
+        }
+        values: dict[str, Any] = {}
+        for name, value in d.items():
+            if not isinstance(value, types[name]):
+                raise ModelLoadError(f"{where}: recipe field {name!r} is a {type(value).__name__} ({value!r:.60})")
+            values[name] = value
+        if not all(isinstance(v, str) for v in values.get("leaf_modules", ())):
+            raise ModelLoadError(f"{where}: recipe field 'leaf_modules' must be a list of strings")
+        size = values.get("input_size")
+        if size is not None and not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
+            raise ModelLoadError(f"{where}: recipe field 'input_size' must be a list of integers, not {size!r}")
+        if values.get("base") is not None:
+            values["base"] = cls.from_dict(values["base"], where)
+        if size is not None:
+            values["input_size"] = tuple(size)
+        values["leaf_modules"] = tuple(values.get("leaf_modules", ()))
+        return cls(**values)
+
+    # ------------------------------------------------------------------ trust
+
+    def _chain(self) -> Iterator[Recipe]:
+        r: Recipe | None = self
+        while r is not None:
+            yield r
+            r = r.base
+
+    def foreign_code(self) -> list[str]:
+        """What building this recipe would import or run beyond timm, torchvision and what
+        is already loaded in this process (empty: nothing)."""
+        from .attention import is_registered
+
+        found: list[str] = []
+        for r in self._chain():
+            if r.model is not None and is_file_spec(r.model):
+                file, _, factory = r.model.rpartition(":")
+                found.append(f"the model file {file!r} (its function {factory!r} builds the model)")
+            for key in _LOADING_KWARGS:
+                if key in r.model_kwargs:
+                    found.append(f"the model argument {key}={r.model_kwargs[key]!r}, which loads a file")
+            tables = (r.rules or {}).get("rule", [])
+            for i, table in enumerate(tables if isinstance(tables, list) else [], 1):
+                attn = table.get("attn") if isinstance(table, Mapping) else None
+                if isinstance(attn, str) and ":" in attn and not is_registered(attn):
+                    found.append(f"the attention class {attn!r} ({r.rules_name}, rule {i})")
+            for leaf in r.leaf_modules:
+                if ":" in leaf and leaf.partition(":")[0] not in sys.modules:
+                    found.append(f"the leaf-module class {leaf!r}")
+        return found
+
+    def check_trust(self, trust_code: bool, where: str) -> None:
+        """Refuse, before anything is imported, a recipe that names code to run.
+
+        Raises:
+            UntrustedCodeError: the recipe names code and ``trust_code`` is False.
+        """
+        found = self.foreign_code()
+        if found and not trust_code:
+            raise UntrustedCodeError(f"{where} asks to run code: {'; '.join(found)}. Nothing was imported; "
+                                     f"{TRUST_HINT}")
+
+    # ------------------------------------------------------------------ files
+
+    def _file(self, base_dir: Path | None) -> tuple[Path, str]:
+        """The model file (resolved against ``base_dir``) and the factory name."""
+        file, _, factory = (self.model or "").rpartition(":")
+        path = Path(file)
+        if not path.is_absolute():
+            path = (base_dir if base_dir is not None else Path.cwd()) / path
+        return path, factory
+
+    def located(self, folder: Path) -> Recipe:
+        """This recipe as a file in ``folder`` records it: a model file's path relative to
+        ``folder`` and its sha256, so that loading runs the file that was saved.
+
+        Raises:
+            SaveError: the model file is gone.
+        """
+        base = None if self.base is None else self.base.located(folder)
+        if self.model is None or not is_file_spec(self.model):
+            return replace(self, base=base)
+        path, factory = self._file(None)
+        if not path.is_file():
+            raise SaveError(f"model file {str(path)!r} not found; a save records the file's hash, so the file "
+                            "must exist when the model is saved")
+        rel = os.path.relpath(path.resolve(), Path(folder).resolve())
+        return replace(self, base=base, model=f"{Path(rel).as_posix()}:{factory}", model_sha256=_sha256(path))
+
+    def resolved(self, base_dir: Path | None) -> Recipe:
+        """The inverse of :meth:`located`: a model file's path made absolute, its hash
+        checked against the recorded one.
+
+        Raises:
+            ModelLoadError: the file is missing, or differs from the one the recipe was written with.
+        """
+        base = None if self.base is None else self.base.resolved(base_dir)
+        if self.model is None or not is_file_spec(self.model):
+            return replace(self, base=base)
+        path, factory = self._file(base_dir)
+        if not path.is_file():
+            raise ModelLoadError(f"model file {str(path)!r} not found (the recipe names {self.model!r}, relative "
+                                 "to the save); put the model's file there")
+        if self.model_sha256 is not None:
+            now = _sha256(path)
+            if now != self.model_sha256:
+                raise ModelLoadError(
+                    f"model file {str(path)!r} is not the file this model was saved with (sha256 {now} now, "
+                    f"{self.model_sha256} when saved); not running it. Restore the saved file, or rebuild the "
+                    "model and save it again"
+                )
+        return replace(self, base=base, model=f"{path.resolve()}:{factory}")
+
+    # ------------------------------------------------------------------ building
+
+    def with_model(self, model: str | None, model_kwargs: Mapping[str, Any] | None) -> Recipe:
+        """The same recipe with another base model (the innermost one, for a stacked recipe)."""
+        if self.base is not None:
+            return replace(self, base=self.base.with_model(model, model_kwargs))
+        kwargs = self.model_kwargs if model_kwargs is None else _plain(model_kwargs)
+        if model is not None and is_file_spec(model):
+            file, _, factory = model.rpartition(":")
+            model = f"{Path(file).resolve()}:{factory}"
+        return replace(self, model=self.model if model is None else model, model_kwargs=kwargs, model_sha256=None)
+
+    def build_base(self, *, pretrained: bool = False) -> nn.Module:
+        """The model the rules are applied to (fresh weights unless ``pretrained``).
+
+        Call :meth:`check_trust` and :meth:`resolved` first for a recipe read from a file.
+
+        Raises:
+            ModelLoadError: the recipe names no model, or the model cannot be built.
+        """
+        if self.base is not None:
+            return self.base.build(pretrained=pretrained)
+        if self.model is None:
+            raise ModelLoadError(
+                "the recipe does not say which model to build (retrofit() got a model object it could not "
+                "name); save with model_spec='resnet50' (timm), 'torchvision:NAME' or 'path/to/file.py:factory', "
+                "or build the model with retrofit.create_model(...)"
+            )
+        from .models import create_model
+
+        return create_model(self.model, pretrained=pretrained, **self.model_kwargs)
+
+    def build(self, *, pretrained: bool = False, verify: bool = False) -> nn.Module:
+        """The base model, then :func:`retrofit.retrofit` with this recipe's options.
+
+        The weights are fresh (or the base model's pretrained ones); load saved weights
+        with :func:`retrofit.load`, which also checks trust and file hashes first.
+        """
+        return self.apply(self.build_base(pretrained=pretrained), verify=verify)
+
+    def apply(self, model: nn.Module, *, verify: bool = False) -> nn.Module:
+        """:func:`retrofit.retrofit` of ``model`` with this recipe's rules and options (the
+        model itself for a recipe without rules)."""
+        if self.rules is None:
+            return model
+        from .api import retrofit
+        from .rulefile import parse_rules
+
+        result = retrofit(
+            model,
+            rules=parse_rules(self.rules, self.rules_name),
+            gate=self.gate,
+            attn_args=dict(self.attn_args) or None,
+            input_size=self.input_size,
+            leaf_modules=[_resolve_leaf(s) for s in self.leaf_modules],
+            strict=self.strict,
+            on_existing=self.on_existing,
+            fuse=self.fuse,
+            keep_class=self.keep_class,
+            verify=verify,
+            check_identity=verify,  # a rebuilt model gets its weights right after
+        )
+        attach_recipe(result, self)
+        return result
+
+
+def _resolve_leaf(spec: str) -> type[nn.Module] | str:
+    """A leaf-module name as retrofit() takes it: ``module:QualName`` imported, else as is."""
+    if ":" not in spec:
+        return spec
+    module_name, _, qualname = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise ModelLoadError(f"leaf module {spec!r} cannot be imported: {e}") from e
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise ModelLoadError(f"leaf module {spec!r} is a {type(obj).__name__}, not an nn.Module class")
+    return obj
+
+
+def get_recipe(model: nn.Module) -> Recipe | None:
+    """The recipe a model carries: from :func:`retrofit.create_model`, :func:`retrofit.retrofit`
+    or :func:`retrofit.load`; None for any other model."""
+    recipe = retrofit_meta(model).get(RECIPE_KEY)
+    return recipe if isinstance(recipe, Recipe) else None
+
+
+def attach_recipe(model: nn.Module, recipe: Recipe) -> None:
+    """Record how ``model`` was built (what :func:`get_recipe` returns)."""
+    retrofit_meta(model, create=True)[RECIPE_KEY] = recipe
+
+
+def _named_by_timm(model: nn.Module) -> Recipe:
+    """A timm model names its own architecture; its classifier size is an attribute. Other
+    constructor arguments are not recorded anywhere (``retrofit.save`` checks the guess)."""
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if not arch:
+        return Recipe()
+    n = getattr(model, "num_classes", None)
+    return Recipe(model=arch, model_kwargs={"num_classes": n} if isinstance(n, int) else {})
+
+
+def recipe_of_result(model: nn.Module, rules_doc: Mapping[str, Any], rules_name: str, **options: Any) -> Recipe:
+    """The recipe of ``retrofit(model, ...)``: how ``model`` was built (what it carries, or
+    what timm says), then these rules and options. A model that is itself a retrofit
+    result becomes the ``base`` of the new recipe."""
+    given = get_recipe(model) or _named_by_timm(model)
+    opts = {**options, "rules": _plain(rules_doc), "rules_name": rules_name,
+            "attn_args": _plain(options.get("attn_args") or {}),
+            "leaf_modules": tuple(leaf_name(m) for m in options.get("leaf_modules", ())),
+            "input_size": tuple(options["input_size"])}
+    if given.rules is not None:
+        return Recipe(base=given, **opts)
+    return replace(given, **opts)
