@@ -4,26 +4,27 @@ from __future__ import annotations
 
 import copy
 import warnings
+from dataclasses import replace as dc_replace
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch.fx
 from torch import nn
 
 from .attention import GATES
-from .errors import OptionError, SiteError, TraceError
+from .errors import OptionError, SiteError
 from .meta import REPORT_KEY, retrofit_meta
-from .partial import Partition, partition
+from .partition import Partition, partition, refine
 from .plan import Plan, make_plan
 from .recipe import attach_recipe, recipe_of_result
 from .report import Report, SiteRow, StageRow
-from .rewrite import insert_attention, insert_attention_partial
+from .rewrite import rewrite
 from .rulefile import ON_EXISTING, RuleSet, resolve_rules
-from .shapes import propagate_shapes, resolve_input_size
-from .sites import SiteAnalysis, find_sites, holds_conv
-from .trace import LeafSpec, trace
+from .shapes import resolve_input_size
+from .sites import SiteAnalysis, holds_conv
+from .trace import LeafSpec
 from .verify import compare, count_params
 
 __all__ = ["retrofit", "analyze", "plan", "get_report"]
@@ -70,49 +71,19 @@ def _check_choice(name: str, value: str | None, valid: tuple[str, ...]) -> None:
         raise OptionError(f"{name}={value!r} is not valid (valid: {', '.join(valid)})")
 
 
-def _what_failed(error: TraceError) -> str:
-    """A trace error's first sentence: where it failed, without torch.fx's general advice."""
-    return str(error).split(". torch.fx", 1)[0]
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    size: tuple[int, int, int]  # (C, H, W) used for shapes
-    analysis: SiteAnalysis  # every site, in the model's namespace
-    gm: torch.fx.GraphModule | None  # the whole model traced; None on the partial path
-    parts: Partition | None = None  # the traced submodules, on the partial path
-    trace_error: TraceError | None = None  # why the whole model did not trace
-
-
-def _prepare(
+def _partition(
     model: nn.Module,
     input_size: int | tuple[int, ...] | None,
     leaf_modules: Iterable[LeafSpec],
-    keep_class: bool = False,
-) -> _Prepared:
-    leaf_modules = tuple(leaf_modules)
+    keep_class: bool,
+) -> tuple[tuple[int, int, int], Partition]:
     size = resolve_input_size(model, input_size)
-    error: TraceError | None = None
-    if not keep_class:
-        try:
-            gm = trace(model, leaf_modules)
-        except TraceError as e:
-            error = e
-        else:
-            return _Prepared(size, find_sites(gm, propagate_shapes(gm, size)), gm)
-    reason = (f"the forward of {type(model).__name__} stays Python code (keep_class)" if error is None
-              else f"does not trace: {_what_failed(error)}")
-    try:
-        parts = partition(model, size, leaf_modules, reason)
-    except TraceError:
-        if error is None:
-            raise
-        raise error from None  # the whole-model failure is the one to act on
-    if error is not None and not parts.analysis.sites and holds_conv(model):
+    parts = partition(model, size, tuple(leaf_modules), keep_class)
+    if parts.root_error is not None and not parts.analysis.sites and holds_conv(model):
         # Nothing with sites traced: the trace failure is what hides them. A model with no
         # convolution at all has no sites however it traces; "no sites" is then the answer.
-        raise error
-    return _Prepared(size, parts.analysis, None, parts, error)
+        raise parts.root_error
+    return size, parts
 
 
 def analyze(
@@ -130,8 +101,12 @@ def analyze(
             config, else 224x224.
         leaf_modules: modules not to trace into (classes, class names or module paths).
         keep_class: analyse as :func:`retrofit` with ``keep_class=True`` would see it.
+
+    Returns:
+        The sites, the candidates that are not sites, and what no trace reached
+        (``left_alone``: module paths with the reason; ``""`` is the top-level forward).
     """
-    return _prepare(model, input_size, leaf_modules, keep_class).analysis
+    return _partition(model, input_size, leaf_modules, keep_class)[1].analysis
 
 
 def plan(
@@ -237,49 +212,45 @@ def retrofit(
     ruleset = resolve_rules(attn, rules)
     leaf_modules = tuple(leaf_modules)
     work = model if inplace else copy.deepcopy(model)
-    prep = _prepare(work, input_size, leaf_modules, keep_class)
-    size, analysis = prep.size, prep.analysis
+    size, parts = _partition(work, input_size, leaf_modules, keep_class)
+    analysis = parts.analysis
     if not analysis.sites:
-        # _prepare returns a trace error beside no sites only for a model with no convolution.
-        untraced = ("" if prep.trace_error is None else
-                    f"; it also does not trace as a whole ({_what_failed(prep.trace_error)}),"
+        # _partition returns a trace error beside no sites only for a model with no convolution.
+        untraced = ("" if parts.root_error is None else
+                    f"; it also does not trace as a whole ({parts.root_error.where}),"
                     " but it holds no convolution, so no part of it could hold a site")
         raise SiteError(
             f"{type(model).__name__} has no residual adds and no conv blocks for attention "
             f"(input size {size}); is it a CNN? Leaf modules hide what is inside them{untraced}"
         )
-    the_plan = make_plan(analysis, ruleset, gate, attn_args, strict, on_existing)
+    plan_args = (ruleset, gate, attn_args, strict, on_existing)
+    the_plan = make_plan(analysis, *plan_args)
     if not the_plan.placements:
         warnings.warn(f"rules {ruleset.name!r} selected no site of {type(model).__name__}; nothing inserted",
                       stacklevel=2)
-    result: nn.Module
-    left_alone: tuple[tuple[str, str], ...] = ()
-    traced: list[str] = []
-    notes: list[str] = []
-    if prep.gm is not None:
-        result = prep.gm
-        inserted = insert_attention(prep.gm, the_plan.placements, fuse=fuse, check_identity=check_identity)
-        notes += prep.gm.meta.get("retrofit_trace_notes", ())
-    else:
-        parts = cast(Partition, prep.parts)  # _prepare returns a partition whenever it returns no graph
-        inserted = insert_attention_partial(work, parts, the_plan.placements, fuse, check_identity)
-        result = work
-        left_alone = parts.left_alone
-        notes += parts.notes
-        traced = sorted({parts.local(i.placement.site)[0].path for i in inserted})
-        if prep.trace_error is not None:
-            msg = (f"{type(model).__name__} does not trace as a whole; attention went into {len(traced)} traced "
-                   f"submodule(s) and {len(left_alone)} part(s) were left alone (report.left_alone). "
-                   f"First failure: {_what_failed(prep.trace_error)}")
-            notes.append(msg)
-            warnings.warn(msg, stacklevel=2)
-        else:
-            missed = _placements_out_of_reach(model, prep, leaf_modules, the_plan,
-                                              (ruleset, gate, attn_args, False, on_existing))
-            if missed:
-                notes.append(f"keep_class: {len(missed)} site(s) the rules select are in forward code kept as "
-                             "Python, out of reach: "
-                             f"{', '.join(missed[:4])}{', ...' if len(missed) > 4 else ''}")
+    parts, unreachable = refine(work, parts, [p.site for p in the_plan.placements])
+    if unreachable:
+        # A selected site whose module traces only as part of the model's own forward,
+        # which keep_class leaves as Python code.
+        lost = {s.node for s in unreachable}
+        why = "its module traces only as part of the model's forward, which keep_class keeps as Python code"
+        the_plan = dc_replace(the_plan, placements=tuple(p for p in the_plan.placements if p.site.node not in lost),
+                              skipped=the_plan.skipped + tuple((s, why) for s in unreachable))
+    result, inserted = rewrite(work, parts, the_plan.placements, fuse, check_identity)
+    notes = list(parts.notes)
+    traced = sorted({parts.local(i.placement.site)[0].path for i in inserted} - {""})
+    if parts.root_error is not None:
+        msg = (f"{type(model).__name__} does not trace as a whole; attention went into {len(traced)} traced "
+               f"submodule(s) and {len(parts.left_alone)} part(s) were left alone (report.left_alone). "
+               f"First failure: {parts.root_error.where}")
+        notes.append(msg)
+        warnings.warn(msg, stacklevel=2)
+    elif parts.whole_analysis is not None:
+        missed = _out_of_reach(parts.whole_analysis, the_plan, (ruleset, gate, attn_args, False, on_existing))
+        if missed:
+            notes.append(f"keep_class: {len(missed)} site(s) the rules select are in forward code kept as "
+                         "Python, out of reach: "
+                         f"{', '.join(missed[:4])}{', ...' if len(missed) > 4 else ''}")
     comparison = compare(model, result, size) if verify else None
     report = Report(
         model=type(model).__name__,
@@ -309,7 +280,7 @@ def retrofit(
         flops_before=None if comparison is None else comparison.flops_before,
         flops_after=None if comparison is None else comparison.flops_after,
         stages=_stage_rows(model, result),
-        left_alone=left_alone,
+        left_alone=parts.left_alone,
         traced=tuple(traced),
     )
     retrofit_meta(result, create=True)[REPORT_KEY] = report
@@ -319,14 +290,8 @@ def retrofit(
     return result
 
 
-def _placements_out_of_reach(model: nn.Module, prep: _Prepared, leaf_modules: tuple[LeafSpec, ...],
-                             the_plan: Plan, plan_args: tuple[Any, ...]) -> list[str]:
-    """Sites the rules select in a whole-model trace that the traced submodules do not reach."""
-    try:
-        gm = trace(model, leaf_modules)
-        whole = find_sites(gm, propagate_shapes(gm, prep.size))
-    except TraceError:
-        return []
+def _out_of_reach(whole: SiteAnalysis, the_plan: Plan, plan_args: tuple[Any, ...]) -> list[str]:
+    """Sites the rules select in the whole model that the units do not reach (keep_class)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         want = make_plan(whole, *plan_args).placements

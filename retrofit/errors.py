@@ -35,7 +35,31 @@ class AttentionError(RetrofitError, ValueError):
 
 
 class TraceError(RetrofitError, RuntimeError):
-    """torch.fx could not trace the model."""
+    """torch.fx could not trace the model.
+
+    Where tracing broke is kept as fields, so callers do not parse the message: ``model``
+    (class of the module being traced), ``module`` (path of the innermost module whose
+    forward failed, relative to it; ``""`` for its own forward), ``module_class``,
+    ``file``, ``line``, ``code`` (the source line) and ``reason`` (torch.fx's message).
+    """
+
+    def __init__(self, message: str, *, model: str | None = None, module: str | None = None,
+                 module_class: str | None = None, file: str | None = None, line: int | None = None,
+                 code: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.model, self.module, self.module_class = model, module, module_class
+        self.file, self.line, self.code, self.reason = file, line, code, reason
+
+    @property
+    def where(self) -> str:
+        """Where tracing broke, in one phrase: "module 'layer3.1' (NanGuard) at file:line `code`"."""
+        if self.model is None:
+            return str(self).split(". ", 1)[0]
+        what = f"module {self.module!r} ({self.module_class})" if self.module else \
+            f"the top-level forward of {self.module_class}"
+        at = f" at {self.file}:{self.line}" if self.file else ""
+        code = f" `{self.code}`" if self.code else ""
+        return f"cannot trace {self.model}: {what}{at}{code}: {self.reason}"
 
 
 class SiteError(RetrofitError, ValueError):

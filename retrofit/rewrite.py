@@ -10,14 +10,24 @@ before an out-of-place add is not called as a module: its gate is computed alone
 :func:`~retrofit.fuse.gated_residual` node replaces the module call and the add, saving a
 full read and write of the activation. The module stays where it was installed (same
 name, parameters and state-dict keys); the graph reaches it with a ``get_attr`` node.
+
+A partition's root unit (the whole model) becomes the rewritten ``GraphModule``. Any other
+unit is rewritten in place: the new modules are installed in the unit's own module, whose
+class becomes a subclass of its class with the rewritten graph's generated ``forward``.
+The module object stays where it is, with its class (``isinstance``), its methods, its
+hooks and its place in containers; only its forward is the new code. (A subclass rather
+than a forward set on the instance: the generated code then keeps working under
+``copy.deepcopy``, pickling and FSDP, which all go through the class.)
 """
 
 from __future__ import annotations
 
+import copy
 import keyword
 import operator
 import re
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch.fx
 from torch import nn
@@ -26,10 +36,10 @@ from .attention import create_attention
 from .attention._identity import identity_error
 from .errors import AttentionError, SiteError
 from .fuse import gate_methods, gated_residual
-from .partial import Partition
+from .partition import Partition
 from .plan import Placement
 
-__all__ = ["Inserted", "insert_attention", "insert_attention_partial"]
+__all__ = ["Inserted", "insert_attention", "rewrite", "rewritten_in_place"]
 
 
 @dataclass(frozen=True)
@@ -56,13 +66,13 @@ def _none_slot(obj: object, name: str) -> bool:
     return name in getattr(obj, "__dict__", {}) and obj.__dict__[name] is None
 
 
-def _install(gm: torch.fx.GraphModule, name: str, module: nn.Module) -> None:
+def _install(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_path, _, leaf = name.rpartition(".")
-    parent = gm.get_submodule(parent_path) if parent_path else gm
+    parent = root.get_submodule(parent_path) if parent_path else root
     if _none_slot(parent, leaf):
         # The slot a block keeps for an absent layer is where that layer belongs.
         del parent.__dict__[leaf]
-    gm.add_submodule(name, module)
+    parent.add_module(leaf, module)
 
 
 def _free_name(gm: torch.fx.GraphModule, base: str) -> str:
@@ -244,22 +254,60 @@ def insert_attention(
     return tuple(done)
 
 
-def insert_attention_partial(
+def _restore_in_place(original: type[nn.Module], gm: torch.fx.GraphModule) -> nn.Module:
+    """Unpickling and deep copies of a module rewritten in place: its class again, from
+    the graph module :func:`_reduce_in_place` made (the state is set afterwards)."""
+    obj = original.__new__(original)
+    obj.__class__ = _in_place_class(original, gm)
+    return obj
+
+
+def _reduce_in_place(self: nn.Module, protocol: int) -> tuple[Any, ...]:
+    # A GraphModule of this very module and the rewritten graph: torch.fx pickles it as
+    # source code, and shares this module's children with the state below.
+    gm = torch.fx.GraphModule(self, copy.deepcopy(type(self)._retrofit_graph), type(self).__name__)
+    return _restore_in_place, (type(self)._retrofit_original, gm), self.__dict__
+
+
+def _in_place_class(base: type[nn.Module], gm: torch.fx.GraphModule) -> type[nn.Module]:
+    """A subclass of ``base`` (of its original class, for a module rewritten before) whose
+    forward is ``gm``'s generated code; same name, module and docstring as the original."""
+    original = vars(base)["_retrofit_original"] if "_retrofit_graph" in vars(base) else base
+    namespace = {
+        "forward": type(gm).forward,
+        "_retrofit_original": original,  # the class the model was built with
+        "_retrofit_graph": gm.graph,  # the rewritten graph, for pickling and deep copies
+        "__reduce_ex__": _reduce_in_place,
+        "__module__": original.__module__,
+        "__qualname__": original.__qualname__,
+        "__doc__": original.__doc__,
+    }
+    return type(original.__name__, (original,), namespace)
+
+
+def rewritten_in_place(module: nn.Module) -> bool:
+    """Whether ``module`` is a submodule retrofit rewrote in place (its forward is generated)."""
+    return "_retrofit_graph" in type(module).__dict__
+
+
+def rewrite(
     model: nn.Module,
     partition: Partition,
     placements: tuple[Placement, ...],
     fuse: bool = True,
     check_identity: bool = True,
-) -> tuple[Inserted, ...]:
-    """Insert attention into the traced units of ``model`` and put each changed unit in place.
+) -> tuple[nn.Module, tuple[Inserted, ...]]:
+    """Insert attention into the units of ``model``'s partition and put each changed unit in place.
 
     Placements carry sites in the model's namespace (from ``partition.analysis``); each is
-    inserted into its unit's graph by :func:`insert_attention`, and every unit that got a
-    module replaces the submodule it was traced from (``setattr`` on its parent). All units
-    are rewritten before the first swap, so an error leaves ``model`` as it was.
+    inserted into its unit's graph by :func:`insert_attention`. The root unit (a model that
+    traced whole) is the result; any other unit that got a module is rewritten in place
+    in ``model`` (see the module docstring), which is then the result. All graphs are
+    rewritten before the first module changes, so an error leaves ``model`` as it was.
 
     Returns:
-        One record per placement, in order; ``name`` is the module's path in ``model``.
+        The rewritten model, and one record per placement, in order; ``name`` is the
+        module's path in the model.
     """
     by_unit: dict[int, list[tuple[int, Placement]]] = {}
     for k, p in enumerate(placements):
@@ -269,9 +317,16 @@ def insert_attention_partial(
         unit = partition.units[index]
         local = tuple(replace(p, site=partition.local(p.site)[1]) for _, p in items)
         for (k, p), done in zip(items, insert_attention(unit.gm, local, fuse, check_identity), strict=True):
-            name = f"{unit.path}.{done.name}" if unit.path else done.name
-            records[k] = replace(done, placement=p, name=name)
-    for index in by_unit:
-        unit = partition.units[index]
-        model.set_submodule(unit.path, unit.gm)
-    return tuple(records[k] for k in sorted(records))
+            records[k] = replace(done, placement=p, name=f"{unit.path}.{done.name}" if unit.path else done.name)
+    if partition.whole:
+        result: nn.Module = partition.units[0].gm
+    else:
+        result = model
+        for index, items in by_unit.items():
+            unit = partition.units[index]
+            target = model.get_submodule(unit.path)
+            for k, _ in items:
+                local_name = records[k].name[len(unit.path) + 1:]
+                _install(target, local_name, unit.gm.get_submodule(local_name))
+            target.__class__ = _in_place_class(type(target), unit.gm)
+    return result, tuple(records[k] for k in sorted(records))

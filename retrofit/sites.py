@@ -110,6 +110,7 @@ class SiteAnalysis:
 
     sites: tuple[Site, ...]  # the sites, in graph (execution) order
     skipped: tuple[SkippedCandidate, ...] = field(default=())  # candidates that are not sites
+    left_alone: tuple[tuple[str, str], ...] = ()  # (module path, why) for code no trace reached ("" = top level)
 
     def of_kind(self, kind: str) -> tuple[Site, ...]:
         """The sites of one kind."""

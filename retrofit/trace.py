@@ -27,12 +27,13 @@ from torch import nn
 from .errors import TraceError, first_line
 from .meta import META_ATTR
 
-__all__ = ["RetrofitTracer", "trace", "LeafSpec"]
+__all__ = ["RetrofitTracer", "RetrofitGraphModule", "trace", "LeafSpec"]
 
 # A leaf module given by the caller: a class, a class name, or a module path ("layer3.1").
 LeafSpec = type[nn.Module] | str
 
 _TORCH_DIR = str(Path(torch.__file__).parent)
+ORIGINAL_CLASS_KEY = "retrofit_original_class"  # GraphModule.meta: the class the model was built with
 _COUNTER_SUFFIX = re.compile(r"_\d+$")
 
 
@@ -145,14 +146,51 @@ class RetrofitTracer(torch.fx.Tracer):
         return f"{name}_{count}" if count else name
 
 
-def _failure_location(e: BaseException) -> str:
-    """``file:line `code``` of the innermost frame outside torch, where tracing broke."""
+class RetrofitGraphModule(torch.fx.GraphModule):
+    """torch.fx's GraphModule, for a traced model: it keeps the model's containers
+    indexable (``gm.layer4[-1]``), and a method of the model's class that it does not have
+    (``get_classifier``) fails with an error that says what the object is and how to keep
+    the class."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # In `meta`, which copy.deepcopy keeps (it rebuilds the class).
+            original = self.__dict__.get("meta", {}).get(ORIGINAL_CLASS_KEY)
+            if original is None or name.startswith("_") or not hasattr(original, name):
+                raise
+            raise AttributeError(
+                f"{type(self).__name__!r} object has no attribute {name!r}: it is the torch.fx.GraphModule made by "
+                f"tracing {original.__module__}.{original.__qualname__}, with its submodules and forward but not its "
+                "methods; retrofit(..., keep_class=True) (CLI: --keep-class) keeps the model's class and every method"
+            ) from None
+
+
+def _restore_containers(model: nn.Module, gm: torch.fx.GraphModule) -> None:
+    """Give ``gm``'s containers the classes they have in ``model`` (torch.fx rebuilds them as
+    plain Modules), in the model's child order, so ``gm.layer4[-1]`` indexes as the model
+    does. Only containers whose every child torch.fx kept."""
+    for path, orig in model.named_modules():
+        if not path or type(orig) not in (nn.Sequential, nn.ModuleList, nn.ModuleDict):
+            continue
+        try:
+            mine = gm.get_submodule(path)
+        except AttributeError:
+            continue
+        if type(mine) is not nn.Module or not set(orig._modules) <= set(mine._modules):
+            continue
+        ordered = {k: mine._modules[k] for k in orig._modules}
+        ordered.update((k, v) for k, v in mine._modules.items() if k not in ordered)
+        mine._modules.clear()
+        mine._modules.update(ordered)
+        mine.__class__ = type(orig)
+
+
+def _failure_frame(e: BaseException) -> traceback.FrameSummary | None:
+    """The innermost frame outside torch: where tracing broke in the model's code."""
     frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
-    if not frames:
-        return ""
-    f = frames[-1]
-    code = f" `{f.line.strip()}`" if f.line else ""
-    return f" at {f.filename}:{f.lineno}{code}"
+    return frames[-1] if frames else None
 
 
 def optional_defaults(model: nn.Module) -> dict[str, bool | None]:
@@ -195,10 +233,7 @@ def trace(
     if isinstance(model, torch.fx.GraphModule) and all("module_path" in n.meta for n in model.graph.nodes):
         # A model retrofit already traced (e.g. retrofitted once): its graph still knows
         # every node's module path, which a re-trace of the generated forward would lose.
-        gm = torch.fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__)
-        _carry_unused_state(model, gm)
-        _carry_metadata(model, gm)
-        return gm
+        return _graph_module(model, copy.deepcopy(model.graph), [])
     leaves = tuple(leaf_modules)
     concrete = optional_defaults(model) if concrete_args is None else concrete_args
     graph = _trace_graph(model, leaves, concrete)
@@ -218,10 +253,19 @@ def trace(
             "behaviour (exact at inference; those ops stay as in eval when training). Make the modules "
             "holding them leaf modules to keep them switchable"
         )
-    gm = torch.fx.GraphModule(model, graph, type(model).__name__)
+    return _graph_module(model, graph, notes)
+
+
+def _graph_module(model: nn.Module, graph: torch.fx.Graph, notes: list[str]) -> torch.fx.GraphModule:
+    gm = RetrofitGraphModule(model, graph, type(model).__name__)
+    # The class the model was built with (a GraphModule or a block retrofitted before
+    # knows it), for the error a missing method of that class gets.
+    original = model.meta.get(ORIGINAL_CLASS_KEY) if isinstance(model, torch.fx.GraphModule) else None
+    gm.meta[ORIGINAL_CLASS_KEY] = original or getattr(type(model), "_retrofit_original", None) or type(model)
     gm.meta["retrofit_trace_notes"] = notes
     _carry_unused_state(model, gm)
     _carry_metadata(model, gm)
+    _restore_containers(model, gm)
     return gm
 
 
@@ -231,13 +275,18 @@ def _trace_graph(model: nn.Module, leaves: tuple[LeafSpec, ...], concrete: dict[
         graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as e:
         path, cls = getattr(e, "_retrofit_module", ("", type(model).__name__))
-        where = f"module {path!r} ({cls})" if path else f"the top-level forward of {cls}"
-        reason = first_line(e)
-        raise TraceError(
-            f"cannot trace {type(model).__name__}: {where}{_failure_location(e)}: {reason}. "
-            f"torch.fx cannot follow data-dependent Python control flow; keep that module opaque "
-            f"with leaf_modules=[{cls!r}] (CLI: --leaf-module {cls}); no attention is inserted inside it"
-        ) from e
+        frame = _failure_frame(e)
+        error = TraceError("", model=type(model).__name__, module=path, module_class=cls,
+                           file=frame.filename if frame else None, line=frame.lineno if frame else None,
+                           code=(frame.line or "").strip() or None if frame else None, reason=first_line(e))
+        if path:
+            hint = (f"keep that module opaque with leaf_modules=[{cls!r}] (CLI: --leaf-module {cls}); no attention "
+                    "is inserted inside it")
+        else:  # the traced module's own forward: it cannot be its own leaf
+            hint = (f"retrofit then traces the submodules of {cls} instead; a site written in {cls}.forward itself "
+                    "is reachable only if that code moves into a submodule or stops branching on tensor values")
+        error.args = (f"{error.where}. torch.fx cannot follow data-dependent Python control flow; {hint}",)
+        raise error from e
     # torch.fx names a fixed input's placeholder `mask_1`; give the generated forward the
     # model's own keyword (`gm(x, mask=None)`), as callers write it.
     taken = {n.target for n in graph.nodes if n.op == "placeholder"}

@@ -54,7 +54,10 @@ from typing import Any
 ATTNS = ("se", "eca", "cbam")
 FIELDS = ["source", "family", "model", "params", "residual_adds", "conv_blocks", "cnn_blocks", "partial", "status",
           "input_size",
-          *[f"{a}_{k}" for a in ATTNS for k in ("sites", "added", "diff", "seconds")], "reason"]
+          *[f"{a}_{k}" for a in ATTNS for k in ("sites", "added", "diff", "seconds")],
+          # --keep-class, from the se retrofit: units rewritten in place, residual adds whose
+          # module went into the add's own block (the smallest unit), and out-of-reach sites.
+          "kc_units", "kc_adds", "kc_adds_in_block", "kc_out_of_reach", "reason"]
 
 
 def closed_form(attn: str, c: int) -> int:
@@ -86,9 +89,9 @@ def build(source: str, name: str, device: str | None = None, **kwargs: Any) -> A
 
 def structure(source: str, name: str) -> dict[str, Any]:
     """Pass 1: parameters and site counts, from a model built on the meta device."""
-    from retrofit.api import _prepare
-
     from retrofit.errors import TraceError
+    from retrofit.partition import partition
+    from retrofit.shapes import resolve_input_size
 
     try:
         meta = build(source, name, "meta")
@@ -97,22 +100,22 @@ def structure(source: str, name: str) -> dict[str, Any]:
         # for real; analysis still reads only shapes.
         meta = build(source, name)
     try:
-        prep = _prepare(meta, None, ())
+        parts = partition(meta, resolve_input_size(meta, None))
     except TraceError:
         # The partial path's probe must run control flow that reads values, which meta
         # tensors do not have: analyse real weights instead.
         meta = build(source, name)
-        prep = _prepare(meta, None, ())
-    analysis = prep.analysis
+        parts = partition(meta, resolve_input_size(meta, None))
+    analysis = parts.analysis
     row: dict[str, Any] = {"source": source, "model": name, "params": sum(p.numel() for p in meta.parameters()),
                            "residual_adds": len(analysis.of_kind("residual-add")),
                            "conv_blocks": len(analysis.of_kind("conv-block")),
                            # Conv blocks with a norm, activation or pooling after the conv: the
                            # conv-BN chains of CNNs, not a bare conv such as a ViT's patch embedding.
                            "cnn_blocks": sum(len(s.layers) > 1 for s in analysis.of_kind("conv-block"))}
-    if prep.parts is not None:
+    if not parts.whole:
         # The whole model did not trace; the partial path found these parts it left alone.
-        row["partial"] = "; ".join(p or "(top level)" for p, _ in prep.parts.left_alone)
+        row["partial"] = "; ".join(p or "(top level)" for p, _ in parts.left_alone)
     row["status"] = "pending" if analysis.sites else "no sites"
     return row
 
@@ -144,14 +147,15 @@ def _memory_bytes() -> int:
 
 
 def real_check(source: str, name: str, size: int, batch: int = 2, shrink: bool = False,
-               frozen: bool = False) -> dict[str, Any]:
+               frozen: bool = False, keep_class: bool = False) -> dict[str, Any]:
     """Pass 2: retrofit se, eca and cbam into the real model and check each result.
 
     ``shrink``: a timm model made for a fixed input size is built with ``img_size=size``
     where its constructor takes it (position tables and attention windows shrink; the
     layers that hold the sites, and their channels, do not change). ``frozen``: only the
     inserted parameters take gradients (backward still runs through the whole model to
-    reach them): memory for big models.
+    reach them): memory for big models. ``keep_class``: retrofit with ``keep_class=True``
+    and check too that every unit is rewritten in place with its own class.
     """
     import torch
 
@@ -211,8 +215,19 @@ def real_check(source: str, name: str, size: int, batch: int = 2, shrink: bool =
     for attn in ATTNS:
         t0 = time.perf_counter()
         # Stack on attention the model already has, so every site exercises the rewrite.
-        gm = retrofit.retrofit(model, attn, input_size=in_size, verify=False, on_existing="stack").eval()
+        gm = retrofit.retrofit(model, attn, input_size=in_size, verify=False, on_existing="stack",
+                               keep_class=keep_class).eval()
         report = retrofit.get_report(gm)
+        if keep_class:
+            for path in report.traced:
+                if not isinstance(gm.get_submodule(path), type(model.get_submodule(path))):
+                    raise AssertionError(f"{attn}: unit {path!r} lost its class")
+            if attn == "se":
+                adds = [r for r in report.rows if r.kind == "residual-add"]
+                row.update(kc_units=len(report.traced), kc_adds=len(adds),
+                           kc_adds_in_block=sum(r.module.rpartition(".")[0] == r.path for r in adds),
+                           kc_out_of_reach=sum(int(w.split(": ", 1)[1].split(" ", 1)[0]) for w in report.warnings
+                                               if w.startswith("keep_class: ")))
         prefixes = tuple(f"{r.module}." for r in report.rows)
         if frozen:
             for n, p in gm.named_parameters():
@@ -243,11 +258,11 @@ def real_check(source: str, name: str, size: int, batch: int = 2, shrink: bool =
     return row
 
 
-def check_model(source: str, name: str, size: int) -> dict[str, Any]:
+def check_model(source: str, name: str, size: int, keep_class: bool = False) -> dict[str, Any]:
     """Both passes for one model, in this process."""
     row = structure(source, name)
     if row["status"] == "pending":
-        row.update(real_check(source, name, size))
+        row.update(real_check(source, name, size, keep_class=keep_class))
     return row
 
 
@@ -262,10 +277,10 @@ def _worker(conn: Any) -> None:
         job = conn.recv()
         if job is None:
             return
-        kind, source, name, size, batch, shrink, frozen = job
+        kind, source, name, size, batch, shrink, frozen, keep_class = job
         try:
             conn.send(structure(source, name) if kind == "structure"
-                      else real_check(source, name, size, batch, shrink, frozen))
+                      else real_check(source, name, size, batch, shrink, frozen, keep_class))
         except Exception as e:  # a failure of this model, recorded; the sweep goes on
             first = (str(e).strip().splitlines() or [""])[0][:300]
             tb = traceback.extract_tb(e.__traceback__)
@@ -426,6 +441,23 @@ def write_summary(rows: list[dict[str, Any]], out: Path, command: str, seconds: 
         skipped = sum(r.get("status") == "skipped" for r in ws)
         lines.append(f"| {source} | {fam} | {len(rs)} | {len(ws)} | {ok} | {len(ws) - ok - pending - skipped} | "
                      f"{skipped} | {pending} |")
+    kept = [r for r in rows if r.get("status") == "ok" and str(r.get("kc_units", "")) != ""]
+    if kept:
+        adds = sum(int(r["kc_adds"]) for r in kept)
+        in_block = sum(int(r["kc_adds_in_block"]) for r in kept)
+        reach = [r for r in kept if int(r["kc_out_of_reach"])]
+        lines += ["", "## keep_class: rewritten in place", "",
+                  f"{len(kept)} models passed with `keep_class=True`; their SE retrofits rewrote "
+                  f"{sum(int(r['kc_units']) for r in kept):,} units in place, each keeping its class. Of "
+                  f"{adds:,} SE modules at residual adds, {_pct(in_block, adds)} went into the add's own block "
+                  "(the smallest unit); the others into a larger module whose block does not trace alone.",
+                  f"{len(reach)} models have sites the rules select in their own forward, out of reach with "
+                  "keep_class:", ""]
+        lines += [f"- `{r['source']}:{r['model']}`: {r['kc_out_of_reach']}" for r in reach] or ["none"]
+        below = [r for r in kept if int(r["kc_adds_in_block"]) < int(r["kc_adds"])]
+        lines += ["", f"Models with residual adds rewritten in a larger unit ({len(below)}):", ""]
+        lines += [f"- `{r['source']}:{r['model']}`: {r['kc_adds_in_block']} of {r['kc_adds']} in their block"
+                  for r in below] or ["none"]
     partial = [r for r in rows if r.get("partial")]
     lines += ["", f"## Partial path ({len(partial)}): models that do not trace as a whole", ""]
     lines += [f"- `{r['source']}:{r['model']}` ({r.get('status')}): left alone: {r['partial']}" for r in partial] or [
@@ -454,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
                         "where the constructor takes it)")
     p.add_argument("--big", type=float, default=300e6, help="parameters above which a model runs alone, batch 1")
     p.add_argument("--out", default="docs/zoo", help="folder for results.csv, structure.csv and summary.md")
+    p.add_argument("--keep-class", action="store_true",
+                   help="check retrofit(..., keep_class=True): units rewritten in place, each with its own class")
     p.add_argument("--resume", action="store_true", help="keep the rows already written; sweep the rest")
     p.add_argument("--redo-failed", action="store_true", help="with --resume: sweep the failed models again")
     p.add_argument("--redo", metavar="GLOB", help="with --resume: sweep again the models matching GLOB "
@@ -512,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['source']}:{row['model']} {row.get('status')} {row.get('reason', '')}", flush=True)
 
             todo = [(s, n) for s, n in names if (s, n) not in done and (s, n) not in structure_rows]
-            for k, (job, row) in enumerate(pool.run([("structure", s, n, args.size, 2, False, False) for s, n in todo]), 1):
+            for k, (job, row) in enumerate(pool.run([("structure", s, n, args.size, 2, False, False, False)
+                                                     for s, n in todo]), 1):
                 swriter.writerow(family(row))
                 sf.flush()
                 structure_rows[(row["source"], row["model"])] = row
@@ -533,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
             for group, big, workers, batch in groups:
                 chosen = [r for r in group if (int(r["params"]) > args.big) == big]
                 base = {(r["source"], r["model"]): r for r in chosen}
-                jobs = [("check", r["source"], r["model"], args.size, batch, shrink, big)
+                jobs = [("check", r["source"], r["model"], args.size, batch, shrink, big, args.keep_class)
                         for r in chosen]
                 for job, row in pool.run(jobs, workers):
                     key = (row["source"], row["model"])

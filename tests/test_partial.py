@@ -13,8 +13,11 @@ from torch import nn
 
 import retrofit
 from retrofit import SiteError, TraceError
-from retrofit.partial import partition, record_inputs
+from retrofit.fuse import gated_residual
+from retrofit.partition import partition, record_inputs
+from retrofit.rewrite import rewritten_in_place
 from retrofit.trace import trace
+from timm.models.resnet import BasicBlock
 
 from .conftest import build, cached
 
@@ -65,7 +68,7 @@ def test_untraceable_block_is_retrofitted_around() -> None:
     with pytest.raises(TraceError):
         trace(model)
     before, structure = _state(model), repr(model)
-    with pytest.warns(UserWarning, match=r"ResNet does not trace as a whole; attention went into 5 traced"):
+    with pytest.warns(UserWarning, match=r"ResNet does not trace as a whole; attention went into 8 traced"):
         out = retrofit.retrofit(model, "se", input_size=64)
     assert _same(model, before) and repr(model) == structure  # the input is untouched
     assert type(out) is type(model)
@@ -75,14 +78,16 @@ def test_untraceable_block_is_retrofitted_around() -> None:
         "layer1.0.se", "layer1.1.se", "layer2.0.se", "layer2.1.se",
         "layer3.0.se", "layer3.1.block.se", "layer4.0.se", "layer4.1.se",
     ]
-    assert report.traced == ("layer1", "layer2", "layer3.0", "layer3.1.block", "layer4")
+    # Each block is rewritten in place, the one inside the guard too.
+    assert report.traced == ("layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1.block",
+                             "layer4.0", "layer4.1")
     assert [p for p, _ in report.left_alone] == ["", "layer3", "layer3.1"]
     assert "module 'layer3.1' (NanGuard)" in report.left_alone[0][1]
     assert "module '1' (NanGuard)" in report.left_alone[1][1]  # layer3's own trace breaks at its child 1
     assert "cannot trace NanGuard" in report.left_alone[2][1]
     assert report.max_abs_diff == 0.0
-    assert isinstance(out.layer1, torch.fx.GraphModule) and isinstance(out.layer3[1], NanGuard)
-    assert isinstance(out.layer3[1].block, torch.fx.GraphModule)
+    assert type(out.layer1) is nn.Sequential and isinstance(out.layer3[1], NanGuard)
+    assert isinstance(out.layer3[1].block, BasicBlock) and rewritten_in_place(out.layer3[1].block)
     # Same module names and parameter count as a whole-model rewrite of plain resnet18.
     whole = retrofit.get_report(retrofit.retrofit(cached("resnet18"), "se", input_size=64, verify=False))
     assert report.params_added == whole.params_added
@@ -114,8 +119,8 @@ def test_untraceable_top_level_keeps_the_wrapper() -> None:
     with pytest.warns(UserWarning, match="Wrapper does not trace as a whole"):
         out = retrofit.retrofit(model, "eca", input_size=64)
     report = retrofit.get_report(out)
-    assert type(out) is Wrapper and isinstance(out.net, torch.fx.GraphModule)
-    assert report.traced == ("net",) and len(report.rows) == 8 and report.max_abs_diff == 0.0
+    assert type(out) is Wrapper and type(out.net) is type(model.net) and isinstance(out.net.layer4[1], BasicBlock)
+    assert len(report.traced) == 8 and len(report.rows) == 8 and report.max_abs_diff == 0.0
     assert report.left_alone[0][0] == "" and "the top-level forward of Wrapper" in report.left_alone[0][1]
     with pytest.raises(ValueError, match="input out of range"):
         out(torch.full((1, 3, 64, 64), 1e7))
@@ -161,9 +166,9 @@ def test_keep_class_matches_the_whole_model_rewrite(attn: str) -> None:
     model = cached("resnet50")
     kept = retrofit.retrofit(model, attn, input_size=64, keep_class=True)
     whole = retrofit.retrofit(model, attn, input_size=64)
-    assert type(kept) is type(model) and isinstance(kept.layer2, torch.fx.GraphModule)
+    assert type(kept) is type(model) and type(kept.layer2) is nn.Sequential
     report = retrofit.get_report(kept)
-    assert report.traced == ("layer1", "layer2", "layer3", "layer4")
+    assert report.traced == tuple(f"layer{i}.{j}" for i, n in ((1, 3), (2, 4), (3, 6), (4, 3)) for j in range(n))
     assert len(report.rows) == 16 and report.max_abs_diff == 0.0
     assert not [w for w in report.warnings if "out of reach" in w]
     # Same names, so checkpoints move between the two forms.
@@ -244,7 +249,7 @@ def test_recorded_inputs_and_units_of_a_multi_input_block() -> None:
     calls = record_inputs(net, (3, 9, 7))
     (args, kwargs), = calls["mix"]
     assert args[0].shape == (2, 4, 9, 7) and kwargs["skip"].shape == (2, 4, 9, 7)
-    parts = partition(net, (3, 9, 7), root_reason="test")
+    parts = partition(net, (3, 9, 7))
     assert [u.path for u in parts.units] == ["mix"]
     (site,) = parts.analysis.sites
     # x and skip arrive as separate inputs: inside the unit the add has no common
@@ -262,7 +267,9 @@ def test_cli_keep_class(tmp_path: Path) -> None:
         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
     )
     assert proc.returncode == 0, proc.stderr
-    assert "rewritten in place: layer1, layer2, layer3, layer4" in proc.stdout
+    assert "rewritten in place: layer1.0, layer1.1, layer2.0, layer2.1, layer3.0, layer3.1, layer4.0, layer4.1" \
+        in proc.stdout
     assert "left alone: (top level): the forward of ResNet stays Python code (keep_class)" in proc.stdout
     loaded = retrofit.load(tmp_path / "m.safetensors")
-    assert type(loaded).__name__ == "ResNet" and "addcmul" not in loaded.layer1.code
+    assert type(loaded).__name__ == "ResNet" and rewritten_in_place(loaded.layer1[0])
+    assert not any(n.target is gated_residual for n in type(loaded.layer1[0])._retrofit_graph.nodes)  # --no-fuse

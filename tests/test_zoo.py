@@ -28,10 +28,13 @@ SLICE = [
 ]
 
 
+@pytest.mark.parametrize("keep_class", [False, True], ids=["graph-module", "keep-class"])
 @pytest.mark.parametrize("source,name", SLICE)
-def test_sweep_slice(source: str, name: str) -> None:
-    row = zoo_sweep.check_model(source, name, size=64)
+def test_sweep_slice(source: str, name: str, keep_class: bool) -> None:
+    row = zoo_sweep.check_model(source, name, size=64, keep_class=keep_class)
     assert row["status"] in ("ok", "no sites"), row
+    if keep_class and row["status"] == "ok" and name == "resnet18":
+        assert (row["kc_units"], row["kc_adds"], row["kc_adds_in_block"], row["kc_out_of_reach"]) == (8, 8, 8, 0)
 
 
 @pytest.mark.parametrize("name,sites", [("test_vit", 1), ("test_coatnet", 8)])

@@ -1,0 +1,457 @@
+"""The partition: the model split into units that torch.fx traces, each rewritten where it is.
+
+One path serves every model. A model whose forward traces is the partition with one unit,
+the root: its rewrite is a ``GraphModule`` (the default result). When the model's own
+forward does not trace (data-dependent Python control flow, a ``.item()`` in a branch), or
+when the caller keeps the model's class (``keep_class=True``: ``forward_features``,
+``reset_classifier`` and the module tree stay), the forward stays Python code and the units
+are submodules, each rewritten in place.
+
+Submodule units are as small as they can be: the module whose forward holds a site's
+insertion point (a residual block for the add at its end, a container for a chain of
+layers it calls), found from the largest pieces that trace (the root, or else the largest
+traceable submodules) by tracing each such module alone with the inputs a probe forward
+recorded for it. A unit whose own trace does not give the same sites moves up to its
+parent. Sites of all units are planned together, with paths and stages in the model's own
+namespace, so rules read exactly as for a whole-model rewrite.
+
+Analysis here reads only; :mod:`retrofit.rewrite` still does every change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from .errors import TraceError, first_line
+from .shapes import TensorInfo, propagate_shapes
+from .sites import Site, SiteAnalysis, SkippedCandidate, find_sites, holds_conv, number_stages
+from .trace import LeafSpec, RetrofitTracer, optional_defaults, trace
+from .verify import eval_mode, input_dtype_device
+
+__all__ = ["Unit", "Partition", "partition", "refine", "record_inputs"]
+
+# One recorded call: positional and keyword inputs, tensors as TensorInfo.
+Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A module that traced: its graph, and its sites in its own namespace."""
+
+    path: str  # module path in the model; "" is the root (the whole model traced)
+    gm: torch.fx.GraphModule  # the traced module (shares the model's submodules)
+    analysis: SiteAnalysis  # sites with paths relative to the unit
+
+
+@dataclass(frozen=True)
+class Partition:
+    """The model split into traced units and code left as it is."""
+
+    units: tuple[Unit, ...]  # traced modules, in module-tree order; (root,) when the model traced whole
+    left_alone: tuple[tuple[str, str], ...]  # (module path, why it was not traced); "" is the top level
+    analysis: SiteAnalysis  # every unit's sites, paths in the model's namespace, stages over the model
+    origin: dict[str, tuple[int, Site]]  # site node (in `analysis`) -> (unit index, unit-local site)
+    notes: tuple[str, ...] = ()  # tracer notes of the units (train/eval-dependent code)
+    root_error: TraceError | None = None  # why the model's own forward did not trace, if it did not
+    whole_analysis: SiteAnalysis | None = None  # keep_class: the whole model's sites, out-of-reach ones included
+    calls: dict[str, list[Call]] | None = None  # inputs each submodule got in the probe forward (not whole)
+    leaf_modules: tuple[LeafSpec, ...] = ()  # what the units were traced with
+
+    @property
+    def whole(self) -> bool:
+        """The model traced as a whole: one root unit, rewritten into a GraphModule."""
+        return self.calls is None
+
+    def local(self, site: Site) -> tuple[Unit, Site]:
+        """The unit holding ``site`` and the site in that unit's namespace (stage kept)."""
+        index, orig = self.origin[site.node]
+        return self.units[index], replace(orig, stage=site.stage, block=site.block)
+
+
+def _info(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return TensorInfo(tuple(value.shape), value.dtype, value.device)
+    return value
+
+
+@contextlib.contextmanager
+def _recording(model: nn.Module) -> Iterator[dict[str, list[Call]]]:
+    calls: dict[str, list[Call]] = {}
+    handles = []
+
+    def hook(path: str):  # type: ignore[no-untyped-def]
+        def record(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            calls.setdefault(path, []).append(
+                (tuple(pytree.tree_map(_info, list(args))), dict(pytree.tree_map(_info, dict(kwargs))))
+            )
+
+        return record
+
+    for path, mod in model.named_modules():
+        handles.append(mod.register_forward_pre_hook(hook(path), with_kwargs=True))
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def record_inputs(model: nn.Module, input_size: tuple[int, int, int], batch_size: int = 2) -> dict[str, list[Call]]:
+    """The inputs every submodule receives in one forward of a ``(batch, *input_size)`` probe.
+
+    The probe runs on fake tensors (nothing computed, nothing of the model written); a
+    forward whose control flow needs real values runs once for real on zeros, in eval mode
+    without gradients. Every submodule's train/eval mode is restored afterwards.
+
+    Raises:
+        TraceError: the model does not run on the probe input.
+    """
+    dtype, device = input_dtype_device(model)
+    shape = (batch_size, *input_size)
+    with eval_mode(model), torch.no_grad():
+        try:
+            mode = FakeTensorMode(allow_non_fake_inputs=True)
+            state = {n: mode.from_tensor(t) for n, t in [*model.named_parameters(), *model.named_buffers()]}
+            with _recording(model) as calls, mode:
+                torch.func.functional_call(model, state, (torch.empty(shape, dtype=dtype, device=device),),
+                                           tie_weights=False, strict=False)
+            return calls
+        except Exception:  # control flow that reads values: run it for real below
+            pass
+        try:
+            with _recording(model) as calls:
+                model(torch.zeros(shape, dtype=dtype, device=device))
+            return calls
+        except Exception as e:
+            reason = first_line(e)
+            raise TraceError(
+                f"{type(model).__name__} does not run on a {tuple(shape)} probe input ({reason}); "
+                "check input_size"
+            ) from e
+
+
+def _placeholder_inputs(gm: torch.fx.GraphModule, call: Call) -> tuple[Any, ...]:
+    """One value per placeholder of ``gm``, from a recorded call (positional, keyword, default)."""
+    args, kwargs = call
+    values: list[Any] = []
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        name = str(node.target).lstrip("*")
+        if i < len(args):
+            values.append(args[i])
+        elif name in kwargs:
+            values.append(kwargs[name])
+        elif node.args:
+            values.append(node.args[0])
+        else:
+            raise TraceError(f"no recorded value for input {name!r}")
+    return tuple(values)
+
+
+def _concrete(mod: nn.Module, call: Call) -> dict[str, bool | None]:
+    """Optional inputs the model passes as None or a bool (or not at all) keep that value
+    while tracing; the generated forward asserts they keep it."""
+    try:
+        bound = inspect.signature(mod.forward).bind_partial(*call[0], **call[1]).arguments
+    except TypeError:
+        return {}
+    out: dict[str, bool | None] = {}
+    for k, default in optional_defaults(mod).items():
+        value = bound.get(k, default)
+        if value is None or type(value) is bool:
+            out[k] = value
+    return out
+
+
+def _relative_leaves(leaves: Sequence[LeafSpec], path: str) -> tuple[LeafSpec, ...]:
+    """Leaf specs for tracing the submodule at ``path``: module paths become relative to it."""
+    out: list[LeafSpec] = list(leaves)
+    out += [s[len(path) + 1:] for s in leaves if isinstance(s, str) and path and s.startswith(path + ".")]
+    return tuple(out)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _prefixed(site: Site, prefix: str, index: int) -> Site:
+    return replace(
+        site,
+        path=_join(prefix, site.path),
+        module_path=_join(prefix, site.module_path),
+        qualname=_join(prefix, site.qualname),
+        layers=tuple(_join(prefix, q) for q in site.layers),
+        node=f"{index}:{site.node}",
+    )
+
+
+def _parent(path: str) -> str:
+    return path.rpartition(".")[0]
+
+
+def _within(path: str, ancestor: str) -> bool:
+    return ancestor == "" or path == ancestor or path.startswith(ancestor + ".")
+
+
+def _common(a: str, b: str) -> str:
+    out: list[str] = []
+    for x, y in zip(a.split("."), b.split("."), strict=False):
+        if x != y:
+            break
+        out.append(x)
+    return ".".join(out)
+
+
+def _anchor(site: Site, gm: torch.fx.GraphModule) -> str:
+    """The module (path local to ``gm``) whose forward holds where attention goes at ``site``:
+    the add's module (and, for the branch's middle, the module calling its last conv); the
+    module calling a conv block's last layer."""
+    if site.kind == "residual-add" and site.mid_conv is not None:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        mid = nodes[site.mid_conv].meta.get("module_path", "") if site.mid_conv in nodes else ""
+        return _common(site.module_path, mid)
+    return site.module_path
+
+
+def _key(site: Site, prefix: str) -> tuple[str, str, int, tuple[int, int]]:
+    """What identifies a site across traces of nested modules: its kind, its node's
+    qualified name in the model, its channels and size (torch.fx names nodes the same way
+    whichever module the trace starts from)."""
+    return site.kind, _join(prefix, site.qualname), site.channels, site.size
+
+
+def _calls_of(path: str, calls: dict[str, list[Call]]) -> Call | str:
+    """The one recorded call of a module, or why it cannot be traced alone."""
+    recorded = calls.get(path, [])
+    if not recorded:
+        return "not called on the probe input"
+    if any(c != recorded[0] for c in recorded[1:]):
+        return f"called {len(recorded)} times with different inputs; its children are tried"
+    return recorded[0]
+
+
+def _trace_unit(model: nn.Module, path: str, call: Call, leaf_modules: Sequence[LeafSpec]) -> Unit:
+    """Trace the submodule at ``path`` alone, on the inputs it was called with.
+
+    Raises:
+        TraceError: it does not trace, or its shapes do not propagate.
+    """
+    mod = model.get_submodule(path)
+    gm = trace(mod, _relative_leaves(leaf_modules, path), _concrete(mod, call))
+    return Unit(path, gm, find_sites(gm, propagate_shapes(gm, None, inputs=_placeholder_inputs(gm, call))))
+
+
+def _largest_units(model: nn.Module, calls: dict[str, list[Call]], leaf_modules: Sequence[LeafSpec],
+                   root_reason: str) -> tuple[list[Unit], list[tuple[str, str]]]:
+    """From the top down, each submodule that traces is a unit; one that does not is left
+    as Python code while its children are tried. The root is never one."""
+    tracer = RetrofitTracer(leaf_modules)
+    units: list[Unit] = []
+    left: list[tuple[str, str]] = []
+
+    def visit(mod: nn.Module, path: str) -> None:
+        if path and tracer.is_leaf_module(mod, path):
+            # Built-in layers hold no sites of their own; other leaves are opaque by request.
+            if not type(mod).__module__.startswith("torch.nn") and holds_conv(mod):
+                left.append((path, f"leaf module ({type(mod).__name__}); not traced into"))
+            return
+        if not path:
+            left.append(("", root_reason))
+        else:
+            call = _calls_of(path, calls)
+            if isinstance(call, str):
+                if call.startswith("called") or holds_conv(mod):
+                    left.append((path, call))
+                if not call.startswith("called"):
+                    return
+            else:
+                try:
+                    units.append(_trace_unit(model, path, call, leaf_modules))
+                    return
+                except TraceError as e:
+                    left.append((path, first_line(e)))
+        for name, child in mod.named_children():
+            visit(child, _join(path, name))
+
+    visit(model, "")
+    return units, left
+
+
+def _refine(model: nn.Module, coarse: Unit, sites: Sequence[Site], calls: dict[str, list[Call]],
+            leaf_modules: Sequence[LeafSpec], tried: dict[str, Unit | None]) -> tuple[list[tuple[Site, Unit, Site]],
+                                                                                   list[Site]]:
+    """Split a traced unit into the smallest units that hold ``sites`` (its own, local).
+
+    Each site starts at its anchor module (:func:`_anchor`); a module inside another
+    anchor is rewritten as part of it; a module that does not trace alone, or whose own
+    trace does not give the site, hands it to its parent. At the coarse unit itself the
+    site stays in the coarse unit, except at the root, whose forward stays Python code:
+    such a site is out of reach.
+
+    Returns:
+        ``(coarse-local site, unit, unit-local site)`` per site in the coarse unit's graph
+        order, and the coarse-local sites out of reach.
+    """
+    top = coarse.path
+    at: dict[str, str] = {s.node: _join(top, _anchor(s, coarse.gm)) for s in sites}
+    out_of_reach: set[str] = set()
+    while True:
+        live = {n: a for n, a in at.items() if n not in out_of_reach}
+        anchors = set(live.values())
+        # The root's forward is never a unit; below it, an anchor inside another is part of it.
+        minimal = {a for a in anchors if not any(b not in (a, "") and _within(a, b) for b in anchors)}
+        for n, a in live.items():
+            if a not in minimal:
+                at[n] = next(b for b in minimal if b and _within(a, b))
+        changed = False
+        for a in sorted(minimal):
+            if a == top:
+                if top == "":
+                    out_of_reach.update(n for n, b in live.items() if b == "")
+                continue
+            if a not in tried:
+                call = _calls_of(a, calls)
+                try:
+                    tried[a] = None if isinstance(call, str) else _trace_unit(model, a, call, leaf_modules)
+                except TraceError:
+                    tried[a] = None
+            unit = tried[a]
+            found = set() if unit is None else {_key(s, a) for s in unit.analysis.sites}
+            for s in sites:
+                if at[s.node] == a and s.node not in out_of_reach and _key(s, top) not in found:
+                    at[s.node] = _parent(a) if _within(_parent(a), top) else top
+                    changed = True
+        if not changed:
+            break
+    placed: list[tuple[Site, Unit, Site]] = []
+    for s in sites:
+        if s.node in out_of_reach:
+            continue
+        a = at[s.node]
+        if a == top:
+            placed.append((s, coarse, s))
+        else:
+            unit = tried[a]
+            assert unit is not None  # only anchors that traced and gave the site keep it
+            local = next(x for x in unit.analysis.sites if _key(x, a) == _key(s, top))
+            placed.append((s, unit, local))
+    return placed, [s for s in sites if s.node in out_of_reach]
+
+
+def partition(
+    model: nn.Module,
+    input_size: tuple[int, int, int],
+    leaf_modules: Sequence[LeafSpec] = (),
+    keep_class: bool = False,
+) -> Partition:
+    """Split ``model`` into the pieces that trace, and analyse them.
+
+    The root is tried first: a model that traces as a whole is one root unit (unless
+    ``keep_class``). Otherwise a probe forward records every submodule's inputs and the
+    units are the largest submodules that trace; :func:`refine` then narrows them to the
+    smallest modules holding the sites the plan selects.
+
+    Args:
+        model: the model (not modified).
+        input_size: ``(C, H, W)`` for shapes and for the probe.
+        leaf_modules: modules not to trace into (classes, class names, module paths).
+        keep_class: never make the root a unit; the model's own forward stays as it is.
+            Its sites (a residual add written in that forward) are out of reach and left
+            out of ``analysis``; ``whole_analysis`` has them.
+
+    Returns:
+        The units, the modules left alone with the reason, and the sites.
+
+    Raises:
+        TraceError: the model does not run on the probe input.
+    """
+    leaf_modules = tuple(leaf_modules)
+    root: Unit | None = None
+    root_error: TraceError | None = None
+    try:
+        gm = trace(model, leaf_modules)
+        root = Unit("", gm, find_sites(gm, propagate_shapes(gm, input_size)))
+    except TraceError as e:
+        root_error = e
+    if root is not None and not keep_class:
+        sites = root.analysis.sites
+        return Partition((root,), (), root.analysis, {s.node: (0, s) for s in sites},
+                         tuple(root.gm.meta.get("retrofit_trace_notes", ())))
+    try:
+        calls = record_inputs(model, input_size)
+    except TraceError:
+        if root_error is None:
+            raise
+        raise root_error from None  # the model's own trace failure is the one to act on
+    if root is not None:
+        left = [("", f"the forward of {type(model).__name__} stays Python code (keep_class)")]
+        # Stages and blocks as in the whole-model rewrite: the root's own numbering.
+        reachable = tuple(s for s in root.analysis.sites if _anchor(s, root.gm) != "")
+        return Partition((root,), tuple(left), SiteAnalysis(reachable, root.analysis.skipped, tuple(left)),
+                         {s.node: (0, s) for s in reachable}, (), None, root.analysis, calls, leaf_modules)
+    why = f"does not trace: {root_error.where}" if root_error is not None else "kept as Python code"
+    units, left = _largest_units(model, calls, leaf_modules, why)
+    sites: list[Site] = []
+    skipped: list[SkippedCandidate] = []
+    origin: dict[str, tuple[int, Site]] = {}
+    for i, unit in enumerate(units):
+        for s in unit.analysis.sites:
+            p = _prefixed(s, unit.path, i)
+            origin[p.node] = (i, s)
+            sites.append(p)
+        skipped += [replace(c, qualname=_join(unit.path, c.qualname)) for c in unit.analysis.skipped]
+    notes = tuple(f"{u.path}: {n}" for u in units for n in u.gm.meta.get("retrofit_trace_notes", ()))
+    return Partition(tuple(units), tuple(left), SiteAnalysis(number_stages(sites), tuple(skipped), tuple(left)),
+                     origin, notes, root_error, None, calls, leaf_modules)
+
+
+def refine(model: nn.Module, parts: Partition, sites: Sequence[Site]) -> tuple[Partition, tuple[Site, ...]]:
+    """Narrow a partition to the smallest units that hold ``sites`` (the ones a plan selected).
+
+    A model that traced as a whole stays one root unit. Otherwise each site moves to the
+    module whose forward holds its insertion point (:func:`_anchor`): a module inside
+    another such module is rewritten as part of it; one that does not trace alone, or
+    whose own trace does not give the site, hands it to its parent; at the piece it was
+    found in, it stays there, except at the root (``keep_class``), whose forward stays
+    Python code.
+
+    Returns:
+        The narrowed partition (``origin`` covers ``sites`` only), and the sites that
+        turned out to be out of reach.
+    """
+    if parts.whole:
+        return parts, ()
+    by_unit: dict[int, list[Site]] = {}
+    for site in sites:
+        index, local = parts.origin[site.node]
+        by_unit.setdefault(index, []).append(local)
+    tried: dict[str, Unit | None] = {}
+    placed: dict[tuple[int, str], tuple[Unit, Site]] = {}  # (coarse index, coarse-local node) -> fine
+    lost: set[tuple[int, str]] = set()
+    for index, local_sites in by_unit.items():
+        fine, out = _refine(model, parts.units[index], local_sites, parts.calls, parts.leaf_modules, tried)
+        placed.update({(index, cs.node): (unit, ls) for cs, unit, ls in fine})
+        lost.update((index, cs.node) for cs in out)
+    tree = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    units = sorted({u.path: u for u, _ in placed.values()}.values(), key=lambda u: tree[u.path])
+    number = {u.path: i for i, u in enumerate(units)}
+    origin: dict[str, tuple[int, Site]] = {}
+    unreachable: list[Site] = []
+    for site in sites:
+        index, local = parts.origin[site.node]
+        if (index, local.node) in lost:
+            unreachable.append(site)
+        else:
+            unit, ls = placed[(index, local.node)]
+            origin[site.node] = (number[unit.path], ls)
+    notes = tuple(f"{u.path}: {n}" for u in units for n in u.gm.meta.get("retrofit_trace_notes", ()))
+    return replace(parts, units=tuple(units), origin=origin, notes=notes), tuple(unreachable)
