@@ -21,7 +21,11 @@ from .report import Report
 from .rulefile import RuleSet, list_builtin_rules, load_rules
 from .saving import load, save
 
-__version__ = "0.1.0"
+# The one place the version is written (pyproject.toml reads it from here).
+__version__ = "0.2.0"
+# The name this project installs under (`pip install torch-retrofit`); the import name and
+# the command are `retrofit`. The distribution called `retrofit` on PyPI is another project.
+DISTRIBUTION = "torch-retrofit"
 
 __all__ = [
     "retrofit",
@@ -53,4 +57,5 @@ __all__ = [
     "DataError",
     "UntrustedCodeError",
     "__version__",
+    "DISTRIBUTION",
 ]

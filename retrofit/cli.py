@@ -4,6 +4,7 @@
     retrofit list                                           attention types and built-in rule sets
     retrofit diff A B                                       compare two saved models' parameters
     retrofit gates ...                                      inspect a fine-tuned model's gates
+    retrofit --version                                      this distribution's name and version
 
 Exit codes: 0 success, 1 the identity check failed, 2 bad usage or bad input.
 """
@@ -13,9 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from .errors import RetrofitError, SaveError
@@ -54,6 +58,41 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def version_text() -> tuple[str, list[str]]:
+    """What ``retrofit --version`` prints: this distribution's name and version, where the
+    package was imported from and the versions it runs with; and a warning for each
+    other installed distribution that also provides the import name ``retrofit``.
+
+    The distribution named ``retrofit`` on PyPI is an unrelated project whose wheel installs
+    a top-level ``retrofit`` package too; in one environment, the second install overwrites
+    files of the first.
+    """
+    from . import DISTRIBUTION, __version__
+
+    def version_of(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    uses = ", ".join(f"{name} {version_of(name)}" for name in ("torch", "torchvision", "timm"))
+    line = (f"{DISTRIBUTION} {__version__} from {Path(__file__).resolve().parent} "
+            f"({uses}; Python {platform.python_version()})")
+    warnings = []
+    try:
+        other = metadata.distribution("retrofit")
+    except metadata.PackageNotFoundError:
+        other = None
+    if other is not None:
+        warnings.append(
+            f"warning: the distribution 'retrofit' {other.version} ({other.metadata['Summary'] or 'no summary'}) is "
+            f"installed in this environment too; it is not {DISTRIBUTION}, but it installs files under the same "
+            f"import name `retrofit`, so each can overwrite the other's. Run `pip uninstall retrofit`, then "
+            f"`pip install --force-reinstall {DISTRIBUTION}`"
+        )
+    return line, warnings
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="retrofit",
@@ -83,7 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "json"), default="table", help="output format")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, no table (errors and --format json only)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="store_true", help="print the distribution's name and version, and exit")
     return p
+
+
+def _version() -> int:
+    line, warnings = version_text()
+    print(line)
+    for w in warnings:
+        print(w, file=sys.stderr)
+    return EXIT_OK
 
 
 def _run_model(args: argparse.Namespace) -> int:
@@ -221,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv and argv[0] in _COMMANDS:
             return _COMMANDS[argv[0]]([a for a in argv[1:] if a != "--debug"])
+        if "--version" in argv:
+            return _version()
         return _run_model(build_parser().parse_args(argv))
     except RetrofitError as e:
         if debug:
