@@ -15,6 +15,7 @@ from .errors import (
     TraceError,
     UntrustedCodeError,
 )
+from .hub import push_to_hub
 from .models import create_model
 from .recipe import Recipe, get_recipe
 from .report import Report
@@ -34,6 +35,7 @@ __all__ = [
     "get_report",
     "save",
     "load",
+    "push_to_hub",
     "create_model",
     "Recipe",
     "get_recipe",

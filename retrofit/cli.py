@@ -2,7 +2,8 @@
 
     retrofit MODEL [--attn NAME | --rules FILE] [options]   retrofit a model, print the diff
     retrofit list                                           attention types and built-in rule sets
-    retrofit diff A B                                       compare two saved models' parameters
+    retrofit diff A B                                       compare two saved models' parameters (files,
+                                                            folders, checkpoints, hf-hub:ORG/NAME saves)
     retrofit gates ...                                      inspect a fine-tuned model's gates
     retrofit --version                                      this distribution's name and version
 
@@ -100,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Other commands: `retrofit list`, `retrofit diff A B`, `retrofit gates ...`.",
         epilog="example: retrofit resnet50 --attn cbam",
     )
-    p.add_argument("model", help="timm model name, hf-hub:ORG/NAME, torchvision:NAME, or path/to/file.py:factory")
+    p.add_argument("model", help="timm model name, hf-hub:ORG/NAME (a timm model on the Hugging Face Hub), "
+                   "torchvision:NAME, or path/to/file.py:factory")
     p.add_argument("--attn", default="se", help="built-in rule set (default: se; see `retrofit list`)")
     p.add_argument("--rules", metavar="FILE", help="rule file (TOML); overrides --attn")
     p.add_argument("--gate", choices=("identity", "sigmoid"), help="gate form for every rule")
@@ -226,8 +228,9 @@ def _diff(argv: Sequence[str]) -> int:
 
     p = _Parser(prog="retrofit diff", description="Compare the parameter counts of two saved models "
                 "(read from the files; nothing is built or imported).")
-    p.add_argument("a", help="saved model (.safetensors, folder, or a fine-tuning .pt checkpoint)")
-    p.add_argument("b", help="saved model (.safetensors, folder, or a fine-tuning .pt checkpoint)")
+    saved = "saved model (.safetensors, folder, fine-tuning .pt checkpoint, or hf-hub:ORG/NAME on the Hugging Face Hub)"
+    p.add_argument("a", help=saved)
+    p.add_argument("b", help=saved)
     p.add_argument("--format", choices=("table", "json"), default="table")
     args = p.parse_args(argv)
     counts = []
