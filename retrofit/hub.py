@@ -40,6 +40,8 @@ from .saving import RECIPE_FILE, WEIGHTS_FILE, read_save, save
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
 
+    from .report import Report
+
 __all__ = ["HUB_PREFIX", "CARD_FILE", "is_hub_save", "parse_hub_name", "download", "save_for_hub", "model_card",
            "push_to_hub"]
 
@@ -176,7 +178,7 @@ def _describe_base(recipe: Recipe) -> tuple[str, str | None]:
     return f"timm model `{spec.removeprefix('timm:')}`", None
 
 
-def _identity_check(model: nn.Module, recipe: Recipe, folder: Path) -> tuple[Any, str]:
+def _identity_check(model: nn.Module, recipe: Recipe, folder: Path) -> tuple[Report | None, str]:
     """The report whose identity check the card shows, and where that check comes from:
     the model's own (run when ``retrofit()`` inserted its modules), else a fresh build of
     the recipe, checked now (a loaded model carries no check)."""
@@ -254,7 +256,8 @@ def model_card(model: nn.Module, folder: str | Path, repo_id: str, *, license: s
             lines += ["```", report.stage_table(), "```", ""]
     files = [f"- `{WEIGHTS_FILE}`: the weights (safetensors)",
              f"- `{RECIPE_FILE}`: how to build the model again (base model, rules, options), read by `retrofit.load`"]
-    files += [f"- `{file}`: the model file (sha256 `{_innermost(recipe).model_sha256}`)" for file in recipe.model_files()]
+    sha = _innermost(recipe).model_sha256
+    files += [f"- `{file}`: the model file (sha256 `{sha}`)" for file in recipe.model_files()]
     lines += ["## Files", "", *files, ""]
     return "\n".join(lines)
 
@@ -381,7 +384,10 @@ def push_to_hub(
 
     from . import __version__
 
-    repo_id, _ = parse_hub_name(repo_id)
+    repo_id, at = parse_hub_name(repo_id)
+    if at is not None:
+        raise OptionError(f"push_to_hub takes a repository id without a revision, not {at!r} in it; pass "
+                          f"revision={at!r} to commit to that branch")
     with tempfile.TemporaryDirectory(prefix="retrofit-hub-") as tmp:
         folder = save_for_hub(model, Path(tmp) / "save", repo_id, model_spec=model_spec, model_kwargs=model_kwargs,
                               license=license)

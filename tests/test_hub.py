@@ -76,7 +76,8 @@ def test_hub_names(name: str, want: tuple[str, str | None]) -> None:
                                   "hf-hub:/name"])
 def test_bad_hub_names(name: str) -> None:
     with pytest.raises(OptionError, match=rf"^'{name}' does not name a Hugging Face Hub repository; expected "
-                                          r"hf-hub:ORG/NAME \(or hf-hub:ORG/NAME@REVISION for a branch, tag or commit\)$"):
+                                          r"hf-hub:ORG/NAME \(or hf-hub:ORG/NAME@REVISION for a branch, tag or "
+                                          r"commit\)$"):
         retrofit.load(name)
 
 
@@ -131,11 +132,12 @@ def test_push_to_hub_sends_the_save_and_load_reads_it_back(tmp_path: Path, model
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
     assert retrofit.push_to_hub(model, "me/resnet18-se", private=True) == "commit-info"
+    written_by = f"Written by torch-retrofit {retrofit.__version__}."
     assert calls == [
         ("create_repo", ("me/resnet18-se", {"private": True, "exist_ok": True, "repo_type": "model"})),
         ("create_commit", ("me/resnet18-se", {"repo_type": "model", "revision": None, "create_pr": False,
                                               "commit_message": "Add retrofit save",
-                                              "commit_description": f"Written by torch-retrofit {retrofit.__version__}."})),
+                                              "commit_description": written_by})),
     ]
     # exactly the folder save_for_hub writes, byte for byte
     folder = save_for_hub(model, tmp_path / "up", "me/resnet18-se")
@@ -160,6 +162,9 @@ def test_push_to_hub_errors(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -
                                         r"401 Client Error: Unauthorized for url: https://huggingface.co/api/repos/"
                                         r"create\); log in with `hf auth login` or pass token=... with write access$"):
         retrofit.push_to_hub(model, "hf-hub:me/x")
+    with pytest.raises(OptionError, match=r"^push_to_hub takes a repository id without a revision, not 'v1' in it; "
+                                          r"pass revision='v1' to commit to that branch$"):
+        retrofit.push_to_hub(model, "me/x@v1")
     # a model that cannot be saved fails before anything is sent
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda *a, **k: pytest.fail("contacted the Hub"))
     with pytest.raises(OptionError, match=r"^ResNet did not come from retrofit\(\)"):
