@@ -68,15 +68,15 @@ def version_text() -> tuple[str, list[str]]:
     a top-level ``retrofit`` package too; in one environment, the second install overwrites
     files of the first.
     """
+    import timm
+    import torch
+    import torchvision
+
     from . import DISTRIBUTION, __version__
 
-    def version_of(name: str) -> str:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
-    uses = ", ".join(f"{name} {version_of(name)}" for name in ("torch", "torchvision", "timm"))
+    # The modules' own versions (torch's names its build: 2.14.1+cu130); `import retrofit`
+    # has imported all three already.
+    uses = ", ".join(f"{m.__name__} {m.__version__}" for m in (torch, torchvision, timm))
     line = (f"{DISTRIBUTION} {__version__} from {Path(__file__).resolve().parent} "
             f"({uses}; Python {platform.python_version()})")
     warnings = []
