@@ -15,13 +15,18 @@ from .errors import (
     TraceError,
     UntrustedCodeError,
 )
+from .hub import push_to_hub
 from .models import create_model
 from .recipe import Recipe, get_recipe
 from .report import Report
 from .rulefile import RuleSet, list_builtin_rules, load_rules
 from .saving import load, save
 
-__version__ = "0.1.0"
+# The one place the version is written (pyproject.toml reads it from here).
+__version__ = "0.2.0"
+# The name this project installs under (`pip install torch-retrofit`); the import name and
+# the command are `retrofit`. The distribution called `retrofit` on PyPI is another project.
+DISTRIBUTION = "torch-retrofit"
 
 __all__ = [
     "retrofit",
@@ -30,6 +35,7 @@ __all__ = [
     "get_report",
     "save",
     "load",
+    "push_to_hub",
     "create_model",
     "Recipe",
     "get_recipe",
@@ -53,4 +59,5 @@ __all__ = [
     "DataError",
     "UntrustedCodeError",
     "__version__",
+    "DISTRIBUTION",
 ]

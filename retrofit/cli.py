@@ -2,8 +2,10 @@
 
     retrofit MODEL [--attn NAME | --rules FILE] [options]   retrofit a model, print the diff
     retrofit list                                           attention types and built-in rule sets
-    retrofit diff A B                                       compare two saved models' parameters
+    retrofit diff A B                                       compare two saved models' parameters (files,
+                                                            folders, checkpoints, hf-hub:ORG/NAME saves)
     retrofit gates ...                                      inspect a fine-tuned model's gates
+    retrofit --version                                      this distribution's name and version
 
 Exit codes: 0 success, 1 the identity check failed, 2 bad usage or bad input.
 """
@@ -13,9 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from .errors import RetrofitError, SaveError
@@ -54,6 +59,41 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def version_text() -> tuple[str, list[str]]:
+    """What ``retrofit --version`` prints: this distribution's name and version, where the
+    package was imported from and the versions it runs with; and a warning for each
+    other installed distribution that also provides the import name ``retrofit``.
+
+    The distribution named ``retrofit`` on PyPI is an unrelated project whose wheel installs
+    a top-level ``retrofit`` package too; in one environment, the second install overwrites
+    files of the first.
+    """
+    import timm
+    import torch
+    import torchvision
+
+    from . import DISTRIBUTION, __version__
+
+    # The modules' own versions (torch's names its build: 2.14.1+cu130); `import retrofit`
+    # has imported all three already.
+    uses = ", ".join(f"{m.__name__} {m.__version__}" for m in (torch, torchvision, timm))
+    line = (f"{DISTRIBUTION} {__version__} from {Path(__file__).resolve().parent} "
+            f"({uses}; Python {platform.python_version()})")
+    warnings = []
+    try:
+        other = metadata.distribution("retrofit")
+    except metadata.PackageNotFoundError:
+        other = None
+    if other is not None:
+        warnings.append(
+            f"warning: the distribution 'retrofit' {other.version} ({other.metadata['Summary'] or 'no summary'}) is "
+            f"installed in this environment too; it is not {DISTRIBUTION}, but it installs files under the same "
+            f"import name `retrofit`, so each can overwrite the other's. Run `pip uninstall retrofit`, then "
+            f"`pip install --force-reinstall {DISTRIBUTION}`"
+        )
+    return line, warnings
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="retrofit",
@@ -61,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Other commands: `retrofit list`, `retrofit diff A B`, `retrofit gates ...`.",
         epilog="example: retrofit resnet50 --attn cbam",
     )
-    p.add_argument("model", help="timm model name, hf-hub:ORG/NAME, torchvision:NAME, or path/to/file.py:factory")
+    p.add_argument("model", help="timm model name, hf-hub:ORG/NAME (a timm model on the Hugging Face Hub), "
+                   "torchvision:NAME, or path/to/file.py:factory")
     p.add_argument("--attn", default="se", help="built-in rule set (default: se; see `retrofit list`)")
     p.add_argument("--rules", metavar="FILE", help="rule file (TOML); overrides --attn")
     p.add_argument("--gate", choices=("identity", "sigmoid"), help="gate form for every rule")
@@ -83,7 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "json"), default="table", help="output format")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, no table (errors and --format json only)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="store_true", help="print the distribution's name and version, and exit")
     return p
+
+
+def _version() -> int:
+    line, warnings = version_text()
+    print(line)
+    for w in warnings:
+        print(w, file=sys.stderr)
+    return EXIT_OK
 
 
 def _run_model(args: argparse.Namespace) -> int:
@@ -178,8 +228,9 @@ def _diff(argv: Sequence[str]) -> int:
 
     p = _Parser(prog="retrofit diff", description="Compare the parameter counts of two saved models "
                 "(read from the files; nothing is built or imported).")
-    p.add_argument("a", help="saved model (.safetensors, folder, or a fine-tuning .pt checkpoint)")
-    p.add_argument("b", help="saved model (.safetensors, folder, or a fine-tuning .pt checkpoint)")
+    saved = "saved model (.safetensors, folder, fine-tuning .pt checkpoint, or hf-hub:ORG/NAME on the Hugging Face Hub)"
+    p.add_argument("a", help=saved)
+    p.add_argument("b", help=saved)
     p.add_argument("--format", choices=("table", "json"), default="table")
     args = p.parse_args(argv)
     counts = []
@@ -221,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv and argv[0] in _COMMANDS:
             return _COMMANDS[argv[0]]([a for a in argv[1:] if a != "--debug"])
+        if "--version" in argv:
+            return _version()
         return _run_model(build_parser().parse_args(argv))
     except RetrofitError as e:
         if debug:

@@ -340,7 +340,7 @@ def _gates_parser() -> argparse.ArgumentParser:
         epilog="example: retrofit gates runs/se/best.pt --data data/val --out gates.png",
     )
     p.add_argument("checkpoint", help="a checkpoint written by retrofit.finetune.fit (last.pt or best.pt), or a save "
-                   "(.safetensors or folder)")
+                   "(.safetensors, folder, or hf-hub:ORG/NAME on the Hugging Face Hub)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", metavar="DIR", help="ImageFolder split to run on (DIR/CLASS/*.jpg)")
     src.add_argument("--digits", action="store_true",

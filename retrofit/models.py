@@ -36,7 +36,8 @@ def _timm(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
         if not pretrained:
             first = first_line(e)
             raise ModelLoadError(f"cannot build timm model {name!r} ({type(e).__name__}: {first}); "
-                                 "hf-hub: models need the network or the local cache") from e
+                                 "hf-hub: models need the network or the local cache (a retrofit save on the Hub "
+                                 f"is not a base model: load it with retrofit.load({name!r}))") from e
         raise _download_error(repr(name), e) from e
 
 
@@ -88,8 +89,10 @@ def create_model(spec: str, pretrained: bool = False, num_classes: int | None = 
     checkpoints of a retrofit of it then know which model to build again).
 
     Args:
-        spec: a timm model name (``resnet50``), ``hf-hub:org/name`` (timm), ``torchvision:NAME``,
-            or ``path/to/file.py:factory`` for a user's own model.
+        spec: a timm model name (``resnet50``), ``hf-hub:org/name`` (a timm model on the
+            Hugging Face Hub: a base model; a retrofit save on the Hub is read by
+            :func:`retrofit.load`), ``torchvision:NAME``, or ``path/to/file.py:factory`` for a
+            user's own model.
         pretrained: download pretrained weights (needs the network).
         num_classes: classifier size, where the model takes it.
         kwargs: further arguments for the model's constructor or factory.

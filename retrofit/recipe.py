@@ -66,6 +66,13 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _real(path: Path) -> Path:
+    """``path`` with its folder's symlinks resolved but its own name kept: a model file in
+    the Hugging Face cache is a symlink to a blob named by its hash, and the file must keep
+    its ``.py`` name to be imported (and to be recognised as a model file at all)."""
+    return path.parent.resolve() / path.name
+
+
 @dataclass(frozen=True)
 class Recipe:
     """How to build a model again: its base model, then the retrofit options.
@@ -192,6 +199,11 @@ class Recipe:
             path = (base_dir if base_dir is not None else Path.cwd()) / path
         return path, factory
 
+    def model_files(self) -> list[str]:
+        """The model files this recipe names (``file`` of ``file.py:factory``), as written:
+        relative to the save in a recipe read from one."""
+        return [r.model.rpartition(":")[0] for r in self._chain() if r.model is not None and is_file_spec(r.model)]
+
     def located(self, folder: Path) -> Recipe:
         """This recipe as a file in ``folder`` records it: a model file's path relative to
         ``folder`` and its sha256, so that loading runs the file that was saved.
@@ -206,7 +218,7 @@ class Recipe:
         if not path.is_file():
             raise SaveError(f"model file {str(path)!r} not found; a save records the file's hash, so the file "
                             "must exist when the model is saved")
-        rel = os.path.relpath(path.resolve(), Path(folder).resolve())
+        rel = os.path.relpath(_real(path), Path(folder).resolve())
         return replace(self, base=base, model=f"{Path(rel).as_posix()}:{factory}", model_sha256=_sha256(path))
 
     def resolved(self, base_dir: Path | None) -> Recipe:
@@ -231,7 +243,7 @@ class Recipe:
                     f"{self.model_sha256} when saved); not running it. Restore the saved file, or rebuild the "
                     "model and save it again"
                 )
-        return replace(self, base=base, model=f"{path.resolve()}:{factory}")
+        return replace(self, base=base, model=f"{_real(path)}:{factory}")
 
     # ------------------------------------------------------------------ building
 
@@ -242,7 +254,7 @@ class Recipe:
         kwargs = self.model_kwargs if model_kwargs is None else _plain(model_kwargs)
         if model is not None and is_file_spec(model):
             file, _, factory = model.rpartition(":")
-            model = f"{Path(file).resolve()}:{factory}"
+            model = f"{_real(Path(file))}:{factory}"
         return replace(self, model=self.model if model is None else model, model_kwargs=kwargs, model_sha256=None)
 
     def build_base(self, *, pretrained: bool = False) -> nn.Module:

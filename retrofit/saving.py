@@ -6,7 +6,9 @@ A **save** is one ``.safetensors`` file whose metadata holds the recipe, or a fo
 the weights and everything a resume needs, as plain data and tensors, read with
 ``torch.load(weights_only=True)``. :func:`load` reads all three: it checks that the recipe
 names no code the caller did not allow (:mod:`retrofit.recipe`), builds the model again
-and loads the weights, so outputs are bit-identical, in the saved dtype.
+and loads the weights, so outputs are bit-identical, in the saved dtype. A folder save in
+a Hugging Face Hub repository, named ``"hf-hub:ORG/NAME"``, is fetched by
+:mod:`retrofit.hub` and then read like any local folder.
 
 Writes are atomic (a temporary file beside the target, then a rename): a failed or
 interrupted save leaves nothing behind, and an existing file is only replaced with
@@ -36,6 +38,8 @@ from .weights import assign_weights
 __all__ = [
     "FORMAT",
     "TRAIN_FORMAT",
+    "WEIGHTS_FILE",
+    "RECIPE_FILE",
     "SavedModel",
     "save",
     "load",
@@ -51,7 +55,7 @@ FORMAT = "retrofit/2"
 TRAIN_FORMAT = "retrofit-train/2"
 _OLD_FORMAT, _OLD_TRAIN_FORMAT = "retrofit/1", "retrofit-train/1"
 _META_KEY = "retrofit_recipe"
-_WEIGHTS, _RECIPE = "model.safetensors", "recipe.json"
+WEIGHTS_FILE, RECIPE_FILE = "model.safetensors", "recipe.json"  # a folder save's two files
 _TRAIN_SUFFIXES = (".pt", ".pth")
 
 
@@ -236,10 +240,10 @@ def save(
             if not path.exists():
                 path.mkdir()
                 created = True
-            temps.append((_atomic(path / _WEIGHTS, lambda t: save_model(model, str(t), metadata=meta)),
-                          path / _WEIGHTS))
-            temps.append((_atomic(path / _RECIPE, lambda t: t.write_text(json.dumps(header, indent=2) + "\n")),
-                          path / _RECIPE))
+            temps.append((_atomic(path / WEIGHTS_FILE, lambda t: save_model(model, str(t), metadata=meta)),
+                          path / WEIGHTS_FILE))
+            temps.append((_atomic(path / RECIPE_FILE, lambda t: t.write_text(json.dumps(header, indent=2) + "\n")),
+                          path / RECIPE_FILE))
         for tmp, dest in temps:
             os.replace(tmp, dest)
     except OSError as e:
@@ -247,7 +251,7 @@ def save(
     finally:
         for tmp, _ in temps:
             tmp.unlink(missing_ok=True)
-        if created and not (path / _RECIPE).exists():
+        if created and not (path / RECIPE_FILE).exists():
             shutil.rmtree(path, ignore_errors=True)
     return path
 
@@ -344,15 +348,25 @@ def _recipe_of_old_checkpoint(spec: Mapping[str, Any], where: str) -> Recipe:
     }, where)
 
 
+def _local(path: str | Path) -> Path:
+    """Where a save lies on this machine: ``path`` itself, or for ``"hf-hub:ORG/NAME"`` (a
+    string; a ``Path`` is always local) the snapshot folder :func:`retrofit.hub.download`
+    fetched it to."""
+    from .hub import download, is_hub_save
+
+    return download(path) if is_hub_save(path) else Path(path)
+
+
 def read_save(path: str | Path) -> SavedModel:
-    """What a save (``.safetensors`` file or folder) or a training checkpoint (``.pt``)
-    holds, without building or importing anything.
+    """What a save (``.safetensors`` file or folder, or ``"hf-hub:ORG/NAME"``) or a training
+    checkpoint (``.pt``) holds, without building or importing anything (a Hub save is
+    downloaded first, code files included; nothing is run).
 
     Raises:
         ModelLoadError: missing, corrupted, or not written by retrofit.
     """
-    path = Path(path)
     where = str(path)
+    path = _local(path)
     if path.suffix in _TRAIN_SUFFIXES:
         ckpt = load_training_state(path)
         if ckpt["format"] == _OLD_TRAIN_FORMAT:
@@ -366,13 +380,13 @@ def read_save(path: str | Path) -> SavedModel:
             recipe = Recipe.from_dict(ckpt["recipe"], where)
         return SavedModel(path, "checkpoint", recipe, path.parent, ckpt.get("versions") or {},
                           tuple(ckpt.get("buffers") or ()), ckpt)
-    weights = path / _WEIGHTS if path.is_dir() else path
+    weights = path / WEIGHTS_FILE if path.is_dir() else path
     if not weights.is_file():
         raise ModelLoadError(f"no saved model at {where!r} (expected a .safetensors file, a folder with "
-                             f"{_WEIGHTS}, or a training checkpoint .pt)")
+                             f"{WEIGHTS_FILE}, or a training checkpoint .pt)")
     try:
         if path.is_dir():
-            header = json.loads((path / _RECIPE).read_text())
+            header = json.loads((path / RECIPE_FILE).read_text())
         else:
             with safe_open(str(weights), "pt") as f:
                 meta = f.metadata() or {}
@@ -398,10 +412,10 @@ def read_save(path: str | Path) -> SavedModel:
 def tensor_sizes(path: str | Path) -> dict[str, int]:
     """``{tensor name: number of elements}`` of a save (read from the file header only) or
     of a training checkpoint's weights."""
-    path = Path(path)
+    path = _local(path)
     if path.suffix in _TRAIN_SUFFIXES:
         return {k: v.numel() for k, v in load_training_state(path)["model"].items()}
-    weights = path / _WEIGHTS if path.is_dir() else path
+    weights = path / WEIGHTS_FILE if path.is_dir() else path
     try:
         with safe_open(str(weights), "pt") as f:
             return {k: _numel(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -422,29 +436,39 @@ def load(
     trust_code: bool = False,
     map_location: str | torch.device | None = None,
 ) -> nn.Module:
-    """Build a saved model again: a ``.safetensors`` save, a save folder, or a fine-tuning
-    checkpoint (``last.pt`` / ``best.pt``). Its outputs equal the saved model's bit for bit,
-    in the dtype it was saved in.
+    """Build a saved model again: a ``.safetensors`` save, a save folder, a folder save on
+    the Hugging Face Hub (``"hf-hub:ORG/NAME"``, or ``"hf-hub:ORG/NAME@REVISION"``), or a
+    fine-tuning checkpoint (``last.pt`` / ``best.pt``). Its outputs equal the saved model's
+    bit for bit, in the dtype it was saved in.
 
     Nothing the file names is imported or run unless ``trust_code``: timm and torchvision
     registry names, retrofit's attention types and those registered in this process load
     as they are; a model file, a ``module:Class`` attention or an unimported leaf-module
     class is refused with :class:`~retrofit.errors.UntrustedCodeError` before anything is
     imported. With trust, a model file is found relative to the save (not the current
-    folder) and must be the file the model was saved with (same sha256).
+    folder) and must be the file the model was saved with (same sha256). A Hub save is
+    fetched through ``huggingface_hub`` (its cache, ``HF_HUB_OFFLINE``, your login) into the
+    cache's snapshot folder and then read as a local folder under the same rules: a model
+    file it names comes from the same repository and commit.
+
+    Not to be confused with ``retrofit.create_model("hf-hub:ORG/NAME")``, which builds a
+    *base model* from timm's Hub weights; ``load`` reads a *retrofit save* (``recipe.json`` +
+    ``model.safetensors``) such as :func:`retrofit.push_to_hub` writes.
 
     Args:
-        path: the save or checkpoint.
+        path: the save or checkpoint; a string starting with ``hf-hub:`` names a Hub save.
         trust_code: allow the code the file names (as Hugging Face's ``trust_remote_code``).
         map_location: device to put the model on (``"cpu"``, ``"cuda:0"``, ...); default the CPU.
 
     Raises:
         UntrustedCodeError: the file names code and ``trust_code`` is False.
         ModelLoadError: the file is missing, corrupted, names a model file that changed, or
-            its weights do not fit the model its recipe builds.
+            its weights do not fit the model its recipe builds; a Hub save cannot be fetched
+            (no such repository or revision, not a retrofit save, offline and not cached).
 
     Example:
         >>> gm = retrofit.load("runs/se/best.pt")
+        >>> gm = retrofit.load("hf-hub:my-org/resnet50-se")
     """
     saved = read_save(path)
     now = package_versions()
@@ -458,7 +482,7 @@ def load(
         state = {k: v.cpu() for k, v in saved.checkpoint["model"].items()}
     else:
         try:
-            state = load_file(str(saved.path / _WEIGHTS if saved.kind == "folder" else saved.path))
+            state = load_file(str(saved.path / WEIGHTS_FILE if saved.kind == "folder" else saved.path))
         except (SafetensorError, OSError) as e:
             raise ModelLoadError(f"cannot read saved model {str(path)!r} (corrupted?): {first_line(e)}") from e
     assign_weights(model, state, f"weights in {str(path)!r}", "the file does not match its own recipe (was it "
