@@ -1,6 +1,6 @@
 """Attention modules, one paper per file, all registered by short name."""
 
-from ._gate import GATES
+from ._gate import GATES, gate_methods
 from ._identity import identity_error
 from ._registry import create_attention, get_attention, is_registered, list_attention, register_attention
 from .cbam import Cbam
@@ -16,6 +16,7 @@ from .simam import SimAM
 
 __all__ = [
     "GATES",
+    "gate_methods",
     "register_attention",
     "get_attention",
     "list_attention",

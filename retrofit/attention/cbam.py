@@ -40,6 +40,10 @@ class Cbam(nn.Module):
         dtype: dtype of the parameters.
     """
 
+    # forward is x * channel_scale(x), then that times spatial_scale(...): the rewrite may fuse
+    # the last product into a residual add
+    fused_gates = ("channel_scale", "spatial_scale")
+
     def __init__(
         self,
         channels: int,

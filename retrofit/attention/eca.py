@@ -41,6 +41,8 @@ class EfficientChannelAttn(nn.Module):
         dtype: dtype of the parameters.
     """
 
+    fused_gates = ("scale",)  # forward is x * scale(x): the rewrite may fuse it into a residual add
+
     def __init__(
         self,
         channels: int,

@@ -102,6 +102,14 @@ class GlobalContext(nn.Module):
             if mlp is self.mlp_add or self.gate == "identity":
                 zero_init_(mlp[-1])
 
+    __jit_unused_properties__ = ["fused_gates"]  # torch.jit.script: not part of forward
+
+    @property
+    def fused_gates(self) -> tuple[str, ...]:
+        """``("scale",)`` with scale fusion alone (forward is then ``x * scale(x)``), else ``()``:
+        with add fusion the forward adds a term and is no product of gates."""
+        return ("scale",) if self.mlp_add is None else ()
+
     def context(self, x: Tensor) -> Tensor:
         """The softmax-pooled context, shape ``(N, C)``."""
         n, c, h, w = x.shape

@@ -52,6 +52,8 @@ class NonLocal(nn.Module):
         AttentionError: ``gate="sigmoid"``.
     """
 
+    fused_gates = ()  # forward is x + delta(x), no product of gates: nothing to fuse, no gate to record
+
     def __init__(
         self,
         channels: int,

@@ -85,6 +85,8 @@ class PointwiseSpatialAttn(nn.Module):
         AttentionError: ``gate="sigmoid"``, or ``mask_size < 1``.
     """
 
+    fused_gates = ()  # forward is x + delta(x), no product of gates: nothing to fuse, no gate to record
+
     def __init__(
         self,
         channels: int,
