@@ -44,8 +44,12 @@ def test_channels_smaller_than_the_reduction_work() -> None:
 def test_impossible_attention_arguments_name_the_site() -> None:
     model = build("resnet18")
     snap = _snapshot(model)
-    with pytest.raises(AttentionError, match=r"invalid arguments for attention 'se' \(SqueezeExcite\) at 64 channels"):
+    with pytest.raises(AttentionError, match=r"built-in 'se', rule 1 \(with attn_args \{'rd_channels': -1\}\): "
+                       r"se: rd_channels = -1 is not valid: .* \(building 'se' for site 'layer1.0', 64 channels\)"):
         retrofit.retrofit(model, "se", attn_args={"rd_channels": -1}, input_size=64)
+    with pytest.raises(AttentionError, match=r"built-in 'se', rule 1 \(with attn_args \{'act_layer': 'nope'\}\): "
+                       r"se: unknown activation act_layer = 'nope'"):
+        retrofit.plan(model, "se", attn_args={"act_layer": "nope"}, input_size=64)
     assert _unchanged(model, snap)
 
 

@@ -2,6 +2,7 @@
 
 from ._gate import GATES, gate_methods
 from ._identity import identity_error
+from ._reduction import check_reduction_args
 from ._registry import create_attention, get_attention, is_registered, list_attention, register_attention
 from .cbam import Cbam
 from .chsa import ChannelSelfAttn
@@ -23,6 +24,7 @@ __all__ = [
     "create_attention",
     "is_registered",
     "identity_error",
+    "check_reduction_args",
     "SqueezeExcite",
     "EfficientChannelAttn",
     "eca_kernel_size",

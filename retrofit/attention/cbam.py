@@ -9,12 +9,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..errors import AttentionError
 from ._act import get_act_layer
 from ._gate import apply_gate, check_gate, zero_init_
 from ._reduction import reduced_channels
 from ._registry import register_attention
 
 __all__ = ["Cbam"]
+
+
+def _odd(k: object) -> bool:
+    return isinstance(k, int) and not isinstance(k, bool) and k >= 1 and k % 2 == 1
 
 
 @register_attention("cbam")
@@ -59,6 +64,9 @@ class Cbam(nn.Module):
     ) -> None:
         super().__init__()
         self.gate = check_gate(gate)
+        if not _odd(spatial_kernel_size):
+            raise AttentionError(f"cbam: spatial_kernel_size = {spatial_kernel_size!r} is not valid: an odd integer "
+                                 ">= 1, so the spatial gate keeps the map's size")
         rd_channels = reduced_channels("cbam", channels, rd_ratio, rd_channels, rd_divisor)
         dd = {"device": device, "dtype": dtype}
         self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=mlp_bias, **dd)
