@@ -73,6 +73,9 @@ class Plan:
         extra = [f"note: {n}" for n in self.notes] + [f"warning: {w}" for w in self.warnings]
         return "\n".join([text, *extra])
 
+    def __str__(self) -> str:
+        return self.table()
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-data view (JSON-ready)."""
         return {
