@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import gate_methods
-from .errors import AttentionError, RetrofitError
+from .errors import AttentionError, first_line
 
 __all__ = ["SiteGates", "GateRecord", "record_gates", "plot_gates", "gates_main"]
 
@@ -334,7 +334,9 @@ def plot_gates(record: GateRecord, path: str | Path, *, title: str | None = None
 
 
 def _gates_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from .cli import OneLineParser
+
+    p = OneLineParser(
         prog="retrofit gates",
         description="Plot the channel gates of a fine-tuned retrofitted model per stage and class "
                     "(the SE paper's view).",
@@ -358,43 +360,59 @@ def _gates_parser() -> argparse.ArgumentParser:
 
 
 def gates_main(argv: Sequence[str] | None = None) -> int:
-    """``retrofit gates CHECKPOINT (--data DIR | --digits) --out plot.png``; returns the exit code."""
+    """``retrofit gates CHECKPOINT (--data DIR | --digits) --out plot.png``; returns the exit code.
+
+    Errors are raised, not printed: :func:`retrofit.cli.main` turns them into the exit code
+    and one line (``retrofit gates ...`` and ``python -m retrofit.gates ...`` both run there).
+
+    Raises:
+        RetrofitError: a file that cannot be loaded, a missing data folder, an unknown
+            device, a model whose attention has no channel gate, an output that cannot be
+            written.
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    from .api import get_report
+    from .data import digits_datasets, imagefolder_dataset
+    from .distributed import choose_device
+    from .errors import DataError, OptionError, SaveError
+    from .saving import load
+
     args = _gates_parser().parse_args(argv)
     try:
-        from torch.utils.data import DataLoader, Subset
-
-        from .api import get_report
-        from .data import digits_datasets, imagefolder_dataset
-        from .distributed import choose_device
-        from .saving import load
-
         device = choose_device(args.device)
-        model = load(args.checkpoint, trust_code=args.trust_code, map_location=device)
-        if args.digits:
-            c, h, _ = get_report(model).input_size
-            dataset = digits_datasets(h, c, augment=False).val
-            classes: Sequence[str] = [str(i) for i in range(10)]
-        else:
+    except RuntimeError as e:
+        raise OptionError(f"--device {args.device!r} is not a device ({first_line(e)}); use cpu, cuda or cuda:N") from e
+    model = load(args.checkpoint, trust_code=args.trust_code, map_location=device)
+    if args.digits:
+        c, h, _ = get_report(model).input_size
+        dataset = digits_datasets(h, c, augment=False).val
+        classes: Sequence[str] = [str(i) for i in range(10)]
+    else:
+        try:
             dataset = imagefolder_dataset(args.data, model)
-            classes = dataset.classes
-        n = min(args.samples, len(dataset))
-        pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n].sort().values
-        loader = DataLoader(Subset(dataset, pick.tolist()), batch_size=args.batch_size)
-        record = record_gates(model, loader, classes=classes)
+        except OSError as e:  # ImageFolder: no class folder, no image
+            raise DataError(f"--data {args.data}: {first_line(e)}; expected {args.data}/CLASS/*.jpg") from e
+        classes = dataset.classes
+    n = min(args.samples, len(dataset))
+    pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n].sort().values
+    loader = DataLoader(Subset(dataset, pick.tolist()), batch_size=args.batch_size)
+    record = record_gates(model, loader, classes=classes)
+    try:
         out = plot_gates(record, args.out, title=f"{Path(args.checkpoint).name}: channel gates per class "
                                                  f"({record.num_images} images)")
-    except (RetrofitError, ValueError, OSError) as e:
-        if args.debug:
-            raise
-        print(f"retrofit gates: error: {e}", file=sys.stderr)
-        return 2
+        if args.json:
+            Path(args.json).write_text(json.dumps(record.to_dict(values=True), indent=2))
+    except OSError as e:
+        raise SaveError(f"cannot write {e.filename or args.out!r}: {e.strerror or first_line(e)}") from e
     print(record.summary())
     print(f"\nwrote {out}")
     if args.json:
-        Path(args.json).write_text(json.dumps(record.to_dict(values=True), indent=2))
         print(f"wrote {args.json}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(gates_main())
+    from .cli import main
+
+    sys.exit(main(["gates", *sys.argv[1:]]))
