@@ -152,3 +152,11 @@ def test_gates_cli_on_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["gates", str(tmp_path / "missing.pt"), "--digits"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("retrofit gates: error: ") and "training checkpoint" in err and err.count("\n") == 1
+    assert main(["gates", str(tmp_path / "run" / "last.pt"), "--digits", "--device", "bogus"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("retrofit gates: error: --device 'bogus' is not a device (") and err.count("\n") == 1
+    (tmp_path / "empty").mkdir()
+    assert main(["gates", str(tmp_path / "run" / "last.pt"), "--data", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"retrofit gates: error: --data {tmp_path / 'empty'}: Couldn't find any class folder")
+    assert err.count("\n") == 1
