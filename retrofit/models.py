@@ -30,9 +30,9 @@ def _download_error(what: str, e: Exception) -> ModelLoadError:
     )
 
 
-def _offline_error(what: str, why: str, cache: str) -> ModelLoadError:
-    return ModelLoadError(f"cannot download pretrained weights for {what}: no network ({why}) and they are not in "
-                          f"{cache}; {_OFFLINE_HINT}")
+def _offline_error(what: str, why: str, cache: str, thing: str = "pretrained weights") -> ModelLoadError:
+    return ModelLoadError(f"cannot download {thing} for {what}: no network ({why}) and they are not in {cache}; "
+                          f"{_OFFLINE_HINT}")
 
 
 @contextlib.contextmanager
@@ -64,17 +64,16 @@ def _timm(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     try:
         with offline, contextlib.redirect_stdout(sys.stderr):  # download messages are not results
             return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise _bad_arguments(f"timm model {name!r}", kwargs, e) from e
-    except OSError as e:
+    except OSError as e:  # first: some of Hugging Face's errors are also ValueErrors
         if why:
-            what = "pretrained weights" if pretrained else "the model's config"
-            raise ModelLoadError(f"cannot download {what} for {name!r}: no network ({why}) and they are not in "
-                                 f"the Hugging Face cache; {_OFFLINE_HINT}") from e
+            thing = "pretrained weights" if pretrained else "the model's config"
+            raise _offline_error(repr(name), why, "the Hugging Face cache", thing) from e
         if not pretrained:
             raise ModelLoadError(f"cannot build timm model {name!r} ({type(e).__name__}: {first_line(e)}); "
                                  "hf-hub: models need the network or the local cache") from e
         raise _download_error(repr(name), e) from e
+    except (TypeError, ValueError) as e:
+        raise _bad_arguments(f"timm model {name!r}", kwargs, e) from e
 
 
 def _torchvision(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
@@ -97,10 +96,10 @@ def _torchvision(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     try:
         with contextlib.redirect_stdout(sys.stderr):  # torch.hub prints "Downloading: ..." to stdout
             return tvm.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise _bad_arguments(f"torchvision:{name}", {k: v for k, v in kwargs.items() if k != "weights_backbone"}, e) from e
     except OSError as e:
         raise _download_error(f"torchvision:{name}", e) from e
+    except (TypeError, ValueError) as e:
+        raise _bad_arguments(f"torchvision:{name}", {k: v for k, v in kwargs.items() if k != "weights_backbone"}, e) from e
 
 
 def _show(kwargs: dict[str, Any]) -> str:
