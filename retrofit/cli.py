@@ -7,27 +7,36 @@
     retrofit gates ...                                      inspect a fine-tuned model's gates
     retrofit --version                                      this distribution's name and version
 
-Exit codes: 0 success, 1 the identity check failed, 2 bad usage or bad input.
+Exit codes, decided in one place (:func:`main`): 0 success; 1 the identity check failed;
+2 a user error (a bad model, file, rule, argument, checkpoint, or no network), with one
+line on stderr that says what and how to fix it; 3 an unexpected internal error, with one
+line that says it is a bug (``--debug`` shows the traceback); 141 the reader of stdout went
+away (``retrofit ... | head``), as for any program a closed pipe stops; 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Sequence
+import traceback
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .errors import RetrofitError, SaveError
+from .errors import RetrofitError, SaveError, first_line
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "OneLineParser"]
 
-EXIT_OK, EXIT_IDENTITY_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_IDENTITY_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a program stopped by SIGPIPE
+EXIT_INTERRUPTED = 130
 
 
 class _Progress:
@@ -52,7 +61,17 @@ def _input_size(text: str) -> tuple[int, ...]:
     return parts
 
 
-class _Parser(argparse.ArgumentParser):
+def _num_classes(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a class count; use an integer >= 1 (0: no classifier)")
+    return n
+
+
+class OneLineParser(argparse.ArgumentParser):
     """argparse, but usage errors are one line (not usage + error) and exit 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -95,7 +114,7 @@ def version_text() -> tuple[str, list[str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="retrofit",
         description="Add identity-initialized attention to a CNN and print the before/after diff. "
         "Other commands: `retrofit list`, `retrofit diff A B`, `retrofit gates ...`.",
@@ -107,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rules", metavar="FILE", help="rule file (TOML); overrides --attn")
     p.add_argument("--gate", choices=("identity", "sigmoid"), help="gate form for every rule")
     p.add_argument("--input-size", type=_input_size, metavar="SIZE", help="224, 224x224 or 3x224x224")
-    p.add_argument("--num-classes", type=int, metavar="N", help="classifier size of the built model")
+    p.add_argument("--num-classes", type=_num_classes, metavar="N", help="classifier size of the built model")
     p.add_argument("--pretrained", action="store_true", help="download pretrained weights (needs the network)")
     p.add_argument("--checkpoint", metavar="PATH", help="weights for the model before retrofitting "
                    "(.safetensors, or .pt/.pth loaded with weights_only=True)")
@@ -129,17 +148,53 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> int:
-    line, warnings = version_text()
+    line, notes = version_text()
     print(line)
-    for w in warnings:
-        print(w, file=sys.stderr)
+    for note in notes:
+        print(note, file=sys.stderr)
     return EXIT_OK
 
 
-def _run_model(args: argparse.Namespace) -> int:
-    import warnings
+@contextlib.contextmanager
+def _quiet_stderr(quiet: bool) -> Iterator[None]:
+    """With -q, what libraries print to stderr while the model is built (download bars and
+    lines) goes nowhere; errors are raised, and printed after."""
+    if not quiet:
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+        yield
 
+
+def _print_warnings(caught: list[warnings.WarningMessage], shown: Sequence[str]) -> None:
+    """Each warning once, as one line; those already in the output (``shown``) not again."""
+    seen = set(shown)
+    for w in caught:
+        message = str(w.message)
+        if message not in seen:
+            seen.add(message)
+            print(f"warning: {first_line(w.message)}", file=sys.stderr)
+
+
+def _run_model(args: argparse.Namespace) -> int:
+    # Python's warnings are collected and printed once, as one line each, after the
+    # output: the report repeats those of retrofit() itself, which are not printed again.
+    with warnings.catch_warnings(record=True) as caught:
+        if args.quiet:
+            warnings.simplefilter("ignore")
+        code, shown = _retrofit_model(args)
+    _print_warnings(caught, shown)
+    return code
+
+
+def _retrofit_model(args: argparse.Namespace) -> tuple[int, Sequence[str]]:
+    """Run the model command; return the exit code and the warnings the output already shows."""
+    if args.quiet:
+        # Hugging Face reads these when it is imported (with timm, later): no bars, no warnings.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     from .api import get_report, plan, retrofit
+    from .leaves import check_leaf_modules
     from .models import create_model
     from .saving import save
     from .weights import load_checkpoint
@@ -147,14 +202,13 @@ def _run_model(args: argparse.Namespace) -> int:
     if args.out and os.path.exists(args.out) and not args.force and not args.dry_run:
         raise SaveError(f"{args.out!r} exists; not overwriting it (pass --force to replace it)")
     progress = _Progress(not args.quiet and sys.stderr.isatty())
-    if args.quiet:
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        warnings.simplefilter("ignore")
     progress(f"building {args.model}" + (" (downloading weights)" if args.pretrained else ""))
-    model = create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes)
+    with _quiet_stderr(args.quiet):
+        model = create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes)
     if args.checkpoint:
         progress(f"loading {args.checkpoint}")
         load_checkpoint(model, args.checkpoint)
+    check_leaf_modules(model, args.leaf_module)
     options: dict[str, Any] = dict(rules=args.rules, gate=args.gate, input_size=args.input_size,
                                    leaf_modules=args.leaf_module, strict=args.strict, keep_class=args.keep_class)
     if args.dry_run:
@@ -164,7 +218,7 @@ def _run_model(args: argparse.Namespace) -> int:
             print(json.dumps(the_plan.to_dict(), indent=2))
         elif not args.quiet:
             print(the_plan.table())
-        return EXIT_OK
+        return EXIT_OK, the_plan.warnings
     progress("tracing, inserting attention, checking identity")
     gm = retrofit(model, args.attn, fuse=not args.no_fuse, **options)
     report = get_report(gm)
@@ -182,42 +236,63 @@ def _run_model(args: argparse.Namespace) -> int:
             print("rewritten in place: " + (", ".join(report.traced) or "nothing"))
             for where, why in report.left_alone:
                 print(f"left alone: {where or '(top level)'}: {why}")
+        sys.stdout.flush()  # the report, then its warnings
         for w in report.warnings:
             print(f"warning: {w}", file=sys.stderr)
     if report.identity_ok is False:
         print(f"retrofit: error: the rewritten model's outputs differ from the original's by up to "
               f"{report.max_abs_diff:.3g} at init{'; not saved' if args.out else ''}", file=sys.stderr)
-        return EXIT_IDENTITY_FAILED
+        return EXIT_IDENTITY_FAILED, report.warnings
     if args.out:
         progress(f"saving {args.out}")
         path = save(gm, args.out, force=args.force)  # create_model recorded the model and its arguments
         if not args.quiet and args.format == "table":
             print(f"\nsaved {path} (load it with retrofit.load({str(path)!r}))")
-    return EXIT_OK
+    return EXIT_OK, report.warnings
+
+
+_WIDTH = 100  # columns the tables of `retrofit list` fit in
+
+
+def _wrapped_table(rows: dict[str, str], headers: list[str]) -> str:
+    """Two columns, the second wrapped so that every line fits :data:`_WIDTH` columns."""
+    import textwrap
+
+    from tabulate import tabulate
+
+    first = max([len(headers[0]) + 2, *map(len, rows)])  # tabulate pads a header by two
+    width = _WIDTH - first - 2  # and puts two spaces between columns
+    cells = [[k, "\n".join(textwrap.wrap(v, width, max_lines=3, placeholder=" ..."))] for k, v in rows.items()]
+    return tabulate(cells, headers=headers)
 
 
 def _list(argv: Sequence[str]) -> int:
-    from tabulate import tabulate
+    import re
 
     from .attention import get_attention, list_attention
     from .rulefile import list_builtin_rules
 
-    p = _Parser(prog="retrofit list", description="List attention types and built-in rule sets.")
+    p = OneLineParser(prog="retrofit list", description="List attention types and built-in rule sets.")
     p.add_argument("--format", choices=("table", "json"), default="table")
     args = p.parse_args(argv)
 
-    def first_line(obj: object) -> str:
+    def description(obj: object) -> str:
+        """The docstring's first paragraph, on one line."""
         paragraph = (obj.__doc__ or "").strip().split("\n\n", 1)[0]
         return " ".join(paragraph.split())
 
-    attns = {name: first_line(get_attention(name)) for name in list_attention()}
+    def first_sentence(text: str) -> str:
+        return re.split(r"(?<=\.)\s", text.replace("``", ""), maxsplit=1)[0]
+
+    attns = {name: description(get_attention(name)) for name in list_attention()}
     rules = list_builtin_rules()
     if args.format == "json":
         print(json.dumps({"attention": attns, "rules": rules}, indent=2))
     else:
-        print(tabulate(attns.items(), headers=["attention (--rules attn=)", "description"]))
+        short = {name: first_sentence(text) for name, text in attns.items()}
+        print(_wrapped_table(short, ["attention (--rules attn=)", "description (retrofit.get_attention(NAME))"]))
         print()
-        print(tabulate(rules.items(), headers=["rule set (--attn)", "description"]))
+        print(_wrapped_table(rules, ["rule set (--attn)", "description (rules/NAME.toml)"]))
     return EXIT_OK
 
 
@@ -226,7 +301,7 @@ def _diff(argv: Sequence[str]) -> int:
 
     from .saving import read_save, tensor_sizes
 
-    p = _Parser(prog="retrofit diff", description="Compare the parameter counts of two saved models "
+    p = OneLineParser(prog="retrofit diff", description="Compare the parameter counts of two saved models "
                 "(read from the files; nothing is built or imported).")
     saved = "saved model (.safetensors, folder, fine-tuning .pt checkpoint, or hf-hub:ORG/NAME on the Hugging Face Hub)"
     p.add_argument("a", help=saved)
@@ -255,34 +330,70 @@ def _diff(argv: Sequence[str]) -> int:
 
 
 def _gates(argv: Sequence[str]) -> int:
+    from .gates import gates_main
+
     try:
-        from .gates import gates_main
-    except ImportError:
-        print("retrofit: error: gate inspection is not available in this installation", file=sys.stderr)
-        return EXIT_USAGE
-    return gates_main(list(argv))
+        return gates_main(list(argv))
+    except ModuleNotFoundError as e:  # matplotlib, scikit-learn: the `train` extra
+        raise RetrofitError(f"retrofit gates needs the Python package {e.name!r}, which is not installed; "
+                            "install the train extra: pip install -e '.[train]'") from e
 
 
 _COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"list": _list, "diff": _diff, "gates": _gates}
 
 
+def _fail(code: int, prog: str, message: str, debug: bool) -> int:
+    """The one line of a failed command (after the traceback, with --debug)."""
+    if debug:
+        traceback.print_exc()
+    print(f"{prog}: {message}", file=sys.stderr)
+    return code
+
+
+def _stdout_closed() -> int:
+    """Python's recipe for a reader that went away (docs: "Note on SIGPIPE"): point stdout at
+    devnull, so that the flush at exit does not fail again, and stop quietly."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (a test's capture)
+        pass
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code. The one place that decides it:
+
+    * 0: done; 1: the identity check failed (the command itself says so);
+    * 2: a :class:`~retrofit.errors.RetrofitError`, a user's mistake or missing network:
+      one line, ``retrofit: error: ...``;
+    * 3: any other exception, a bug in retrofit: one line that says so;
+    * 141: stdout was closed by its reader (``retrofit list | head -1``); 130: Ctrl-C.
+
+    ``--debug`` prints the traceback before the line.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    prog = f"retrofit {argv[0]}" if argv and argv[0] in _COMMANDS else "retrofit"
     try:
         if argv and argv[0] in _COMMANDS:
-            return _COMMANDS[argv[0]]([a for a in argv[1:] if a != "--debug"])
-        if "--version" in argv:
-            return _version()
-        return _run_model(build_parser().parse_args(argv))
-    except RetrofitError as e:
-        if debug:
-            raise
-        print(f"retrofit: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+            code = _COMMANDS[argv[0]]([a for a in argv[1:] if a != "--debug"])
+        elif "--version" in argv:
+            code = _version()
+        else:
+            code = _run_model(build_parser().parse_args(argv))
+        sys.stdout.flush()  # a reader that went away shows here, not in the flush at exit
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except KeyboardInterrupt:
-        print("retrofit: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except RetrofitError as e:
+        return _fail(EXIT_USAGE, prog, f"error: {first_line(e)}", debug)
+    except Exception as e:
+        return _fail(EXIT_INTERNAL, prog, f"internal error: {type(e).__name__}: {first_line(e)} -- this is a bug "
+                     "in retrofit; rerun with --debug for the traceback and report it", debug)
 
 
 if __name__ == "__main__":

@@ -24,41 +24,39 @@ the branch's memory, as timm's and torchvision's ``x += shortcut`` do, so the fu
 allocates no activation-sized tensor at all. As in those blocks, a forward hook that keeps
 a reference to that conv's or norm's output sees it overwritten; ``fuse=False`` avoids it.
 
-A module is fusable when its ``forward(x)`` is exactly a chain of gates: ``x = x *
-getattr(self, m)(x)`` for each method name ``m`` in order. The built-in SE, ECA and CBAM
-are known; any other class can declare its chain with a class attribute
-``fused_gates = ("scale",)``.
+A module is fusable when its class declares its forward as a chain of gates, ``x = x *
+getattr(self, m)(x)`` for each method name ``m`` of ``fused_gates`` in order (the one
+declaration, read by :func:`~retrofit.attention.gate_methods`): SE and ECA declare
+``("scale",)``, CBAM ``("channel_scale", "spatial_scale")``, and any other class can do the
+same.
+
+Under TorchScript (``torch.jit.script`` of a fused result) :func:`gated_residual` calls the
+module and adds, ``attn(branch) + shortcut``: the unfused form, so a scripted model equals
+the model run with ``fuse=False`` bit for bit, and the fused one bit for bit at init and
+within one rounding per element after training.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
-from .attention import Cbam, EfficientChannelAttn, SqueezeExcite
+from .attention import gate_methods
 
 __all__ = ["gate_methods", "gated_residual"]
 
-# Class -> the gate methods its forward multiplies in, in order. Exact types: a subclass
-# may change forward, so it declares `fused_gates` itself.
-_GATE_METHODS: dict[type[nn.Module], tuple[str, ...]] = {
-    SqueezeExcite: ("scale",),
-    EfficientChannelAttn: ("scale",),
-    Cbam: ("channel_scale", "spatial_scale"),
-}
 
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)  # torch deprecates TorchScript; this serves only it
 
-def gate_methods(module: nn.Module) -> tuple[str, ...] | None:
-    """The gate methods whose products make up ``module.forward``, in order, or None.
+    @torch.jit.interface
+    class _Gating(nn.Module):
+        """What TorchScript needs to know of the module :func:`gated_residual` is given."""
 
-    Example:
-        >>> gate_methods(Cbam(64))
-        ('channel_scale', 'spatial_scale')
-    """
-    methods = _GATE_METHODS.get(type(module))
-    if methods is None:
-        methods = getattr(type(module), "fused_gates", None)
-    return tuple(methods) if methods else None
+        def forward(self, x: Tensor) -> Tensor:
+            pass
 
 
 def _observed(module: nn.Module) -> bool:
@@ -73,7 +71,7 @@ def _observed(module: nn.Module) -> bool:
     )
 
 
-def gated_residual(attn: nn.Module, branch: Tensor, shortcut: Tensor, donate: bool = False) -> Tensor:
+def gated_residual(attn: _Gating, branch: Tensor, shortcut: Tensor, donate: bool = False) -> Tensor:
     """``shortcut + attn(branch)``, with ``attn``'s last gate multiplied in by the add.
 
     Args:
@@ -87,6 +85,14 @@ def gated_residual(attn: nn.Module, branch: Tensor, shortcut: Tensor, donate: bo
     Returns:
         The block's sum; equal to ``attn(branch) + shortcut``.
     """
+    if torch.jit.is_scripting():
+        return attn.forward(branch) + shortcut
+    return _fused(attn, branch, shortcut, donate)
+
+
+@torch.jit.unused
+def _fused(attn: nn.Module, branch: Tensor, shortcut: Tensor, donate: bool) -> Tensor:
+    """:func:`gated_residual` in Python: the gates by name, the last one fused into the add."""
     methods = gate_methods(attn)
     if methods is None or _observed(attn):
         return attn(branch) + shortcut  # float addition commutes: same bits as the traced order

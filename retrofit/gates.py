@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,14 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import RetrofitError
+from .attention import gate_methods
+from .errors import AttentionError, first_line
 
-__all__ = ["SiteGates", "GateRecord", "record_gates", "plot_gates", "gates_main", "GATE_METHODS"]
-
-# Methods that compute a module's channel gate without applying it, tried in this order.
-# SE and ECA have `scale`; CBAM's channel gate is `channel_scale` (its spatial gate has no
-# channels and is left out). A module with none of them is recorded as skipped.
-GATE_METHODS: tuple[str, ...] = ("scale", "channel_scale")
+__all__ = ["SiteGates", "GateRecord", "record_gates", "plot_gates", "gates_main"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +37,7 @@ class SiteGates:
     path: str  # site path
     attn: str  # attention name
     gate: str  # "identity" (1.0 = unchanged, range (0, 2)) or "sigmoid" (range (0, 1))
-    method: str  # the module method the values came from
+    method: str  # the module method the values came from (the first of its class's gates with channels)
     channels: int  # C
     size: tuple[int, int]  # spatial size (H, W) of the module's input on these images
     values: Tensor  # (N, C) gate per image and channel (spatial gates averaged over H, W)
@@ -144,14 +140,6 @@ class GateRecord:
         return d
 
 
-def _gate_method(module: nn.Module) -> tuple[str, Callable[[Tensor], Tensor]] | None:
-    for name in GATE_METHODS:
-        fn = getattr(module, name, None)
-        if callable(fn):
-            return name, fn
-    return None
-
-
 def _as_channels(g: Tensor, n: int, c: int) -> Tensor | None:
     """(N, C) from a gate of shape (N, C), (N, C, 1, 1) or (N, C, H, W); None otherwise."""
     if g.ndim == 2 and tuple(g.shape) == (n, c):
@@ -195,8 +183,11 @@ def record_gates(
         limit: stop after this many images.
 
     Returns:
-        A :class:`GateRecord`; inserted modules without a channel-gate method
-        (:data:`GATE_METHODS`) are listed in ``skipped``.
+        A :class:`GateRecord`. The gate of a module is the first method its class names in
+        ``fused_gates`` (see :func:`retrofit.attention.gate_methods`) whose value has one
+        entry per channel: ``scale()`` for SE, ECA, coordinate attention, GE, SimAM and GC
+        with scale fusion alone, ``channel_scale()`` for CBAM. A module without one (non-local,
+        PSA, channel self-attention, GC with add fusion) is listed in ``skipped`` with why.
 
     Raises:
         ValueError: ``model`` did not come from :func:`retrofit.retrofit`.
@@ -216,28 +207,36 @@ def record_gates(
     skipped: dict[str, str] = {}
     handles = []
 
-    def make_hook(name: str, method: str, fn: Callable[[Tensor], Tensor], channels: int):
+    def make_hook(name: str, mod: nn.Module, chain: tuple[str, ...], channels: int):
         def hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
-            raw = fn(x)
-            g = _as_channels(raw.float(), x.shape[0], channels)
-            if g is None:
-                skipped.setdefault(name, f"{method}() returned shape {tuple(raw.shape)}, not (N, {channels}, ...)")
-                return
-            found.setdefault(name, []).append(g.cpu())
-            sizes[name] = (int(x.shape[-2]), int(x.shape[-1])) if x.ndim == 4 else (1, 1)
+            # The gates of the chain in forward's order, each applied before the next is
+            # computed; the first with one value per channel is the channel gate (CBAM's
+            # channel_scale; its spatial gate has one channel).
+            y = x
+            for method in chain:
+                raw = getattr(mod, method)(y)
+                g = _as_channels(raw.float(), x.shape[0], channels)
+                if g is not None:
+                    methods.setdefault(name, method)
+                    found.setdefault(name, []).append(g.cpu())
+                    sizes[name] = (int(x.shape[-2]), int(x.shape[-1])) if x.ndim == 4 else (1, 1)
+                    return
+                y = y * raw
+            shapes = ", ".join(f"{m}()" for m in chain)
+            skipped.setdefault(name, f"none of its gates ({shapes}) has one value per channel ({channels})")
 
         return hook
 
     for row in rows:
         mod = modules.get(row.module)
-        got = _gate_method(mod) if mod is not None else None
-        if got is None:
-            skipped[row.module] = (f"{type(mod).__name__} has no channel-gate method "
-                                   f"({' or '.join(GATE_METHODS)})")
+        chain = gate_methods(mod) if mod is not None else None
+        if chain is None:
+            what = "no module" if mod is None else type(mod).__name__
+            skipped[row.module] = (f"{what} declares no channel gate (its class's fused_gates names none: "
+                                   "its forward is not x * gate(x))")
             continue
-        methods[row.module] = got[0]
-        handles.append(mod.register_forward_pre_hook(make_hook(row.module, got[0], got[1], row.channels)))
+        handles.append(mod.register_forward_pre_hook(make_hook(row.module, mod, chain, row.channels)))
 
     was_training = model.training
     model.eval()
@@ -290,8 +289,10 @@ def plot_gates(record: GateRecord, path: str | Path, *, title: str | None = None
 
     stages = record.stages()
     if not stages:
-        raise ValueError("no gates to plot: the record has no sites" +
-                         (f" (skipped: {', '.join(m for m, _ in record.skipped)})" if record.skipped else ""))
+        raise AttentionError(
+            "no gates to plot: the record has no sites"
+            + (f" (skipped: {', '.join(m for m, _ in record.skipped)}; their attention has no channel gate: "
+               "plot models with se, eca, cbam, coord, ge, simam or gc with fuse_scale)" if record.skipped else ""))
     ncols = max(len(sites) for _, sites in stages)
     fig, axes = plt.subplots(len(stages), ncols, figsize=(3.4 * ncols, 2.5 * len(stages)), squeeze=False)
     cmap = plt.get_cmap("tab10")
@@ -333,7 +334,9 @@ def plot_gates(record: GateRecord, path: str | Path, *, title: str | None = None
 
 
 def _gates_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from .cli import OneLineParser
+
+    p = OneLineParser(
         prog="retrofit gates",
         description="Plot the channel gates of a fine-tuned retrofitted model per stage and class "
                     "(the SE paper's view).",
@@ -357,43 +360,59 @@ def _gates_parser() -> argparse.ArgumentParser:
 
 
 def gates_main(argv: Sequence[str] | None = None) -> int:
-    """``retrofit gates CHECKPOINT (--data DIR | --digits) --out plot.png``; returns the exit code."""
+    """``retrofit gates CHECKPOINT (--data DIR | --digits) --out plot.png``; returns the exit code.
+
+    Errors are raised, not printed: :func:`retrofit.cli.main` turns them into the exit code
+    and one line (``retrofit gates ...`` and ``python -m retrofit.gates ...`` both run there).
+
+    Raises:
+        RetrofitError: a file that cannot be loaded, a missing data folder, an unknown
+            device, a model whose attention has no channel gate, an output that cannot be
+            written.
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    from .api import get_report
+    from .data import digits_datasets, imagefolder_dataset
+    from .distributed import choose_device
+    from .errors import DataError, OptionError, SaveError
+    from .saving import load
+
     args = _gates_parser().parse_args(argv)
     try:
-        from torch.utils.data import DataLoader, Subset
-
-        from .api import get_report
-        from .data import digits_datasets, imagefolder_dataset
-        from .distributed import choose_device
-        from .saving import load
-
         device = choose_device(args.device)
-        model = load(args.checkpoint, trust_code=args.trust_code, map_location=device)
-        if args.digits:
-            c, h, _ = get_report(model).input_size
-            dataset = digits_datasets(h, c, augment=False).val
-            classes: Sequence[str] = [str(i) for i in range(10)]
-        else:
+    except RuntimeError as e:
+        raise OptionError(f"--device {args.device!r} is not a device ({first_line(e)}); use cpu, cuda or cuda:N") from e
+    model = load(args.checkpoint, trust_code=args.trust_code, map_location=device)
+    if args.digits:
+        c, h, _ = get_report(model).input_size
+        dataset = digits_datasets(h, c, augment=False).val
+        classes: Sequence[str] = [str(i) for i in range(10)]
+    else:
+        try:
             dataset = imagefolder_dataset(args.data, model)
-            classes = dataset.classes
-        n = min(args.samples, len(dataset))
-        pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n].sort().values
-        loader = DataLoader(Subset(dataset, pick.tolist()), batch_size=args.batch_size)
-        record = record_gates(model, loader, classes=classes)
+        except OSError as e:  # ImageFolder: no class folder, no image
+            raise DataError(f"--data {args.data}: {first_line(e)}; expected {args.data}/CLASS/*.jpg") from e
+        classes = dataset.classes
+    n = min(args.samples, len(dataset))
+    pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n].sort().values
+    loader = DataLoader(Subset(dataset, pick.tolist()), batch_size=args.batch_size)
+    record = record_gates(model, loader, classes=classes)
+    try:
         out = plot_gates(record, args.out, title=f"{Path(args.checkpoint).name}: channel gates per class "
                                                  f"({record.num_images} images)")
-    except (RetrofitError, ValueError, OSError) as e:
-        if args.debug:
-            raise
-        print(f"retrofit gates: error: {e}", file=sys.stderr)
-        return 2
+        if args.json:
+            Path(args.json).write_text(json.dumps(record.to_dict(values=True), indent=2))
+    except OSError as e:
+        raise SaveError(f"cannot write {e.filename or args.out!r}: {e.strerror or first_line(e)}") from e
     print(record.summary())
     print(f"\nwrote {out}")
     if args.json:
-        Path(args.json).write_text(json.dumps(record.to_dict(values=True), indent=2))
         print(f"wrote {args.json}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(gates_main())
+    from .cli import main
+
+    sys.exit(main(["gates", *sys.argv[1:]]))

@@ -2,48 +2,82 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
+import inspect
+import socket
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .errors import ModelLoadError, first_line
+from .download import PROBE_TIMEOUT, hf_endpoint, hf_offline, hf_offline_requested, torch_hub_cached, unreachable
+from .errors import ModelLoadError, OptionError, first_line
 from .recipe import Recipe, attach_recipe, is_file_spec
 
 __all__ = ["create_model"]
 
+_OFFLINE_HINT = "connect to the network, or drop --pretrained and load weights with --checkpoint"
+
 
 def _download_error(what: str, e: Exception) -> ModelLoadError:
-    first = (str(e).strip().splitlines() or [""])[0]
     return ModelLoadError(
-        f"cannot download pretrained weights for {what} ({type(e).__name__}: {first}); check the network "
+        f"cannot download pretrained weights for {what} ({type(e).__name__}: {first_line(e)}); check the network "
         "(or the local cache with HF_HUB_OFFLINE=1), or drop --pretrained and load weights with --checkpoint"
     )
+
+
+def _offline_error(what: str, why: str, cache: str, thing: str = "pretrained weights") -> ModelLoadError:
+    return ModelLoadError(f"cannot download {thing} for {what}: no network ({why}) and they are not in {cache}; "
+                          f"{_OFFLINE_HINT}")
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    """A default timeout for sockets opened while the block runs (urllib's ``urlopen`` has none)."""
+    saved = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(saved)
 
 
 def _timm(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     import timm
 
-    if not name.startswith("hf-hub:") and not timm.is_model(name):
+    hub = name.startswith("hf-hub:")
+    if not hub and not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; closest: {', '.join(close)}" if close else "; see timm.list_models()"
         raise ModelLoadError(f"unknown timm model {name!r}{hint}")
+    # Weights (and an hf-hub: model's config) come from the Hugging Face Hub; without a
+    # network only its cache can serve them, so ask for nothing else (no retries, no waits).
+    why = unreachable(hf_endpoint()) if (pretrained or hub) and not hf_offline_requested() else None
+    offline = contextlib.ExitStack()
+    if why:
+        offline.enter_context(hf_offline())
+        offline.enter_context(_socket_timeout(PROBE_TIMEOUT))  # the few weights timm takes from plain URLs
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except OSError as e:
+        with offline, contextlib.redirect_stdout(sys.stderr):  # download messages are not results
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except OSError as e:  # first: some of Hugging Face's errors are also ValueErrors
+        if why:
+            thing = "pretrained weights" if pretrained else "the model's config"
+            raise _offline_error(repr(name), why, "the Hugging Face cache", thing) from e
         if not pretrained:
-            first = first_line(e)
-            raise ModelLoadError(f"cannot build timm model {name!r} ({type(e).__name__}: {first}); "
+            raise ModelLoadError(f"cannot build timm model {name!r} ({type(e).__name__}: {first_line(e)}); "
                                  "hf-hub: models need the network or the local cache (a retrofit save on the Hub "
                                  f"is not a base model: load it with retrofit.load({name!r}))") from e
         raise _download_error(repr(name), e) from e
+    except (TypeError, ValueError) as e:
+        raise _bad_arguments(f"timm model {name!r}", kwargs, e) from e
 
 
 def _torchvision(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
-    import inspect
-
     import torchvision.models as tvm
 
     names = tvm.list_models()  # every kind: classification, detection, segmentation, video, optical flow
@@ -55,10 +89,47 @@ def _torchvision(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
         # Detection and segmentation builders download ImageNet backbone weights by
         # default; fresh weights mean none of them.
         kwargs.setdefault("weights_backbone", None)
+    if pretrained:
+        url = tvm.get_model_weights(name).DEFAULT.url
+        why = None if torch_hub_cached(url) else unreachable(url)
+        if why:
+            raise _offline_error(f"torchvision:{name}", why, "torch.hub's cache")
     try:
-        return tvm.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
+        with contextlib.redirect_stdout(sys.stderr):  # torch.hub prints "Downloading: ..." to stdout
+            return tvm.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
     except OSError as e:
         raise _download_error(f"torchvision:{name}", e) from e
+    except (TypeError, ValueError) as e:
+        raise _bad_arguments(f"torchvision:{name}", {k: v for k, v in kwargs.items() if k != "weights_backbone"}, e) from e
+
+
+def _show(kwargs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+def _bad_arguments(what: str, kwargs: dict[str, Any], e: Exception) -> ModelLoadError:
+    """A builder that rejects its arguments (torchvision's pretrained classifier and another
+    ``num_classes``, an unknown keyword)."""
+    got = f" with {_show(kwargs)}" if kwargs else ""
+    return ModelLoadError(f"cannot build {what}{got}: {type(e).__name__}: {first_line(e)}")
+
+
+def _check_factory_args(fn: Any, spec: str, kwargs: dict[str, Any]) -> None:
+    """Refuse arguments a factory does not take (``--num-classes`` for ``build()``) before calling it."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return  # a builtin or C callable: let the call say
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    takes = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    extra = [k for k in kwargs if k not in takes]
+    if extra:
+        flag = " (from --num-classes)" if extra == ["num_classes"] else ""
+        raise ModelLoadError(
+            f"{spec} takes no argument {extra[0]!r}{flag}; its parameters: {', '.join(takes) or 'none'}. "
+            f"Add a {extra[0]} parameter to the factory, or leave the option out"
+        )
 
 
 def _from_file(spec: str, **kwargs: Any) -> nn.Module:
@@ -73,12 +144,18 @@ def _from_file(spec: str, **kwargs: Any) -> nn.Module:
     try:
         module_spec.loader.exec_module(module)
     except Exception as e:
-        raise ModelLoadError(f"importing {file!r} failed: {type(e).__name__}: {e}") from e
+        raise ModelLoadError(f"importing {file!r} failed: {type(e).__name__}: {first_line(e)}") from e
     fn = getattr(module, factory, None)
     if not callable(fn):
         found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
         raise ModelLoadError(f"{file!r} has no callable {factory!r} (callables there: {', '.join(found) or 'none'})")
-    model = fn(**kwargs)
+    _check_factory_args(fn, spec, kwargs)
+    try:
+        model = fn(**kwargs)
+    except Exception as e:
+        got = f" (called with {_show(kwargs)})" if kwargs else ""
+        raise ModelLoadError(f"{spec} failed{got}: {type(e).__name__}: {first_line(e)}; the error is in the "
+                             f"factory's code in {file!r}") from e
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"{spec} returned {type(model).__name__}, not an nn.Module")
     return model
@@ -97,10 +174,18 @@ def create_model(spec: str, pretrained: bool = False, num_classes: int | None = 
         num_classes: classifier size, where the model takes it.
         kwargs: further arguments for the model's constructor or factory.
 
+    Without a network (no TCP connection to the weights' host within a few seconds) the
+    weights come from the local cache or the call fails at once, saying so.
+
     Raises:
         ModelLoadError: the name is unknown (with the closest names), a file or factory is
-            missing, or weights cannot be downloaded.
+            missing, the factory does not take the arguments or fails, or weights cannot be
+            downloaded.
+        OptionError: a negative ``num_classes``.
     """
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0):
+        raise OptionError(f"num_classes = {num_classes!r} is not valid: the classifier's size, an integer >= 1 "
+                          "(0 removes the classifier, where the model supports it)")
     if pretrained and is_file_spec(spec):
         raise ModelLoadError(f"--pretrained needs a timm or torchvision model; {spec!r} is a file (use --checkpoint)")
     args = dict(kwargs) if num_classes is None else {**kwargs, "num_classes": num_classes}

@@ -21,7 +21,8 @@ from typing import Any
 
 from tabulate import tabulate
 
-from .errors import RuleError
+from .attention import get_attention
+from .errors import AttentionError, RuleError, first_line
 from .rulefile import Rule, RuleSet
 from .sites import Site, SiteAnalysis, SkippedCandidate
 
@@ -71,6 +72,9 @@ class Plan:
         text = tabulate(rows, headers=["site", "kind", "channels", "size", "stage", "decision", "rule / reason"])
         extra = [f"note: {n}" for n in self.notes] + [f"warning: {w}" for w in self.warnings]
         return "\n".join([text, *extra])
+
+    def __str__(self) -> str:
+        return self.table()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data view (JSON-ready)."""
@@ -152,6 +156,36 @@ def _glob_warnings(rule: Rule, sites: tuple[Site, ...]) -> list[str]:
     return out
 
 
+def _check_modules(placements: tuple[Placement, ...], attn_args: Mapping[str, Any] | None) -> None:
+    """Build each distinct module of the plan once on the meta device (no memory, no random
+    numbers), so that arguments an attention type rejects are reported with the rule that
+    gave them (and the site and channels), before anything is inserted.
+
+    Raises:
+        AttentionError: the rule's source, then the attention's own message.
+    """
+    seen: set[tuple[Any, ...]] = set()
+    for p in placements:
+        key = (p.attn, p.channels, p.gate, p.site.dtype, tuple(sorted((k, repr(v)) for k, v in p.args.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        cls = get_attention(p.attn)
+        try:
+            cls(p.channels, gate=p.gate, device="meta", dtype=p.site.dtype, **p.args)
+        except (AttentionError, TypeError, ValueError) as e:
+            what = first_line(e) if isinstance(e, AttentionError) else f"{p.attn}: {type(e).__name__}: {first_line(e)}"
+            extra = f" (with attn_args {dict(attn_args)})" if attn_args else ""
+            raise AttentionError(
+                f"{p.rule.source}{extra}: {what} (building {p.attn!r} for site {p.site.path or '<root>'!r}, "
+                f"{p.channels} channels)"
+            ) from e
+        except Exception:  # noqa: BLE001
+            # A user's type that cannot be built on the meta device (it reads values in
+            # __init__): the real build during the rewrite reports anything wrong with it.
+            pass
+
+
 def make_plan(
     analysis: SiteAnalysis,
     rules: RuleSet,
@@ -173,6 +207,8 @@ def make_plan(
     Raises:
         RuleError: two rules select one site and the later says ``conflict = "error"``, or
             (under ``strict``) a glob matches no site.
+        AttentionError: an attention type rejects its arguments at a selected site (the
+            message names the rule, the site and the channels).
     """
     claimed: dict[str, list[Placement]] = {}
     skipped: dict[str, tuple[Site, str]] = {}
@@ -231,5 +267,6 @@ def make_plan(
         warnings.warn(w, stacklevel=3)
     order = {s.node: i for i, s in enumerate(analysis.sites)}
     placements = tuple(p for node in sorted(claimed, key=order.__getitem__) for p in claimed[node])
+    _check_modules(placements, attn_args)
     left = tuple(sorted((v for k, v in skipped.items() if not claimed.get(k)), key=lambda v: order[v[0].node]))
     return Plan(placements, left, analysis.skipped, tuple(notes), tuple(warns), rules)

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from .attention import GATES, get_attention, list_attention
+from .attention import GATES, check_reduction_args, get_attention, list_attention
 from .errors import RetrofitError, RuleError
 from .sites import SITE_KINDS
 
@@ -181,14 +181,22 @@ def _check_args(cls: type, attn: str, args: Mapping[str, Any], where: str) -> No
         if key in args:
             raise RuleError(f"{where}: args.{key} is set by retrofit, not by a rule (use the rule's own keys)")
     params = inspect.signature(cls).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    valid = [n for n in params if n not in _RESERVED_ARGS and params[n].kind is not inspect.Parameter.VAR_POSITIONAL]
-    for key in args:
-        if key not in params:
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise RuleError(f"{where}: attention {attn!r} takes no argument {key!r}{hint} (valid: {', '.join(valid)})")
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        valid = [n for n in params if n not in _RESERVED_ARGS and params[n].kind is not inspect.Parameter.VAR_POSITIONAL]
+        for key in args:
+            if key not in params:
+                close = difflib.get_close_matches(key, valid, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise RuleError(
+                    f"{where}: attention {attn!r} takes no argument {key!r}{hint} (valid: {', '.join(valid)})"
+                )
+    # timm's bottleneck arguments mean the same in every attention type; a value out of range
+    # (rd_ratio = 0) would otherwise be rounded into a width without a word. Other values are
+    # checked when the plan builds each module (retrofit.plan), naming this rule too.
+    try:
+        check_reduction_args(attn, args)
+    except RetrofitError as e:
+        raise RuleError(f"{where}: {e}") from None
 
 
 def parse_rules(doc: Mapping[str, Any], name: str = "<rules>") -> RuleSet:

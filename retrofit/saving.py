@@ -246,8 +246,8 @@ def save(
                           path / RECIPE_FILE))
         for tmp, dest in temps:
             os.replace(tmp, dest)
-    except OSError as e:
-        raise SaveError(f"cannot write {str(path)!r}: {e.strerror or e}") from e
+    except (OSError, SafetensorError) as e:  # safetensors reports its own I/O errors
+        raise SaveError(f"cannot write {str(path)!r}: {getattr(e, 'strerror', None) or first_line(e)}") from e
     finally:
         for tmp, _ in temps:
             tmp.unlink(missing_ok=True)

@@ -21,7 +21,7 @@ from torch._subclasses.fake_tensor import (
 )
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
-from .errors import OptionError, TraceError
+from .errors import OptionError, TraceError, first_line
 from .verify import eval_mode, input_dtype_device
 
 __all__ = ["TensorInfo", "propagate_shapes", "resolve_input_size"]
@@ -41,9 +41,14 @@ class TensorInfo:
         return len(self.shape) == 4
 
 
+def _target_name(n: torch.fx.Node) -> str:
+    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+
+
 class _FakeInterpreter(torch.fx.Interpreter):
     def __init__(self, gm: torch.fx.GraphModule, mode: FakeTensorMode) -> None:
         super().__init__(gm, garbage_collect_values=True)
+        self.extra_traceback = False  # run_node's message names the node; torch's lines would only follow it
         self.mode = mode
         self.infos: dict[str, TensorInfo] = {}
         self._fakes: dict[int, torch.Tensor] = {}
@@ -59,9 +64,12 @@ class _FakeInterpreter(torch.fx.Interpreter):
             with self.mode:
                 out = super().run_node(n)
         except Exception as e:
+            # torch appends the node and a pointer to its own logs on further lines; the
+            # first line is the failure.
             raise TraceError(
                 f"shape propagation failed at node {n.meta.get('qualname', n.name)!r} "
-                f"({n.format_node()}): {e}. Check the input size (input_size=...)"
+                f"({n.op} {_target_name(n)}): {first_line(e)}. Check the input size (input_size=..., "
+                "CLI --input-size: 224, 224x224 or 3x224x224)"
             ) from e
         if isinstance(out, torch.Tensor):
             self.infos[n.name] = TensorInfo(tuple(out.shape), out.dtype, out.device)

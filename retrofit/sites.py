@@ -116,6 +116,19 @@ class SiteAnalysis:
         """The sites of one kind."""
         return tuple(s for s in self.sites if s.kind == kind)
 
+    def table(self) -> str:
+        """A text table: a row per site, then a row per candidate that is not a site and why."""
+        from tabulate import tabulate
+
+        rows = [[s.path or "<root>", s.kind, s.channels, f"{s.size[0]}x{s.size[1]}", s.stage, s.block,
+                 s.shortcut_kind or "", s.mid_channels or "", s.existing or ""] for s in self.sites]
+        rows += [[c.qualname, c.kind, "", "", "", "", "", "", f"not a site: {c.reason}"] for c in self.skipped]
+        return tabulate(rows, headers=["site", "kind", "channels", "size", "stage", "block", "shortcut", "mid",
+                                       "existing attention / why not"])
+
+    def __str__(self) -> str:
+        return self.table()
+
 
 def _module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module | None:
     return gm.get_submodule(str(node.target)) if node.op == "call_module" else None

@@ -23,6 +23,13 @@ _SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _NESTED = ("state_dict", "model", "model_state_dict", "module")
 
 
+def _is_torch_save(path: Path) -> bool:
+    """Whether the file starts as ``torch.save`` writes (a zip archive, or a legacy pickle)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict: ``.safetensors``, or ``.pt``/``.pth``/``.bin`` with ``weights_only=True``.
 
@@ -37,6 +44,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ModelLoadError(f"checkpoint {str(path)!r}: unknown suffix {path.suffix!r} (valid: {', '.join(_SUFFIXES)})")
     if not path.is_file():
         raise ModelLoadError(f"checkpoint {str(path)!r} not found")
+    from safetensors import SafetensorError
+
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -44,9 +53,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             obj: object = load_file(str(path))
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        hint = ""
+        if isinstance(e, SafetensorError) and _is_torch_save(path):
+            hint = "; it is a torch.save file: name it .pt to read it that way"
         raise ModelLoadError(
-            f"cannot read checkpoint {str(path)!r} (corrupted or not a checkpoint): {first_line(e)}"
+            f"cannot read checkpoint {str(path)!r} (corrupted or not a checkpoint): {first_line(e)}{hint}"
         ) from e
     while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         inner = next((obj[k] for k in _NESTED if k in obj), None)

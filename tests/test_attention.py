@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -149,6 +151,35 @@ def test_unknown_attention_lists_valid_and_closest() -> None:
 def test_unknown_gate() -> None:
     with pytest.raises(AttentionError, match=r"unknown gate 'tanh' \(valid: identity, sigmoid\)"):
         create_attention("se", 8, gate="tanh")
+
+
+@pytest.mark.parametrize("divisor", [1, 3, 8])
+@pytest.mark.parametrize("round_limit", [0.0, 0.9])
+def test_make_divisible_is_timms(divisor: int, round_limit: float) -> None:
+    """The local copy (so building a module does not import timm) rounds exactly as timm's."""
+    from timm.layers import make_divisible as timm_make_divisible
+
+    from retrofit.attention._reduction import make_divisible
+
+    for v in [0.25, 1, 3.9, 4, 7.5, 12.3, 64 / 16, 100, 127.9, 2048 / 16, 1000 / 3]:
+        assert make_divisible(v, divisor, round_limit=round_limit) == timm_make_divisible(
+            v, divisor, round_limit=round_limit
+        ), v
+
+
+def test_import_leaves_timm_and_torchvision_alone() -> None:
+    """`import retrofit` costs torch, not timm (about two seconds more) or torchvision."""
+    code = "import sys, retrofit; print(sorted(m for m in ('timm', 'torchvision') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_activation_by_name_still_comes_from_timm() -> None:
+    from timm.layers import get_act_layer
+
+    m = create_attention("se", 16, act_layer="silu")
+    assert type(m.act) is get_act_layer("silu")
 
 
 def test_bad_argument_names_the_attention() -> None:

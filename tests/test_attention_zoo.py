@@ -77,8 +77,13 @@ def rd1(v: float) -> int:
     return max(1, int(v + 0.5))
 
 
+def coord_width(c: int) -> int:
+    """The official code's hidden width (Hou et al., CoordAtt): ``mip = max(8, inp // 32)``."""
+    return max(8, c // 32)
+
+
 def coord_params(c: int) -> int:
-    rd = rd8(c / 32)
+    rd = coord_width(c)
     return (c * rd + rd) + 2 * (rd * c + c)  # shared conv, conv_h and conv_w (all biased)
 
 
@@ -373,6 +378,70 @@ def test_declared_fused_gates_match_forward(variant: tuple[str, dict[str, Any]])
     torch.testing.assert_close(gated_residual(m, x, shortcut), m(x) + shortcut)
 
 
+@pytest.mark.parametrize("channels,want", [(32, 8), (256, 8), (320, 10), (512, 16), (960, 30), (2048, 64)])
+def test_coord_width_is_the_official_codes(channels: int, want: int) -> None:
+    """max(8, C // 32): C=320 gives 10 and C=960 gives 30 (timm's rounding to multiples of 8: 8 and 32)."""
+    assert coord_width(channels) == want
+    m = create_attention("coord", channels)
+    assert m.conv1.out_channels == want
+    assert n_params(m) == coord_params(channels)
+    assert create_attention("coord", 960, rd_channels=24).conv1.out_channels == 24  # the argument overrides it
+    assert create_attention("coord", 960, rd_ratio=1 / 3).conv1.out_channels == 320  # floor(960 / 3), not 319
+    assert create_attention("coord", 960, min_rd_channels=64).conv1.out_channels == 64
+    assert create_attention("coord", 960, rd_divisor=8).conv1.out_channels == 24  # 30 rounded down to 8s
+
+
+def _psamask(mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """The official ``psamask`` (github.com/hszhao/semseg, lib/psa), written as its loops.
+
+    ``mask`` is (N, K*K, H, W): at position p = (h, w), channel (hi, wi) is p's weight for
+    the position q = (h + hi - K//2, w + wi - K//2). The result is (N, H*W, H, W): collect
+    writes it at [q, p], distribute at [p, q] (first index: the bmm's summed axis).
+    """
+    n, kk, h, w = mask.shape
+    k = math.isqrt(kk)
+    half = k // 2
+    out = torch.zeros(n, h * w, h, w, dtype=mask.dtype)
+    for b in range(n):
+        for hp in range(h):
+            for wp in range(w):
+                for hi in range(max(0, half - hp), min(k, h + half - hp)):
+                    for wi in range(max(0, half - wp), min(k, w + half - wp)):
+                        hq, wq = hp + hi - half, wp + wi - half
+                        value = mask[b, hi * k + wi, hp, wp]
+                        if mode == "collect":
+                            out[b, hq * w + wq, hp, wp] = value
+                        else:
+                            out[b, hp * w + wp, hq, wq] = value
+    return out
+
+
+def _psanet_branch(branch: nn.ModuleDict, x: torch.Tensor, mode: str, softmax_dim: int = 1) -> torch.Tensor:
+    """One PSANet branch as the official forward: psamask, softmax over dim 1, then
+    ``bmm(x (N, C, HW), y (N, HW, HW))``."""
+    y = branch["reduce"](x)
+    n, c, h, w = y.shape
+    a = _psamask(branch["mask"](y), mode).reshape(n, h * w, h * w).softmax(dim=softmax_dim)
+    return torch.bmm(y.reshape(n, c, h * w), a).reshape(n, c, h, w)
+
+
+@pytest.mark.parametrize("size", [(3, 4), (4, 4), (1, 3)])
+def test_psa_matches_the_official_psamask_in_both_modes(size: tuple[int, int]) -> None:
+    """Weights transplanted: collect and distribute equal the official code's formula."""
+    m = perturbed("psa", 6, mask_size=4).double()
+    x = torch.randn(2, 6, *size, dtype=torch.float64)
+    with torch.no_grad():
+        col = _psanet_branch(m.collect, x, "collect")
+        dis = _psanet_branch(m.distribute, x, "distribute")
+        want = m.proj(torch.cat([col, dis], dim=1))
+        torch.testing.assert_close(m.delta(x), want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(m(x), x + want, rtol=1e-12, atol=1e-12)
+        # Distribute normalizes the weights arriving at a target over the positions that
+        # send them, not each sender's weights over its targets (what a transposed collect does).
+        per_owner = _psanet_branch(m.distribute, x, "distribute", softmax_dim=2)
+        assert not torch.allclose(dis, per_owner)
+
+
 def test_coord_gates_follow_rows_and_columns() -> None:
     m = perturbed("coord", 4)
     a_h, a_w = m.gates(torch.randn(2, 4, 7, 5))
@@ -387,6 +456,14 @@ def test_coord_gates_follow_rows_and_columns() -> None:
         ("gc", {"fuse_add": False}, r"gc: set fuse_add, fuse_scale or both"),
         ("chsa", {"num_heads": 5}, r"chsa: num_heads = 5 must divide the token width pool_size \*\* 2 = 64"),
         ("psa", {"mask_size": 0}, r"psa: mask_size = 0 must be at least 1"),
+        ("coord", {"rd_ratio": 0}, r"coord: rd_ratio = 0 is not valid: it is the bottleneck width as a fraction"),
+        ("coord", {"min_rd_channels": 0}, r"coord: min_rd_channels = 0 is not valid: an integer >= 1"),
+        ("gc", {"rd_ratio": -0.5}, r"gc: rd_ratio = -0.5 is not valid"),
+        ("nonlocal", {"rd_channels": 0}, r"nonlocal: rd_channels = 0 is not valid: the bottleneck width, an integer"),
+        ("psa", {"rd_divisor": 0}, r"psa: rd_divisor = 0 is not valid: the width is rounded to a multiple of it"),
+        ("ge", {"use_mlp": True, "rd_ratio": "1/16"}, r"ge: rd_ratio = '1/16' is not valid"),
+        ("gc", {"act_layer": "no_such_act"}, r"gc: unknown activation act_layer = 'no_such_act'; give a timm"),
+        ("psa", {"act_layer": None}, r"psa: act_layer = None is not an activation"),
     ],
 )
 def test_invalid_arguments(name: str, args: dict[str, Any], message: str) -> None:

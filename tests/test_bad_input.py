@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import retrofit
-from retrofit import AttentionError, RuleError, SiteError, get_report
+from retrofit import AttentionError, ModelLoadError, OptionError, RuleError, SiteError, get_report
 
 from .conftest import build
 
@@ -44,9 +44,41 @@ def test_channels_smaller_than_the_reduction_work() -> None:
 def test_impossible_attention_arguments_name_the_site() -> None:
     model = build("resnet18")
     snap = _snapshot(model)
-    with pytest.raises(AttentionError, match=r"invalid arguments for attention 'se' \(SqueezeExcite\) at 64 channels"):
+    with pytest.raises(AttentionError, match=r"built-in 'se', rule 1 \(with attn_args \{'rd_channels': -1\}\): "
+                       r"se: rd_channels = -1 is not valid: .* \(building 'se' for site 'layer1.0', 64 channels\)"):
         retrofit.retrofit(model, "se", attn_args={"rd_channels": -1}, input_size=64)
+    with pytest.raises(AttentionError, match=r"built-in 'se', rule 1 \(with attn_args \{'act_layer': 'nope'\}\): "
+                       r"se: unknown activation act_layer = 'nope'"):
+        retrofit.plan(model, "se", attn_args={"act_layer": "nope"}, input_size=64)
     assert _unchanged(model, snap)
+
+
+def test_model_arguments_and_factories(tmp_path: Path) -> None:
+    with pytest.raises(OptionError, match=r"num_classes = -1 is not valid: the classifier's size, an integer >= 1"):
+        retrofit.create_model("resnet18", num_classes=-1)
+    (tmp_path / "m.py").write_text("import torch.nn as nn\n"
+                                   "def build(width=8):\n"
+                                   "    return nn.Sequential(nn.Conv2d(3, width, 3), nn.ReLU())\n"
+                                   "def fails():\n"
+                                   "    raise ValueError('bad width')\n")
+    with pytest.raises(ModelLoadError, match=r"m\.py:build takes no argument 'num_classes' \(from --num-classes\); "
+                       r"its parameters: width\. Add a num_classes parameter"):
+        retrofit.create_model(f"{tmp_path / 'm.py'}:build", num_classes=3)
+    with pytest.raises(ModelLoadError, match=r"m\.py:fails failed: ValueError: bad width; the error is in the "
+                       r"factory's code in '.*m\.py'"):
+        retrofit.create_model(f"{tmp_path / 'm.py'}:fails")
+    with pytest.raises(ModelLoadError, match=r"cannot build torchvision:resnet18 with depth=3: TypeError: .*'depth'"):
+        retrofit.create_model("torchvision:resnet18", depth=3)
+
+
+def test_leaf_module_names_are_checked() -> None:
+    from retrofit.leaves import check_leaf_modules
+
+    model = build("resnet18")
+    check_leaf_modules(model, ["layer3.1", "BasicBlock", nn.Conv2d])
+    with pytest.raises(OptionError, match=r"leaf module 'layer3.9' matches nothing in ResNet; did you mean "
+                       r"'layer3.1'\? \(give a module path such as 'conv1', 'fc', or the class name"):
+        check_leaf_modules(model, ["layer3.1", "layer3.9"])
 
 
 def test_other_input_sizes_after_rewrite() -> None:

@@ -80,13 +80,13 @@ def test_torchvision_and_file_models(tmp_path: Path) -> None:
         (["torchvision:resnet5"], r"retrofit: error: unknown torchvision model 'resnet5'; closest: resnet50"),
         (["nofile.py:build"], r"retrofit: error: model file 'nofile.py' not found"),
         (["resnet18", "--rules", "missing.toml"], r"retrofit: error: cannot read rule file 'missing.toml'"),
-        (["torchvision:resnet18", "--pretrained"],
-         r"retrofit: error: cannot download pretrained weights for torchvision:resnet18 \(URLError: .*\); check the network"),
         (["resnet18", "--checkpoint", "nothing.pt"], r"retrofit: error: checkpoint 'nothing.pt' not found"),
         (["resnet18", "--attn", "se", "--out", "README.md"],
          r"retrofit: error: 'README.md' exists; not overwriting it \(pass --force to replace it\)"),
         (["resnet18", "--input-size", "64", "--out", "/nonexistent/dir/m.safetensors"],
          r"retrofit: error: cannot write '/nonexistent/dir/m.safetensors': folder '/nonexistent/dir' does not exist"),
+        (["resnet18", "--input-size", "32", "--out", "/proc/m.safetensors"],  # safetensors' own I/O error
+         r"retrofit: error: cannot write '/proc/m.safetensors': Error while serializing: I/O error"),
         (["resnet18", "--bogus"], r"retrofit: error: unrecognized arguments: --bogus \(see retrofit --help\)"),
         (["diff", "a.safetensors"], r"retrofit diff: error: the following arguments are required: b"),
     ],
@@ -97,6 +97,166 @@ def test_user_errors_are_one_line_exit_2(args: list[str], message: str) -> None:
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert re.match(message, lines[0]), lines[0]
+
+
+def one_line(r: subprocess.CompletedProcess[str], code: int, message: str) -> None:
+    """The exit-code contract: ``code``, one line on stderr matching ``message``, no
+    traceback, nothing on stdout."""
+    assert r.returncode == code, r.stderr
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+    assert re.match(message, r.stderr), r.stderr
+    assert r.stdout == ""
+
+
+FACTORIES = (
+    "import torch.nn as nn\n"
+    "def broken():\n"
+    "    raise RuntimeError('no such layer size')\n"
+    "def build():\n"
+    "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())\n"
+)
+
+
+def test_model_file_errors(tmp_path: Path) -> None:
+    (tmp_path / "m.py").write_text(FACTORIES)
+    one_line(run(f"{tmp_path / 'm.py'}:broken", "--input-size", "16"), 2,
+             rf"retrofit: error: {re.escape(str(tmp_path / 'm.py'))}:broken failed: RuntimeError: no such layer "
+             r"size; the error is in the factory's code in '.*m\.py'$")
+    one_line(run(f"{tmp_path / 'm.py'}:build", "--num-classes", "3"), 2,
+             r"retrofit: error: .*m\.py:build takes no argument 'num_classes' \(from --num-classes\); its "
+             r"parameters: none\. Add a num_classes parameter to the factory, or leave the option out$")
+
+
+def test_unreadable_safetensors_checkpoints(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(64, 64)}, tmp_path / "whole.safetensors")
+    data = (tmp_path / "whole.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.safetensors").write_text("not weights at all\n")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "pickled.safetensors")
+    for name, why in (("cut", "incomplete metadata, file not fully covered"),
+                      ("text", "header too large"),
+                      ("pickled", "header too large; it is a torch.save file: name it .pt to read it that way")):
+        one_line(run("resnet18", "--checkpoint", str(tmp_path / f"{name}.safetensors"), "--input-size", "32"), 2,
+                 rf"retrofit: error: cannot read checkpoint '.*{name}\.safetensors' \(corrupted or not a "
+                 rf"checkpoint\): Error while deserializing header: {re.escape(why)}$")
+
+
+def test_pretrained_without_network_is_fast_quiet_and_leaves_stdout_alone(tmp_path: Path) -> None:
+    """No network, forced whatever the machine has: the Hub's address is a closed local port
+    (timm), or the proxy torch.hub goes through is (torchvision); empty caches. Offline this
+    took 50 s of retries with 23 lines of warnings, and torchvision wrote "Downloading" to stdout."""
+    import time
+
+    offline = {"HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch"), "HF_HUB_OFFLINE": ""}
+    timm_env = {**offline, "HF_ENDPOINT": "http://127.0.0.1:9", "NO_PROXY": "*", "no_proxy": "*"}
+    tv_env = {**offline, "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+              "NO_PROXY": "", "no_proxy": ""}
+    for args, env, message in (
+        (["resnet18", "--pretrained", "-q", "--format", "json"], timm_env,
+         r"retrofit: error: cannot download pretrained weights for 'resnet18': no network \(cannot reach "
+         r"127\.0\.0\.1:9: Connection refused\) and they are not in the Hugging Face cache; connect to the "
+         r"network, or drop --pretrained and load weights with --checkpoint$"),
+        (["torchvision:resnet18", "--pretrained", "--format", "json"], tv_env,
+         r"retrofit: error: cannot download pretrained weights for torchvision:resnet18: no network \(cannot "
+         r"reach download\.pytorch\.org:443 through the proxy 127\.0\.0\.1:9: Connection refused\) and they "
+         r"are not in torch\.hub's cache; connect to the network, or drop --pretrained and load weights with "
+         r"--checkpoint$"),
+    ):
+        start = time.perf_counter()
+        r = run(*args, env=env)
+        elapsed = time.perf_counter() - start
+        one_line(r, 2, message)
+        assert elapsed < 30, elapsed  # imports included; the retries alone took 50 s
+    assert not list((tmp_path / "torch").rglob("*.pth"))
+
+
+def test_input_size_that_does_not_fit_is_one_line() -> None:
+    one_line(run("resnet18", "--input-size", "1x8x8"), 2,
+             r"retrofit: error: shape propagation failed at node 'conv1' \(call_module conv1\): Given groups=1, "
+             r"weight of size \[64, 3, 7, 7\], expected input\[2, 1, 8, 8\] to have 3 channels, but got 1 channels "
+             r"instead\. Check the input size \(input_size=\.\.\., CLI --input-size: 224, 224x224 or 3x224x224\)$")
+
+
+def test_arguments_that_used_to_pass_silently() -> None:
+    one_line(run("resnet18", "--num-classes", "-1"), 2,
+             r"retrofit: error: argument --num-classes: '-1' is not a class count; use an integer >= 1 "
+             r"\(0: no classifier\) \(see retrofit --help\)$")
+    one_line(run("resnet18", "--input-size", "32", "--leaf-module", "basicblock"), 2,
+             r"retrofit: error: leaf module 'basicblock' matches nothing in ResNet; did you mean 'BasicBlock'\? "
+             r"\(give a module path such as 'conv1', 'fc', or the class name of a module in it: .*\)$")
+    one_line(run("resnet18", "--input-size", "32", "--leaf-module", "NoSuchThing"), 2,
+             r"retrofit: error: leaf module 'NoSuchThing' matches nothing in ResNet \(give a module path")
+    r = run("resnet18", "--input-size", "32", "--leaf-module", "layer4.1", "--leaf-module", "BasicBlock", "-q")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_attention_argument_errors_name_the_rule(tmp_path: Path) -> None:
+    (tmp_path / "zero.toml").write_text('[[rule]]\nat = "residual-add"\nattn = "se"\nargs = { rd_ratio = 0 }\n')
+    one_line(run("resnet18", "--input-size", "32", "--rules", str(tmp_path / "zero.toml")), 2,
+             r"retrofit: error: .*zero\.toml, rule 1: se: rd_ratio = 0 is not valid: it is the bottleneck width as "
+             r"a fraction of the channels, a number > 0 \(e\.g\. 0\.0625 for 1/16\); or give the width itself as "
+             r"rd_channels$")
+    (tmp_path / "neg.toml").write_text('[[rule]]\nat = "residual-add"\nattn = "gc"\nargs = { rd_ratio = -0.25 }\n')
+    one_line(run("resnet18", "--input-size", "32", "--rules", str(tmp_path / "neg.toml"), "--dry-run"), 2,
+             r"retrofit: error: .*neg\.toml, rule 1: gc: rd_ratio = -0\.25 is not valid")
+    (tmp_path / "even.toml").write_text('[[rule]]\nat = "residual-add"\nattn = "eca"\ninclude = ["layer4.*"]\n\n'
+                                        '[[rule]]\nat = "residual-add"\nattn = "cbam"\ninclude = ["layer3.*"]\n'
+                                        'args = { spatial_kernel_size = 4 }\n')
+    one_line(run("resnet18", "--input-size", "32", "--rules", str(tmp_path / "even.toml")), 2,
+             r"retrofit: error: .*even\.toml, rule 2: cbam: spatial_kernel_size = 4 is not valid: an odd integer "
+             r">= 1, so the spatial gate keeps the map's size \(building 'cbam' for site 'layer3\.0', 256 channels\)$")
+    one_line(run("resnet18", "--input-size", "32", "--attn", "nonlocal", "--gate", "sigmoid"), 2,
+             r"retrofit: error: built-in 'nonlocal', rule 1: attention 'nonlocal' has no sigmoid gate")
+
+
+def test_internal_errors_exit_3_and_say_it_is_a_bug() -> None:
+    """An exception retrofit did not raise on purpose: one line, exit 3; --debug adds the traceback."""
+    code = ("import sys, retrofit.cli as cli\n"
+            "def broken(argv): return {}['no such key']\n"
+            "cli._COMMANDS['list'] = broken\n"
+            "sys.exit(cli.main(sys.argv[1:]))\n")
+    r = subprocess.run([sys.executable, "-c", code, "list"], capture_output=True, text=True, timeout=300)
+    one_line(r, 3, r"retrofit list: internal error: KeyError: 'no such key' -- this is a bug in retrofit; rerun "
+                   r"with --debug for the traceback and report it$")
+    r = subprocess.run([sys.executable, "-c", code, "list", "--debug"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 3 and r.stderr.startswith("Traceback") and "KeyError: 'no such key'" in r.stderr
+    assert r.stderr.splitlines()[-1].startswith("retrofit list: internal error: KeyError")
+
+
+@pytest.mark.parametrize("args", [["list"], ["resnet18", "--input-size", "32", "--dry-run"]])
+def test_a_reader_that_goes_away_ends_quietly(args: list[str]) -> None:
+    """`retrofit ... | head`: the reader closes the pipe; no BrokenPipeError traceback, the
+    exit status of a program stopped by SIGPIPE (128 + 13)."""
+    p = subprocess.Popen([SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    p.stdout.close()  # before the first line is written: every write fails
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 141 and err == "", err
+
+
+def test_warnings_print_once(tmp_path: Path) -> None:
+    (tmp_path / "glob.toml").write_text('[[rule]]\nat = "residual-add"\nattn = "se"\ninclude = ["layer4.*", "nope*"]\n')
+    want = (f"warning: {tmp_path / 'glob.toml'}, rule 1: include glob 'nope*' matches no residual-add site (paths look "
+            "like 'layer1.0', 'layer4.1')")
+    r = run("resnet18", "--input-size", "32", "--rules", str(tmp_path / "glob.toml"))
+    assert r.returncode == 0 and r.stderr.splitlines() == [want], r.stderr
+    r = run("resnet18", "--input-size", "32", "--rules", str(tmp_path / "glob.toml"), "--format", "json")
+    assert r.returncode == 0 and r.stderr == "", r.stderr  # the warning is in the JSON
+    assert json.loads(r.stdout)["warnings"] == [want.removeprefix("warning: ")]
+    (tmp_path / "none.toml").write_text('[[rule]]\nat = "residual-add"\nattn = "se"\ninclude = ["layer9.*"]\n')
+    r = run("resnet18", "--input-size", "32", "--rules", str(tmp_path / "none.toml"), "-q")
+    assert r.returncode == 0 and r.stderr == "" and r.stdout == ""
+    r = run("resnet18", "--input-size", "32", "--rules", str(tmp_path / "none.toml"), "--format", "json")
+    assert r.stderr.splitlines() == ["warning: rules '" + str(tmp_path / "none.toml") + "' selected no site of "
+                                     "ResNet; nothing inserted"], r.stderr
+
+
+def test_gates_command_follows_the_contract(tmp_path: Path) -> None:
+    one_line(run("gates", str(tmp_path / "missing.pt"), "--digits"), 2, r"retrofit gates: error: ")
+    one_line(run("gates", "x.pt"), 2, r"retrofit gates: error: one of the arguments --data --digits is required "
+                                     r"\(see retrofit gates --help\)$")
 
 
 def test_bad_input_size_is_usage_error() -> None:
@@ -173,6 +333,12 @@ def test_list_command() -> None:
     assert {"se", "eca", "cbam"} <= set(listing["attention"])
     assert {"se", "eca", "cbam", "se-mid", "cbam-conv"} <= set(listing["rules"])
     assert listing["attention"]["se"].startswith("Squeeze-and-Excitation")
+    r = run("list")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert max(map(len, lines)) <= 100, max(lines, key=len)
+    assert "se                           Squeeze-and-Excitation: global average pool, a two-layer bottleneck, a" in lines
+    assert set(retrofit.list_attention()) <= {line.split(" ", 1)[0] for line in lines}
 
 
 def _stderr_on_a_terminal(*args: str) -> str:

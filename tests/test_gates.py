@@ -9,12 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from retrofit import get_report
+import retrofit
+from retrofit import get_attention, get_report, list_attention
+from retrofit.cli import main
 from retrofit.data import digits_datasets
 from retrofit.finetune import FinetuneConfig, fit
 from retrofit.gates import GateRecord, gates_main, plot_gates, record_gates
 
-from .finetune_helpers import build, one_thread, tiny_digits  # noqa: F401
+from .finetune_helpers import NARROW, build, one_thread, tiny_digits  # noqa: F401
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -70,8 +72,60 @@ def test_module_without_a_gate_method_is_skipped() -> None:
     gm.get_submodule("layer2.1").se = nn.Identity()  # what a gate-less attention looks like
     rec = record_gates(gm, _batch(8)[0])
     assert [m for m, _ in rec.skipped] == ["layer2.1.se"]
-    assert "Identity has no channel-gate method (scale or channel_scale)" in rec.skipped[0][1]
+    assert rec.skipped[0][1] == ("Identity declares no channel gate (its class's fused_gates names none: "
+                                 "its forward is not x * gate(x))")
     assert len(rec.sites) == 7
+
+
+# Every built-in type: where its gate comes from, or that it has none.
+GATE_OF = {"se": "scale", "eca": "scale", "cbam": "channel_scale", "coord": "scale", "ge": "scale",
+           "simam": "scale", "gc": None, "nonlocal": None, "chsa": None, "psa": None}
+NO_GATE = {"gc": "GlobalContext", "nonlocal": "NonLocal", "chsa": "ChannelSelfAttn", "psa": "PointwiseSpatialAttn"}
+
+
+def test_every_builtin_type_is_covered() -> None:
+    builtin = {name for name in list_attention() if get_attention(name).__module__.startswith("retrofit.attention.")}
+    assert builtin == set(GATE_OF)
+
+
+@pytest.mark.parametrize("attn", sorted(GATE_OF))
+def test_record_gates_on_every_type(attn: str) -> None:
+    """Gating types record their channel gate (exactly 1.0 at init); additive ones are
+    listed as skipped, with why, and nothing crashes (GC's scale() raises without fuse_scale)."""
+    gm = build(attn)
+    rows = get_report(gm).rows
+    assert len(rows) == 8
+    rec = record_gates(gm, _batch(6)[0])
+    if GATE_OF[attn] is None:
+        assert rec.sites == ()
+        assert [m for m, _ in rec.skipped] == [r.module for r in rows]
+        assert {why for _, why in rec.skipped} == {
+            f"{NO_GATE[attn]} declares no channel gate (its class's fused_gates names none: "
+            "its forward is not x * gate(x))"}
+    else:
+        assert rec.skipped == ()
+        assert [s.module for s in rec.sites] == [r.module for r in rows]
+        for s, r in zip(rec.sites, rows, strict=True):
+            assert s.method == GATE_OF[attn]
+            assert torch.equal(s.values, torch.ones(6, r.channels))
+
+
+def test_gc_with_scale_fusion_alone_has_a_gate() -> None:
+    torch.manual_seed(0)
+    base = retrofit.create_model("resnet18", **NARROW)
+    gm = retrofit.retrofit(base, "gc", attn_args={"fuse_add": False, "fuse_scale": True}, gate="sigmoid",
+                           input_size=(1, 32, 32), verify=False)
+    x = _batch(6)[0]
+    rec = record_gates(gm, x)
+    assert rec.skipped == () and len(rec.sites) == 8
+    first = gm.get_submodule(rec.sites[0].module)
+    with torch.no_grad():
+        gm.eval()
+        seen = []
+        h = first.register_forward_pre_hook(lambda m, a: seen.append(m.scale(a[0]).flatten(1)))
+        gm(x)
+        h.remove()
+    assert torch.equal(rec.sites[0].values, seen[0])  # the sigmoid gate of each image, as scale() computes it
 
 
 def test_plot_writes_a_png(tmp_path: Path) -> None:
@@ -94,5 +148,15 @@ def test_gates_cli_on_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture
     d = json.loads((tmp_path / "g.json").read_text())
     assert d["num_images"] == 50 and len(d["sites"]) == 8
     assert "layer4.1.se" in capsys.readouterr().out
-    assert gates_main([str(tmp_path / "missing.pt"), "--digits"]) == 2
-    assert "training checkpoint" in capsys.readouterr().err
+    # Errors go through the command line's one place: exit 2 and one line.
+    assert main(["gates", str(tmp_path / "missing.pt"), "--digits"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("retrofit gates: error: ") and "training checkpoint" in err and err.count("\n") == 1
+    assert main(["gates", str(tmp_path / "run" / "last.pt"), "--digits", "--device", "bogus"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("retrofit gates: error: --device 'bogus' is not a device (") and err.count("\n") == 1
+    (tmp_path / "empty").mkdir()
+    assert main(["gates", str(tmp_path / "run" / "last.pt"), "--data", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"retrofit gates: error: --data {tmp_path / 'empty'}: Couldn't find any class folder")
+    assert err.count("\n") == 1

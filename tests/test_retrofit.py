@@ -104,6 +104,26 @@ def test_small_cnn_conv_block_golden(small_cnn) -> None:
     assert [r.module for r in get_report(gm).rows] == ["conv1_se", "conv2_se"]
 
 
+def test_analysis_and_plan_print_as_tables(small_cnn) -> None:
+    """print(retrofit.analyze(...)) and print(retrofit.plan(...)) show tables, not dataclass reprs."""
+    analysis = retrofit.analyze(small_cnn, input_size=(1, 28, 28))
+    assert str(analysis) == analysis.table()
+    lines = str(analysis).splitlines()
+    assert lines[0].split() == ["site", "kind", "channels", "size", "stage", "block", "shortcut", "mid", "existing",
+                                "attention", "/", "why", "not"]
+    assert lines[2].split() == ["conv1", "conv-block", "8", "14x14", "1", "0"]
+    assert lines[3].split() == ["conv2", "conv-block", "16", "7x7", "2", "0"]
+    assert len(lines) == 4
+    plan = retrofit.plan(small_cnn, "se", input_size=(1, 28, 28))
+    assert str(plan) == plan.table()
+    text = str(plan)
+    assert "SiteAnalysis(" not in text and "Plan(" not in text
+    assert [line.split() for line in text.splitlines()[2:]] == [
+        ["conv1", "conv-block", "8", "14x14", "1", "se", "(after)", "built-in", "'se',", "rule", "2"],
+        ["conv2", "conv-block", "16", "7x7", "2", "se", "(after)", "built-in", "'se',", "rule", "2"],
+    ]
+
+
 def test_input_size_from_timm_config_and_default() -> None:
     assert retrofit.analyze(cached("resnet18")).sites[0].size == (56, 56)  # pretrained_cfg: 224
     assert retrofit.analyze(cached("tv:resnet50")).sites[0].size == (56, 56)  # no cfg: 224

@@ -22,7 +22,7 @@ from torch import nn
 
 import retrofit
 from retrofit import ModelLoadError, UntrustedCodeError
-from retrofit.gates import gates_main
+from retrofit.cli import main
 from retrofit.saving import save_training_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +130,7 @@ def _evil_checkpoint(tmp_path: Path, legit: nn.Module) -> tuple[Path, Path]:
 def test_gates_command_refuses_a_checkpoint_that_names_code(tmp_path: Path, legit: nn.Module,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     path, sentinel = _evil_checkpoint(tmp_path, legit)
-    assert gates_main([str(path), "--digits", "--out", str(tmp_path / "g.png")]) == 2
+    assert main(["gates", str(path), "--digits", "--out", str(tmp_path / "g.png")]) == 2  # errors: cli.main
     err = capsys.readouterr().err
     assert "asks to run code: the model file 'evil.py'" in err and "--trust-code" in err and len(err.splitlines()) == 1
     assert not sentinel.exists()

@@ -1,7 +1,8 @@
 """Attention modules, one paper per file, all registered by short name."""
 
-from ._gate import GATES
+from ._gate import GATES, gate_methods
 from ._identity import identity_error
+from ._reduction import check_reduction_args
 from ._registry import create_attention, get_attention, is_registered, list_attention, register_attention
 from .cbam import Cbam
 from .chsa import ChannelSelfAttn
@@ -16,12 +17,14 @@ from .simam import SimAM
 
 __all__ = [
     "GATES",
+    "gate_methods",
     "register_attention",
     "get_attention",
     "list_attention",
     "create_attention",
     "is_registered",
     "identity_error",
+    "check_reduction_args",
     "SqueezeExcite",
     "EfficientChannelAttn",
     "eca_kernel_size",

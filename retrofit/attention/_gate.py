@@ -6,6 +6,13 @@
 bit unchanged, while the gradient of the gate at ``z == 0`` is 0.5, so training moves it
 at once. A zero last layer passes no gradient to the layers before it, but the first
 optimizer step makes it non-zero, so every parameter is learning from the second step on.
+
+Which methods compute a module's gates is declared once, by its class:
+``fused_gates = ("scale",)`` says ``forward(x)`` is exactly ``x * self.scale(x)``;
+``("channel_scale", "spatial_scale")`` a chain of such products, in order; an empty tuple
+(or no attribute) that the forward is not a product of gates (``x + f(x)``). The rewrite
+fuses the last product into a residual add (:mod:`retrofit.fuse`) and gate inspection
+(:mod:`retrofit.gates`) reads the gates, both through :func:`gate_methods`.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from torch import Tensor, nn
 
 from ..errors import AttentionError
 
-__all__ = ["GATES", "check_gate", "apply_gate", "zero_init_"]
+__all__ = ["GATES", "check_gate", "apply_gate", "zero_init_", "gate_methods"]
 
 GATES: tuple[str, ...] = ("identity", "sigmoid")
 
@@ -41,3 +48,25 @@ def zero_init_(*layers: nn.Module) -> None:
         nn.init.zeros_(layer.weight)
         if getattr(layer, "bias", None) is not None:
             nn.init.zeros_(layer.bias)
+
+
+def gate_methods(module: nn.Module) -> tuple[str, ...] | None:
+    """The methods whose products make up ``module.forward``, in order, as its class declares
+    them in ``fused_gates``; None when it declares none or an empty chain.
+
+    A declaration holds for the ``forward`` it was written beside: a subclass that overrides
+    ``forward`` without declaring ``fused_gates`` again inherits none (its forward may no
+    longer be that product). A property works too, for a class whose instances differ
+    (``GlobalContext`` is a product of gates only with scale fusion alone).
+
+    Example:
+        >>> gate_methods(Cbam(64))
+        ('channel_scale', 'spatial_scale')
+    """
+    mro = type(module).__mro__
+    declared = next((c for c in mro if "fused_gates" in vars(c)), None)
+    forward_at = next((c for c in mro if "forward" in vars(c)), None)
+    if declared is None or (forward_at is not None and not issubclass(declared, forward_at)):
+        return None
+    methods = getattr(module, "fused_gates", None)
+    return tuple(methods) if methods else None

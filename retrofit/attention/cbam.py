@@ -7,13 +7,19 @@ arXiv:1807.06521.
 from __future__ import annotations
 
 import torch
-from timm.layers import get_act_layer, make_divisible
 from torch import Tensor, nn
 
+from ..errors import AttentionError
+from ._act import get_act_layer
 from ._gate import apply_gate, check_gate, zero_init_
+from ._reduction import reduced_channels
 from ._registry import register_attention
 
 __all__ = ["Cbam"]
+
+
+def _odd(k: object) -> bool:
+    return isinstance(k, int) and not isinstance(k, bool) and k >= 1 and k % 2 == 1
 
 
 @register_attention("cbam")
@@ -39,6 +45,10 @@ class Cbam(nn.Module):
         dtype: dtype of the parameters.
     """
 
+    # forward is x * channel_scale(x), then that times spatial_scale(...): the rewrite may fuse
+    # the last product into a residual add
+    fused_gates = ("channel_scale", "spatial_scale")
+
     def __init__(
         self,
         channels: int,
@@ -54,11 +64,13 @@ class Cbam(nn.Module):
     ) -> None:
         super().__init__()
         self.gate = check_gate(gate)
-        if rd_channels is None:
-            rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
+        if not _odd(spatial_kernel_size):
+            raise AttentionError(f"cbam: spatial_kernel_size = {spatial_kernel_size!r} is not valid: an odd integer "
+                                 ">= 1, so the spatial gate keeps the map's size")
+        rd_channels = reduced_channels("cbam", channels, rd_ratio, rd_channels, rd_divisor)
         dd = {"device": device, "dtype": dtype}
         self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=mlp_bias, **dd)
-        self.act = get_act_layer(act_layer)(inplace=True)
+        self.act = get_act_layer("cbam", act_layer)(inplace=True)
         self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias, **dd)
         self.spatial = nn.Conv2d(2, 1, spatial_kernel_size, padding=spatial_kernel_size // 2, **dd)
         self.reset_parameters()

@@ -54,6 +54,8 @@ class ChannelSelfAttn(nn.Module):
         AttentionError: ``gate="sigmoid"``, or ``num_heads`` does not divide the token width.
     """
 
+    fused_gates = ()  # forward is x + delta(x), no product of gates: nothing to fuse, no gate to record
+
     def __init__(
         self,
         channels: int,

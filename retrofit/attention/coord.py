@@ -6,14 +6,32 @@ arXiv:2103.02907.
 
 from __future__ import annotations
 
+import math
+
 import torch
-from timm.layers import get_act_layer, make_divisible
 from torch import Tensor, nn
 
+from ..errors import AttentionError
+from ._act import get_act_layer
 from ._gate import apply_gate, check_gate, zero_init_
+from ._reduction import check_reduction_args
 from ._registry import register_attention
 
 __all__ = ["CoordAttn"]
+
+
+def _width(channels: int, rd_ratio: float = 1.0 / 32, rd_divisor: int = 1, min_rd_channels: int = 8) -> int:
+    """The official code's bottleneck width, ``mip = max(8, inp // reduction)``, in timm's terms:
+    ``floor(channels * rd_ratio)`` rounded down to a multiple of ``rd_divisor``, at least
+    ``min_rd_channels``.
+
+    Example:
+        >>> _width(320), _width(960)
+        (10, 30)
+    """
+    # round() first: a ratio such as 1/3 is not exact in binary, and 96 * (1/3) must floor to 32.
+    width = math.floor(round(channels * rd_ratio, 9)) // rd_divisor * rd_divisor
+    return max(min_rd_channels, width)
 
 
 @register_attention("coord")
@@ -22,16 +40,21 @@ class CoordAttn(nn.Module):
     both strips, then one gate per direction, ``x * a_h * a_w``.
 
     Arguments follow timm's ``CoordAttn``; the defaults are the paper's official code
-    (reduction 32 with a floor of 8 channels, biased convolutions, hard-swish). Where it
-    differs: no BatchNorm after the shared convolution (its running statistics would break
-    identity in train mode; timm and the paper have one), no ``se_factor`` (timm's extra
-    width factor), and the gate form. ``scale(x)`` returns the product of both gates.
+    (biased convolutions, hard-swish, and its bottleneck width ``max(8, C // 32)``: the
+    channels over the reduction 32, rounded down, at least 8; timm instead rounds
+    ``C * rd_ratio * se_factor`` to the nearest multiple of 8). Where it differs: no
+    BatchNorm after the shared convolution (its running statistics would break identity in
+    train mode; timm and the paper have one), no ``se_factor`` (timm's extra width factor),
+    and the gate form. ``scale(x)`` returns the product of both gates.
 
     Args:
         channels: input (and output) channels.
-        rd_ratio: bottleneck width as a fraction of ``channels`` (the paper's 1 / reduction).
+        rd_ratio: bottleneck width as a fraction of ``channels`` (the paper's 1 / reduction);
+            the width is ``max(min_rd_channels, floor(channels * rd_ratio))``.
         rd_channels: bottleneck width; overrides ``rd_ratio``.
-        rd_divisor: round the bottleneck width to a multiple of this (and at least this).
+        rd_divisor: round the width from ``rd_ratio`` down to a multiple of this (before the floor
+            of ``min_rd_channels``).
+        min_rd_channels: the least width from ``rd_ratio`` (the official code's 8).
         bias: biases in the three 1x1 convolutions.
         act_layer: activation after the shared convolution (class or timm name).
         gate: ``"identity"`` (output equals input at init) or ``"sigmoid"`` (the paper).
@@ -46,7 +69,8 @@ class CoordAttn(nn.Module):
         channels: int,
         rd_ratio: float = 1.0 / 32,
         rd_channels: int | None = None,
-        rd_divisor: int = 8,
+        rd_divisor: int = 1,
+        min_rd_channels: int = 8,
         bias: bool = True,
         act_layer: type[nn.Module] | str = nn.Hardswish,
         gate: str = "identity",
@@ -55,11 +79,14 @@ class CoordAttn(nn.Module):
     ) -> None:
         super().__init__()
         self.gate = check_gate(gate)
+        check_reduction_args("coord", {"rd_ratio": rd_ratio, "rd_channels": rd_channels, "rd_divisor": rd_divisor})
+        if isinstance(min_rd_channels, bool) or not isinstance(min_rd_channels, int) or min_rd_channels < 1:
+            raise AttentionError(f"coord: min_rd_channels = {min_rd_channels!r} is not valid: an integer >= 1")
         if rd_channels is None:
-            rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
+            rd_channels = _width(channels, rd_ratio, rd_divisor, min_rd_channels)
         dd = {"device": device, "dtype": dtype}
         self.conv1 = nn.Conv2d(channels, rd_channels, 1, bias=bias, **dd)
-        self.act = get_act_layer(act_layer)()
+        self.act = get_act_layer("coord", act_layer)()
         self.conv_h = nn.Conv2d(rd_channels, channels, 1, bias=bias, **dd)
         self.conv_w = nn.Conv2d(rd_channels, channels, 1, bias=bias, **dd)
         self.reset_parameters()

@@ -11,6 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..errors import AttentionError
 from ._gate import apply_gate, check_gate, zero_init_
 from ._registry import register_attention
 
@@ -41,6 +42,8 @@ class EfficientChannelAttn(nn.Module):
         dtype: dtype of the parameters.
     """
 
+    fused_gates = ("scale",)  # forward is x * scale(x): the rewrite may fuse it into a residual add
+
     def __init__(
         self,
         channels: int,
@@ -55,6 +58,9 @@ class EfficientChannelAttn(nn.Module):
         self.gate = check_gate(gate)
         if kernel_size is None:
             kernel_size = eca_kernel_size(channels, gamma, beta)
+        elif isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise AttentionError(f"eca: kernel_size = {kernel_size!r} is not valid: an odd integer >= 1, so every "
+                                 "channel gets a gate (or leave it out for the paper's adaptive size)")
         self.conv = nn.Conv1d(
             1, 1, kernel_size, padding=(kernel_size - 1) // 2, bias=False, device=device, dtype=dtype
         )

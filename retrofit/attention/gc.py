@@ -7,12 +7,13 @@ Beyond", ICCV Workshops 2019, arXiv:1904.11492.
 from __future__ import annotations
 
 import torch
-from timm.layers import get_act_layer, make_divisible
 from torch import Tensor, nn
 
 from ..errors import AttentionError
+from ._act import get_act_layer
 from ._additive import check_additive_gate
 from ._gate import apply_gate, check_gate, zero_init_
+from ._reduction import reduced_channels
 from ._registry import register_attention
 
 __all__ = ["GlobalContext"]
@@ -79,10 +80,9 @@ class GlobalContext(nn.Module):
         self.gate = check_gate(gate) if fuse_scale else check_additive_gate(
             "gc", gate, ", or fuse_scale=True for the paper's scale fusion"
         )
-        if rd_channels is None:
-            rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
+        rd_channels = reduced_channels("gc", channels, rd_ratio, rd_channels, rd_divisor)
         dd = {"device": device, "dtype": dtype}
-        act = get_act_layer(act_layer)
+        act = get_act_layer("gc", act_layer)
         self.conv_attn = nn.Conv2d(channels, 1, 1, **dd)
         self.mlp_add = _transform(channels, rd_channels, act, dd) if fuse_add else None
         self.mlp_scale = _transform(channels, rd_channels, act, dd) if fuse_scale else None
@@ -101,6 +101,14 @@ class GlobalContext(nn.Module):
                     layer.reset_parameters()
             if mlp is self.mlp_add or self.gate == "identity":
                 zero_init_(mlp[-1])
+
+    __jit_unused_properties__ = ["fused_gates"]  # torch.jit.script: not part of forward
+
+    @property
+    def fused_gates(self) -> tuple[str, ...]:
+        """``("scale",)`` with scale fusion alone (forward is then ``x * scale(x)``), else ``()``:
+        with add fusion the forward adds a term and is no product of gates."""
+        return ("scale",) if self.mlp_add is None else ()
 
     def context(self, x: Tensor) -> Tensor:
         """The softmax-pooled context, shape ``(N, C)``."""

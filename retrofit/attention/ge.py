@@ -10,11 +10,12 @@ import math
 
 import torch
 import torch.nn.functional as F
-from timm.layers import get_act_layer, make_divisible
 from torch import Tensor, nn
 
 from ..errors import AttentionError
+from ._act import get_act_layer
 from ._gate import apply_gate, check_gate, zero_init_
+from ._reduction import reduced_channels
 from ._registry import register_attention
 
 __all__ = ["GatherExcite"]
@@ -90,7 +91,7 @@ class GatherExcite(nn.Module):
             raise AttentionError(f"ge: feat_size = {feat_size} must be at least 1")
         self.extent = extent
         self.feat_size = feat_size
-        act = get_act_layer(act_layer)
+        act = get_act_layer("ge", act_layer)
         self.gather: nn.Sequential | None = None
         if extra_params:
             self.gather = nn.Sequential()
@@ -105,8 +106,7 @@ class GatherExcite(nn.Module):
                         self.gather.add_module(f"act{i + 1}", act())
         self.mlp: nn.Sequential | None = None
         if use_mlp:
-            if rd_channels is None:
-                rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
+            rd_channels = reduced_channels("ge", channels, rd_ratio, rd_channels, rd_divisor)
             self.mlp = nn.Sequential(
                 nn.Conv2d(channels, rd_channels, 1, **dd), act(), nn.Conv2d(rd_channels, channels, 1, **dd)
             )

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import make_divisible
 from torch import Tensor, nn
 
 from ._additive import check_additive_gate
 from ._gate import zero_init_
+from ._reduction import reduced_channels
 from ._registry import register_attention
 
 __all__ = ["NonLocal"]
@@ -52,6 +52,8 @@ class NonLocal(nn.Module):
         AttentionError: ``gate="sigmoid"``.
     """
 
+    fused_gates = ()  # forward is x + delta(x), no product of gates: nothing to fuse, no gate to record
+
     def __init__(
         self,
         channels: int,
@@ -66,8 +68,7 @@ class NonLocal(nn.Module):
     ) -> None:
         super().__init__()
         self.gate = check_additive_gate("nonlocal", gate)
-        if rd_channels is None:
-            rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
+        rd_channels = reduced_channels("nonlocal", channels, rd_ratio, rd_channels, rd_divisor)
         dd = {"device": device, "dtype": dtype}
         self.score_scale = rd_channels**-0.5 if use_scale else 1.0
         self.sub_sample = sub_sample

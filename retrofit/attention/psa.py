@@ -11,12 +11,13 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from timm.layers import get_act_layer, make_divisible
 from torch import Tensor, nn
 
 from ..errors import AttentionError
+from ._act import get_act_layer
 from ._additive import check_additive_gate
 from ._gate import zero_init_
+from ._reduction import reduced_channels
 from ._registry import register_attention
 
 __all__ = ["PointwiseSpatialAttn"]
@@ -46,10 +47,13 @@ def _branch(channels: int, rd_channels: int, masks: int, act: type[nn.Module], d
 class PointwiseSpatialAttn(nn.Module):
     """Point-wise spatial attention: every position predicts an over-complete
     ``(2M-1) x (2M-1)`` mask of relative weights (M = ``mask_size``); the H x W part centred
-    on it is that position's attention over the map, softmax-normalized. The *collect*
-    branch gathers, at each position, the features of all positions weighted by its own
-    mask; the *distribute* branch spreads each position's features to all positions
-    weighted by the spreading position's mask. Both branches (each with its own 1x1
+    on it holds that position's logit for every position of the map. The *collect* branch
+    gathers at each position the features of all positions, weighted by its own mask
+    normalized over the positions it reads (softmax over the targets). The *distribute*
+    branch spreads each position's features to all positions, weighted by the spreading
+    position's mask; as in the official code (``psamask`` in distribute mode, then a softmax
+    over the positions that spread to a target), the weights arriving at one target are
+    normalized over the spreading positions. Both branches (each with its own 1x1
     reduction to ``rd_channels``) are concatenated, projected back to ``channels`` and added:
     ``x + proj([collect, distribute])``.
 
@@ -81,6 +85,8 @@ class PointwiseSpatialAttn(nn.Module):
         AttentionError: ``gate="sigmoid"``, or ``mask_size < 1``.
     """
 
+    fused_gates = ()  # forward is x + delta(x), no product of gates: nothing to fuse, no gate to record
+
     def __init__(
         self,
         channels: int,
@@ -97,10 +103,9 @@ class PointwiseSpatialAttn(nn.Module):
         self.gate = check_additive_gate("psa", gate)
         if mask_size < 1:
             raise AttentionError(f"psa: mask_size = {mask_size} must be at least 1")
-        if rd_channels is None:
-            rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
+        rd_channels = reduced_channels("psa", channels, rd_ratio, rd_channels, rd_divisor)
         dd = {"device": device, "dtype": dtype}
-        act = get_act_layer(act_layer)
+        act = get_act_layer("psa", act_layer)
         self.mask_size = mask_size
         masks = (2 * mask_size - 1) ** 2
         self.collect = _branch(channels, rd_channels, masks, act, dd)
@@ -115,12 +120,19 @@ class PointwiseSpatialAttn(nn.Module):
                 m.reset_parameters()
         zero_init_(self.proj)
 
-    def attention(self, branch: nn.ModuleDict, y: Tensor) -> Tensor:
-        """``a[n, p, q]``: position ``p``'s softmax weight on position ``q``, shape ``(N, HW, HW)``."""
+    def logits(self, branch: nn.ModuleDict, y: Tensor) -> Tensor:
+        """``l[n, p, q]``: position ``p``'s mask value for position ``q``, shape ``(N, HW, HW)``
+        (the official ``psamask`` output, indexed [owner, target])."""
         n, _, h, w = y.shape
         masks = branch["mask"](y).flatten(2).transpose(1, 2)  # (N, HW, (2M-1)^2), row p: p's mask
         idx = _relative_index(h, w, self.mask_size).to(y.device)
-        return masks.gather(2, idx.expand(n, -1, -1)).softmax(dim=-1)
+        return masks.gather(2, idx.expand(n, -1, -1))
+
+    def attention(self, branch: nn.ModuleDict, y: Tensor) -> Tensor:
+        """``a[n, p, q]``: the weight of position ``p``'s mask entry for position ``q``, shape
+        ``(N, HW, HW)``. Collect normalizes each owner's row over its targets ``q``;
+        distribute normalizes each target's column over the owners ``p``."""
+        return self.logits(branch, y).softmax(dim=2 if branch is self.collect else 1)
 
     def delta(self, x: Tensor) -> Tensor:
         """The added term, shape ``(N, C, H, W)``."""
@@ -130,11 +142,11 @@ class PointwiseSpatialAttn(nn.Module):
             x = F.adaptive_avg_pool2d(x, (min(size[0], m), min(size[1], m)))
         n, _, h, w = x.shape
         zs = []
-        for branch, collect in ((self.collect, True), (self.distribute, False)):
+        for branch in (self.collect, self.distribute):
             y = branch["reduce"](x)
             a = self.attention(branch, y)
-            # collect: z_p = sum_q a[p, q] y_q; distribute: z_p = sum_q a[q, p] y_q
-            zs.append(torch.bmm(y.flatten(2), a.transpose(1, 2) if collect else a))
+            # collect: z_p = sum_q a[p, q] y_q (p reads); distribute: z_q = sum_p a[p, q] y_p (p spreads)
+            zs.append(torch.bmm(y.flatten(2), a.transpose(1, 2) if branch is self.collect else a))
         out = self.proj(torch.cat(zs, dim=1).reshape(n, -1, h, w))
         if out.shape[-2:] != size:
             out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)

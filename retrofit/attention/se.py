@@ -6,10 +6,11 @@ Hu, Shen, Albanie, Sun, Wu: "Squeeze-and-Excitation Networks", CVPR 2018, arXiv:
 from __future__ import annotations
 
 import torch
-from timm.layers import get_act_layer, make_divisible
 from torch import Tensor, nn
 
+from ._act import get_act_layer
 from ._gate import apply_gate, check_gate, zero_init_
+from ._reduction import reduced_channels
 from ._registry import register_attention
 
 __all__ = ["SqueezeExcite"]
@@ -36,6 +37,8 @@ class SqueezeExcite(nn.Module):
         dtype: dtype of the parameters.
     """
 
+    fused_gates = ("scale",)  # forward is x * scale(x): the rewrite may fuse it into a residual add
+
     def __init__(
         self,
         channels: int,
@@ -50,11 +53,10 @@ class SqueezeExcite(nn.Module):
     ) -> None:
         super().__init__()
         self.gate = check_gate(gate)
-        if rd_channels is None:
-            rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
+        rd_channels = reduced_channels("se", channels, rd_ratio, rd_channels, rd_divisor)
         dd = {"device": device, "dtype": dtype}
         self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=bias, **dd)
-        self.act = get_act_layer(act_layer)(inplace=True)
+        self.act = get_act_layer("se", act_layer)(inplace=True)
         self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=bias, **dd)
         self.reset_parameters()
 
