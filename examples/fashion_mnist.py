@@ -44,8 +44,7 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -549,7 +548,7 @@ def tables(res: dict[str, Any]) -> dict[str, str]:
         ["| run | model | " + " | ".join(f"seed {sd}" for sd in res["settings"]["seeds"]) + " |",
          "| --- | --- |" + " ---: |" * len(res["settings"]["seeds"])]
         + [f"| lab | {r['name']} | " + " | ".join(f"{100 * a:.2f}" for a in r["test_acc"]) + " |" for r in lab]
-        + ([f"| retrofit | pretrained baseline | " + " | ".join(f"{100 * a:.2f}" for a in rf["baseline_acc"]) + " |"]
+        + (["| retrofit | pretrained baseline | " + " | ".join(f"{100 * a:.2f}" for a in rf["baseline_acc"]) + " |"]
            if rf["baseline_acc"] else [])
         + [f"| {'retrofit' if sec == 'retrofit' else 'low data'} | {r['name']} | "
            + " | ".join(f"{100 * a:.2f}" for a in r["test_acc"]) + " |"
@@ -627,7 +626,7 @@ def plot_curves(res: dict[str, Any], path: Path) -> None:
 
     for i, r in enumerate(res["lab"]["rows"]):
         band(axes[0], r["curves"], r["name"], "black" if r["name"] == "baseline" else cmap(2 * i), 1)
-    axes[0].set(title=f"lab, from scratch: test accuracy per epoch", xlabel="epoch", ylabel="test accuracy (%)")
+    axes[0].set(title="lab, from scratch: test accuracy per epoch", xlabel="epoch", ylabel="test accuracy (%)")
     for ax, section, title in ((axes[1], "retrofit", "retrofit, full data"),
                                (axes[2], "retrofit_low_data", "retrofit, low data")):
         for i, r in enumerate(res[section]["rows"]):

@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--rules", metavar="FILE", help="rule file instead of --attn")
     m.add_argument("--gate", choices=("identity", "sigmoid"), help="gate form (default: the rules', identity)")
     m.add_argument("--input-size", type=_size, metavar="SIZE", help="size retrofit analyses the model at")
+    m.add_argument("--graph-module", action="store_true",
+                   help="fine-tune the torch.fx GraphModule form instead of the model's own class rewritten in "
+                        "place (keep_class=True, the default here: blocks keep their class, hooks and FSDP wrap "
+                        "policies work, timm's methods stay; same speed and memory)")
     d = p.add_argument_group("data")
     src = d.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", metavar="PATH", help="ImageFolder root with train/ and val/")
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 base.load_state_dict(torch.load(args.base_weights, map_location="cpu", weights_only=True))
             torch.manual_seed(args.seed)
             model = retrofit.retrofit(base, None if args.rules else args.attn, rules=args.rules, gate=args.gate,
-                                      input_size=input_size)
+                                      input_size=input_size, keep_class=not args.graph_module)
             if ctx.is_main:
                 print(retrofit.get_report(model).summary(), flush=True)
         if args.digits:

@@ -15,6 +15,7 @@ from torch import nn
 
 from .attention import GATES
 from .errors import OptionError, SiteError
+from .leaves import check_leaf_modules
 from .meta import REPORT_KEY, retrofit_meta
 from .partition import Partition, partition, refine
 from .plan import Plan, make_plan
@@ -77,8 +78,10 @@ def _partition(
     leaf_modules: Iterable[LeafSpec],
     keep_class: bool,
 ) -> tuple[tuple[int, int, int], Partition]:
+    leaf_modules = tuple(leaf_modules)
+    check_leaf_modules(model, leaf_modules)
     size = resolve_input_size(model, input_size)
-    parts = partition(model, size, tuple(leaf_modules), keep_class)
+    parts = partition(model, size, leaf_modules, keep_class)
     if parts.root_error is not None and not parts.analysis.sites and holds_conv(model):
         # Nothing with sites traced: the trace failure is what hides them. A model with no
         # convolution at all has no sites however it traces; "no sites" is then the answer.

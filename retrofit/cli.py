@@ -194,7 +194,6 @@ def _retrofit_model(args: argparse.Namespace) -> tuple[int, Sequence[str]]:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     from .api import get_report, plan, retrofit
-    from .leaves import check_leaf_modules
     from .models import create_model
     from .saving import save
     from .weights import load_checkpoint
@@ -208,7 +207,6 @@ def _retrofit_model(args: argparse.Namespace) -> tuple[int, Sequence[str]]:
     if args.checkpoint:
         progress(f"loading {args.checkpoint}")
         load_checkpoint(model, args.checkpoint)
-    check_leaf_modules(model, args.leaf_module)
     options: dict[str, Any] = dict(rules=args.rules, gate=args.gate, input_size=args.input_size,
                                    leaf_modules=args.leaf_module, strict=args.strict, keep_class=args.keep_class)
     if args.dry_run:

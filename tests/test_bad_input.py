@@ -11,7 +11,7 @@ from torch import nn
 import retrofit
 from retrofit import AttentionError, ModelLoadError, OptionError, RuleError, SiteError, get_report
 
-from .conftest import build
+from .conftest import build, cached
 
 
 def _snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[bool], list[str]]:
@@ -130,3 +130,12 @@ def test_failed_verification_forward_leaves_the_model_alone() -> None:
     with pytest.raises(retrofit.TraceError, match=r"shape propagation failed at node 'view'"):
         retrofit.retrofit(model, input_size=(3, 8, 8))
     assert _unchanged(model, snap)
+
+
+def test_leaf_module_names_are_checked_in_python_too() -> None:
+    model = cached("resnet18")
+    with pytest.raises(OptionError, match=r"leaf module 'layer9' matches nothing in ResNet; did you mean 'layer4'\?"):
+        retrofit.retrofit(model, "se", input_size=32, leaf_modules=["layer9"])
+    with pytest.raises(OptionError, match=r"leaf module 'Bottleneck' matches nothing in ResNet"):
+        retrofit.analyze(model, 32, leaf_modules=["Bottleneck"])
+    assert retrofit.analyze(model, 32, leaf_modules=["layer4.1", "BasicBlock"]).sites

@@ -77,3 +77,19 @@ def test_onnx_export_resnet18_cbam() -> None:
     gm = retrofit.retrofit(cached("resnet18"), "cbam", input_size=32)
     assert _has_fused(gm)
     _onnx_matches(gm, torch.randn(2, 3, 32, 32))
+
+
+def test_keep_class_compiles_and_exports() -> None:
+    """The in-place form: blocks with generated forwards compile whole and export to ONNX."""
+    torch.manual_seed(0)
+    kept = retrofit.retrofit(cached("resnet18"), "cbam", input_size=32, keep_class=True)
+    with torch.no_grad():
+        for row in retrofit.get_report(kept).rows:
+            for p in kept.get_submodule(row.module).parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+    kept.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(kept, fullgraph=True, backend="aot_eager")(x), kept(x),
+                                   rtol=1e-5, atol=1e-5)
+    _onnx_matches(kept, x)
