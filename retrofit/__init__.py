@@ -21,6 +21,7 @@ from .recipe import Recipe, get_recipe
 from .report import Report
 from .rulefile import RuleSet, list_builtin_rules, load_rules
 from .saving import load, save
+from .scores import SiteScores, score_sites
 
 # The one place the version is written (pyproject.toml reads it from here).
 __version__ = "0.2.0"
@@ -33,6 +34,8 @@ __all__ = [
     "analyze",
     "plan",
     "get_report",
+    "score_sites",
+    "SiteScores",
     "save",
     "load",
     "push_to_hub",

@@ -23,6 +23,7 @@ from .recipe import attach_recipe, recipe_of_result
 from .report import Report, SiteRow, StageRow
 from .rewrite import rewrite
 from .rulefile import ON_EXISTING, RuleSet, resolve_rules
+from .scores import SiteScores
 from .shapes import resolve_input_size
 from .sites import SiteAnalysis, holds_conv
 from .trace import LeafSpec
@@ -124,6 +125,7 @@ def plan(
     strict: bool = False,
     on_existing: str | None = None,
     keep_class: bool = False,
+    scores: SiteScores | None = None,
 ) -> Plan:
     """What :func:`retrofit` would insert, and why it leaves the other sites alone.
 
@@ -132,7 +134,7 @@ def plan(
     ruleset = resolve_rules(attn, rules)
     _check_choice("on_existing", on_existing, ON_EXISTING)
     analysis = analyze(model, input_size, leaf_modules, keep_class)
-    return make_plan(analysis, ruleset, gate, attn_args, strict, on_existing)
+    return make_plan(analysis, ruleset, gate, attn_args, strict, on_existing, scores)
 
 
 def retrofit(
@@ -151,6 +153,7 @@ def retrofit(
     fuse: bool = True,
     check_identity: bool = True,
     keep_class: bool = False,
+    scores: SiteScores | None = None,
 ) -> nn.Module:
     """Insert attention into a trained CNN, starting as an exact identity.
 
@@ -193,6 +196,9 @@ def retrofit(
             exactly on a probe before inserting it (user types); ``False`` opts out.
         keep_class: keep the model's class: trace and rewrite its submodules, never its
             own forward.
+        scores: site scores from :func:`retrofit.score_sites`, for rules that choose
+            sites by score (``select = { top = 4 }``, ``budget = { params = 0.02 }``). They
+            are kept in the recipe, so a save loads with the same choice.
 
     Returns:
         A ``torch.fx.GraphModule``; on the partial path (``keep_class``, or a model that
@@ -226,8 +232,7 @@ def retrofit(
             f"{type(model).__name__} has no residual adds and no conv blocks for attention "
             f"(input size {size}); is it a CNN? Leaf modules hide what is inside them{untraced}"
         )
-    plan_args = (ruleset, gate, attn_args, strict, on_existing)
-    the_plan = make_plan(analysis, *plan_args)
+    the_plan = make_plan(analysis, ruleset, gate, attn_args, strict, on_existing, scores)
     if not the_plan.placements:
         warnings.warn(f"rules {ruleset.name!r} selected no site of {type(model).__name__}; nothing inserted",
                       stacklevel=2)
@@ -249,7 +254,7 @@ def retrofit(
         notes.append(msg)
         warnings.warn(msg, stacklevel=2)
     elif parts.whole_analysis is not None:
-        missed = _out_of_reach(parts.whole_analysis, the_plan, (ruleset, gate, attn_args, False, on_existing))
+        missed = _out_of_reach(parts.whole_analysis, the_plan, (ruleset, gate, attn_args, False, on_existing, scores))
         if missed:
             notes.append(f"keep_class: {len(missed)} site(s) the rules select are in forward code kept as "
                          "Python, out of reach: "
@@ -269,6 +274,8 @@ def retrofit(
                 position=i.placement.position,
                 module=i.name,
                 params=i.params,
+                stage=i.placement.site.stage,
+                qualname=i.placement.site.qualname,
             )
             for i in inserted
         ),
@@ -289,7 +296,8 @@ def retrofit(
     retrofit_meta(result, create=True)[REPORT_KEY] = report
     attach_recipe(result, recipe_of_result(
         model, ruleset.doc, ruleset.name, gate=gate, attn_args=attn_args, input_size=size,
-        leaf_modules=leaf_modules, strict=strict, on_existing=on_existing, fuse=fuse, keep_class=keep_class))
+        leaf_modules=leaf_modules, strict=strict, on_existing=on_existing, fuse=fuse, keep_class=keep_class,
+        scores=None if scores is None else scores.to_dict()))
     return result
 
 

@@ -30,7 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .errors import RetrofitError, SaveError, first_line
+from .errors import OptionError, RetrofitError, SaveError, first_line
 
 __all__ = ["main", "build_parser", "OneLineParser"]
 
@@ -113,6 +113,21 @@ def version_text() -> tuple[str, list[str]]:
     return line, warnings
 
 
+def _budget(text: str) -> tuple[str, float]:
+    """``params=2%``, ``flops=0.01`` or ``top=4``."""
+    kind, _, value = text.partition("=")
+    try:
+        number = float(value.rstrip("%")) / (100 if value.endswith("%") else 1)
+    except ValueError:
+        number = -1.0
+    if kind == "top" and number >= 1 and number == int(number) and not value.endswith("%"):
+        return kind, number
+    if kind in ("params", "flops") and 0 < number <= 1:
+        return kind, number
+    raise argparse.ArgumentTypeError(f"{text!r} is not a budget; use params=2%, flops=1% (a fraction of the "
+                                     "model's, at most 100%) or top=4")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="retrofit",
@@ -138,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fuse", action="store_true", help="call gating modules instead of fusing them into adds")
     p.add_argument("--out", metavar="PATH", help="save to PATH.safetensors or a folder (weights + recipe)")
     p.add_argument("--force", action="store_true", help="let --out replace an existing file")
+    p.add_argument("--score-data", metavar="DIR",
+                   help="score every site on this data before choosing (retrofit.score_sites): an ImageFolder "
+                        "(DIR/CLASS/*.jpg), or 'digits' / 'fashion-mnist' for the demos")
+    p.add_argument("--score-batches", type=int, default=8, metavar="N", help="batches to score on (default 8)")
+    p.add_argument("--score-batch-size", type=int, default=32, metavar="N", help="images per scoring batch")
+    p.add_argument("--budget", type=_budget, metavar="WHAT",
+                   help="choose sites by score: params=2%% or flops=1%% (a fraction of the model's), or top=4; "
+                        "needs --score-data")
     p.add_argument("--dry-run", action="store_true", help="show the plan (what would change, and why not elsewhere)")
     p.add_argument("--sites", action="store_true", help="add a row per inserted module")
     p.add_argument("--format", choices=("table", "json"), default="table", help="output format")
@@ -195,6 +218,7 @@ def _retrofit_model(args: argparse.Namespace) -> tuple[int, Sequence[str]]:
         os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     from .api import get_report, plan, retrofit
     from .models import create_model
+    from .rulefile import resolve_rules
     from .saving import save
     from .weights import load_checkpoint
 
@@ -209,11 +233,26 @@ def _retrofit_model(args: argparse.Namespace) -> tuple[int, Sequence[str]]:
         load_checkpoint(model, args.checkpoint)
     options: dict[str, Any] = dict(rules=args.rules, gate=args.gate, input_size=args.input_size,
                                    leaf_modules=args.leaf_module, strict=args.strict, keep_class=args.keep_class)
+    scores = None
+    if args.budget and not args.score_data:
+        raise OptionError(f"--budget {args.budget[0]}=... chooses sites by score; give the data to score them on "
+                          "with --score-data DIR (or 'digits' / 'fashion-mnist')")
+    if args.score_data:
+        progress(f"scoring sites on {args.score_data}")
+        scores = _scores(args, model)
+        ruleset = resolve_rules(args.attn, args.rules)
+        if args.budget:
+            kind, value = args.budget
+            ruleset = ruleset.selecting(top=int(value)) if kind == "top" else ruleset.selecting(budget=(kind, value))
+        options.update(rules=ruleset, scores=scores)
+        if args.format == "table" and not args.quiet:
+            print(scores)
+            print()
     if args.dry_run:
         progress("tracing and planning")
         the_plan = plan(model, args.attn, **options)
         if args.format == "json":
-            print(json.dumps(the_plan.to_dict(), indent=2))
+            print(json.dumps({**the_plan.to_dict(), **({"scores": scores.to_dict()} if scores else {})}, indent=2))
         elif not args.quiet:
             print(the_plan.table())
         return EXIT_OK, the_plan.warnings
@@ -221,7 +260,7 @@ def _retrofit_model(args: argparse.Namespace) -> tuple[int, Sequence[str]]:
     gm = retrofit(model, args.attn, fuse=not args.no_fuse, **options)
     report = get_report(gm)
     if args.format == "json":
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps({**report.to_dict(), **({"scores": scores.to_dict()} if scores else {})}, indent=2))
     elif not args.quiet:
         print(report.summary())
         print()
@@ -247,6 +286,30 @@ def _retrofit_model(args: argparse.Namespace) -> tuple[int, Sequence[str]]:
         if not args.quiet and args.format == "table":
             print(f"\nsaved {path} (load it with retrofit.load({str(path)!r}))")
     return EXIT_OK, report.warnings
+
+
+def _scores(args: argparse.Namespace, model: Any) -> Any:
+    """Scores of every candidate site on ``--score-data``, in a fixed shuffled order."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .data import digits_datasets, fashion_mnist_datasets, imagefolder_dataset
+    from .scores import score_sites
+    from .shapes import resolve_input_size
+
+    c, h, _ = resolve_input_size(model, args.input_size)
+    if args.score_data == "digits":
+        dataset = digits_datasets(h, c, augment=False).train
+    elif args.score_data == "fashion-mnist":
+        dataset = fashion_mnist_datasets(val_size=0, augment=False).train
+    else:
+        dataset = imagefolder_dataset(args.score_data, model)
+    if args.score_batches < 1 or args.score_batch_size < 1:
+        raise OptionError("--score-batches and --score-batch-size must be at least 1")
+    loader = DataLoader(dataset, batch_size=args.score_batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    return score_sites(model, args.attn, loader, batches=args.score_batches, rules=args.rules,
+                       input_size=args.input_size, leaf_modules=args.leaf_module)
 
 
 _WIDTH = 100  # columns the tables of `retrofit list` fit in

@@ -3,7 +3,8 @@
 Rules apply in file order. For each rule, the sites of its kind (``at``) pass these
 filters in this order, and the first that drops a site is the reason recorded for it:
 ``include`` → ``exclude`` → ``min/max_channels`` → ``min/max_size`` → ``stages`` →
-``blocks`` → existing attention (``on_existing``) → ``every`` → ``first`` → ``last``.
+``blocks`` → existing attention (``on_existing``) → ``every`` → ``first`` → ``last`` →
+``select`` / ``budget`` (by the sites' scores, :func:`retrofit.score_sites`).
 A site an earlier rule selected is a conflict, settled
 by the later rule's ``conflict`` key (``error`` by default). A ``fallback`` rule applies
 only if the model has no site of the kinds the earlier rules target (conv blocks for plain
@@ -17,7 +18,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tabulate import tabulate
 
@@ -25,6 +26,9 @@ from .attention import get_attention
 from .errors import AttentionError, RuleError, first_line
 from .rulefile import Rule, RuleSet
 from .sites import Site, SiteAnalysis, SkippedCandidate
+
+if TYPE_CHECKING:
+    from .scores import SiteScores
 
 __all__ = ["Placement", "Plan", "make_plan"]
 
@@ -39,6 +43,7 @@ class Placement:
     args: Mapping[str, Any]  # constructor arguments (rule args, then caller overrides)
     gate: str  # "identity" or "sigmoid"
     position: str  # "branch", "mid" or "after"
+    score: float | None = None  # the site's score (retrofit.score_sites), when scores were given
 
     @property
     def channels(self) -> int:
@@ -65,7 +70,8 @@ class Plan:
     def table(self) -> str:
         """A text table: every selected, skipped and rejected site with the decision."""
         rows = [[p.site.path or "<root>", p.site.kind, p.channels, f"{p.size[0]}x{p.size[1]}", p.site.stage,
-                 f"{p.attn} ({p.position})", p.rule.source] for p in self.placements]
+                 f"{p.attn} ({p.position})" + ("" if p.score is None else f", score {p.score:.3g}"), p.rule.source]
+                for p in self.placements]
         rows += [[s.path or "<root>", s.kind, s.channels, f"{s.size[0]}x{s.size[1]}", s.stage, "skipped", why]
                  for s, why in self.skipped]
         rows += [[c.qualname, c.kind, "", "", "", "not a site", c.reason] for c in self.rejected]
@@ -81,7 +87,7 @@ class Plan:
         return {
             "rules": self.rules.name,
             "selected": [{**p.site.to_dict(), "attn": p.attn, "position": p.position, "gate": p.gate,
-                          "rule": p.rule.source} for p in self.placements],
+                          "rule": p.rule.source, "score": p.score} for p in self.placements],
             "skipped": [{**s.to_dict(), "reason": why} for s, why in self.skipped],
             "rejected": [{"qualname": c.qualname, "kind": c.kind, "reason": c.reason} for c in self.rejected],
             "notes": list(self.notes),
@@ -142,6 +148,45 @@ def _pick(rule: Rule, sites: list[Site]) -> tuple[list[Site], list[tuple[Site, s
     return sites, dropped
 
 
+def _by_score(rule: Rule, sites: list[Site], scores: SiteScores | None) -> tuple[list[Site], list[tuple[Site, str]]]:
+    """Apply ``select`` (the best-scored ``top``) or ``budget`` (the best-scored sites whose
+    costs fit the fraction of the model) to the sites left. Ties keep graph order."""
+    if not rule.by_score:
+        return sites, []
+    if scores is None:
+        raise RuleError(f"{rule.source}: select / budget choose sites by score; give scores "
+                        "(retrofit.score_sites(model, attn, data), CLI --score-data) or drop them")
+    scored = [(s, scores.get(s.qualname, rule.position)) for s in sites]
+    dropped = [(s, "no score: not a candidate when the sites were scored") for s, r in scored if r is None]
+    # Best first; a NaN score (a module with nothing to score) last.
+    ranked = sorted(((s, r) for s, r in scored if r is not None),
+                    key=lambda sr: (sr[1].score != sr[1].score, -sr[1].score if sr[1].score == sr[1].score else 0.0))
+    n = len(ranked)
+    kept: list[Site] = []
+    if rule.top is not None:
+        for rank, (s, r) in enumerate(ranked, 1):
+            if rank <= rule.top:
+                kept.append(s)
+            else:
+                dropped.append((s, f"score {r.score:.3g} ranks {rank} of {n}; select = {{ top = {rule.top} }}"))
+    else:
+        kind, fraction = rule.budget  # type: ignore[misc]
+        total = scores.model_params if kind == "params" else scores.model_flops
+        if not total:
+            raise RuleError(f"{rule.source}: budget.{kind} needs the model's {kind}, which the scores lack")
+        used = 0
+        for rank, (s, r) in enumerate(ranked, 1):
+            cost = r.params if kind == "params" else r.flops
+            if used + cost <= fraction * total:
+                used += cost
+                kept.append(s)
+            else:
+                dropped.append((s, f"score {r.score:.3g} ranks {rank} of {n}; its {cost:,} {kind} would bring the "
+                                   f"total to {100 * (used + cost) / total:.3g}% > budget {100 * fraction:g}%"))
+    order = {s.node: i for i, s in enumerate(sites)}
+    return sorted(kept, key=lambda s: order[s.node]), dropped
+
+
 def _glob_warnings(rule: Rule, sites: tuple[Site, ...]) -> list[str]:
     out = []
     paths = [s.path for s in sites]
@@ -193,6 +238,7 @@ def make_plan(
     attn_args: Mapping[str, Any] | None = None,
     strict: bool = False,
     on_existing: str | None = None,
+    scores: SiteScores | None = None,
 ) -> Plan:
     """Apply ``rules`` to the sites of ``analysis``. Reads only; changes nothing.
 
@@ -203,6 +249,8 @@ def make_plan(
         attn_args: constructor arguments that override the rules' ``args``.
         strict: a glob that matches no site is an error instead of a warning.
         on_existing: overrides every rule's ``on_existing`` (``"skip"`` or ``"stack"``).
+        scores: site scores (:func:`retrofit.score_sites`), for rules that select by score
+            (``select``, ``budget``); each placement then carries its site's score.
 
     Raises:
         RuleError: two rules select one site and the later says ``conflict = "error"``, or
@@ -234,9 +282,11 @@ def make_plan(
             else:
                 skipped.setdefault(site.node, (site, f"{why} ({rule.source})"))
         kept, dropped = _pick(rule, kept)
-        for site, why in dropped:
+        kept, by_score = _by_score(rule, kept, scores)
+        for site, why in dropped + by_score:
             skipped.setdefault(site.node, (site, f"{why} ({rule.source})"))
         for site in kept:
+            scored = scores.get(site.qualname, rule.position) if scores is not None else None
             placement = Placement(
                 site=site,
                 rule=rule,
@@ -244,6 +294,7 @@ def make_plan(
                 args=MappingProxyType({**rule.args, **(attn_args or {})}),
                 gate=gate or rule.gate,
                 position=rule.position,
+                score=None if scored is None else scored.score,
             )
             earlier = claimed.get(site.node)
             if earlier:

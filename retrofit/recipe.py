@@ -100,6 +100,7 @@ class Recipe:
     on_existing: str | None = None  # retrofit(on_existing=...)
     fuse: bool = True  # retrofit(fuse=...)
     keep_class: bool = False  # retrofit(keep_class=...)
+    scores: Mapping[str, Any] | None = None  # retrofit(scores=...) as plain data, for rules that select by score
 
     # ------------------------------------------------------------------ plain data
 
@@ -128,7 +129,7 @@ class Recipe:
             "base": (dict, type(None)), "rules": (dict, type(None)), "rules_name": (str,),
             "gate": (str, type(None)), "attn_args": (dict,), "input_size": (list, tuple, type(None)),
             "leaf_modules": (list, tuple), "strict": (bool,), "on_existing": (str, type(None)), "fuse": (bool,),
-            "keep_class": (bool,),
+            "keep_class": (bool,), "scores": (dict, type(None)),
         }
         values: dict[str, Any] = {}
         for name, value in d.items():
@@ -292,6 +293,7 @@ class Recipe:
             return model
         from .api import retrofit
         from .rulefile import parse_rules
+        from .scores import SiteScores
 
         result = retrofit(
             model,
@@ -304,6 +306,7 @@ class Recipe:
             on_existing=self.on_existing,
             fuse=self.fuse,
             keep_class=self.keep_class,
+            scores=None if self.scores is None else SiteScores.from_dict(self.scores),
             verify=verify,
             check_identity=verify,  # a rebuilt model gets its weights right after
         )
@@ -354,7 +357,7 @@ def recipe_of_result(model: nn.Module, rules_doc: Mapping[str, Any], rules_name:
     what timm says), then these rules and options. A model that is itself a retrofit
     result becomes the ``base`` of the new recipe."""
     given = get_recipe(model) or _named_by_timm(model)
-    opts = {**options, "rules": _plain(rules_doc), "rules_name": rules_name,
+    opts = {**options, "rules": _plain(rules_doc), "rules_name": rules_name, "scores": _plain(options.get("scores")),
             "attn_args": _plain(options.get("attn_args") or {}),
             "leaf_modules": tuple(leaf_name(m) for m in options.get("leaf_modules", ())),
             "input_size": tuple(options["input_size"])}

@@ -40,6 +40,8 @@ class SiteRow:
     position: str  # "branch" or "after"
     module: str  # qualified name of the new submodule
     params: int  # parameters the module added
+    stage: int = 0  # the site's 1-based stage (as rules number them)
+    qualname: str = ""  # the site's node ("layer3.2.add"): unique where a module holds two sites
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -52,6 +54,8 @@ class SiteRow:
             "position": self.position,
             "module": self.module,
             "params": self.params,
+            "stage": self.stage,
+            "qualname": self.qualname,
         }
 
 

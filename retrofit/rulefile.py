@@ -10,7 +10,7 @@ import difflib
 import inspect
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -50,7 +50,13 @@ _RULE_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
     "fallback": ((bool,), False),
     "conflict": ((str,), "error"),
     "on_existing": ((str,), "skip"),
+    "select": ((dict,), None),
+    "budget": ((dict,), None),
 }
+# Selection by score (retrofit.score_sites): `select = { top = 4 }` keeps the 4 best-scored
+# sites; `budget = { params = 0.02 }` (or `flops`) the best-scored sites within that
+# fraction of the model's parameters (FLOPs).
+BUDGETS: tuple[str, ...] = ("params", "flops")
 _POSITIVE = ("min_channels", "max_channels", "min_size", "max_size", "every", "first", "last")
 _FILE_KEYS = {"rule", "description"}
 
@@ -78,7 +84,14 @@ class Rule:
     fallback: bool = False  # applies only if no earlier rule selected a site
     conflict: str = "error"  # on a site an earlier rule selected: error, keep, replace or stack
     on_existing: str = "skip"  # where the model already has attention: skip, or stack another
+    top: int | None = None  # select = { top = k }: then keep the k sites with the best scores
+    budget: tuple[str, float] | None = None  # budget = { params = f }: best scores within f of the model
     source: str = "<rules>"  # where the rule came from: "file.toml, rule 2"
+
+    @property
+    def by_score(self) -> bool:
+        """The rule chooses among its sites by score (it needs :func:`retrofit.score_sites`)."""
+        return self.top is not None or self.budget is not None
 
 
 @dataclass(frozen=True)
@@ -89,6 +102,31 @@ class RuleSet:
     name: str = "<rules>"  # file path or built-in name
     description: str = ""  # one line, from the file's `description`
     doc: Mapping[str, Any] = field(default_factory=dict)  # the parsed TOML, to save and re-parse
+
+    def unlimited(self) -> RuleSet:
+        """The same rules without selection by score (``select``, ``budget``): every site their
+        selectors keep, the candidates :func:`retrofit.score_sites` scores."""
+        return replace(self, rules=tuple(replace(r, top=None, budget=None) for r in self.rules))
+
+    def selecting(self, top: int | None = None, budget: tuple[str, float] | None = None) -> RuleSet:
+        """The same rules, each choosing by score: ``select = { top = k }`` or ``budget =
+        { params | flops = f }`` in every rule (what the CLI's ``--budget`` does).
+
+        Raises:
+            RuleError: ``top`` below 1, an unknown budget kind, or a fraction outside (0, 1].
+        """
+        doc = dict(self.doc)
+        tables = []
+        for table in doc.get("rule", []):
+            t = {k: v for k, v in table.items() if k not in ("select", "budget")}
+            if top is not None:
+                t["select"] = {"top": top}
+            if budget is not None:
+                t["budget"] = {budget[0]: budget[1]}
+            tables.append(t)
+        doc["rule"] = tables
+        what = f"top = {top}" if top is not None else f"{budget[0]} = {budget[1]:g}" if budget else "nothing"
+        return parse_rules(doc, f"{self.name} (select {what})")
 
 
 def _type_name(types: tuple[type, ...]) -> str:
@@ -148,6 +186,8 @@ def _parse_rule(table: Mapping[str, Any], where: str) -> Rule:
     for key in ("include", "exclude"):
         if not all(isinstance(g, str) for g in values[key]):
             raise RuleError(f"{where}: {key!r} must be an array of strings (globs), got {values[key]!r}")
+    top = _select(values["select"], where)
+    budget = _budget(values["budget"], where)
     return Rule(
         at=at,
         attn=values["attn"],
@@ -168,8 +208,34 @@ def _parse_rule(table: Mapping[str, Any], where: str) -> Rule:
         fallback=values["fallback"],
         conflict=values["conflict"],
         on_existing=values["on_existing"],
+        top=top,
+        budget=budget,
         source=where,
     )
+
+
+def _select(select: Mapping[str, Any] | None, where: str) -> int | None:
+    if select is None:
+        return None
+    if set(select) != {"top"}:
+        raise RuleError(f"{where}: select must be {{ top = K }} (the K best-scored sites), got {dict(select)!r}")
+    top = select["top"]
+    if not isinstance(top, int) or isinstance(top, bool) or top < 1:
+        raise RuleError(f"{where}: select.top must be an integer of at least 1, got {top!r}")
+    return top
+
+
+def _budget(budget: Mapping[str, Any] | None, where: str) -> tuple[str, float] | None:
+    if budget is None:
+        return None
+    if len(budget) != 1 or next(iter(budget)) not in BUDGETS:
+        raise RuleError(f"{where}: budget must be one of {{ params = F }} or {{ flops = F }} (a fraction of the "
+                        f"model's), got {dict(budget)!r}")
+    kind, value = next(iter(budget.items()))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise RuleError(f"{where}: budget.{kind} is a fraction of the model's {kind} in (0, 1] "
+                        f"(0.02 for 2%), got {value!r}")
+    return kind, float(value)
 
 
 _RESERVED_ARGS = ("channels", "gate", "device", "dtype")

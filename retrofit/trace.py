@@ -27,7 +27,7 @@ from torch import nn
 from .errors import TraceError, first_line
 from .meta import META_ATTR
 
-__all__ = ["RetrofitTracer", "RetrofitGraphModule", "trace", "LeafSpec"]
+__all__ = ["RetrofitTracer", "RetrofitGraphModule", "TracedSequential", "trace", "LeafSpec"]
 
 # A leaf module given by the caller: a class, a class name, or a module path ("layer3.1").
 LeafSpec = type[nn.Module] | str
@@ -167,6 +167,14 @@ class RetrofitGraphModule(torch.fx.GraphModule):
             ) from None
 
 
+class TracedSequential(nn.Sequential):
+    """An ``nn.Sequential`` of a traced model's GraphModule: it indexes, slices and iterates as
+    the original did, but is never called (the graph calls its layers), so it has no forward
+    of its own (which would make TorchScript compile a call of every child)."""
+
+    forward = nn.Module.forward
+
+
 def _restore_containers(model: nn.Module, gm: torch.fx.GraphModule) -> None:
     """Give ``gm``'s containers the classes they have in ``model`` (torch.fx rebuilds them as
     plain Modules), in the model's child order, so ``gm.layer4[-1]`` indexes as the model
@@ -184,7 +192,7 @@ def _restore_containers(model: nn.Module, gm: torch.fx.GraphModule) -> None:
         ordered.update((k, v) for k, v in mine._modules.items() if k not in ordered)
         mine._modules.clear()
         mine._modules.update(ordered)
-        mine.__class__ = type(orig)
+        mine.__class__ = TracedSequential if type(orig) is nn.Sequential else type(orig)
 
 
 def _failure_frame(e: BaseException) -> traceback.FrameSummary | None:

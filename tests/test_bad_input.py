@@ -104,11 +104,11 @@ def test_interrupted_rewrite_leaves_the_model_alone(monkeypatch: pytest.MonkeyPa
     model = build("resnet18")
     snap = _snapshot(model)
 
-    def interrupted(gm, placements, **kwargs):
+    def interrupted(gm, placements, *args, **kwargs):
         gm.add_submodule("layer1.0.partial", nn.Identity())  # partway through
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("retrofit.api.insert_attention", interrupted)
+    monkeypatch.setattr("retrofit.rewrite.insert_attention", interrupted)
     with pytest.raises(KeyboardInterrupt):
         retrofit.retrofit(model, "se", input_size=64)
     assert _unchanged(model, snap)

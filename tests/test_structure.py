@@ -104,7 +104,8 @@ def test_a_kept_class_model_can_be_retrofitted_again() -> None:
 def test_graph_module_keeps_containers_and_names_itself() -> None:
     gm = retrofit.retrofit(cached("resnet18"), "se", input_size=64)
     assert isinstance(gm, torch.fx.GraphModule)
-    assert type(gm.layer4) is nn.Sequential and gm.layer4[-1] is gm.layer4[1] and len(gm.layer4) == 2
+    assert isinstance(gm.layer4, nn.Sequential) and gm.layer4[-1] is gm.layer4[1] and len(gm.layer4) == 2
+    assert [type(m).__name__ for m in gm.layer4] == ["Module", "Module"]  # blocks are the graph's containers
     with pytest.raises(AttributeError, match=r"'ResNet' object has no attribute 'get_classifier': it is the "
                                              r"torch.fx.GraphModule made by tracing timm.models.resnet.ResNet.*"
                                              r"keep_class=True\) \(CLI: --keep-class\) keeps the model's class"):

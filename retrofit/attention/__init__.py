@@ -1,6 +1,6 @@
 """Attention modules, one paper per file, all registered by short name."""
 
-from ._gate import GATES, gate_methods
+from ._gate import GATES, gate_methods, zero_init_params
 from ._identity import identity_error
 from ._reduction import check_reduction_args
 from ._registry import create_attention, get_attention, is_registered, list_attention, register_attention
@@ -17,6 +17,7 @@ from .simam import SimAM
 
 __all__ = [
     "GATES",
+    "zero_init_params",
     "gate_methods",
     "register_attention",
     "get_attention",

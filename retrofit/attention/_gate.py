@@ -17,14 +17,19 @@ fuses the last product into a residual add (:mod:`retrofit.fuse`) and gate inspe
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor, nn
 
 from ..errors import AttentionError
 
-__all__ = ["GATES", "check_gate", "apply_gate", "zero_init_", "gate_methods"]
+__all__ = ["GATES", "check_gate", "apply_gate", "zero_init_", "zero_init_params", "gate_methods"]
 
 GATES: tuple[str, ...] = ("identity", "sigmoid")
+# The parameters zero_init_ zeroed (what makes a module's gate logit, or its added branch),
+# by id: tensors compare element-wise, so they cannot be set members themselves.
+_ZEROED: weakref.WeakValueDictionary[int, nn.Parameter] = weakref.WeakValueDictionary()
 
 
 def check_gate(gate: str) -> str:
@@ -41,13 +46,25 @@ def apply_gate(z: Tensor, gate: str) -> Tensor:
     return torch.sigmoid(z)
 
 
-def zero_init_(*layers: nn.Module) -> None:
-    """Zero each layer's weight and bias: the last layer of a gate or an added branch,
-    so the module starts as an exact identity."""
+def zero_init_(*layers: nn.Module | nn.Parameter) -> None:
+    """Zero each layer's weight and bias (or a parameter itself): the last layer of a gate
+    or an added branch, so the module starts as an exact identity.
+
+    The zeroed parameters are remembered (:func:`zero_init_params`): their gradient at
+    identity is what :func:`retrofit.score_sites` measures.
+    """
     for layer in layers:
-        nn.init.zeros_(layer.weight)
-        if getattr(layer, "bias", None) is not None:
-            nn.init.zeros_(layer.bias)
+        params = [layer] if isinstance(layer, nn.Parameter) else \
+            [p for p in (layer.weight, getattr(layer, "bias", None)) if p is not None]
+        for p in params:
+            nn.init.zeros_(p)
+            _ZEROED[id(p)] = p
+
+
+def zero_init_params(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``module`` that :func:`zero_init_` zeroed when it was built, in
+    ``parameters()`` order (empty for a module that was not started at identity that way)."""
+    return [p for p in module.parameters() if _ZEROED.get(id(p)) is p]
 
 
 def gate_methods(module: nn.Module) -> tuple[str, ...] | None:

@@ -126,7 +126,10 @@ class GatherExcite(nn.Module):
             if isinstance(m, nn.Conv2d):
                 m.reset_parameters()
         if self.alpha is not None:
-            nn.init.constant_(self.alpha, 0.0 if self.gate == "identity" else 1.0)
+            if self.gate == "identity":
+                zero_init_(self.alpha)
+            else:
+                nn.init.constant_(self.alpha, 1.0)
         last = self._last()
         if last is not None and self.gate == "identity":
             zero_init_(last)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._gate import check_gate
+from ._gate import check_gate, zero_init_
 from ._registry import register_attention
 
 __all__ = ["SimAM"]
@@ -55,7 +55,10 @@ class SimAM(nn.Module):
 
     def reset_parameters(self) -> None:
         """``alpha = 0`` with the identity gate, 1 (the paper's gate) with the sigmoid one."""
-        nn.init.constant_(self.alpha, 0.0 if self.gate == "identity" else 1.0)
+        if self.gate == "identity":
+            zero_init_(self.alpha)
+        else:
+            nn.init.constant_(self.alpha, 1.0)
 
     def energy(self, x: Tensor) -> Tensor:
         """The inverse energy ``e`` of every activation, shape ``(N, C, H, W)``."""
