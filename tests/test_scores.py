@@ -196,3 +196,32 @@ def test_cli_scores_and_budget() -> None:
                                                            "(or 'digits' / 'fashion-mnist')")
     r = _cli("resnet18", "--budget", "params=200%")
     assert r.returncode == 2 and "'params=200%' is not a budget" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_placement_experiment_pipeline(tmp_path: Path) -> None:
+    """examples/placement.py end to end on a tiny IDX set: bases trained when the
+    Fashion-MNIST run has none, scores, every contender, the report."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from .test_fashion_mnist import make_fashion
+
+    root = make_fashion(tmp_path / "fm", n_train=300, n_test=100)
+    cmd = [sys.executable, "examples/placement.py", "--data-root", str(root), "--out", str(tmp_path / "out"),
+           "--base-dir", str(tmp_path / "none"), "--work", str(tmp_path / "work"), "--seeds", "0", "--k", "2",
+           "--score-batches", "2", "--val-size", "50", "--base-epochs", "1", "--epochs", "1", "--threads", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["complete"] and res["units"] == {"done": 1 + 5 + 8, "total": 14}
+    seed = res["seeds"]["0"]
+    assert len(seed["scores"]) == 8 and len(seed["single_site"]) == 8
+    runs = seed["runs"]
+    assert runs["none"]["sites"] == [] and len(runs["all"]["sites"]) == 8
+    top = [row["path"] for row in sorted(seed["scores"], key=lambda row: -row["score"])[:2]]
+    assert sorted(runs["top"]["sites"]) == sorted(top) and len(runs["random"]["sites"]) == 2
+    assert (tmp_path / "out" / "score_vs_gain.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| top |" in (tmp_path / "out" / "results.md").read_text()
