@@ -161,6 +161,23 @@ class Units:
     def all(self) -> dict[str, dict[str, Any]]:
         return {r["key"]: r for r in (json.loads(p.read_text()) for p in sorted(self.dir.glob("*.json")))}
 
+    def run(self, key: str, make: Any, report: Any) -> dict[str, Any]:
+        """The unit ``key``: read if it exists, else ``make()`` it (timed), store it, and
+        ``report()`` on the units so far."""
+        got = self.get(key)
+        if got is not None:
+            return got
+        print(f"[{time.strftime('%H:%M:%S')}] {key} ...", flush=True)
+        t0 = time.perf_counter()
+        record = make()
+        record["seconds"] = round(time.perf_counter() - t0, 1)
+        self.put(key, record)
+        msg = {k: record[k] for k in ("test_acc", "val_acc", "acc_at_insertion") if record.get(k) is not None}
+        print(f"    done in {record['seconds']:.0f}s: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in msg.items()),
+              flush=True)
+        report()
+        return record
+
 
 # --------------------------------------------------------------------------- training
 
@@ -331,19 +348,7 @@ class Runner:
         return self._data[kind]
 
     def unit(self, key: str, make: Any) -> dict[str, Any]:
-        got = self.units.get(key)
-        if got is not None:
-            return got
-        print(f"[{time.strftime('%H:%M:%S')}] {key} ...", flush=True)
-        t0 = time.perf_counter()
-        record = make()
-        record["seconds"] = round(time.perf_counter() - t0, 1)
-        self.units.put(key, record)
-        msg = {k: record[k] for k in ("test_acc", "val_acc", "acc_at_insertion") if record.get(k) is not None}
-        print(f"    done in {record['seconds']:.0f}s: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in msg.items()),
-              flush=True)
-        write_report(self.out, self.s, self.units.all(), self.command)
-        return record
+        return self.units.run(key, make, lambda: write_report(self.out, self.s, self.units.all(), self.command))
 
     def base(self, seed: int) -> nn.Module:
         """The pretrained residual CNN of one seed: trained once, its weights kept in --work."""

@@ -30,7 +30,6 @@ import json
 import random
 import statistics
 import sys
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -108,16 +107,8 @@ class Runner:
         self.data = fm.limited(fm.fashion_mnist_datasets(data_root, val_size=s.train.val_size), s.train.train_limit)
 
     def unit(self, key: str, make: Any) -> dict[str, Any]:
-        got = self.units.get(key)
-        if got is not None:
-            return got
-        print(f"[{time.strftime('%H:%M:%S')}] {key} ...", flush=True)
-        t0 = time.perf_counter()
-        record = make()
-        record["seconds"] = round(time.perf_counter() - t0, 1)
-        self.units.put(key, record)
-        write_report(self.out, self.s, self.units.all(), self.command, len(self.data.test))
-        return record
+        return self.units.run(key, make, lambda: write_report(self.out, self.s, self.units.all(), self.command,
+                                                              len(self.data.test)))
 
     def base(self, seed: int) -> tuple[nn.Module, dict[str, str]]:
         """The Fashion-MNIST experiment's pretrained base of this seed, else one trained here the
