@@ -486,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
                         "where the constructor takes it)")
     p.add_argument("--big", type=float, default=300e6, help="parameters above which a model runs alone, batch 1")
     p.add_argument("--out", default="docs/zoo", help="folder for results.csv, structure.csv and summary.md")
+    p.add_argument("--cnn-only", action="store_true",
+                   help="check only the CNN population (residual adds or conv blocks with a norm, activation or pool)")
     p.add_argument("--keep-class", action="store_true",
                    help="check retrofit(..., keep_class=True): units rewritten in place, each with its own class")
     p.add_argument("--resume", action="store_true", help="keep the rows already written; sweep the rest")
@@ -565,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
             # alone at the end (memory).
             groups = [(g, big, workers, 1 if big else b2) for big, workers in ((False, args.workers), (True, 1))
                       for g, b2 in ((cnn, 2), (bare, 1))]
+            if args.cnn_only:
+                groups = [g for g in groups if g[0] is cnn]
             for group, big, workers, batch in groups:
                 chosen = [r for r in group if (int(r["params"]) > args.big) == big]
                 base = {(r["source"], r["model"]): r for r in chosen}
