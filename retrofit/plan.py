@@ -187,6 +187,23 @@ def _by_score(rule: Rule, sites: list[Site], scores: SiteScores | None) -> tuple
     return sorted(kept, key=lambda s: order[s.node]), dropped
 
 
+def _collapsed_stages(rules: RuleSet, analysis: SiteAnalysis) -> list[str]:
+    """Stages are told apart by map size; at an input so small that sites of different widths
+    all see 1x1 maps, several stages count as one and ``stages`` / ``blocks`` select other
+    sites than at the model's usual size. Said once, for the rules that use them."""
+    users = [r for r in rules.rules if r.stages is not None or r.blocks is not None]
+    out = []
+    for kind in sorted({r.at for r in users}):
+        tiny = [s for s in analysis.of_kind(kind) if s.size == (1, 1)]
+        widths = sorted({s.channels for s in tiny})
+        if len(widths) > 1:
+            out.append(f"{len(tiny)} {kind} sites of {len(widths)} widths ({', '.join(map(str, widths))} channels) "
+                       f"all see 1x1 maps at this input size, so they count as one stage: {users[0].source} selects "
+                       "by stages/blocks, which then name other sites than at the model's usual size; use a "
+                       "larger input_size")
+    return out
+
+
 def _glob_warnings(rule: Rule, sites: tuple[Site, ...]) -> list[str]:
     out = []
     paths = [s.path for s in sites]
@@ -310,6 +327,7 @@ def make_plan(
                     earlier.clear()
             claimed.setdefault(site.node, []).append(placement)
             skipped.pop(site.node, None)
+    warns += _collapsed_stages(rules, analysis)
     for kind in sorted({s.kind for s in analysis.sites} - {r.at for r in rules.rules}):
         notes.append(f"{len(analysis.of_kind(kind))} {kind} sites: no rule targets {kind} sites")
     if strict and warns:

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import inspect
 import math
+import os
 import re
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -32,7 +33,9 @@ __all__ = ["RetrofitTracer", "RetrofitGraphModule", "TracedSequential", "trace",
 # A leaf module given by the caller: a class, a class name, or a module path ("layer3.1").
 LeafSpec = type[nn.Module] | str
 
-_TORCH_DIR = str(Path(torch.__file__).parent)
+# With the separator: torchvision's folder starts with torch's name too, and its frames are
+# the model's code.
+_TORCH_DIR = str(Path(torch.__file__).parent) + os.sep
 ORIGINAL_CLASS_KEY = "retrofit_original_class"  # GraphModule.meta: the class the model was built with
 _COUNTER_SUFFIX = re.compile(r"_\d+$")
 
@@ -291,8 +294,9 @@ def _trace_graph(model: nn.Module, leaves: tuple[LeafSpec, ...], concrete: dict[
             hint = (f"keep that module opaque with leaf_modules=[{cls!r}] (CLI: --leaf-module {cls}); no attention "
                     "is inserted inside it")
         else:  # the traced module's own forward: it cannot be its own leaf
-            hint = (f"retrofit then traces the submodules of {cls} instead; a site written in {cls}.forward itself "
-                    "is reachable only if that code moves into a submodule or stops branching on tensor values")
+            hint = (f"the model's own forward cannot be a leaf, so retrofit traces the submodules of {cls} instead; a "
+                    f"site written in {cls}.forward itself is reachable only if that code moves into a submodule or "
+                    "stops branching on tensor values")
         error.args = (f"{error.where}. torch.fx cannot follow data-dependent Python control flow; {hint}",)
         raise error from e
     # torch.fx names a fixed input's placeholder `mask_1`; give the generated forward the

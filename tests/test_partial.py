@@ -136,8 +136,13 @@ def test_nothing_traceable_raises_the_whole_model_error() -> None:
             y = self.conv(x)
             return y if y.mean() > 0 else -y
 
-    with pytest.raises(TraceError, match=r"cannot trace Hopeless: the top-level forward of Hopeless"):
+    with pytest.raises(TraceError, match=r"cannot trace Hopeless: the top-level forward of Hopeless") as info:
         retrofit.retrofit(Hopeless(), "se", input_size=16)
+    # Not "make it a leaf module": following that advice gave the same error.
+    assert "leaf_modules=" not in str(info.value) and "--leaf-module" not in str(info.value)
+    assert "a site written in Hopeless.forward itself is reachable only if that code moves into a submodule" \
+        in str(info.value)
+    assert info.value.code == "return y if y.mean() > 0 else -y" and info.value.module == ""
 
 
 def test_untraceable_model_without_convolutions_has_no_sites() -> None:

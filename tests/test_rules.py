@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -301,3 +302,16 @@ def test_registered_attention_without_rule_file_gets_default_placement() -> None
         assert len(report.rows) == 8 and report.max_abs_diff == 0.0
     finally:
         _ATTENTION.pop("test_plain_gate", None)
+
+
+def test_an_input_too_small_to_tell_stages_apart_is_said(tmp_path: Path) -> None:
+    path = write(tmp_path, '[[rule]]\nat = "residual-add"\nattn = "se"\nstages = [-2, -1]\n')
+    with pytest.warns(UserWarning, match=r"6 residual-add sites of 3 widths \(128, 256, 512 channels\) all see 1x1 "
+                                         r"maps at this input size, so they count as one stage: .*rule 1 selects by "
+                                         r"stages/blocks.*use a larger input_size"):
+        small = retrofit.plan(cached("resnet18"), rules=path, input_size=8)
+    assert len(small.placements) == 8 and small.warnings  # stages -2 and -1 are now 2x2 and "1x1"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        usual = retrofit.plan(cached("resnet18"), rules=path, input_size=64)
+    assert [p.site.path for p in usual.placements] == ["layer3.0", "layer3.1", "layer4.0", "layer4.1"]

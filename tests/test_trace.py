@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from pathlib import Path
 
 import pytest
 import timm
@@ -171,3 +172,14 @@ def test_timm_vit_traces_as_a_whole() -> None:
     assert [r.path for r in report.rows] == ["patch_embed.proj"]
     x = torch.randn(1, 3, 160, 160)
     assert torch.equal(gm(x), model(x))
+
+
+def test_a_trace_error_names_the_models_own_line_even_in_torchvision() -> None:
+    # torchvision's folder name starts with torch's: its frames are the model's code, not torch's.
+    model = retrofit.create_model("torchvision:fasterrcnn_mobilenet_v3_large_320_fpn", num_classes=3).eval()
+    with pytest.raises(TraceError) as info:
+        trace(model)
+    e = info.value
+    assert Path(e.file).name == "generalized_rcnn.py" and e.code == "for img in images:" and e.line
+    assert (e.model, e.module, e.module_class) == ("FasterRCNN", "", "FasterRCNN")
+    assert e.where.startswith("cannot trace FasterRCNN: the top-level forward of FasterRCNN at ")
