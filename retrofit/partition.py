@@ -229,14 +229,10 @@ def _key(site: Site, prefix: str) -> tuple[str, str, int, tuple[int, int]]:
     return site.kind, _join(prefix, site.qualname), site.channels, site.size
 
 
-def _calls_of(path: str, calls: dict[str, list[Call]]) -> Call | str:
-    """The one recorded call of a module, or why it cannot be traced alone."""
+def _one_call(path: str, calls: dict[str, list[Call]]) -> Call | None:
+    """The inputs a module was called with, if it was called, and always with the same ones."""
     recorded = calls.get(path, [])
-    if not recorded:
-        return "not called on the probe input"
-    if any(c != recorded[0] for c in recorded[1:]):
-        return f"called {len(recorded)} times with different inputs; its children are tried"
-    return recorded[0]
+    return recorded[0] if recorded and all(c == recorded[0] for c in recorded[1:]) else None
 
 
 def _trace_unit(model: nn.Module, path: str, call: Call, leaf_modules: Sequence[LeafSpec]) -> Unit:
@@ -264,21 +260,21 @@ def _largest_units(model: nn.Module, calls: dict[str, list[Call]], leaf_modules:
             if not type(mod).__module__.startswith("torch.nn") and holds_conv(mod):
                 left.append((path, f"leaf module ({type(mod).__name__}); not traced into"))
             return
+        recorded = calls.get(path, [])
         if not path:
             left.append(("", root_reason))
+        elif not recorded:
+            if holds_conv(mod):
+                left.append((path, "not called on the probe input"))
+            return
+        elif (call := _one_call(path, calls)) is None:
+            left.append((path, f"called {len(recorded)} times with different inputs; its children are tried"))
         else:
-            call = _calls_of(path, calls)
-            if isinstance(call, str):
-                if call.startswith("called") or holds_conv(mod):
-                    left.append((path, call))
-                if not call.startswith("called"):
-                    return
-            else:
-                try:
-                    units.append(_trace_unit(model, path, call, leaf_modules))
-                    return
-                except TraceError as e:
-                    left.append((path, first_line(e)))
+            try:
+                units.append(_trace_unit(model, path, call, leaf_modules))
+                return
+            except TraceError as e:
+                left.append((path, first_line(e)))
         for name, child in mod.named_children():
             visit(child, _join(path, name))
 
@@ -319,9 +315,9 @@ def _refine(model: nn.Module, coarse: Unit, sites: Sequence[Site], calls: dict[s
                     out_of_reach.update(n for n, b in live.items() if b == "")
                 continue
             if a not in tried:
-                call = _calls_of(a, calls)
+                call = _one_call(a, calls)
                 try:
-                    tried[a] = None if isinstance(call, str) else _trace_unit(model, a, call, leaf_modules)
+                    tried[a] = None if call is None else _trace_unit(model, a, call, leaf_modules)
                 except TraceError:
                     tried[a] = None
             unit = tried[a]
