@@ -171,6 +171,7 @@ class Units:
         t0 = time.perf_counter()
         record = make()
         record["seconds"] = round(time.perf_counter() - t0, 1)
+        record["threads"] = torch.get_num_threads()
         self.put(key, record)
         msg = {k: record[k] for k in ("test_acc", "val_acc", "acc_at_insertion") if record.get(k) is not None}
         print(f"    done in {record['seconds']:.0f}s: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in msg.items()),
@@ -715,14 +716,28 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(s.threads)
     out = Path(args.out or ("docs/fashion-mnist/quick" if args.quick else "docs/fashion-mnist"))
     work = Path(args.work or ("runs/fashion-mnist-quick" if args.quick else "runs/fashion-mnist"))
-    command = "python examples/fashion_mnist.py " + " ".join(a for a in argv if a != "--resume")
+    # The command that continues the whole run: --only and --threads split one run over
+    # processes (the units are the same), so they are not part of it.
+    kept, skip = [], False
+    for a in argv:
+        if skip or a == "--resume":
+            skip = False
+            continue
+        if a in ("--only", "--threads"):
+            skip = True
+            continue
+        kept.append(a)
+    command = "python examples/fashion_mnist.py " + " ".join(kept)
     units = Units(out)
     if units.all() and not args.resume:
         print(f"fashion_mnist: error: {out}/units holds results of an earlier run; pass --resume to continue it, "
               "or choose another --out", file=sys.stderr)
         return 2
     saved = out / "settings.json"
-    mine = json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in s.__dict__.items()}, sort_keys=True)
+    # The thread count changes only the order of float sums, not what is run: each unit
+    # records its own, and processes with different counts may share one run.
+    mine = json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in s.__dict__.items() if k != "threads"},
+                      sort_keys=True)
     if saved.is_file() and saved.read_text() != mine:
         print(f"fashion_mnist: error: {saved} was written with other settings; resume with the same options, "
               "or choose another --out", file=sys.stderr)
