@@ -40,6 +40,7 @@ import copy
 import gzip
 import itertools
 import json
+import os
 import re
 import statistics
 import sys
@@ -161,23 +162,61 @@ class Units:
     def all(self) -> dict[str, dict[str, Any]]:
         return {r["key"]: r for r in (json.loads(p.read_text()) for p in sorted(self.dir.glob("*.json")))}
 
-    def run(self, key: str, make: Any, report: Any) -> dict[str, Any]:
+    def claim(self, key: str) -> bool:
+        """Take ``key`` for this process; False while another live process holds it. Claims
+        let several processes share one run (each takes the next unit nobody holds)."""
+        path = self.path(key).with_suffix(".claim")
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text())
+            except (OSError, ValueError):
+                return False  # being written by its owner
+            if _alive(pid):
+                return False
+            path.unlink(missing_ok=True)  # left by a process that was stopped
+            return self.claim(key)
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+
+    def run(self, key: str, make: Any, report: Any, wait: bool = True) -> dict[str, Any] | None:
         """The unit ``key``: read if it exists, else ``make()`` it (timed), store it, and
-        ``report()`` on the units so far."""
-        got = self.get(key)
-        if got is not None:
-            return got
-        print(f"[{time.strftime('%H:%M:%S')}] {key} ...", flush=True)
-        t0 = time.perf_counter()
-        record = make()
-        record["seconds"] = round(time.perf_counter() - t0, 1)
-        record["threads"] = torch.get_num_threads()
-        self.put(key, record)
+        ``report()`` on the units so far. While another process makes it: None, or with
+        ``wait`` its record once that process has stored it."""
+        while not self.claim(key):
+            got = self.get(key)
+            if got is not None or not wait:
+                return got
+            time.sleep(15)
+        try:
+            got = self.get(key)
+            if got is not None:
+                return got
+            print(f"[{time.strftime('%H:%M:%S')}] {key} ...", flush=True)
+            t0 = time.perf_counter()
+            record = make()
+            record["seconds"] = round(time.perf_counter() - t0, 1)
+            record["threads"] = torch.get_num_threads()
+            self.put(key, record)
+        finally:
+            self.path(key).with_suffix(".claim").unlink(missing_ok=True)
         msg = {k: record[k] for k in ("test_acc", "val_acc", "acc_at_insertion") if record.get(k) is not None}
         print(f"    done in {record['seconds']:.0f}s: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in msg.items()),
               flush=True)
         report()
         return record
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # --------------------------------------------------------------------------- training
@@ -348,8 +387,9 @@ class Runner:
             self._data[kind] = limited(d, s.train_limit if kind != "low" else None)
         return self._data[kind]
 
-    def unit(self, key: str, make: Any) -> dict[str, Any]:
-        return self.units.run(key, make, lambda: write_report(self.out, self.s, self.units.all(), self.command))
+    def unit(self, key: str, make: Any, wait: bool = True) -> dict[str, Any] | None:
+        return self.units.run(key, make, lambda: write_report(self.out, self.s, self.units.all(), self.command),
+                              wait=wait)
 
     def base(self, seed: int) -> nn.Module:
         """The pretrained residual CNN of one seed: trained once, its weights kept in --work."""
@@ -373,30 +413,35 @@ class Runner:
 
     def run(self, parts: tuple[str, ...]) -> None:
         s = self.s
+        # Units another process holds are skipped (wait=False); a unit that later ones need
+        # (a base, the first seed's selection runs) is waited for.
         if "lab" in parts:
             for seed in s.seeds:
                 for row in LAB_ROWS:
-                    self.unit(f"lab/{row}/seed{seed}", lambda row=row, seed=seed: lab_unit(row, seed, s, self.data("lab")))
+                    self.unit(f"lab/{row}/seed{seed}", lambda row=row, seed=seed: lab_unit(row, seed, s, self.data("lab")),
+                              wait=False)
         if "retrofit" not in parts:
             return
         rows = contenders(s)
         first = s.seeds[0]
         for seed in s.seeds:
             base = self.base(seed)
-            for row in rows:
-                grids = [(1.0, 0)] if row[1] is None else (s.grid() if seed == first else [chosen(self.units, row[0], s)])
-                for g in grids:
-                    key = unit_key("full", row[0], g if row[1] else None, seed)
-                    self.unit(key, lambda row=row, g=g, seed=seed: retrofit_unit(
-                        row, seed, g, s.epochs, s, self.data("full"), base,
-                        record_gate_values=seed == first and row[0] in GATE_PLOT_ROWS))
+            for wait in ((False, True) if seed == first else (False,)):
+                for row in rows:
+                    grids = [(1.0, 0)] if row[1] is None else (s.grid() if seed == first else
+                                                               [chosen(self.units, row[0], s)])
+                    for g in grids:
+                        key = unit_key("full", row[0], g if row[1] else None, seed)
+                        self.unit(key, lambda row=row, g=g, seed=seed: retrofit_unit(
+                            row, seed, g, s.epochs, s, self.data("full"), base,
+                            record_gate_values=seed == first and row[0] in GATE_PLOT_ROWS), wait=wait)
         for seed in s.seeds:
             base = self.base(seed)
             for row in rows:
                 g = (1.0, 0) if row[1] is None else chosen(self.units, row[0], s)
                 self.unit(unit_key("low", row[0], g if row[1] else None, seed),
                           lambda row=row, g=g, seed=seed: retrofit_unit(row, seed, g, s.low_epochs, s, self.data("low"),
-                                                                        base, record_gate_values=False))
+                                                                        base, record_gate_values=False), wait=False)
 
 
 def unit_key(regime: str, row: str, grid: tuple[float, int] | None, seed: int) -> str:

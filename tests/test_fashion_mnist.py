@@ -4,6 +4,7 @@ pipeline on a tiny IDX set the test writes itself (CI has no Debian package)."""
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import os
 import subprocess
@@ -164,3 +165,43 @@ def test_experiment_pipeline(tmp_path: Path) -> None:
     assert r.returncode == 2 and "pass --resume" in r.stderr
     r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert r.returncode == 0 and " ..." not in r.stdout
+
+
+def test_processes_share_one_run(tmp_path: Path) -> None:
+    """`--only lab` beside two `--only retrofit` processes on one --out: every unit runs
+    exactly once (claims), the one waiting for the first seed's selection still finishes,
+    and the report names the one command that continues the whole run."""
+    root = make_fashion(tmp_path / "fm", n_train=300, n_test=100)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "examples/fashion_mnist.py", "--data-root", str(root), "--out", str(out),
+           "--work", str(tmp_path / "work"), "--seeds", "0", "1", "--val-size", "50", "--lab-epochs", "1",
+           "--base-epochs", "1", "--epochs", "1", "--low-epochs", "1", "--attn", "se", "--sigmoid-attn",
+           "--grid-lr", "10", "1", "--grid-warmup", "0", "--resume", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd + ["--only", part], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=ROOT, env=env) for part in ("lab", "retrofit", "retrofit")]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [e[-2000:] for _, e in outputs]
+    started = [line.split("] ")[1].removesuffix(" ...") for o, _ in outputs for line in o.splitlines()
+               if line.startswith("[") and line.endswith(" ...")]
+    units = sorted(p.stem for p in (out / "units").glob("*.json"))
+    assert sorted(k.replace("/", "__") for k in started) == units and len(units) == 2 * 4 + 2 + 3 + 2 + 2 * 2  # lab, bases, full seed 0 (2-config grid), seed 1, low
+    assert not list((out / "units").glob("*.claim"))
+    res = json.loads((out / "results.json").read_text())
+    assert res["complete"]
+    md = (out / "results.md").read_text()
+    assert "--only" not in md and "--threads" not in md
+
+
+def test_a_claim_left_by_a_stopped_process_is_taken_over(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("fashion_mnist", ROOT / "examples" / "fashion_mnist.py")
+    fm = importlib.util.module_from_spec(spec)
+    sys.modules["fashion_mnist"] = fm  # its dataclasses look their module up while it runs
+    spec.loader.exec_module(fm)
+    units = fm.Units(tmp_path)
+    claim = units.path("lab/se/seed0").with_suffix(".claim")
+    claim.write_text(str(os.getppid()))  # a live process holds it
+    assert units.run("lab/se/seed0", lambda: {"x": 1}, lambda: None, wait=False) is None
+    claim.write_text(str(2**22 + 1))  # above Linux's pid limit: no such process
+    assert units.run("lab/se/seed0", lambda: {"x": 1}, lambda: None, wait=False)["x"] == 1
+    assert not claim.exists() and units.get("lab/se/seed0")["x"] == 1
