@@ -147,7 +147,7 @@ def _memory_bytes() -> int:
 
 
 def real_check(source: str, name: str, size: int, batch: int = 2, shrink: bool = False,
-               frozen: bool = False, keep_class: bool = False) -> dict[str, Any]:
+               frozen: bool = False, keep_class: bool = False, attns: tuple[str, ...] = ATTNS) -> dict[str, Any]:
     """Pass 2: retrofit se, eca and cbam into the real model and check each result.
 
     ``shrink``: a timm model made for a fixed input size is built with ``img_size=size``
@@ -212,7 +212,7 @@ def real_check(source: str, name: str, size: int, batch: int = 2, shrink: bool =
     scale = max(w.double().abs().max().item() for w in want)
     before = _fingerprint(model)
     flags = [m.training for m in model.modules()]
-    for attn in ATTNS:
+    for attn in attns:
         t0 = time.perf_counter()
         # Stack on attention the model already has, so every site exercises the rewrite.
         gm = retrofit.retrofit(model, attn, input_size=in_size, verify=False, on_existing="stack",
@@ -254,7 +254,7 @@ def real_check(source: str, name: str, size: int, batch: int = 2, shrink: bool =
         raise AssertionError("the original model's tensors changed")
     if flags != [m.training for m in model.modules()]:
         raise AssertionError("the original model's train/eval flags changed")
-    row["status"] = "ok" if any(row[f"{a}_sites"] for a in ATTNS) else "nothing selected"
+    row["status"] = "ok" if any(row[f"{a}_sites"] for a in attns) else "nothing selected"
     return row
 
 
@@ -277,10 +277,10 @@ def _worker(conn: Any) -> None:
         job = conn.recv()
         if job is None:
             return
-        kind, source, name, size, batch, shrink, frozen, keep_class = job
+        kind, source, name, size, batch, shrink, frozen, keep_class, attns = job
         try:
             conn.send(structure(source, name) if kind == "structure"
-                      else real_check(source, name, size, batch, shrink, frozen, keep_class))
+                      else real_check(source, name, size, batch, shrink, frozen, keep_class, attns))
         except Exception as e:  # a failure of this model, recorded; the sweep goes on
             first = (str(e).strip().splitlines() or [""])[0][:300]
             tb = traceback.extract_tb(e.__traceback__)
@@ -403,7 +403,8 @@ def write_summary(rows: list[dict[str, Any]], out: Path, command: str, seconds: 
         "Population: models whose analysis finds sites. *CNN* models have residual adds or conv",
         "blocks with a norm, activation or pooling after the conv; the others have only a bare",
         "conv (a transformer's patch embedding); *analysis failed* ones did not get that far.",
-        "*Checked* models ran every real-weight check for se, eca and cbam; *pending* ones were",
+        "*Checked* models ran every real-weight check for the attention types the command names",
+        "(`--attn`, default se, eca and cbam); *pending* ones were",
         "not reached yet (`--resume` continues); *too big* ones need more memory than the machine",
         "that ran the sweep has (each is listed below with the figures).",
         "",
@@ -499,7 +500,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--summary-only", action="store_true",
                    help="write summary.md from the CSV files (and leave one row per model in results.csv), run nothing")
     p.add_argument("--command", help="with --summary-only: the sweep command(s) to name in the summary")
+    p.add_argument("--attn", nargs="+", choices=ATTNS, default=list(ATTNS),
+                   help="attention types to check (default all three; a keep_class pass needs se, whose retrofit "
+                        "gives the in-place figures)")
     args = p.parse_args(argv)
+    attns = tuple(args.attn)
+    if args.keep_class and "se" not in attns:
+        p.error("--keep-class needs se among --attn: the in-place figures come from the SE retrofit")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = model_list(args.source, args.filter)
@@ -548,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['source']}:{row['model']} {row.get('status')} {row.get('reason', '')}", flush=True)
 
             todo = [(s, n) for s, n in names if (s, n) not in done and (s, n) not in structure_rows]
-            for k, (job, row) in enumerate(pool.run([("structure", s, n, args.size, 2, False, False, False)
+            for k, (job, row) in enumerate(pool.run([("structure", s, n, args.size, 2, False, False, False, ())
                                                      for s, n in todo]), 1):
                 swriter.writerow(family(row))
                 sf.flush()
@@ -572,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
             for group, big, workers, batch in groups:
                 chosen = [r for r in group if (int(r["params"]) > args.big) == big]
                 base = {(r["source"], r["model"]): r for r in chosen}
-                jobs = [("check", r["source"], r["model"], args.size, batch, shrink, big, args.keep_class)
+                jobs = [("check", r["source"], r["model"], args.size, batch, shrink, big, args.keep_class, attns)
                         for r in chosen]
                 for job, row in pool.run(jobs, workers):
                     key = (row["source"], row["model"])

@@ -52,6 +52,14 @@ def test_frozen_check_still_reaches_new_parameters() -> None:
     assert row["status"] == "ok" and row["se_sites"] > 0, row
 
 
+def test_a_pass_can_check_fewer_attention_types(tmp_path: Path) -> None:
+    row = zoo_sweep.real_check("timm", "test_resnet", 64, batch=1, keep_class=True, attns=("se",))
+    assert row["status"] == "ok" and row["se_sites"] > 0 and row["kc_units"] > 0 and "eca_sites" not in row
+    with pytest.raises(SystemExit):
+        zoo_sweep.main(["--keep-class", "--attn", "eca", "--summary-only", "--out", str(tmp_path)])
+    assert not list(tmp_path.iterdir())
+
+
 def test_model_too_big_for_memory_is_skipped_with_figures(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(zoo_sweep, "_memory_bytes", lambda: 2**30)
     row = zoo_sweep.real_check("timm", "resnet50", 64)
