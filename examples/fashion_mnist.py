@@ -426,15 +426,19 @@ class Runner:
         first = s.seeds[0]
         for seed in s.seeds:
             base = self.base(seed)
+            # The first seed runs every contender at one grid point before the next, so
+            # that a run stopped part-way compares them all.
+            if seed == first:
+                plan = [(row, (1.0, 0)) for row in rows if row[1] is None]
+                plan += [(row, g) for g in s.grid() for row in rows if row[1] is not None]
+            else:
+                plan = [(row, (1.0, 0) if row[1] is None else chosen(self.units, row[0], s)) for row in rows]
             for wait in ((False, True) if seed == first else (False,)):
-                for row in rows:
-                    grids = [(1.0, 0)] if row[1] is None else (s.grid() if seed == first else
-                                                               [chosen(self.units, row[0], s)])
-                    for g in grids:
-                        key = unit_key("full", row[0], g if row[1] else None, seed)
-                        self.unit(key, lambda row=row, g=g, seed=seed: retrofit_unit(
-                            row, seed, g, s.epochs, s, self.data("full"), base,
-                            record_gate_values=seed == first and row[0] in GATE_PLOT_ROWS), wait=wait)
+                for row, g in plan:
+                    key = unit_key("full", row[0], g if row[1] else None, seed)
+                    self.unit(key, lambda row=row, g=g, seed=seed: retrofit_unit(
+                        row, seed, g, s.epochs, s, self.data("full"), base,
+                        record_gate_values=seed == first and row[0] in GATE_PLOT_ROWS), wait=wait)
         for seed in s.seeds:
             base = self.base(seed)
             for row in rows:
