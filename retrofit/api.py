@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.fx
 from torch import nn
 
@@ -66,6 +67,32 @@ def _stage_rows(model: nn.Module, gm: torch.fx.GraphModule) -> tuple[StageRow, .
         after[key] = after.get(key, 0) + p.numel()
     order = list(dict.fromkeys([*before, *after]))
     return tuple(StageRow(k, before.get(k, 0), after.get(k, 0)) for k in order)
+
+
+def _copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, with tensors that modules keep outside their parameters and
+    buffers and that carry autograd history copied detached. Such tensors are caches (timm's
+    TinyViT and EfficientFormer keep attention biases computed by an eval forward), and
+    ``deepcopy`` refuses a tensor that is not a graph leaf: without this, a model that had
+    run one eval forward with autograd on could not be retrofitted."""
+    memo: dict[int, Any] = {}
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            if not value.is_leaf and id(value) not in memo:
+                memo[id(value)] = value.detach().clone()
+        elif isinstance(value, Mapping):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+
+    for module in model.modules():
+        for key, value in vars(module).items():
+            if key not in ("_parameters", "_buffers", "_modules"):
+                visit(value)
+    return copy.deepcopy(model, memo)
 
 
 def _check_choice(name: str, value: str | None, valid: tuple[str, ...]) -> None:
@@ -220,7 +247,7 @@ def retrofit(
     _check_choice("on_existing", on_existing, ON_EXISTING)
     ruleset = resolve_rules(attn, rules)
     leaf_modules = tuple(leaf_modules)
-    work = model if inplace else copy.deepcopy(model)
+    work = model if inplace else _copy_model(model)
     size, parts = _partition(work, input_size, leaf_modules, keep_class)
     analysis = parts.analysis
     if not analysis.sites:

@@ -171,6 +171,49 @@ def test_original_untouched_and_nothing_shared() -> None:
     assert not any(type(m).__name__ == "SqueezeExcite" for m in model.modules())
 
 
+class _CachedScale(torch.nn.Module):
+    """A block that caches a tensor computed from a parameter in eval mode, as timm's
+    TinyViT and EfficientFormer cache their attention biases."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.scale = torch.nn.Parameter(torch.ones(8, 1, 1))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            scale = self.scale * 2
+        else:
+            scale = self.cache.setdefault("cpu", self.scale * 2)
+        return x + torch.relu(self.bn(self.conv(x))) * scale
+
+
+@pytest.mark.parametrize("keep_class", [False, True], ids=["graph-module", "keep-class"])
+def test_model_with_a_cache_from_an_eval_forward(keep_class: bool) -> None:
+    # After an eval forward with autograd on, the cached tensor has history, which
+    # copy.deepcopy refuses; the copy gets it detached, the original keeps its own.
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), _CachedScale(), _CachedScale()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    want = model(x)
+    before = [id(t) for m in model.modules() for t in getattr(m, "cache", {}).values()]
+    assert len(before) == 2 and model[1].cache["cpu"].grad_fn is not None
+    gm = retrofit.retrofit(model, "se", input_size=(3, 16, 16), keep_class=keep_class).eval()
+    assert [id(t) for m in model.modules() for t in getattr(m, "cache", {}).values()] == before
+    assert not {id(t) for m in gm.modules() for t in (getattr(m, "cache", None) or {}).values()} & set(before)
+    assert len(get_report(gm).rows) == 2 and torch.equal(gm(x), want)
+
+
+def test_tiny_vit_after_an_eval_forward_keeps_its_class() -> None:
+    # The model that showed it in the keep_class zoo pass.
+    model = timm.create_model("tiny_vit_5m_224").eval()
+    x = torch.randn(1, 3, 224, 224)
+    want = model(x)
+    gm = retrofit.retrofit(model, "se", keep_class=True).eval()
+    assert type(gm) is type(model) and len(get_report(gm).rows) == 2 and torch.equal(gm(x), want)
+
+
 def test_original_names_and_values_kept() -> None:
     model = cached("resnet50d")
     sd = retrofit.retrofit(model, "eca", input_size=64).state_dict()
