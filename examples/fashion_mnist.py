@@ -27,7 +27,10 @@ choice), never on the test split. The same contenders also fine-tune on 10% of t
 training images (the low-data run, with the configuration chosen on full data).
 
 Every run is a unit with its own JSON file under OUT/units/; `--resume` skips the units
-that exist, so a stopped run continues where it was. After every unit the script rewrites
+that exist, so a stopped run continues where it was. Several processes can share one run
+(each claims the next unit nobody holds), e.g. on 2 cores:
+`--resume --only lab --threads 1` beside `--resume --only retrofit --threads 1`, and more
+`--only retrofit` processes where there are more cores. After every unit the script rewrites
 OUT/results.json, results.md, curves.png and the gate plots from the units that exist
 (partial results say so). Base weights are kept in --work (not committed); a resumed run
 that lacks them trains the base again and drops the units that depended on the old one.
