@@ -542,6 +542,15 @@ def collect(s: Settings, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 "train_images": got[0]["train_images"],
                 "epoch_s": statistics.fmean(statistics.fmean(r["epoch_s"]) for r in got),
             })
+    # Every run of the first seed, each grid point: what the selection saw, and the test
+    # accuracy beside it (reported, never used to choose).
+    for name, attn, _gate in contenders(s):
+        for g in ([None] if attn is None else s.grid()):
+            r = records.get(unit_key("full", name, g, s.seeds[0]))
+            if r is not None:
+                out["retrofit"].setdefault("first_seed_runs", []).append({
+                    "name": name, "config": None if g is None else grid_name(*g),
+                    "acc_at_insertion": r["acc_at_insertion"], "val_acc": r["val_acc"], "test_acc": r["test_acc"]})
     expected = len(s.seeds) * (len(LAB_ROWS) + 1 + 2 * len(contenders(s))) + (len(s.grid()) - 1) * (
         len(contenders(s)) - 1)
     out["complete"] = len(records) >= expected
@@ -602,6 +611,13 @@ def tables(res: dict[str, Any]) -> dict[str, str]:
         t_sel.append(f"| {name} | " + " | ".join(f"{100 * v['val_acc'][g]:.2f}" if g in v["val_acc"] else "–"
                                                  for g in grids) + f" | {v['chosen'] or '(pending)'} |")
     out["selection"] = "\n".join(t_sel)
+    t_first = ["| model | attention lr, warm-up | test acc at insertion (%) | val acc after (%) | test acc after (%) |",
+               "| --- | --- | ---: | ---: | ---: |"]
+    for r in rf.get("first_seed_runs", []):
+        cfg = "–" if r["config"] is None else r["config"].replace("attn-lr-x", "×").replace("_attn-only-", ", ") + " ep"
+        t_first.append(f"| {r['name']} | {cfg} | {100 * r['acc_at_insertion']:.2f} | {100 * r['val_acc']:.2f} | "
+                       f"{100 * r['test_acc']:.2f} |")
+    out["first_seed"] = "\n".join(t_first)
     out["per_seed"] = "\n".join(
         ["| run | model | " + " | ".join(f"seed {sd}" for sd in res["settings"]["seeds"]) + " |",
          "| --- | --- |" + " ---: |" * len(res["settings"]["seeds"])]
@@ -657,6 +673,11 @@ def write_report(out: Path, s: Settings, records: dict[str, dict[str, Any]], com
         "from the same pretrained weights",
         "",
         t["low"],
+        "",
+        f"## Every run of seed {s.seeds[0]}, at each grid point (the test accuracy is reported, never used to "
+        "choose)",
+        "",
+        t["first_seed"],
         "",
         "## Every seed (test accuracy, %)",
         "",
@@ -736,6 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", help="folder for base weights (default runs/fashion-mnist[-quick])")
     p.add_argument("--data-root", help="folder with the Fashion-MNIST IDX files (default: Debian's)")
     p.add_argument("--resume", action="store_true", help="continue: keep the units that exist")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from the units that exist; run nothing")
     p.add_argument("--only", choices=("lab", "retrofit"), help="run one experiment")
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--lab-epochs", type=int)
@@ -772,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
     # processes (the units are the same), so they are not part of it.
     kept, skip = [], False
     for a in argv:
-        if skip or a == "--resume":
+        if skip or a in ("--resume", "--report-only"):
             skip = False
             continue
         if a in ("--only", "--threads"):
@@ -781,7 +803,7 @@ def main(argv: list[str] | None = None) -> int:
         kept.append(a)
     command = "python examples/fashion_mnist.py " + " ".join(kept)
     units = Units(out)
-    if units.all() and not args.resume:
+    if units.all() and not (args.resume or args.report_only):
         print(f"fashion_mnist: error: {out}/units holds results of an earlier run; pass --resume to continue it, "
               "or choose another --out", file=sys.stderr)
         return 2
@@ -794,6 +816,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fashion_mnist: error: {saved} was written with other settings; resume with the same options, "
               "or choose another --out", file=sys.stderr)
         return 2
+    if args.report_only:
+        write_report(out, s, units.all(), command.strip())
+        print((out / "results.md").read_text())
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     saved.write_text(mine)
     runner = Runner(s, out, work, args.data_root, command.strip())

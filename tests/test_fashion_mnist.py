@@ -165,6 +165,12 @@ def test_experiment_pipeline(tmp_path: Path) -> None:
     assert r.returncode == 2 and "pass --resume" in r.stderr
     r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert r.returncode == 0 and " ..." not in r.stdout
+    (out / "results.md").unlink()
+    r = subprocess.run(cmd + ["--report-only"], capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert r.returncode == 0 and " ..." not in r.stdout
+    md = (out / "results.md").read_text()
+    # every run of the first seed, both grid points of the selection
+    assert "| se-identity | ×10, 0 ep |" in md and "| se-identity | ×1, 0 ep |" in md
 
 
 def test_processes_share_one_run(tmp_path: Path) -> None:
