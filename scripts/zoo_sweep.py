@@ -465,7 +465,13 @@ def write_summary(rows: list[dict[str, Any]], out: Path, command: str, seconds: 
         "none"]
     fails = [r for r in rows if r.get("status") not in ("ok", "no sites", "pending")]
     lines += ["", f"## Not passed ({len(fails)})", ""]
-    lines += [f"- `{r['source']}:{r['model']}` ({r.get('status')}): {r.get('reason', '')}" for r in fails] or ["none"]
+    def why(r: dict[str, Any]) -> str:
+        if not r.get("reason") and str(r.get("kc_out_of_reach") or "0") != "0":
+            return (f"the {r['kc_out_of_reach']} site(s) the rules select are in forward code kept as Python, out of "
+                    "reach with keep_class")
+        return str(r.get("reason", ""))
+
+    lines += [f"- `{r['source']}:{r['model']}` ({r.get('status')}): {why(r)}" for r in fails] or ["none"]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
