@@ -32,8 +32,9 @@ that exist, so a stopped run continues where it was. Several processes can share
 `--resume --only lab --threads 1` beside `--resume --only retrofit --threads 1`, and more
 `--only retrofit` processes where there are more cores. After every unit the script rewrites
 OUT/results.json, results.md, curves.png and the gate plots from the units that exist
-(partial results say so). Base weights are kept in --work (not committed); a resumed run
-that lacks them trains the base again and drops the units that depended on the old one.
+(partial results say so). Base weights are kept in --work (the full run's are committed, so
+a resume from a fresh clone keeps the units built on them); a resumed run that lacks them
+trains the base again and drops the units that depended on the old one.
 """
 
 from __future__ import annotations
