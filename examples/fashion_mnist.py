@@ -397,6 +397,12 @@ class Runner:
 
     def base(self, seed: int) -> nn.Module:
         """The pretrained residual CNN of one seed: trained once, its weights kept in --work."""
+        self.train_base(seed, wait=True)
+        return load_base(self.work / f"base-seed{seed}.safetensors")
+
+    def train_base(self, seed: int, wait: bool) -> bool:
+        """Make sure the base of ``seed`` exists; False when ``wait`` is False and another
+        process is training it."""
         key, weights = f"retrofit/base/seed{seed}", self.work / f"base-seed{seed}.safetensors"
         old = self.units.get(key)
         if old is not None and not weights.is_file():
@@ -406,14 +412,16 @@ class Runner:
         def make() -> dict[str, Any]:
             return {**base_unit(seed, self.s, self.data("full"), weights), "weights_sha256": file_digest(weights)}
 
-        new = self.unit(key, make)
+        new = self.unit(key, make, wait=wait)
+        if new is None:
+            return False
         if old is not None and new["weights_sha256"] != old["weights_sha256"]:
             dropped = [k for k in self.units.all() if k.startswith("retrofit/") and k.endswith(f"/seed{seed}")
                        and k != key]
             for k in dropped:
                 self.units.path(k).unlink()
             print(f"  the new base differs from the old one: dropped {len(dropped)} unit(s) built on it", flush=True)
-        return load_base(weights)
+        return True
 
     def run(self, parts: tuple[str, ...]) -> None:
         s = self.s
@@ -428,7 +436,12 @@ class Runner:
             return
         rows = contenders(s)
         first = s.seeds[0]
-        for seed in s.seeds:
+        for i, seed in enumerate(s.seeds):
+            if seed != first:
+                # Train the bases nobody holds before waiting for one another process trains,
+                # so that two processes train two bases side by side.
+                for later in s.seeds[i:]:
+                    self.train_base(later, wait=False)
             base = self.base(seed)
             # The first seed runs every contender at one grid point before the next, so
             # that a run stopped part-way compares them all.

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -199,11 +200,16 @@ def test_processes_share_one_run(tmp_path: Path) -> None:
     assert "--only" not in md and "--threads" not in md
 
 
-def test_a_claim_left_by_a_stopped_process_is_taken_over(tmp_path: Path) -> None:
+def import_experiment() -> Any:
     spec = importlib.util.spec_from_file_location("fashion_mnist", ROOT / "examples" / "fashion_mnist.py")
     fm = importlib.util.module_from_spec(spec)
     sys.modules["fashion_mnist"] = fm  # its dataclasses look their module up while it runs
     spec.loader.exec_module(fm)
+    return fm
+
+
+def test_a_claim_left_by_a_stopped_process_is_taken_over(tmp_path: Path) -> None:
+    fm = import_experiment()
     units = fm.Units(tmp_path)
     claim = units.path("lab/se/seed0").with_suffix(".claim")
     claim.write_text(str(os.getppid()))  # a live process holds it
@@ -211,3 +217,27 @@ def test_a_claim_left_by_a_stopped_process_is_taken_over(tmp_path: Path) -> None
     claim.write_text(str(2**22 + 1))  # above Linux's pid limit: no such process
     assert units.run("lab/se/seed0", lambda: {"x": 1}, lambda: None, wait=False)["x"] == 1
     assert not claim.exists() and units.get("lab/se/seed0")["x"] == 1
+
+
+def test_a_base_another_process_trains_is_skipped_not_waited_for(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes train the bases of seeds 1 and 2 side by side instead of one waiting."""
+    fm = import_experiment()
+    runner = fm.Runner(fm.FULL, tmp_path / "out", tmp_path / "work", None, "cmd")
+    trained = []
+
+    def fake_base_unit(seed: int, s: Any, data: Any, weights: Path) -> dict[str, Any]:
+        trained.append(seed)
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        weights.write_bytes(b"weights of seed %d" % seed)
+        return {"seed": seed}
+
+    monkeypatch.setattr(fm, "base_unit", fake_base_unit)
+    monkeypatch.setattr(fm, "write_report", lambda *a: None)
+    monkeypatch.setattr(runner, "data", lambda kind: None)
+    runner.units.path("retrofit/base/seed1").with_suffix(".claim").write_text(str(os.getppid()))  # held
+    assert runner.train_base(1, wait=False) is False
+    assert runner.train_base(2, wait=False) is True and trained == [2]
+    assert runner.train_base(2, wait=False) is True and trained == [2]  # exists: not trained again
+    digest = fm.file_digest(tmp_path / "work" / "base-seed2.safetensors")
+    assert runner.units.get("retrofit/base/seed2")["weights_sha256"] == digest
