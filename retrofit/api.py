@@ -280,7 +280,8 @@ def retrofit(
                f"First failure: {parts.root_error.where}")
         notes.append(msg)
         warnings.warn(msg, stacklevel=2)
-    elif parts.whole_analysis is not None:
+    missed: list[str] = []
+    if parts.root_error is None and parts.whole_analysis is not None:
         missed = _out_of_reach(parts.whole_analysis, the_plan, (ruleset, gate, attn_args, False, on_existing, scores))
         if missed:
             notes.append(f"keep_class: {len(missed)} site(s) the rules select are in forward code kept as "
@@ -319,6 +320,7 @@ def retrofit(
         stages=_stage_rows(model, result),
         left_alone=parts.left_alone,
         traced=tuple(traced),
+        out_of_reach=tuple(missed),
     )
     retrofit_meta(result, create=True)[REPORT_KEY] = report
     attach_recipe(result, recipe_of_result(

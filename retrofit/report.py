@@ -79,6 +79,9 @@ class Report:
     stages: tuple[StageRow, ...] = ()  # parameters per stage / top-level module
     left_alone: tuple[tuple[str, str], ...] = ()  # partial path: (module path, why it was not traced)
     traced: tuple[str, ...] = ()  # partial path: submodules replaced by their rewritten GraphModule
+    # keep_class: paths of sites the rules select in the whole model that sit in forward
+    # code kept as Python, so no attention went there (also named in ``warnings``)
+    out_of_reach: tuple[str, ...] = ()
 
     @property
     def params_added(self) -> int:
@@ -113,6 +116,7 @@ class Report:
             "warnings": list(self.warnings),
             "traced": list(self.traced),
             "left_alone": [{"path": p, "reason": r} for p, r in self.left_alone],
+            "out_of_reach": list(self.out_of_reach),
         }
 
     def summary(self) -> str:

@@ -226,8 +226,7 @@ def real_check(source: str, name: str, size: int, batch: int = 2, shrink: bool =
                 adds = [r for r in report.rows if r.kind == "residual-add"]
                 row.update(kc_units=len(report.traced), kc_adds=len(adds),
                            kc_adds_in_block=sum(r.module.rpartition(".")[0] == r.path for r in adds),
-                           kc_out_of_reach=sum(int(w.split(": ", 1)[1].split(" ", 1)[0]) for w in report.warnings
-                                               if w.startswith("keep_class: ")))
+                           kc_out_of_reach=len(report.out_of_reach))
         prefixes = tuple(f"{r.module}." for r in report.rows)
         if frozen:
             for n, p in gm.named_parameters():

@@ -175,7 +175,7 @@ def test_keep_class_matches_the_whole_model_rewrite(attn: str) -> None:
     report = retrofit.get_report(kept)
     assert report.traced == tuple(f"layer{i}.{j}" for i, n in ((1, 3), (2, 4), (3, 6), (4, 3)) for j in range(n))
     assert len(report.rows) == 16 and report.max_abs_diff == 0.0
-    assert not [w for w in report.warnings if "out of reach" in w]
+    assert not [w for w in report.warnings if "out of reach" in w] and report.out_of_reach == ()
     # Same names, so checkpoints move between the two forms.
     assert kept.state_dict().keys() == whole.state_dict().keys()
     assert [r.module for r in report.rows] == [r.module for r in retrofit.get_report(whole).rows]
@@ -214,6 +214,7 @@ def test_keep_class_reports_sites_in_the_top_level_forward() -> None:
     assert [r.path for r in report.rows] == ["stem.0", "body.0"]
     assert ("keep_class: 1 site(s) the rules select are in forward code kept as Python, out of reach: (top level)"
             in report.warnings)
+    assert report.out_of_reach == ("(top level)",) and report.to_dict()["out_of_reach"] == ["(top level)"]
     assert report.max_abs_diff == 0.0
 
 
