@@ -287,11 +287,14 @@ def _refine(model: nn.Module, coarse: Unit, sites: Sequence[Site], calls: dict[s
                                                                                    list[Site]]:
     """Split a traced unit into the smallest units that hold ``sites`` (its own, local).
 
-    Each site starts at its anchor module (:func:`_anchor`); a module inside another
-    anchor is rewritten as part of it; a module that does not trace alone, or whose own
-    trace does not give the site, hands it to its parent. At the coarse unit itself the
-    site stays in the coarse unit, except at the root, whose forward stays Python code:
-    such a site is out of reach.
+    Each site starts at its anchor module (:func:`_anchor`). A module that does not trace
+    alone, or whose own trace does not give the site, hands it to its parent; a module
+    that traces and lies inside another that traces and holds sites is rewritten as part
+    of that one. A module that does not trace does not take in the modules below it: their
+    sites stay where they trace (HRNet's branch blocks, below a module whose forward
+    indexes a list, are reached alone). At the coarse unit itself a site stays in the
+    coarse unit, except at the root, whose forward stays Python code: such a site is out of
+    reach.
 
     Returns:
         ``(coarse-local site, unit, unit-local site)`` per site in the coarse unit's graph
@@ -302,30 +305,33 @@ def _refine(model: nn.Module, coarse: Unit, sites: Sequence[Site], calls: dict[s
     out_of_reach: set[str] = set()
     while True:
         live = {n: a for n, a in at.items() if n not in out_of_reach}
-        anchors = set(live.values())
-        # The root's forward is never a unit; below it, an anchor inside another is part of it.
-        minimal = {a for a in anchors if not any(b not in (a, "") and _within(a, b) for b in anchors)}
-        for n, a in live.items():
-            if a not in minimal:
-                at[n] = next(b for b in minimal if b and _within(a, b))
-        changed = False
-        for a in sorted(minimal):
-            if a == top:
-                if top == "":
-                    out_of_reach.update(n for n, b in live.items() if b == "")
-                continue
-            if a not in tried:
+        for a in sorted(set(live.values())):
+            if a != top and a not in tried:
                 call = _one_call(a, calls)
                 try:
                     tried[a] = None if call is None else _trace_unit(model, a, call, leaf_modules)
                 except TraceError:
                     tried[a] = None
+        # The root's forward is never a unit; below it, a traced anchor inside another
+        # traced anchor is part of it.
+        traced = {a for a in live.values() if a == top or tried[a] is not None} - {""}
+        for n, a in live.items():
+            outer = [b for b in traced if b != a and _within(a, b)]
+            if outer:
+                at[n] = min(outer, key=len)  # the outermost: it holds the others
+        changed = False
+        for s in sites:
+            a = at[s.node]
+            if s.node in out_of_reach:
+                continue
+            if a == top:
+                if top == "":
+                    out_of_reach.add(s.node)
+                continue
             unit = tried[a]
-            found = set() if unit is None else {_key(s, a) for s in unit.analysis.sites}
-            for s in sites:
-                if at[s.node] == a and s.node not in out_of_reach and _key(s, top) not in found:
-                    at[s.node] = _parent(a) if _within(_parent(a), top) else top
-                    changed = True
+            if unit is None or _key(s, top) not in {_key(x, a) for x in unit.analysis.sites}:
+                at[s.node] = _parent(a) if _within(_parent(a), top) else top
+                changed = True
         if not changed:
             break
     placed: list[tuple[Site, Unit, Site]] = []

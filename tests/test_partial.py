@@ -218,6 +218,52 @@ def test_keep_class_reports_sites_in_the_top_level_forward() -> None:
     assert report.max_abs_diff == 0.0
 
 
+class TwoBranches(nn.Module):
+    """HRNet's multi-resolution module in small: its forward assigns list items, which
+    torch.fx cannot trace, around branch blocks that trace alone, and adds the branches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList([nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 8)) for _ in range(2)])
+
+    def forward(self, x: list[torch.Tensor]) -> list[torch.Tensor]:
+        for i, branch in enumerate(self.branches):
+            x[i] = branch(x[i])
+        return [x[0] + x[1]]
+
+
+class MultiResolution(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.stage = TwoBranches()
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.stage([x, x * 2])[0]
+        return self.head(y.mean((2, 3)))
+
+
+def test_keep_class_reaches_blocks_below_a_module_that_does_not_trace() -> None:
+    """The branch blocks are reached alone although the module around them does not trace
+    and holds a site of its own (which stays out of reach)."""
+    model = MultiResolution().eval()
+    whole = retrofit.get_report(retrofit.retrofit(model, "se", input_size=16))
+    blocks = [f"stage.branches.{i}.{j}" for i in range(2) for j in range(2)]
+    assert [r.path for r in whole.rows] == [*blocks, "stage"]
+    kept = retrofit.retrofit(model, "se", input_size=16, keep_class=True)
+    report = retrofit.get_report(kept)
+    assert [r.path for r in report.rows] == blocks and report.traced == tuple(blocks)
+    assert report.out_of_reach == ("stage",)
+    assert type(kept.stage) is TwoBranches and isinstance(kept.stage.branches[1][0], BasicBlock)
+    assert rewritten_in_place(kept.stage.branches[1][0]) and not rewritten_in_place(kept.stage)
+    assert report.max_abs_diff == 0.0
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(kept.eval()(x), model(x))
+
+
 def test_keep_class_round_trips(tmp_path: Path) -> None:
     kept = retrofit.retrofit(build("resnet18"), "se", input_size=64, gate="sigmoid", keep_class=True)
     with torch.no_grad():
