@@ -18,7 +18,9 @@ site's gain (over the baseline trained on), which the score should predict: the 
 reports Spearman's rank correlation between score and gain, per seed and over all seeds.
 
 Every run is a unit under OUT/units/ (`--resume` continues); results.json, results.md and
-score_vs_gain.png are rewritten after each unit from the units that exist.
+score_vs_gain.png are rewritten after each unit from the units that exist. Processes started
+with the same options on one --out share the run (`--resume --threads 1` twice on two cores):
+each takes the next unit no other holds.
 """
 
 from __future__ import annotations
@@ -106,9 +108,11 @@ class Runner:
         self.units = fm.Units(out)
         self.data = fm.limited(fm.fashion_mnist_datasets(data_root, val_size=s.train.val_size), s.train.train_limit)
 
-    def unit(self, key: str, make: Any) -> dict[str, Any]:
+    def unit(self, key: str, make: Any, wait: bool = True) -> dict[str, Any] | None:
+        """The unit ``key``, made here unless it exists; while another process makes it, its
+        record once stored, or with ``wait`` False, None (the next unit is taken instead)."""
         return self.units.run(key, make, lambda: write_report(self.out, self.s, self.units.all(), self.command,
-                                                              len(self.data.test)))
+                                                              len(self.data.test)), wait=wait)
 
     def base(self, seed: int) -> tuple[nn.Module, dict[str, str]]:
         """The Fashion-MNIST experiment's pretrained base of this seed, else one trained here the
@@ -143,9 +147,10 @@ class Runner:
                 ("bottom", _rules(ranked[-s.k:])),
                 *[(f"only {p}", _rules([p])) for p in paths],
             ]
+            # No run needs another's result: two processes on one --out take turns.
             for name, rules in contenders:
                 self.unit(f"run/{name}/seed{seed}", lambda rules=rules, seed=seed: run_unit(
-                    base, rules, scores, seed, s, self.data))
+                    base, rules, scores, seed, s, self.data), wait=False)
 
 
 # --------------------------------------------------------------------------- report
@@ -328,7 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(s.threads)
     out = Path(args.out or ("docs/placement/quick" if args.quick else "docs/placement"))
     base_dir = Path(args.base_dir or ("runs/fashion-mnist-quick" if args.quick else "runs/fashion-mnist"))
-    command = "python examples/placement.py " + " ".join(a for a in argv if a != "--resume")
+    # The command that continues the whole run: --threads only splits it over processes.
+    kept = [a for i, a in enumerate(argv) if a != "--resume" and a != "--threads"
+            and not (i and argv[i - 1] == "--threads")]
+    command = "python examples/placement.py " + " ".join(kept)
     if fm.Units(out).all() and not args.resume:
         print(f"placement: error: {out}/units holds results of an earlier run; pass --resume to continue it",
               file=sys.stderr)

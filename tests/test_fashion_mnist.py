@@ -126,16 +126,25 @@ def test_bad_options(tmp_path: Path) -> None:
 
 def test_experiment_pipeline(tmp_path: Path) -> None:
     """examples/fashion_mnist.py end to end on the tiny set: both experiments, the selection
-    on the first seed, the other seed using its choice, the low-data run, the report."""
+    on the first seed, the other seed using its choice, the low-data run, the report; run by
+    `--only lab` beside two `--only retrofit` processes on one --out: every unit runs exactly
+    once (claims), and the one waiting for the first seed's selection still finishes."""
     root = make_fashion(tmp_path / "fm", n_train=300, n_test=100)
     out = tmp_path / "out"
     cmd = [sys.executable, "examples/fashion_mnist.py", "--data-root", str(root), "--out", str(out),
            "--work", str(tmp_path / "work"), "--seeds", "0", "1", "--val-size", "50", "--lab-epochs", "1",
            "--base-epochs", "1", "--epochs", "1", "--low-epochs", "1", "--attn", "se", "--sigmoid-attn", "se",
-           "--grid-lr", "10", "1", "--grid-warmup", "0", "--threads", "1"]
+           "--grid-lr", "10", "1", "--grid-warmup", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    procs = [subprocess.Popen(cmd + ["--resume", "--threads", "1", "--only", part], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+             for part in ("lab", "retrofit", "retrofit")]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [e[-2000:] for _, e in outputs]
+    started = [line.split("] ")[1].removesuffix(" ...") for o, _ in outputs for line in o.splitlines()
+               if line.startswith("[") and line.endswith(" ...")]
+    units = sorted(p.stem for p in (out / "units").glob("*.json"))
+    assert sorted(k.replace("/", "__") for k in started) == units and not list((out / "units").glob("*.claim"))
     res = json.loads((out / "results.json").read_text())
     assert res["complete"] and res["units"] == {"done": 2 * (4 + 1 + 2 * 3) + 2, "total": 24}
     lab = {row["name"]: row for row in res["lab"]["rows"]}
@@ -159,6 +168,7 @@ def test_experiment_pipeline(tmp_path: Path) -> None:
     assert low["se-identity"]["train_images"] == 20  # 10% of each class's 25 training images (round half to even)
     md = (out / "results.md").read_text()
     assert "| se-identity | 8,224 |" in md and "complete" in md
+    assert "--only" not in md and "--threads" not in md  # the one command that continues the whole run
     for png in ("curves.png", "gates_se-identity.png", "gates_se-sigmoid.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a second start refuses to mix runs; --resume finds every unit done and runs nothing
@@ -172,32 +182,6 @@ def test_experiment_pipeline(tmp_path: Path) -> None:
     md = (out / "results.md").read_text()
     # every run of the first seed, both grid points of the selection
     assert "| se-identity | ×10, 0 ep |" in md and "| se-identity | ×1, 0 ep |" in md
-
-
-def test_processes_share_one_run(tmp_path: Path) -> None:
-    """`--only lab` beside two `--only retrofit` processes on one --out: every unit runs
-    exactly once (claims), the one waiting for the first seed's selection still finishes,
-    and the report names the one command that continues the whole run."""
-    root = make_fashion(tmp_path / "fm", n_train=300, n_test=100)
-    out = tmp_path / "out"
-    cmd = [sys.executable, "examples/fashion_mnist.py", "--data-root", str(root), "--out", str(out),
-           "--work", str(tmp_path / "work"), "--seeds", "0", "1", "--val-size", "50", "--lab-epochs", "1",
-           "--base-epochs", "1", "--epochs", "1", "--low-epochs", "1", "--attn", "se", "--sigmoid-attn",
-           "--grid-lr", "10", "1", "--grid-warmup", "0", "--resume", "--threads", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(cmd + ["--only", part], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              cwd=ROOT, env=env) for part in ("lab", "retrofit", "retrofit")]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0], [e[-2000:] for _, e in outputs]
-    started = [line.split("] ")[1].removesuffix(" ...") for o, _ in outputs for line in o.splitlines()
-               if line.startswith("[") and line.endswith(" ...")]
-    units = sorted(p.stem for p in (out / "units").glob("*.json"))
-    assert sorted(k.replace("/", "__") for k in started) == units and len(units) == 2 * 4 + 2 + 3 + 2 + 2 * 2  # lab, bases, full seed 0 (2-config grid), seed 1, low
-    assert not list((out / "units").glob("*.claim"))
-    res = json.loads((out / "results.json").read_text())
-    assert res["complete"]
-    md = (out / "results.md").read_text()
-    assert "--only" not in md and "--threads" not in md
 
 
 def import_experiment() -> Any:

@@ -199,8 +199,9 @@ def test_cli_scores_and_budget() -> None:
 
 
 def test_placement_experiment_pipeline(tmp_path: Path) -> None:
-    """examples/placement.py end to end on a tiny IDX set: bases trained when the
-    Fashion-MNIST run has none, scores, every contender, the report."""
+    """examples/placement.py end to end on a tiny IDX set, two processes sharing the run:
+    bases trained when the Fashion-MNIST run has none, scores, every contender once, the
+    report."""
     import json
     import os
     import subprocess
@@ -211,10 +212,17 @@ def test_placement_experiment_pipeline(tmp_path: Path) -> None:
     root = make_fashion(tmp_path / "fm", n_train=300, n_test=100)
     cmd = [sys.executable, "examples/placement.py", "--data-root", str(root), "--out", str(tmp_path / "out"),
            "--base-dir", str(tmp_path / "none"), "--work", str(tmp_path / "work"), "--seeds", "0", "--k", "2",
-           "--score-batches", "2", "--val-size", "50", "--base-epochs", "1", "--epochs", "1", "--threads", "1"]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+           "--score-batches", "2", "--val-size", "50", "--base-epochs", "1", "--epochs", "1", "--threads", "1",
+           "--resume"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-3000:] for _, e in outputs]
+    started = sorted(line.split("] ")[1].removesuffix(" ...") for o, _ in outputs for line in o.splitlines()
+                     if line.startswith("[") and line.endswith(" ..."))
+    units = sorted(p.stem.replace("__", "/") for p in (tmp_path / "out" / "units").glob("*.json"))
+    assert started == units and len(units) == 1 + 1 + 5 + 8  # base, scores, runs: each made once
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["complete"] and res["units"] == {"done": 1 + 5 + 8, "total": 14}
     seed = res["seeds"]["0"]
@@ -224,4 +232,5 @@ def test_placement_experiment_pipeline(tmp_path: Path) -> None:
     top = [row["path"] for row in sorted(seed["scores"], key=lambda row: -row["score"])[:2]]
     assert sorted(runs["top"]["sites"]) == sorted(top) and len(runs["random"]["sites"]) == 2
     assert (tmp_path / "out" / "score_vs_gain.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| top |" in (tmp_path / "out" / "results.md").read_text()
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| top |" in md and "--threads" not in md and "--resume" not in md
