@@ -154,6 +154,9 @@ class Units:
     def path(self, key: str) -> Path:
         return self.dir / (key.replace("/", "__") + ".json")
 
+    def claim_path(self, key: str) -> Path:
+        return self.path(key).with_suffix(".claim")
+
     def get(self, key: str) -> dict[str, Any] | None:
         p = self.path(key)
         return json.loads(p.read_text()) if p.is_file() else None
@@ -169,7 +172,7 @@ class Units:
     def claim(self, key: str) -> bool:
         """Take ``key`` for this process; False while another live process holds it. Claims
         let several processes share one run (each takes the next unit nobody holds)."""
-        path = self.path(key).with_suffix(".claim")
+        path = self.claim_path(key)
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
@@ -205,7 +208,7 @@ class Units:
             record["threads"] = torch.get_num_threads()
             self.put(key, record)
         finally:
-            self.path(key).with_suffix(".claim").unlink(missing_ok=True)
+            self.claim_path(key).unlink(missing_ok=True)
         msg = {k: record[k] for k in ("test_acc", "val_acc", "acc_at_insertion") if record.get(k) is not None}
         print(f"    done in {record['seconds']:.0f}s: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in msg.items()),
               flush=True)

@@ -195,7 +195,7 @@ def import_experiment() -> Any:
 def test_a_claim_left_by_a_stopped_process_is_taken_over(tmp_path: Path) -> None:
     fm = import_experiment()
     units = fm.Units(tmp_path)
-    claim = units.path("lab/se/seed0").with_suffix(".claim")
+    claim = units.claim_path("lab/se/seed0")
     claim.write_text(str(os.getppid()))  # a live process holds it
     assert units.run("lab/se/seed0", lambda: {"x": 1}, lambda: None, wait=False) is None
     claim.write_text(str(2**22 + 1))  # above Linux's pid limit: no such process
@@ -219,7 +219,7 @@ def test_a_base_another_process_trains_is_skipped_not_waited_for(tmp_path: Path,
     monkeypatch.setattr(fm, "base_unit", fake_base_unit)
     monkeypatch.setattr(fm, "write_report", lambda *a: None)
     monkeypatch.setattr(runner, "data", lambda kind: None)
-    runner.units.path("retrofit/base/seed1").with_suffix(".claim").write_text(str(os.getppid()))  # held
+    runner.units.claim_path("retrofit/base/seed1").write_text(str(os.getppid()))  # held
     assert runner.train_base(1, wait=False) is False
     assert runner.train_base(2, wait=False) is True and trained == [2]
     assert runner.train_base(2, wait=False) is True and trained == [2]  # exists: not trained again
