@@ -647,8 +647,8 @@ def tables(res: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def images(rows: list[dict[str, Any]], on: str = " on") -> str:
-    return f"{on} {rows[0]['train_images']:,} images" if rows else ""
+def images(rows: list[dict[str, Any]], on: str = " on ") -> str:
+    return f"{on}{rows[0]['train_images']:,} images" if rows else ""
 
 
 def write_report(out: Path, s: Settings, records: dict[str, dict[str, Any]], command: str) -> None:
