@@ -319,17 +319,17 @@ def _refine(model: nn.Module, coarse: Unit, sites: Sequence[Site], calls: dict[s
             outer = [b for b in traced if b != a and _within(a, b)]
             if outer:
                 at[n] = min(outer, key=len)  # the outermost: it holds the others
+        found = {a: {_key(x, a) for x in u.analysis.sites} for a in traced if a != top and (u := tried[a]) is not None}
         changed = False
         for s in sites:
-            a = at[s.node]
             if s.node in out_of_reach:
                 continue
+            a = at[s.node]
             if a == top:
                 if top == "":
                     out_of_reach.add(s.node)
                 continue
-            unit = tried[a]
-            if unit is None or _key(s, top) not in {_key(x, a) for x in unit.analysis.sites}:
+            if a not in found or _key(s, top) not in found[a]:
                 at[s.node] = _parent(a) if _within(_parent(a), top) else top
                 changed = True
         if not changed:
