@@ -800,6 +800,20 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return replace(s, **{k: tuple(v) if isinstance(v, list) else v for k, v in over.items() if v is not None})
 
 
+def continue_args(argv: list[str], flags: tuple[str, ...], with_value: tuple[str, ...]) -> list[str]:
+    """``argv`` without ``flags`` and without the options in ``with_value`` and their values."""
+    kept, skip = [], False
+    for a in argv:
+        if skip or a in flags:
+            skip = False
+            continue
+        if a in with_value:
+            skip = True
+            continue
+        kept.append(a)
+    return kept
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -809,16 +823,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work or ("runs/fashion-mnist-quick" if args.quick else "runs/fashion-mnist"))
     # The command that continues the whole run: --only and --threads split one run over
     # processes (the units are the same), so they are not part of it.
-    kept, skip = [], False
-    for a in argv:
-        if skip or a in ("--resume", "--report-only"):
-            skip = False
-            continue
-        if a in ("--only", "--threads"):
-            skip = True
-            continue
-        kept.append(a)
-    command = "python examples/fashion_mnist.py " + " ".join(kept)
+    command = "python examples/fashion_mnist.py " + " ".join(continue_args(argv, ("--resume", "--report-only"),
+                                                                          ("--only", "--threads")))
     units = Units(out)
     if units.all() and not (args.resume or args.report_only):
         print(f"fashion_mnist: error: {out}/units holds results of an earlier run; pass --resume to continue it, "

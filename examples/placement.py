@@ -334,9 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or ("docs/placement/quick" if args.quick else "docs/placement"))
     base_dir = Path(args.base_dir or ("runs/fashion-mnist-quick" if args.quick else "runs/fashion-mnist"))
     # The command that continues the whole run: --threads only splits it over processes.
-    kept = [a for i, a in enumerate(argv) if a != "--resume" and a != "--threads"
-            and not (i and argv[i - 1] == "--threads")]
-    command = "python examples/placement.py " + " ".join(kept)
+    command = "python examples/placement.py " + " ".join(fm.continue_args(argv, ("--resume",), ("--threads",)))
     if fm.Units(out).all() and not args.resume:
         print(f"placement: error: {out}/units holds results of an earlier run; pass --resume to continue it",
               file=sys.stderr)
