@@ -160,8 +160,9 @@ def test_the_sdist_holds_what_builds_and_tests_the_wheel(installed: Installed) -
         assert must in files, must
     assert not [f for f in files if f.startswith((".venv/", "runs/", "dist/")) or "__pycache__" in f]
     if (ROOT / ".git").exists():  # a clone: every tracked file of the included folders is in it
-        tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT,
-                                 check=True).stdout.split()
+        # -z: tracked names may hold spaces (placement units are named after their sites)
+        tracked = subprocess.run(["git", "ls-files", "-z"], capture_output=True, text=True, cwd=ROOT,
+                                 check=True).stdout.split("\0")
         included = ("retrofit/", "rules/", "tests/", "examples/", "scripts/", "benchmarks/", "docs/")
         want = {f for f in tracked if f.startswith(included)} | {"cli.py", "README.md", "CHANGELOG.md", "LICENSE"}
         assert sorted(want - files) == []
