@@ -35,7 +35,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .errors import TraceError, first_line
 from .shapes import TensorInfo, propagate_shapes
 from .sites import Site, SiteAnalysis, SkippedCandidate, find_sites, holds_conv, number_stages
-from .trace import LeafSpec, RetrofitTracer, optional_defaults, trace
+from .trace import LeafSpec, RetrofitTracer, flattens_inputs, optional_defaults, trace
 from .verify import eval_mode, input_dtype_device
 
 __all__ = ["Unit", "Partition", "partition", "refine", "record_inputs"]
@@ -140,11 +140,24 @@ def record_inputs(model: nn.Module, input_size: tuple[int, int, int], batch_size
             ) from e
 
 
-def _placeholder_inputs(gm: torch.fx.GraphModule, call: Call) -> tuple[Any, ...]:
+def _placeholder_inputs(gm: torch.fx.GraphModule, mod: nn.Module, call: Call) -> tuple[Any, ...]:
     """One value per placeholder of ``gm``, from a recorded call (positional, keyword, default)."""
     args, kwargs = call
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if flattens_inputs(gm):
+        # Inputs traced as structures of placeholders (a size tuple, see _sizes_as_placeholders):
+        # the placeholders are the leaves of the inputs, in order.
+        try:
+            bound = inspect.signature(mod.forward).bind(*args, **kwargs)
+        except TypeError as e:
+            raise TraceError(f"the recorded inputs do not fit the forward of {type(mod).__name__}: {e}") from e
+        bound.apply_defaults()
+        leaves = pytree.tree_leaves(tuple(bound.arguments.values()))
+        if len(leaves) != len(placeholders):
+            raise TraceError(f"{len(leaves)} recorded input value(s) for {len(placeholders)} graph input(s)")
+        return tuple(leaves)
     values: list[Any] = []
-    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+    for i, node in enumerate(placeholders):
         name = str(node.target).lstrip("*")
         if i < len(args):
             values.append(args[i])
@@ -157,19 +170,36 @@ def _placeholder_inputs(gm: torch.fx.GraphModule, call: Call) -> tuple[Any, ...]
     return tuple(values)
 
 
-def _concrete(mod: nn.Module, call: Call) -> dict[str, bool | None]:
+def _concrete(mod: nn.Module, call: Call) -> dict[str, Any]:
     """Optional inputs the model passes as None or a bool (or not at all) keep that value
     while tracing; the generated forward asserts they keep it."""
     try:
         bound = inspect.signature(mod.forward).bind_partial(*call[0], **call[1]).arguments
     except TypeError:
         return {}
-    out: dict[str, bool | None] = {}
+    out: dict[str, Any] = {}
     for k, default in optional_defaults(mod).items():
         value = bound.get(k, default)
         if value is None or type(value) is bool:
             out[k] = value
     return out
+
+
+def _sizes_as_placeholders(mod: nn.Module, call: Call) -> dict[str, Any]:
+    """Inputs (past the first) the model passes as a tuple or list of ints, a spatial size
+    (Twins' ``PosConv.forward(x, size)``), traced as one placeholder per int.
+
+    A single proxy for ``size`` breaks at ``view(B, C, *size)`` or ``H, W = size``; one
+    per element keeps the graph valid for every size (fixing the values would specialize
+    it to the probe's resolution). Used only when the module does not trace otherwise, so
+    modules that do keep their graphs as they were.
+    """
+    try:
+        bound = inspect.signature(mod.forward).bind_partial(*call[0], **call[1]).arguments
+    except TypeError:
+        return {}
+    return {k: type(v)(torch.fx.PH for _ in v) for k, v in list(bound.items())[1:]
+            if isinstance(v, (tuple, list)) and v and all(type(i) is int for i in v)}
 
 
 def _relative_leaves(leaves: Sequence[LeafSpec], path: str) -> tuple[LeafSpec, ...]:
@@ -242,8 +272,18 @@ def _trace_unit(model: nn.Module, path: str, call: Call, leaf_modules: Sequence[
         TraceError: it does not trace, or its shapes do not propagate.
     """
     mod = model.get_submodule(path)
-    gm = trace(mod, _relative_leaves(leaf_modules, path), _concrete(mod, call))
-    return Unit(path, gm, find_sites(gm, propagate_shapes(gm, None, inputs=_placeholder_inputs(gm, call))))
+    leaves, concrete = _relative_leaves(leaf_modules, path), _concrete(mod, call)
+    try:
+        gm = trace(mod, leaves, concrete)
+    except TraceError as first:
+        sizes = _sizes_as_placeholders(mod, call)
+        if not sizes:
+            raise
+        try:
+            gm = trace(mod, leaves, {**concrete, **sizes})
+        except TraceError:
+            raise first  # the error of the plain trace says where the forward breaks
+    return Unit(path, gm, find_sites(gm, propagate_shapes(gm, None, inputs=_placeholder_inputs(gm, mod, call))))
 
 
 def _largest_units(model: nn.Module, calls: dict[str, list[Call]], leaf_modules: Sequence[LeafSpec],

@@ -38,6 +38,7 @@ from .errors import AttentionError, SiteError
 from .fuse import gate_methods, gated_residual
 from .partition import Partition
 from .plan import Placement
+from .trace import flattens_inputs
 
 __all__ = ["Inserted", "insert_attention", "rewrite", "rewritten_in_place"]
 
@@ -282,6 +283,8 @@ def _in_place_class(base: type[nn.Module], gm: torch.fx.GraphModule) -> type[nn.
         "__qualname__": original.__qualname__,
         "__doc__": original.__doc__,
     }
+    if flattens_inputs(gm):
+        namespace |= {"_in_spec": gm._in_spec, "_out_spec": gm._out_spec}
     return type(original.__name__, (original,), namespace)
 
 

@@ -221,6 +221,13 @@ def optional_defaults(model: nn.Module) -> dict[str, bool | None]:
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
+def flattens_inputs(gm: torch.fx.GraphModule) -> bool:
+    """Whether ``gm``'s generated forward flattens structured inputs into its placeholders
+    (an input traced as a tuple of placeholders): it reads ``self._in_spec`` and
+    ``self._out_spec``, which a class carrying that forward must provide."""
+    return isinstance(gm.graph._codegen, torch.fx.graph._PyTreeCodeGen)
+
+
 def trace(
     model: nn.Module, leaf_modules: Iterable[LeafSpec] = (), concrete_args: dict[str, Any] | None = None
 ) -> torch.fx.GraphModule:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -274,6 +275,72 @@ def test_keep_class_round_trips(tmp_path: Path) -> None:
     assert type(loaded) is type(kept)
     x = torch.randn(2, 3, 64, 64)
     assert torch.equal(kept.eval()(x), loaded.eval()(x))
+
+
+class PosConv(nn.Module):
+    """Twins' position encoding: tokens back to a map of the ``size`` passed in, a depthwise
+    conv and a residual add, tokens again."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c), nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        b, _, c = x.shape
+        y = x.transpose(1, 2).view(b, c, *size)  # a single proxy for `size` cannot be unpacked
+        return (self.proj(y) + y).flatten(2).transpose(1, 2)
+
+
+class RowScale(nn.Module):
+    """Reads its size input by index, which traces with ``size`` as one input."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        y = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], size[0], size[1])
+        return (self.conv(y) + y).flatten(2).transpose(1, 2)
+
+
+class TokenNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.pos = PosConv(8)
+        self.rows = RowScale(8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        size = tuple(x.shape[2:])
+        x = self.pos(x.flatten(2).transpose(1, 2), size)
+        return self.head(self.rows(x, size).mean(1))
+
+
+def test_keep_class_reaches_a_block_that_takes_its_size_as_a_tuple() -> None:
+    """Twins' PosConv unpacks a ``size`` tuple input: traced with one placeholder per int,
+    it holds its site at every input size, and copies keep the generated forward."""
+    model = TokenNet().eval()
+    with pytest.warns(UserWarning, match="TokenNet does not trace as a whole"):
+        kept = retrofit.retrofit(model, "se", input_size=32, keep_class=True, gate="sigmoid")
+    report = retrofit.get_report(kept)
+    assert [r.module for r in report.rows] == ["pos.se", "rows.se"] and report.out_of_reach == ()
+    assert type(kept) is TokenNet and type(kept.pos).__mro__[1] is PosConv
+    assert len([n for n in type(kept.pos)._retrofit_graph.nodes if n.op == "placeholder"]) == 3  # x, size[0], size[1]
+    # A block that traced with `size` whole keeps that graph (no flattening of its inputs).
+    assert [n.target for n in type(kept.rows)._retrofit_graph.nodes if n.op == "placeholder"] == ["x", "size"]
+    with torch.no_grad():
+        for p in kept.parameters():
+            p.add_(0.01)
+    for size in (32, 48):  # the graph is not specialized to the probe's 8x8 tokens
+        x = torch.randn(2, 3, size, size)
+        want = kept(x)
+        model_x = model.pos(model.embed(x).flatten(2).transpose(1, 2), (size // 4, size // 4))
+        assert not torch.equal(kept.pos(model.embed(x).flatten(2).transpose(1, 2), (size // 4, size // 4)), model_x)
+        assert torch.equal(copy.deepcopy(kept)(x), want)
+    kept.train()(x).sum().backward()
+    assert all(p.grad is not None for p in kept.pos.se.parameters())
 
 
 def test_recorded_inputs_and_units_of_a_multi_input_block() -> None:
