@@ -179,6 +179,33 @@ def spearman(a: list[float], b: list[float]) -> float:
     return statistics.correlation(ra, rb)
 
 
+def pooled_spearman(groups: list[tuple[list[float], list[float]]]) -> float:
+    """Spearman's ρ over several seeds' (score, gain) pairs, ranked within each seed (scaled
+    to 0..1), so that a seed's overall level does not count."""
+    a: list[float] = []
+    b: list[float] = []
+    for x, y in groups:
+        scale = max(len(x) - 1, 1)
+        a += [r / scale for r in ranks(x)]
+        b += [r / scale for r in ranks(y)]
+    return spearman(a, b)
+
+
+def permutation_p(groups: list[tuple[list[float], list[float]]], draws: int = 10_000, seed: int = 0) -> float:
+    """Two-sided p-value of :func:`pooled_spearman` against no relation: the gains are
+    shuffled within each seed ``draws`` times; p = (shuffles at least as extreme + 1) /
+    (draws + 1)."""
+    rho = pooled_spearman(groups)
+    if rho != rho:
+        return float("nan")
+    rng = random.Random(seed)
+    hits = 0
+    for _ in range(draws):
+        shuffled = [(x, rng.sample(y, len(y))) for x, y in groups]
+        hits += abs(pooled_spearman(shuffled)) >= abs(rho) - 1e-12
+    return (hits + 1) / (draws + 1)
+
+
 def collect(s: Settings, units: dict[str, dict[str, Any]], test_images: int) -> dict[str, Any]:
     seeds: dict[str, Any] = {}
     for seed in s.seeds:
@@ -214,19 +241,24 @@ def collect(s: Settings, units: dict[str, dict[str, Any]], test_images: int) -> 
                 "delta_val_loss": [b["val_loss"] - r["val_loss"] for (_, r), b in zip(got, base) if b],
             }
     pooled = [x for v in seeds.values() for x in v["single_site"]]
-    # Pooled over seeds: ranks within each seed (scaled to 0..1), so that a seed's overall
-    # level does not count.
-    within = [(rs / max(len(v["single_site"]) - 1, 1), rg / max(len(v["single_site"]) - 1, 1))
-              for v in seeds.values() if len(v["single_site"]) >= 3
-              for rs, rg in zip(ranks([x["score"] for x in v["single_site"]]),
-                                ranks([x["gain_test_acc"] for x in v["single_site"]]))]
+    full = [v["single_site"] for v in seeds.values() if len(v["single_site"]) >= 3]
+    spearman_pooled = {}
+    for key in ("test_acc", "val_loss"):
+        groups = [([x["score"] for x in g], [x[f"gain_{key}"] for x in g]) for g in full]
+        if groups:
+            spearman_pooled[key] = {"rho": pooled_spearman(groups), "p": permutation_p(groups)}
+    # Does the score rank the sites alike in every seed (whatever it predicts)?
+    by_path = [{r["path"]: r["score"] for r in v["scores"]} for v in seeds.values()]
+    pairs = [(a, b) for i, a in enumerate(by_path) for b in by_path[i + 1:]]
+    agreement = [spearman([a[k] for k in sorted(a)], [b[k] for k in sorted(a)]) for a, b in pairs if a.keys() == b.keys()]
     expected = len(s.seeds) * (1 + 5 + 8)
     done = sum(1 for k in units if k.startswith(("run/", "scores/")))
     return {"test_images": test_images, "settings": {"seeds": list(s.seeds), "k": s.k, "score_batches": s.score_batches,
                          "score_batch_size": s.score_batch_size, "attn_lr_mult": s.attn_lr_mult,
                          "epochs": s.train.epochs, "lr": s.train.lr, "base_epochs": s.train.base_epochs},
             "seeds": seeds, "contenders": contenders,
-            "spearman_pooled_test_acc": spearman([a for a, _ in within], [b for _, b in within]) if within else None,
+            "spearman_pooled": spearman_pooled, "permutation_draws": 10_000,
+            "score_agreement_between_seeds": statistics.fmean(agreement) if agreement else None,
             "single_site_runs": len(pooled), "complete": done >= expected, "units": {"done": done, "total": expected},
             "seconds": round(sum(u.get("seconds", 0.0) for u in units.values()), 1)}
 
@@ -256,9 +288,16 @@ def write_report(out: Path, s: Settings, units: dict[str, dict[str, Any]], comma
         sp = v["spearman"]
         if sp:
             md.append(f"| {seed} | {sp['sites']} | {_rho(sp['test_acc'])} | {_rho(sp['val_loss'])} |")
-    if res["spearman_pooled_test_acc"] is not None:
-        md += ["", f"Pooled over seeds (ranks within each seed): ρ (score, Δ test acc) = "
-               f"{_rho(res['spearman_pooled_test_acc'])} over {res['single_site_runs']} single-site runs."]
+    pooled = res["spearman_pooled"]
+    if pooled:
+        t, v = pooled["test_acc"], pooled["val_loss"]
+        md += ["", f"Pooled over seeds (ranks within each seed, {res['single_site_runs']} single-site runs): "
+               f"ρ (score, Δ test acc) = {_rho(t['rho'])} (p = {t['p']:.2f}), ρ (score, Δ val loss) = "
+               f"{_rho(v['rho'])} (p = {v['p']:.2f}); p is two-sided, from {res['permutation_draws']:,} "
+               "shuffles of the gains within each seed."]
+    if res["score_agreement_between_seeds"] is not None:
+        md += ["", "How alike the seeds rank the sites by score (Spearman's ρ between two seeds' scores, mean "
+               f"over pairs of seeds): {_rho(res['score_agreement_between_seeds'])}."]
     md += ["", "| seed | site | score | rank | Δ test acc | Δ val loss |", "| --- | --- | ---: | ---: | ---: | ---: |"]
     for seed, v in res["seeds"].items():
         ranks = {r["path"]: i for i, r in enumerate(sorted(v["scores"], key=lambda r: -r["score"]), 1)}
