@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 import torchvision
 from torch import nn
+
+from retrofit.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = shutil.which("retrofit", path=str(Path(sys.executable).parent))  # the installed console script
 
 
 class SmallCNN(nn.Module):
@@ -67,3 +79,25 @@ def cached(name: str) -> nn.Module:
 def small_cnn() -> SmallCNN:
     torch.manual_seed(0)
     return SmallCNN()
+
+
+def run_cli(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None,
+            process: bool = False) -> subprocess.CompletedProcess[str]:
+    """``retrofit ARGS``: ``retrofit.cli.main`` in this process (it returns the code the
+    console script exits with), or with ``process`` (or an ``env``) the installed console
+    script in a subprocess, which costs ~6 s of imports."""
+    if process or env:
+        full_env = {**os.environ, **(env or {})}
+        return subprocess.run([SCRIPT, *args], capture_output=True, text=True, cwd=cwd, timeout=300, env=full_env)
+    out, err = io.StringIO(), io.StringIO()
+    environ = dict(os.environ)
+    try:
+        with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli_main(list(args))
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)  # `-q` quiets huggingface_hub through the environment
+    return subprocess.CompletedProcess(["retrofit", *args], code, out.getvalue(), err.getvalue())

@@ -1,11 +1,18 @@
-"""The console script, run for real in a subprocess."""
+"""The command line: ``retrofit.cli.main`` in this process for what it prints and returns,
+and the installed console script in a subprocess for what only a process shows (exit
+status, streams, pipes, a terminal, the environment, the entry points).
+
+Starting a process costs ~6 s of imports (torch, timm, torchvision); most tests check output
+and exit codes, which ``main`` decides alone (it returns the code the script exits with), so
+they run in this process. ``test_in_process_runs_match_the_console_script`` keeps the two
+ways equal.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,15 +22,10 @@ import torch
 
 import retrofit
 
-from .conftest import cached
+from .conftest import SCRIPT, cached
+from .conftest import run_cli as run
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = shutil.which("retrofit", path=str(Path(sys.executable).parent))
-
-
-def run(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([SCRIPT, *args], capture_output=True, text=True, cwd=cwd, timeout=300, env=full_env)
 
 
 def test_console_script_is_installed() -> None:
@@ -40,6 +42,16 @@ def test_table_output() -> None:
     assert "0 (exact identity)" in r.stdout
     assert "layer4.1.cbam" in r.stdout
     assert r.stderr == ""  # no progress lines when stderr is not a terminal
+
+
+@pytest.mark.parametrize("args", [
+    ["resnet18", "--attn", "cbam", "--input-size", "64", "--sites"],
+    ["resnet18", "--attn", "cbm"],
+    ["resnet18", "--input-size", "big"],
+], ids=["table", "library-error", "usage-error"])
+def test_in_process_runs_match_the_console_script(args: list[str]) -> None:
+    here, there = run(*args), run(*args, process=True)
+    assert (here.returncode, here.stdout, here.stderr) == (there.returncode, there.stdout, there.stderr)
 
 
 def test_json_matches_python_api() -> None:
@@ -212,16 +224,17 @@ def test_attention_argument_errors_name_the_rule(tmp_path: Path) -> None:
              r"retrofit: error: built-in 'nonlocal', rule 1: attention 'nonlocal' has no sigmoid gate")
 
 
-def test_internal_errors_exit_3_and_say_it_is_a_bug() -> None:
+def test_internal_errors_exit_3_and_say_it_is_a_bug(monkeypatch: pytest.MonkeyPatch) -> None:
     """An exception retrofit did not raise on purpose: one line, exit 3; --debug adds the traceback."""
-    code = ("import sys, retrofit.cli as cli\n"
-            "def broken(argv): return {}['no such key']\n"
-            "cli._COMMANDS['list'] = broken\n"
-            "sys.exit(cli.main(sys.argv[1:]))\n")
-    r = subprocess.run([sys.executable, "-c", code, "list"], capture_output=True, text=True, timeout=300)
-    one_line(r, 3, r"retrofit list: internal error: KeyError: 'no such key' -- this is a bug in retrofit; rerun "
-                   r"with --debug for the traceback and report it$")
-    r = subprocess.run([sys.executable, "-c", code, "list", "--debug"], capture_output=True, text=True, timeout=300)
+    import retrofit.cli as cli
+
+    def broken(argv: list[str]) -> int:
+        return {}["no such key"]
+
+    monkeypatch.setitem(cli._COMMANDS, "list", broken)
+    one_line(run("list"), 3, r"retrofit list: internal error: KeyError: 'no such key' -- this is a bug in retrofit; "
+                             r"rerun with --debug for the traceback and report it$")
+    r = run("list", "--debug")
     assert r.returncode == 3 and r.stderr.startswith("Traceback") and "KeyError: 'no such key'" in r.stderr
     assert r.stderr.splitlines()[-1].startswith("retrofit list: internal error: KeyError")
 
@@ -240,7 +253,7 @@ def test_warnings_print_once(tmp_path: Path) -> None:
     (tmp_path / "glob.toml").write_text('[[rule]]\nat = "residual-add"\nattn = "se"\ninclude = ["layer4.*", "nope*"]\n')
     want = (f"warning: {tmp_path / 'glob.toml'}, rule 1: include glob 'nope*' matches no residual-add site (paths look "
             "like 'layer1.0', 'layer4.1')")
-    r = run("resnet18", "--input-size", "32", "--rules", str(tmp_path / "glob.toml"))
+    r = run("resnet18", "--input-size", "32", "--rules", str(tmp_path / "glob.toml"), process=True)
     assert r.returncode == 0 and r.stderr.splitlines() == [want], r.stderr
     r = run("resnet18", "--input-size", "32", "--rules", str(tmp_path / "glob.toml"), "--format", "json")
     assert r.returncode == 0 and r.stderr == "", r.stderr  # the warning is in the JSON

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from retrofit.rewrite import rewritten_in_place
 from retrofit.trace import trace
 from timm.models.resnet import BasicBlock
 
-from .conftest import build, cached
+from .conftest import build, cached, run_cli
 
 
 class NanGuard(nn.Module):
@@ -380,11 +378,8 @@ def test_recorded_inputs_and_units_of_a_multi_input_block() -> None:
 
 
 def test_cli_keep_class(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "retrofit.cli", "resnet18", "--attn", "se", "--input-size", "64", "--keep-class",
-         "--no-fuse", "--out", str(tmp_path / "m.safetensors")],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
-    )
+    proc = run_cli("resnet18", "--attn", "se", "--input-size", "64", "--keep-class", "--no-fuse", "--out",
+                   str(tmp_path / "m.safetensors"))
     assert proc.returncode == 0, proc.stderr
     assert "rewritten in place: layer1.0, layer1.1, layer2.0, layer2.1, layer3.0, layer3.1, layer4.0, layer4.1" \
         in proc.stdout

@@ -16,6 +16,7 @@ import retrofit
 from retrofit import RuleError, SiteScores, score_sites
 from retrofit.rulefile import parse_rules, resolve_rules
 
+from .conftest import run_cli
 from .finetune_helpers import NARROW
 
 
@@ -172,29 +173,18 @@ def test_a_save_keeps_the_choice(tmp_path: Path) -> None:
     assert len(retrofit.get_report(loaded).rows) == 3
 
 
-def _cli(*args: str) -> "subprocess.CompletedProcess[str]":
-    import os
-    import shutil
-    import subprocess
-    import sys
-
-    script = shutil.which("retrofit", path=str(Path(sys.executable).parent))
-    return subprocess.run([script, *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
 def test_cli_scores_and_budget() -> None:
     import json
 
-    r = _cli("resnet18", "--input-size", "32", "--num-classes", "10", "--score-data", "digits",
+    r = run_cli("resnet18", "--input-size", "32", "--num-classes", "10", "--score-data", "digits",
              "--score-batches", "1", "--budget", "top=2", "--format", "json", "-q")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert len(out["sites"]) == 2 and len(out["scores"]["rows"]) == 8 and out["scores"]["images"] == 32
-    r = _cli("resnet18", "--budget", "params=2%")
+    r = run_cli("resnet18", "--budget", "params=2%")
     assert r.returncode == 2 and r.stderr.strip().endswith("give the data to score them on with --score-data DIR "
                                                            "(or 'digits' / 'fashion-mnist')")
-    r = _cli("resnet18", "--budget", "params=200%")
+    r = run_cli("resnet18", "--budget", "params=200%")
     assert r.returncode == 2 and "'params=200%' is not a budget" in r.stderr and len(r.stderr.splitlines()) == 1
 
 
@@ -234,3 +224,26 @@ def test_placement_experiment_pipeline(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "score_vs_gain.png").read_bytes()[:4] == b"\x89PNG"
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| top |" in md and "--threads" not in md and "--resume" not in md
+
+
+def test_placement_statistics() -> None:
+    """The pooled rank correlation ranks within each seed, and its permutation p-value is
+    the smallest possible when every seed agrees perfectly, 1 when there is no relation."""
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("placement", root / "examples" / "placement.py")
+    placement = importlib.util.module_from_spec(spec)
+    sys.modules["placement"] = placement  # its dataclasses look their module up while it runs
+    spec.loader.exec_module(placement)
+    scores = [8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0]
+    # Same order in each seed, at different levels: pooled within seeds, a perfect relation.
+    agree = [(scores, [g + level for g in scores]) for level in (0.0, 100.0, -50.0)]
+    assert placement.pooled_spearman(agree) == pytest.approx(1.0)
+    assert placement.permutation_p(agree, draws=999) == pytest.approx(1 / 1000)
+    # Gains that rise to the middle and fall again: no monotone relation.
+    flat = [(scores, [1.0, 2.0, 3.0, 4.0, 4.0, 3.0, 2.0, 1.0])]
+    assert placement.pooled_spearman(flat) == pytest.approx(0.0, abs=1e-12)
+    assert placement.permutation_p(flat, draws=99) == 1.0
+    assert placement.permutation_p(agree, draws=200, seed=3) == placement.permutation_p(agree, draws=200, seed=3)
