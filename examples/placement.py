@@ -191,7 +191,11 @@ def pooled_spearman(groups: list[tuple[list[float], list[float]]]) -> float:
     return spearman(a, b)
 
 
-def permutation_p(groups: list[tuple[list[float], list[float]]], draws: int = 10_000, seed: int = 0) -> float:
+PERMUTATION_DRAWS = 10_000
+
+
+def permutation_p(groups: list[tuple[list[float], list[float]]], draws: int = PERMUTATION_DRAWS,
+                  seed: int = 0) -> float:
     """Two-sided p-value of :func:`pooled_spearman` against no relation: the gains are
     shuffled within each seed ``draws`` times; p = (shuffles at least as extreme + 1) /
     (draws + 1)."""
@@ -257,7 +261,7 @@ def collect(s: Settings, units: dict[str, dict[str, Any]], test_images: int) -> 
                          "score_batch_size": s.score_batch_size, "attn_lr_mult": s.attn_lr_mult,
                          "epochs": s.train.epochs, "lr": s.train.lr, "base_epochs": s.train.base_epochs},
             "seeds": seeds, "contenders": contenders,
-            "spearman_pooled": spearman_pooled, "permutation_draws": 10_000,
+            "spearman_pooled": spearman_pooled, "permutation_draws": PERMUTATION_DRAWS,
             "score_agreement_between_seeds": statistics.fmean(agreement) if agreement else None,
             "single_site_runs": len(pooled), "complete": done >= expected, "units": {"done": done, "total": expected},
             "seconds": round(sum(u.get("seconds", 0.0) for u in units.values()), 1)}

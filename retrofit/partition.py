@@ -170,16 +170,24 @@ def _placeholder_inputs(gm: torch.fx.GraphModule, mod: nn.Module, call: Call) ->
     return tuple(values)
 
 
+def _arguments(mod: nn.Module, call: Call) -> inspect.BoundArguments | None:
+    """A recorded call bound, as far as it goes, to the names of ``mod``'s forward; None if
+    it does not fit."""
+    try:
+        return inspect.signature(mod.forward).bind_partial(*call[0], **call[1])
+    except TypeError:
+        return None
+
+
 def _concrete(mod: nn.Module, call: Call) -> dict[str, Any]:
     """Optional inputs the model passes as None or a bool (or not at all) keep that value
     while tracing; the generated forward asserts they keep it."""
-    try:
-        bound = inspect.signature(mod.forward).bind_partial(*call[0], **call[1]).arguments
-    except TypeError:
+    bound = _arguments(mod, call)
+    if bound is None:
         return {}
     out: dict[str, Any] = {}
     for k, default in optional_defaults(mod).items():
-        value = bound.get(k, default)
+        value = bound.arguments.get(k, default)
         if value is None or type(value) is bool:
             out[k] = value
     return out
@@ -194,11 +202,10 @@ def _sizes_as_placeholders(mod: nn.Module, call: Call) -> dict[str, Any]:
     it to the probe's resolution). Used only when the module does not trace otherwise, so
     modules that do keep their graphs as they were.
     """
-    try:
-        bound = inspect.signature(mod.forward).bind_partial(*call[0], **call[1]).arguments
-    except TypeError:
+    bound = _arguments(mod, call)
+    if bound is None:
         return {}
-    return {k: type(v)(torch.fx.PH for _ in v) for k, v in list(bound.items())[1:]
+    return {k: type(v)(torch.fx.PH for _ in v) for k, v in list(bound.arguments.items())[1:]
             if isinstance(v, (tuple, list)) and v and all(type(i) is int for i in v)}
 
 
