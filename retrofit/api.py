@@ -16,9 +16,10 @@ from torch import nn
 
 from .attention import GATES
 from .errors import OptionError, SiteError
+from .frameworks import framework_of
 from .leaves import check_leaf_modules
 from .meta import REPORT_KEY, retrofit_meta
-from .partition import Partition, partition, refine
+from .partition import Partition, partition, refine, slim
 from .plan import Plan, make_plan
 from .recipe import attach_recipe, recipe_of_result
 from .report import Report, SiteRow, StageRow
@@ -42,8 +43,11 @@ def _stage_of(name: str, prefixes: list[str]) -> str:
 
 
 def _stage_rows(model: nn.Module, gm: torch.fx.GraphModule) -> tuple[StageRow, ...]:
-    """Parameters per part of the model: timm's feature stages, else top-level modules."""
-    prefixes = [name for name, _ in model.named_children()]
+    """Parameters per part of the model: its library's stages (a YOLO model's layers),
+    timm's feature stages, else top-level modules."""
+    framework = framework_of(model)
+    declared = None if framework is None else framework.stages(model)
+    prefixes = [name for name, _ in model.named_children()] + (declared or [])
     modules = dict(model.named_modules())
     info = getattr(model, "feature_info", None)
     if isinstance(info, list):
@@ -271,6 +275,7 @@ def retrofit(
         why = "its module traces only as part of the model's forward, which keep_class keeps as Python code"
         the_plan = dc_replace(the_plan, placements=tuple(p for p in the_plan.placements if p.site.node not in lost),
                               skipped=the_plan.skipped + tuple((s, why) for s in unreachable))
+    parts, inlined = slim(work, parts, [(p.site, p.position) for p in the_plan.placements], size)
     result, inserted = rewrite(work, parts, the_plan.placements, fuse, check_identity)
     notes = list(parts.notes)
     traced = sorted({parts.local(i.placement.site)[0].path for i in inserted} - {""})
@@ -321,12 +326,17 @@ def retrofit(
         left_alone=parts.left_alone,
         traced=tuple(traced),
         out_of_reach=tuple(missed),
+        inlined=inlined,
     )
     retrofit_meta(result, create=True)[REPORT_KEY] = report
-    attach_recipe(result, recipe_of_result(
+    recipe = recipe_of_result(
         model, ruleset.doc, ruleset.name, gate=gate, attn_args=attn_args, input_size=size,
         leaf_modules=leaf_modules, strict=strict, on_existing=on_existing, fuse=fuse, keep_class=keep_class,
-        scores=None if scores is None else scores.to_dict()))
+        scores=None if scores is None else scores.to_dict())
+    attach_recipe(result, recipe)
+    framework = framework_of(model)
+    if framework is not None:
+        framework.on_result(result, recipe)
     return result
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from .download import PROBE_TIMEOUT, hf_endpoint, hf_offline, hf_offline_requested, torch_hub_cached, unreachable
 from .errors import ModelLoadError, OptionError, first_line
+from .frameworks import framework_of_spec
 from .recipe import Recipe, attach_recipe, is_file_spec
 
 __all__ = ["create_model"]
@@ -161,17 +162,43 @@ def _from_file(spec: str, **kwargs: Any) -> nn.Module:
     return model
 
 
-def create_model(spec: str, pretrained: bool = False, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
+def _from_framework(spec: str, pretrained: bool, num_classes: int | None, trust_code: bool,
+                    kwargs: dict[str, Any]) -> nn.Module | None:
+    """A model of Ultralytics, transformers or smp (``PREFIX:NAME``), recorded as its library
+    describes it (a config or yaml as data, never the file or checkpoint it came from)."""
+    found = framework_of_spec(spec)
+    if found is None:
+        return None
+    framework, name = found
+    args = dict(kwargs)
+    if num_classes is not None:
+        args[framework.num_classes_arg] = num_classes
+    model = framework.build(name, pretrained=pretrained, trust_code=trust_code, **args)
+    described = framework.describe(model)
+    attach_recipe(model, Recipe() if described is None else Recipe(model=described[0], model_kwargs=described[1]))
+    return model
+
+
+def create_model(spec: str, pretrained: bool = False, num_classes: int | None = None, *, trust_code: bool = False,
+                 **kwargs: Any) -> nn.Module:
     """Build the model named by ``spec``, and record how (``retrofit.save`` and fine-tuning
     checkpoints of a retrofit of it then know which model to build again).
 
     Args:
         spec: a timm model name (``resnet50``), ``hf-hub:org/name`` (a timm model on the
             Hugging Face Hub: a base model; a retrofit save on the Hub is read by
-            :func:`retrofit.load`), ``torchvision:NAME``, or ``path/to/file.py:factory`` for a
-            user's own model.
+            :func:`retrofit.load`), ``torchvision:NAME``, ``path/to/file.py:factory`` for a
+            user's own model, or a model of another library:
+            ``ultralytics:yolov8n.yaml`` (a model yaml Ultralytics ships, or a path to
+            one; ``ultralytics:best.pt`` reads a checkpoint, a pickle, with ``trust_code``),
+            ``transformers:ResNetForImageClassification`` (its default config; keyword
+            arguments set config fields), ``transformers:path/to/folder`` (a folder holding
+            a ``config.json``) or ``transformers:ORG/NAME`` (a Hub repository), and
+            ``smp:Unet`` (segmentation_models_pytorch; ``encoder_name="resnet34"``, ...).
         pretrained: download pretrained weights (needs the network).
-        num_classes: classifier size, where the model takes it.
+        num_classes: classifier size, where the model takes it (transformers'
+            ``num_labels``, smp's ``classes``, Ultralytics' ``nc``).
+        trust_code: allow a spec that runs code when read (an Ultralytics ``.pt``).
         kwargs: further arguments for the model's constructor or factory.
 
     Without a network (no TCP connection to the weights' host within a few seconds) the
@@ -188,6 +215,9 @@ def create_model(spec: str, pretrained: bool = False, num_classes: int | None = 
                           "(0 removes the classifier, where the model supports it)")
     if pretrained and is_file_spec(spec):
         raise ModelLoadError(f"--pretrained needs a timm or torchvision model; {spec!r} is a file (use --checkpoint)")
+    framework_model = _from_framework(spec, pretrained, num_classes, trust_code, kwargs)
+    if framework_model is not None:
+        return framework_model
     args = dict(kwargs) if num_classes is None else {**kwargs, "num_classes": num_classes}
     if spec.startswith("torchvision:"):
         model = _torchvision(spec.split(":", 1)[1], pretrained, **args)

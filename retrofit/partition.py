@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -35,10 +35,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .errors import TraceError, first_line
 from .shapes import TensorInfo, propagate_shapes
 from .sites import Site, SiteAnalysis, SkippedCandidate, find_sites, holds_conv, number_stages
-from .trace import LeafSpec, RetrofitTracer, flattens_inputs, optional_defaults, trace
+from .trace import LeafSpec, RetrofitTracer, flattens_inputs, optional_defaults, relative_leaves, trace
 from .verify import eval_mode, input_dtype_device
 
-__all__ = ["Unit", "Partition", "partition", "refine", "record_inputs"]
+__all__ = ["Unit", "Partition", "partition", "refine", "slim", "record_inputs"]
 
 # One recorded call: positional and keyword inputs, tensors as TensorInfo.
 Call = tuple[tuple[Any, ...], dict[str, Any]]
@@ -209,13 +209,6 @@ def _sizes_as_placeholders(mod: nn.Module, call: Call) -> dict[str, Any]:
             if isinstance(v, (tuple, list)) and v and all(type(i) is int for i in v)}
 
 
-def _relative_leaves(leaves: Sequence[LeafSpec], path: str) -> tuple[LeafSpec, ...]:
-    """Leaf specs for tracing the submodule at ``path``: module paths become relative to it."""
-    out: list[LeafSpec] = list(leaves)
-    out += [s[len(path) + 1:] for s in leaves if isinstance(s, str) and path and s.startswith(path + ".")]
-    return tuple(out)
-
-
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
 
@@ -272,22 +265,24 @@ def _one_call(path: str, calls: dict[str, list[Call]]) -> Call | None:
     return recorded[0] if recorded and all(c == recorded[0] for c in recorded[1:]) else None
 
 
-def _trace_unit(model: nn.Module, path: str, call: Call, leaf_modules: Sequence[LeafSpec]) -> Unit:
-    """Trace the submodule at ``path`` alone, on the inputs it was called with.
+def _trace_unit(model: nn.Module, path: str, call: Call, leaf_modules: Sequence[LeafSpec],
+                into: Collection[str] | None = None) -> Unit:
+    """Trace the submodule at ``path`` alone, on the inputs it was called with (into the
+    module paths ``into``, relative to it, only, when given).
 
     Raises:
         TraceError: it does not trace, or its shapes do not propagate.
     """
     mod = model.get_submodule(path)
-    leaves, concrete = _relative_leaves(leaf_modules, path), _concrete(mod, call)
+    leaves, concrete = relative_leaves(leaf_modules, path), _concrete(mod, call)
     try:
-        gm = trace(mod, leaves, concrete)
+        gm = trace(mod, leaves, concrete, into)
     except TraceError as first:
         sizes = _sizes_as_placeholders(mod, call)
         if not sizes:
             raise
         try:
-            gm = trace(mod, leaves, {**concrete, **sizes})
+            gm = trace(mod, leaves, {**concrete, **sizes}, into)
         except TraceError:
             raise first  # the error of the plain trace says where the forward breaks
     return Unit(path, gm, find_sites(gm, propagate_shapes(gm, None, inputs=_placeholder_inputs(gm, mod, call))))
@@ -302,18 +297,26 @@ def _largest_units(model: nn.Module, calls: dict[str, list[Call]], leaf_modules:
     left: list[tuple[str, str]] = []
 
     def visit(mod: nn.Module, path: str) -> None:
-        if path and tracer.is_leaf_module(mod, path):
+        if path and not holds_conv(mod):
+            return  # no convolution, no site
+        # torch.fx counts ModuleList and ModuleDict as built-in leaves; they are never
+        # called, and the modules in them are the ones to reach.
+        if path and not isinstance(mod, (nn.ModuleList, nn.ModuleDict)) and tracer.is_leaf_module(mod, path):
             # Built-in layers hold no sites of their own; other leaves are opaque by request.
-            if not type(mod).__module__.startswith("torch.nn") and holds_conv(mod):
+            if not type(mod).__module__.startswith("torch.nn"):
                 left.append((path, f"leaf module ({type(mod).__name__}); not traced into"))
             return
         recorded = calls.get(path, [])
         if not path:
             left.append(("", root_reason))
         elif not recorded:
-            if holds_conv(mod):
-                left.append((path, "not called on the probe input"))
-            return
+            # A container the forward iterates (an nn.Sequential or ModuleList run in a
+            # Python loop, as YOLO's and ConvNeXt's stages are) is never called itself; the
+            # modules in it are.
+            if not any(calls.get(_join(path, sub)) for sub, _ in mod.named_modules() if sub):
+                if holds_conv(mod):
+                    left.append((path, "not called on the probe input"))
+                return
         elif (call := _one_call(path, calls)) is None:
             left.append((path, f"called {len(recorded)} times with different inputs; its children are tried"))
         else:
@@ -504,3 +507,109 @@ def refine(model: nn.Module, parts: Partition, sites: Sequence[Site]) -> tuple[P
             origin[site.node] = (number[unit.path], ls)
     notes = tuple(f"{u.path}: {n}" for u in units for n in u.gm.meta.get("retrofit_trace_notes", ()))
     return replace(parts, units=tuple(units), origin=origin, notes=notes), tuple(unreachable)
+
+
+def _closure(paths: Collection[str]) -> set[str]:
+    """The paths and every module above them, the unit itself (``""``) included."""
+    out = {""}
+    for p in paths:
+        parts = p.split(".") if p else []
+        out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return out
+
+
+def _traced_into(gm: torch.fx.GraphModule) -> set[str]:
+    """Module paths (local to ``gm``) whose forward is code in ``gm``'s graph."""
+    return {n.meta.get("module_path", "") for n in gm.graph.nodes}
+
+
+def _insertion_modules(unit: Unit, site: Site, position: str) -> set[str]:
+    """The modules (paths local to the unit) whose forward holds the nodes a placement
+    needs to see: the add (its branch and shortcut may come from whole calls), the last
+    conv of the branch for ``mid``, every layer of a conv block."""
+    nodes = {n.name: n for n in unit.gm.graph.nodes}
+    named = {n.meta.get("qualname"): n for n in unit.gm.graph.nodes}
+    picked = [nodes.get(site.node)]
+    if site.kind == "residual-add" and position == "mid" and site.mid_conv is not None:
+        picked.append(nodes.get(site.mid_conv))
+    if site.kind == "conv-block":
+        picked += [named.get(q) for q in site.layers]
+    return {n.meta.get("module_path", "") for n in picked if n is not None}
+
+
+def _retrace(model: nn.Module, parts: Partition, unit: Unit, into: set[str],
+             input_size: tuple[int, int, int]) -> Unit:
+    if not unit.path:
+        gm = trace(model, parts.leaf_modules, into=into)
+        return Unit("", gm, find_sites(gm, propagate_shapes(gm, input_size)))
+    call = _one_call(unit.path, parts.calls or {})
+    if call is None:
+        raise TraceError(f"no recorded call of {unit.path!r}")
+    return _trace_unit(model, unit.path, call, parts.leaf_modules, into)
+
+
+def slim(model: nn.Module, parts: Partition, placements: Sequence[tuple[Site, str]],
+         input_size: tuple[int, int, int]) -> tuple[Partition, tuple[tuple[str, str], ...]]:
+    """Trace each unit that receives attention again, into the modules that hold an
+    insertion point only: every other module stays a called submodule with its own class
+    and forward, so code that swaps a module's forward or deletes its layers (Ultralytics'
+    ``fuse()``, hooks) keeps working on the result. Reads only; the rewrite changes things.
+
+    A module whose caller needs its result as Python values (``a, b = self.block(x)``)
+    cannot stay a call; it is traced into, and said so. A unit whose slimmer trace does
+    not give the same sites keeps its first trace.
+
+    Args:
+        model: the model the partition was made of.
+        parts: the partition, narrowed by :func:`refine`.
+        placements: ``(site, position)`` of every placement, sites in the model's namespace.
+        input_size: ``(C, H, W)`` the partition was analysed at.
+
+    Returns:
+        The partition with slimmer units (``origin`` pointing at their sites), and
+        ``(module path, why its forward is graph code)`` for every module traced into.
+    """
+    need: dict[int, set[str]] = {}
+    placed: dict[int, set[str]] = {}
+    for site, position in placements:
+        index, local = parts.origin[site.node]
+        need.setdefault(index, set()).update(_insertion_modules(parts.units[index], local, position))
+        placed.setdefault(index, set()).add(site.node)
+    units = list(parts.units)
+    origin = dict(parts.origin)
+    inlined: list[tuple[str, str]] = []
+    for index, paths in sorted(need.items()):
+        unit = units[index]
+        into = _closure(paths)
+        why = {p: "holds an insertion point" for p in into}
+        if not _traced_into(unit.gm) <= into:
+            root = model.get_submodule(unit.path)
+            new: Unit | None = None
+            for _ in range(256):
+                try:
+                    new = _retrace(model, parts, unit, into, input_size)
+                    break
+                except TraceError as e:
+                    holder = e.module or ""
+                    try:
+                        children = {_join(holder, c) for c, _ in root.get_submodule(holder).named_children()}
+                    except AttributeError:
+                        children = set()
+                    if not children - into:
+                        break
+                    for c in children - into:
+                        why[c] = f"{holder or 'the forward'} needs its result as Python values ({e.reason or e})"
+                    into |= children
+            if new is not None:
+                keys = {_key(s, ""): s for s in new.analysis.sites}
+                moved = {n: keys.get(_key(origin[n][1], "")) for n in placed[index]}
+                if all(s is not None for s in moved.values()):
+                    units[index] = new
+                    # Sites nobody selected in this unit are gone from its slimmer graph.
+                    origin = {n: v for n, v in origin.items() if v[0] != index}
+                    origin.update({n: (index, s) for n, s in moved.items() if s is not None})
+                    unit = new
+        for p in sorted(_traced_into(unit.gm) - {""}):
+            inlined.append((_join(unit.path, p), why.get(p, "its caller's trace needs its code (no slimmer trace "
+                                                            "gave the same sites)")))
+    return replace(parts, units=tuple(units), origin=origin), tuple(inlined)

@@ -31,6 +31,7 @@ from typing import Any
 from torch import nn
 
 from .errors import ModelLoadError, SaveError, UntrustedCodeError
+from .frameworks import framework_of, framework_of_spec
 from .meta import RECIPE_KEY, retrofit_meta
 
 __all__ = ["Recipe", "get_recipe", "attach_recipe", "recipe_of_result", "is_file_spec", "leaf_name", "TRUST_HINT"]
@@ -166,6 +167,8 @@ class Recipe:
             if r.model is not None and is_file_spec(r.model):
                 file, _, factory = r.model.rpartition(":")
                 found.append(f"the model file {file!r} (its function {factory!r} builds the model)")
+            elif r.model is not None and (framework := framework_of_spec(r.model)) is not None:
+                found += framework[0].foreign_code(framework[1], r.model_kwargs)
             for key in _LOADING_KWARGS:
                 if key in r.model_kwargs:
                     found.append(f"the model argument {key}={r.model_kwargs[key]!r}, which loads a file")
@@ -276,7 +279,8 @@ class Recipe:
             )
         from .models import create_model
 
-        return create_model(self.model, pretrained=pretrained, **self.model_kwargs)
+        # check_trust has run: what the recipe names may be built.
+        return create_model(self.model, pretrained=pretrained, trust_code=True, **self.model_kwargs)
 
     def build(self, *, pretrained: bool = False, verify: bool = False) -> nn.Module:
         """The base model, then :func:`retrofit.retrofit` with this recipe's options.
@@ -352,11 +356,21 @@ def _named_by_timm(model: nn.Module) -> Recipe:
     return Recipe(model=arch, model_kwargs={"num_classes": n} if isinstance(n, int) else {})
 
 
+def _named_by_framework(model: nn.Module) -> Recipe:
+    """A model of Ultralytics, transformers or smp names itself: its yaml or config as data."""
+    framework = framework_of(model)
+    described = None if framework is None else framework.describe(model)
+    return Recipe() if described is None else Recipe(model=described[0], model_kwargs=described[1])
+
+
 def recipe_of_result(model: nn.Module, rules_doc: Mapping[str, Any], rules_name: str, **options: Any) -> Recipe:
     """The recipe of ``retrofit(model, ...)``: how ``model`` was built (what it carries, or
     what timm says), then these rules and options. A model that is itself a retrofit
     result becomes the ``base`` of the new recipe."""
-    given = get_recipe(model) or _named_by_timm(model)
+    given = get_recipe(model)
+    if given is None:
+        given = _named_by_framework(model)
+        given = given if given.model is not None else _named_by_timm(model)
     opts = {**options, "rules": _plain(rules_doc), "rules_name": rules_name, "scores": _plain(options.get("scores")),
             "attn_args": _plain(options.get("attn_args") or {}),
             "leaf_modules": tuple(leaf_name(m) for m in options.get("leaf_modules", ())),

@@ -78,6 +78,7 @@ class Report:
     flops_after: int | None = None  # FLOPs per sample of the result
     stages: tuple[StageRow, ...] = ()  # parameters per stage / top-level module
     left_alone: tuple[tuple[str, str], ...] = ()  # partial path: (module path, why it was not traced)
+    inlined: tuple[tuple[str, str], ...] = ()  # (module path, why): modules whose forward became graph code
     traced: tuple[str, ...] = ()  # partial path: submodules replaced by their rewritten GraphModule
     # keep_class: paths of sites the rules select in the whole model that sit in forward
     # code kept as Python, so no attention went there (also named in ``warnings``)
@@ -117,6 +118,7 @@ class Report:
             "traced": list(self.traced),
             "left_alone": [{"path": p, "reason": r} for p, r in self.left_alone],
             "out_of_reach": list(self.out_of_reach),
+            "inlined": [{"path": p, "reason": r} for p, r in self.inlined],
         }
 
     def summary(self) -> str:

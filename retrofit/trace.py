@@ -14,10 +14,11 @@ import contextlib
 import copy
 import inspect
 import math
+import operator
 import os
 import re
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from torch import nn
 from .errors import TraceError, first_line
 from .meta import META_ATTR
 
-__all__ = ["RetrofitTracer", "RetrofitGraphModule", "TracedSequential", "trace", "LeafSpec"]
+__all__ = ["RetrofitTracer", "RetrofitGraphModule", "TracedSequential", "trace", "LeafSpec", "relative_leaves"]
 
 # A leaf module given by the caller: a class, a class name, or a module path ("layer3.1").
 LeafSpec = type[nn.Module] | str
@@ -87,9 +88,12 @@ class RetrofitTracer(torch.fx.Tracer):
     Args:
         leaf_modules: extra modules not to trace into: classes, class names, or module
             paths of ``root``. Attention is never inserted inside a leaf module.
+        into: when given, the only module paths of ``root`` to trace into; every other
+            module is called as a leaf (kept with its class and forward). The rewrite
+            traces this way so that modules holding no insertion point stay intact.
     """
 
-    def __init__(self, leaf_modules: Sequence[LeafSpec] = ()) -> None:
+    def __init__(self, leaf_modules: Sequence[LeafSpec] = (), into: Collection[str] | None = None) -> None:
         import torchvision.ops
 
         from .attention._registry import _ATTENTION
@@ -101,11 +105,14 @@ class RetrofitTracer(torch.fx.Tracer):
         self._leaf_types = timm_leaves + _torchvision_leaves() + _mode_dependent_leaves() + tuple(_ATTENTION.values())
         self._user_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self._user_names = {m for m in leaf_modules if isinstance(m, str)}
+        self._into = None if into is None else frozenset(into)
         self._module_path = ""
         self._name_counts: dict[str, int] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self._user_names or type(m).__name__ in self._user_names:
+            return True
+        if self._into is not None and module_qualified_name not in self._into:
             return True
         if isinstance(m, self._user_types) or isinstance(m, self._leaf_types):
             return True
@@ -198,6 +205,15 @@ def _restore_containers(model: nn.Module, gm: torch.fx.GraphModule) -> None:
         mine.__class__ = TracedSequential if type(orig) is nn.Sequential else type(orig)
 
 
+def _fx_reason(e: BaseException) -> str:
+    """torch.fx's message without the advice that follows its first sentence (it points to
+    its own docs; the hint retrofit adds says what to do)."""
+    line = first_line(e)
+    if type(e).__module__.startswith("torch") or "Proxy" in line or "symbolically traced" in line:
+        line = re.split(r"(?<=[.:])\s+(?=This |See |Check )", line, maxsplit=1)[0].rstrip(".:")
+    return line
+
+
 def _failure_frame(e: BaseException) -> traceback.FrameSummary | None:
     """The innermost frame outside torch: where tracing broke in the model's code."""
     frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
@@ -229,7 +245,8 @@ def flattens_inputs(gm: torch.fx.GraphModule) -> bool:
 
 
 def trace(
-    model: nn.Module, leaf_modules: Iterable[LeafSpec] = (), concrete_args: dict[str, Any] | None = None
+    model: nn.Module, leaf_modules: Iterable[LeafSpec] = (), concrete_args: dict[str, Any] | None = None,
+    into: Collection[str] | None = None,
 ) -> torch.fx.GraphModule:
     """Trace ``model`` into a GraphModule that shares ``model``'s submodules and tensors.
 
@@ -239,6 +256,8 @@ def trace(
         concrete_args: forward inputs fixed to a value while tracing (torch.fx's
             ``concrete_args``); default: the optional inputs that default to None
             and bool (:func:`optional_defaults`).
+        into: when given, the only module paths to trace into (``""``, the model's own
+            forward, is always traced); every other module stays a called submodule.
 
     Returns:
         A GraphModule named after the model's class; every node has ``meta["module_path"]``
@@ -248,19 +267,21 @@ def trace(
         TraceError: torch.fx could not trace the model; the message names the module and
             the source line where tracing broke and suggests making it a leaf module.
     """
+    leaves = tuple(leaf_modules)
     if isinstance(model, torch.fx.GraphModule) and all("module_path" in n.meta for n in model.graph.nodes):
         # A model retrofit already traced (e.g. retrofitted once): its graph still knows
         # every node's module path, which a re-trace of the generated forward would lose.
-        return _graph_module(model, copy.deepcopy(model.graph), [])
-    leaves = tuple(leaf_modules)
+        # The submodules it calls whole (they held no site then) are traced into now.
+        graph = copy.deepcopy(model.graph)
+        return _graph_module(model, graph, _inline_calls(model, graph, leaves, into))
     concrete = optional_defaults(model) if concrete_args is None else concrete_args
-    graph = _trace_graph(model, leaves, concrete)
+    graph = _trace_graph(model, leaves, concrete, into)
     notes: list[str] = []
     # Python code that reads `self.training` (F.dropout(training=self.training), drop-path
     # outside a module) is frozen into the graph in the mode it was traced in. If the two
     # modes trace differently, keep the eval-mode graph: exact at inference, always.
     with _mode(model, not model.training):
-        other = _trace_graph(model, leaves, concrete)
+        other = _trace_graph(model, leaves, concrete, into)
     if _signature(graph) != _signature(other):
         changed = sorted({n.meta.get("qualname", n.name) for n in _differing(graph, other)})
         if model.training:
@@ -287,8 +308,9 @@ def _graph_module(model: nn.Module, graph: torch.fx.Graph, notes: list[str]) -> 
     return gm
 
 
-def _trace_graph(model: nn.Module, leaves: tuple[LeafSpec, ...], concrete: dict[str, Any]) -> torch.fx.Graph:
-    tracer = RetrofitTracer(leaves)
+def _trace_graph(model: nn.Module, leaves: tuple[LeafSpec, ...], concrete: dict[str, Any],
+                 into: Collection[str] | None = None) -> torch.fx.Graph:
+    tracer = RetrofitTracer(leaves, into)
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as e:
@@ -296,7 +318,7 @@ def _trace_graph(model: nn.Module, leaves: tuple[LeafSpec, ...], concrete: dict[
         frame = _failure_frame(e)
         error = TraceError("", model=type(model).__name__, module=path, module_class=cls,
                            file=frame.filename if frame else None, line=frame.lineno if frame else None,
-                           code=(frame.line or "").strip() or None if frame else None, reason=first_line(e))
+                           code=(frame.line or "").strip() or None if frame else None, reason=_fx_reason(e))
         if path:
             hint = (f"keep that module opaque with leaf_modules=[{cls!r}] (CLI: --leaf-module {cls}); no attention "
                     "is inserted inside it")
@@ -316,6 +338,102 @@ def _trace_graph(model: nn.Module, leaves: tuple[LeafSpec, ...], concrete: dict[
                 node.target = name
                 taken.add(name)
     return graph
+
+
+def relative_leaves(leaves: Sequence[LeafSpec], path: str) -> tuple[LeafSpec, ...]:
+    """Leaf specs for tracing the submodule at ``path``: module paths under it made relative."""
+    out: list[LeafSpec] = list(leaves)
+    out += [s[len(path) + 1:] for s in leaves if isinstance(s, str) and path and s.startswith(path + ".")]
+    return tuple(out)
+
+
+def _has_attr(mod: nn.Module, path: str) -> bool:
+    obj: Any = mod
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+def _prefix(path: str, name: str) -> str:
+    return f"{path}.{name}" if path and name else path or name
+
+
+def _inline_calls(root: nn.Module, graph: torch.fx.Graph, leaves: tuple[LeafSpec, ...],
+                  into: Collection[str] | None) -> list[str]:
+    """Replace, in ``graph`` (of ``root``), each call of a submodule the tracer would trace
+    into by that submodule's own traced graph, with module paths and readable names as a
+    trace of the whole model gives them. A call whose inputs or outputs cannot be mapped
+    one to one (``*args``, an output used other than by indexing) stays a call.
+
+    Returns:
+        The tracer notes of the inlined submodules.
+    """
+    tracer = RetrofitTracer(leaves, into)
+    notes: list[str] = []
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    for node in list(graph.nodes):
+        target = str(node.target)
+        if node.op != "call_module" or calls[target] != 1:
+            continue
+        mod = root.get_submodule(target)
+        if tracer.is_leaf_module(mod, target):
+            continue
+        try:
+            bound = inspect.signature(mod.forward).bind(*node.args, **node.kwargs)
+        except (TypeError, ValueError):
+            continue
+        bound.apply_defaults()
+        names = list(bound.arguments)
+        constant = {k: v for k, v in list(bound.arguments.items())[1:]
+                    if v is None or type(v) in (bool, int, float, str)}
+        if any(not isinstance(v, torch.fx.Node) for k, v in bound.arguments.items() if k not in constant):
+            continue  # a structure of values (a list of tensors): kept as a call
+        sub_into = None if into is None else {p[len(target) + 1:] for p in into if p.startswith(target + ".")}
+        try:
+            sub = trace(mod, relative_leaves(leaves, target), constant, sub_into)
+        except TraceError:
+            continue
+        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        if any(n.op == "get_attr" and not _has_attr(mod, str(n.target)) for n in sub.graph.nodes):
+            continue  # constants torch.fx made on the traced copy (a tensor literal)
+        if flattens_inputs(sub) or any(str(p.target).lstrip("*") not in names or str(p.target).startswith("*")
+                                      for p in placeholders):
+            continue
+        output = next(n for n in sub.graph.nodes if n.op == "output").args[0]
+        if not isinstance(output, torch.fx.Node) and not (
+            isinstance(output, (tuple, list))
+            and all(u.op == "call_function" and u.target is operator.getitem and type(u.args[1]) is int
+                    for u in node.users)
+        ):
+            continue
+        env: dict[torch.fx.Node, Any] = {p: bound.arguments[str(p.target)] for p in placeholders}
+        with graph.inserting_before(node):
+            for n in sub.graph.nodes:
+                if n.op in ("placeholder", "output"):
+                    continue
+                t = _prefix(target, str(n.target)) if n.op in ("call_module", "get_attr") else n.target
+                new = graph.create_node(n.op, t, torch.fx.node.map_arg(n.args, env.__getitem__),
+                                        torch.fx.node.map_arg(n.kwargs, env.__getitem__), name=n.name)
+                new.meta.update(n.meta)
+                new.meta["module_path"] = _prefix(target, n.meta.get("module_path", ""))
+                new.meta["qualname"] = _prefix(target, n.meta.get("qualname", n.name)) if n.op not in (
+                    "call_module", "get_attr") else t
+                env[n] = new
+        result = torch.fx.node.map_arg(output, env.__getitem__)
+        if isinstance(result, torch.fx.Node):
+            node.replace_all_uses_with(result)
+        else:
+            for user in list(node.users):
+                user.replace_all_uses_with(result[user.args[1]])
+                graph.erase_node(user)
+        graph.erase_node(node)
+        notes += [f"{target}: {n}" for n in sub.meta.get("retrofit_trace_notes", ())]
+    return notes
 
 
 @contextlib.contextmanager

@@ -1,0 +1,166 @@
+"""Hugging Face transformers: image models built from a config, as plain data.
+
+A recipe names the model class (``transformers:ResNetForImageClassification``) and holds
+the config as a dict (``{"config": {...}}``); building it again calls the class on the
+config, so nothing is downloaded and no file's code runs. Only classes the transformers
+package itself defines are built: a config that names remote code (``auto_map``) is code.
+
+A retrofitted transformers model keeps its class (its forward does not trace as a whole
+in transformers 5, so the result is the model with rewritten blocks), and its config
+carries the recipe under ``retrofit``: ``save_pretrained`` writes it into ``config.json``,
+and :func:`retrofit.load` on that folder builds the model with its attention and loads the
+weights (``from_pretrained`` of the plain class would drop the attention).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..errors import ModelLoadError, first_line
+from . import Framework, register_framework
+
+__all__ = ["Transformers", "CONFIG_KEY"]
+
+CONFIG_KEY = "retrofit"  # the config attribute (and config.json key) holding the recipe
+_REMOTE = ("auto_map", "trust_remote_code")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """transformers' info and warning logs (weights it initialised, ...) off while building."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {str(path)!r}: {first_line(e)}") from e
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{str(path)!r} is not a JSON object")
+    return config
+
+
+def _architecture(config: Mapping[str, Any], where: str) -> str:
+    archs = config.get("architectures") or []
+    if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
+        raise ModelLoadError(f"{where} names no model class (\"architectures\"); give the class: "
+                             "transformers:ResNetForImageClassification")
+    return archs[0]
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    d = json.loads(config.to_json_string(use_diff=False))
+    d.pop(CONFIG_KEY, None)
+    return d
+
+
+@register_framework
+class Transformers(Framework):
+    prefix = "transformers"
+    package = "transformers"
+    distribution = "transformers"
+    num_classes_arg = "num_labels"
+
+    def describe(self, model: nn.Module) -> tuple[str, dict[str, Any]] | None:
+        cls = getattr(type(model), "_retrofit_original", type(model))
+        config = getattr(model, "config", None)
+        if config is None or not cls.__module__.startswith("transformers.") or any(
+                getattr(config, k, None) for k in _REMOTE):
+            return None
+        return f"transformers:{cls.__name__}", {"config": _config_dict(config)}
+
+    def _class(self, name: str) -> type[nn.Module]:
+        transformers = self.require()
+        cls = getattr(transformers, name, None)
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
+                and cls.__module__.startswith("transformers.")):
+            import difflib
+
+            names = [n for n in dir(transformers) if n.endswith(("ForImageClassification", "Model"))]
+            close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+            hint = f"; closest: {', '.join(close)}" if close else ""
+            raise ModelLoadError(f"transformers has no model class {name!r}{hint} (give a class such as "
+                                 "transformers:ResNetForImageClassification, or a folder holding a config.json)")
+        return cls
+
+    def foreign_code(self, name: str, kwargs: Mapping[str, Any]) -> list[str]:
+        config = kwargs.get("config")
+        if isinstance(config, Mapping):
+            named = [k for k in _REMOTE if config.get(k)]
+            if named:
+                return [f"the remote code its transformers config names ({', '.join(named)})"]
+        return []
+
+    def build(self, name: str, *, pretrained: bool = False, trust_code: bool = False, **kwargs: Any) -> nn.Module:
+        config = kwargs.pop("config", None)
+        repo = None
+        if config is None and (Path(name) / "config.json").is_file():
+            config = _read_config(Path(name) / "config.json")
+            name = _architecture(config, str(Path(name) / "config.json"))
+        elif config is None and "/" in name:
+            repo, config = name, self._hub_config(name)
+            name = _architecture(config, f"the config of {repo!r}")
+        if config is not None and not isinstance(config, Mapping):
+            raise ModelLoadError(f"transformers:{name}: config must be a table, not {type(config).__name__}")
+        found = self.foreign_code(name, {"config": config})
+        if found:
+            raise ModelLoadError(f"transformers:{name}: {found[0]}; retrofit builds only the classes transformers "
+                                 "itself defines")
+        cls = self._class(name)
+        if pretrained:
+            if repo is None:
+                raise ModelLoadError(f"transformers:{name} --pretrained: name the Hub repository to take the weights "
+                                     "from, e.g. transformers:microsoft/resnet-50")
+            with self._offline_guard(repo, "pretrained weights"), _quiet():
+                return cls.from_pretrained(repo, **kwargs)  # type: ignore[attr-defined]
+        try:
+            with _quiet():
+                return cls(cls.config_class.from_dict(dict(config or {}), **kwargs))
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            got = f" with {', '.join(f'{k}={v!r}' for k, v in kwargs.items())}" if kwargs else ""
+            raise ModelLoadError(f"cannot build transformers:{name}{got}: {type(e).__name__}: {first_line(e)}") from e
+
+    @contextlib.contextmanager
+    def _offline_guard(self, repo: str, what: str) -> Iterator[None]:
+        """Hugging Face offline when its host does not answer (the cache or one clear error)."""
+        from ..download import hf_endpoint, hf_offline, hf_offline_requested, unreachable
+
+        why = None if hf_offline_requested() else unreachable(hf_endpoint())
+        try:
+            with hf_offline() if why else contextlib.nullcontext():
+                yield
+        except OSError as e:
+            where = f"no network ({why}) and it is not in the Hugging Face cache" if why else first_line(e)
+            raise ModelLoadError(f"cannot download {what} of {repo!r} from the Hugging Face Hub: {where}; connect "
+                                 "to the network, or build from a local folder holding config.json") from e
+
+    def _hub_config(self, repo: str) -> dict[str, Any]:
+        from huggingface_hub import hf_hub_download
+
+        with self._offline_guard(repo, "the config"):
+            path = hf_hub_download(repo, "config.json")
+        return _read_config(Path(path))
+
+    def stages(self, model: nn.Module) -> list[str] | None:
+        return None
+
+    def on_result(self, result: nn.Module, recipe: Any) -> None:
+        # A model that kept its class keeps its config: save_pretrained then writes the
+        # recipe into config.json, and retrofit.load reads the folder back with attention.
+        config = getattr(result, "config", None)
+        if config is not None and not isinstance(result, __import__("torch").fx.GraphModule):
+            setattr(config, CONFIG_KEY, recipe.to_dict())
