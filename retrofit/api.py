@@ -164,8 +164,8 @@ def plan(
     """
     ruleset = resolve_rules(attn, rules)
     _check_choice("on_existing", on_existing, ON_EXISTING)
-    analysis = analyze(model, input_size, leaf_modules, keep_class)
-    return make_plan(analysis, ruleset, gate, attn_args, strict, on_existing, scores)
+    parts = _partition(model, input_size, leaf_modules, keep_class)[1]
+    return make_plan(parts.analysis, ruleset, gate, attn_args, strict, on_existing, scores, parts.whole_analysis)
 
 
 def retrofit(
@@ -263,7 +263,7 @@ def retrofit(
             f"{type(model).__name__} has no residual adds and no conv blocks for attention "
             f"(input size {size}); is it a CNN? Leaf modules hide what is inside them{untraced}"
         )
-    the_plan = make_plan(analysis, ruleset, gate, attn_args, strict, on_existing, scores)
+    the_plan = make_plan(analysis, ruleset, gate, attn_args, strict, on_existing, scores, parts.whole_analysis)
     if not the_plan.placements:
         warnings.warn(f"rules {ruleset.name!r} selected no site of {type(model).__name__}; nothing inserted",
                       stacklevel=2)

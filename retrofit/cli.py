@@ -71,6 +71,16 @@ def _num_classes(text: str) -> int:
     return n
 
 
+def _model_arg(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. encoder_name=resnet34, in_chans=1)")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but usage errors are one line (not usage + error) and exit 2."""
 
@@ -136,7 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: retrofit resnet50 --attn cbam",
     )
     p.add_argument("model", help="timm model name, hf-hub:ORG/NAME (a timm model on the Hugging Face Hub), "
-                   "torchvision:NAME, or path/to/file.py:factory")
+                   "torchvision:NAME, path/to/file.py:factory, ultralytics:yolov8n.yaml (a model yaml Ultralytics "
+                   "ships, or a path to one; ultralytics:best.pt reads a checkpoint and needs --trust-code), "
+                   "transformers:ResNetForImageClassification (a class, with its default config), "
+                   "transformers:path/to/folder (holding a config.json), or smp:Unet "
+                   "(segmentation_models_pytorch; --model-arg encoder_name=resnet34)")
+    p.add_argument("--model-arg", action="append", default=[], type=_model_arg, metavar="KEY=VALUE",
+                   help="an argument for the model's constructor (a config field for transformers); VALUE is "
+                        "read as JSON when it parses (3, true, [1, 2]), else as a string (repeatable)")
+    p.add_argument("--trust-code", action="store_true",
+                   help="allow a model spec that runs code when read (an Ultralytics .pt checkpoint is a pickle)")
     p.add_argument("--attn", default="se", help="built-in rule set (default: se; see `retrofit list`)")
     p.add_argument("--rules", metavar="FILE", help="rule file (TOML); overrides --attn")
     p.add_argument("--gate", choices=("identity", "sigmoid"), help="gate form for every rule")
@@ -227,7 +246,8 @@ def _retrofit_model(args: argparse.Namespace) -> tuple[int, Sequence[str]]:
     progress = _Progress(not args.quiet and sys.stderr.isatty())
     progress(f"building {args.model}" + (" (downloading weights)" if args.pretrained else ""))
     with _quiet_stderr(args.quiet):
-        model = create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes)
+        model = create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes,
+                             trust_code=args.trust_code, **dict(args.model_arg))
     if args.checkpoint:
         progress(f"loading {args.checkpoint}")
         load_checkpoint(model, args.checkpoint)
@@ -270,9 +290,7 @@ def _retrofit_model(args: argparse.Namespace) -> tuple[int, Sequence[str]]:
             print(report.site_table())
         if report.traced or report.left_alone:
             print()
-            print("rewritten in place: " + (", ".join(report.traced) or "nothing"))
-            for where, why in report.left_alone:
-                print(f"left alone: {where or '(top level)'}: {why}")
+            print("\n".join(report.reach_lines()))
         sys.stdout.flush()  # the report, then its warnings
         for w in report.warnings:
             print(f"warning: {w}", file=sys.stderr)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from .errors import ModelLoadError, OptionError, SaveError, first_line
+from .frameworks import framework_of_spec
 from .recipe import TRUST_HINT, Recipe, get_recipe, is_file_spec
 from .saving import RECIPE_FILE, WEIGHTS_FILE, read_save, save
 
@@ -175,6 +176,9 @@ def _describe_base(recipe: Recipe) -> tuple[str, str | None]:
     if is_file_spec(spec):
         file, _, factory = spec.rpartition(":")
         return f"`{factory}()` of the model file `{file}`, included in this repository", None
+    framework = framework_of_spec(spec)
+    if framework is not None:
+        return framework[0].title(framework[1], _innermost(recipe).model_kwargs), None
     return f"timm model `{spec.removeprefix('timm:')}`", None
 
 
@@ -237,9 +241,11 @@ def model_card(model: nn.Module, folder: str | Path, repo_id: str, *, license: s
         lines += ["Loading runs no code from this repository: the base model is built by its registry name and "
                   "the weights are read with safetensors.", ""]
     kwargs = json.dumps(dict(_innermost(recipe).model_kwargs))
+    built = (f"built with the arguments `{kwargs}`" if len(kwargs) <= 400 else
+             f"built from the configuration `{RECIPE_FILE}` records (`model_kwargs`)")
     lines += [
         "## Base model", "",
-        f"The {base}, built with the arguments `{kwargs}`.", "",
+        f"The {base}, {built}.", "",
         "## Rules", "",
         f"Rule set: {_rules_names(recipe)}. Its document, as `{RECIPE_FILE}` records it (`rules`; the file also "
         "holds every other option retrofit() ran with):", "",

@@ -256,6 +256,7 @@ def make_plan(
     strict: bool = False,
     on_existing: str | None = None,
     scores: SiteScores | None = None,
+    whole: SiteAnalysis | None = None,
 ) -> Plan:
     """Apply ``rules`` to the sites of ``analysis``. Reads only; changes nothing.
 
@@ -268,6 +269,9 @@ def make_plan(
         on_existing: overrides every rule's ``on_existing`` (``"skip"`` or ``"stack"``).
         scores: site scores (:func:`retrofit.score_sites`), for rules that select by score
             (``select``, ``budget``); each placement then carries its site's score.
+        whole: every site of the model, those out of reach included (``keep_class``):
+            whether a fallback rule applies is decided on these, so sites that exist but
+            cannot be reached do not switch the plan to another kind of site.
 
     Raises:
         RuleError: two rules select one site and the later says ``conflict = "error"``, or
@@ -279,14 +283,27 @@ def make_plan(
     skipped: dict[str, tuple[Site, str]] = {}
     notes: list[str] = []
     warns: list[str] = []
+    reach: list[str] = []
     for i, rule in enumerate(rules.rules):
         of_kind = analysis.of_kind(rule.at)
         warns += _glob_warnings(rule, of_kind)
         earlier = {r.at for r in rules.rules[:i] if not r.fallback}
-        found = sorted(k for k in earlier if analysis.of_kind(k))
+        found = sorted(k for k in earlier if (whole or analysis).of_kind(k))
         if rule.fallback and found:
-            notes.append(f"{rule.source} ({rule.at}, fallback) not used: the model has {' and '.join(found)} sites")
+            if any(analysis.of_kind(k) for k in found):
+                notes.append(f"{rule.source} ({rule.at}, fallback) not used: the model has {' and '.join(found)} sites")
+            else:
+                out = [s.path or "(top level)" for k in found for s in (whole or analysis).of_kind(k)]
+                reach.append(f"{rule.source} ({rule.at}, fallback) not used: the model has {' and '.join(found)} "
+                             f"sites, but none is within reach ({', '.join(out[:4])}{', ...' if len(out) > 4 else ''} "
+                             "are in forward code kept as Python); nothing is inserted in their place")
             continue
+        untraced = [p or "(top level)" for p, _ in analysis.left_alone]
+        if rule.fallback and earlier and untraced:
+            reach.append(f"{rule.source} falls back to {rule.at} sites: no {' or '.join(sorted(earlier))} site was "
+                         f"reached, and {len(untraced)} part(s) of the model were not traced and may hold some: "
+                         f"{', '.join(untraced[:4])}{', ...' if len(untraced) > 4 else ''} (report.left_alone says "
+                         "why; leaf_modules or a traceable forward reach them)")
         n_stages = max((s.stage for s in of_kind), default=0)
         stage_sizes: dict[int, int] = {}
         for s in of_kind:
@@ -332,6 +349,7 @@ def make_plan(
         notes.append(f"{len(analysis.of_kind(kind))} {kind} sites: no rule targets {kind} sites")
     if strict and warns:
         raise RuleError(warns[0] + "; fix the glob or drop strict")
+    warns += reach
     for w in warns:
         warnings.warn(w, stacklevel=3)
     order = {s.node: i for i, s in enumerate(analysis.sites)}

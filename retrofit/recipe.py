@@ -23,6 +23,7 @@ import hashlib
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -299,21 +300,25 @@ class Recipe:
         from .rulefile import parse_rules
         from .scores import SiteScores
 
-        result = retrofit(
-            model,
-            rules=parse_rules(self.rules, self.rules_name),
-            gate=self.gate,
-            attn_args=dict(self.attn_args) or None,
-            input_size=self.input_size,
-            leaf_modules=[_resolve_leaf(s) for s in self.leaf_modules],
-            strict=self.strict,
-            on_existing=self.on_existing,
-            fuse=self.fuse,
-            keep_class=self.keep_class,
-            scores=None if self.scores is None else SiteScores.from_dict(self.scores),
-            verify=verify,
-            check_identity=verify,  # a rebuilt model gets its weights right after
-        )
+        with warnings.catch_warnings():
+            # What the rewrite had to say ("does not trace as a whole") was said when the
+            # model was made; rebuilding it from the record says it again to no purpose.
+            warnings.simplefilter("ignore")
+            result = retrofit(
+                model,
+                rules=parse_rules(self.rules, self.rules_name),
+                gate=self.gate,
+                attn_args=dict(self.attn_args) or None,
+                input_size=self.input_size,
+                leaf_modules=[_resolve_leaf(s) for s in self.leaf_modules],
+                strict=self.strict,
+                on_existing=self.on_existing,
+                fuse=self.fuse,
+                keep_class=self.keep_class,
+                scores=None if self.scores is None else SiteScores.from_dict(self.scores),
+                verify=verify,
+                check_identity=verify,  # a rebuilt model gets its weights right after
+            )
         attach_recipe(result, self)
         return result
 

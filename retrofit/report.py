@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,6 +168,24 @@ class Report:
         ]
         return tabulate(rows, headers=["module", "site", "channels", "size", "attn", "gate", "params"])
 
+    def reach_lines(self) -> list[str]:
+        """What was rewritten in place and what was left alone, one line per reason: the
+        modules that failed alike (YOLO's C2f blocks) share a line, paths in files are
+        shortened to the file's name, and the advice after the reason is left to
+        ``left_alone`` (which has every module's whole reason)."""
+        if not (self.traced or self.left_alone):
+            return []
+        lines = ["rewritten in place: " + (", ".join(self.traced) or "nothing")]
+        grouped: dict[str, list[str]] = {}
+        for path, why in self.left_alone:
+            short = re.sub(r"(?:/[^\s:`]+)*/([^/\s:`]+\.py):", r"\1:", why.split(". torch.fx cannot", 1)[0])
+            short = re.sub(r"^cannot trace \w+: (the top-level forward of|module '[^']*' \()", r"\1", short)
+            grouped.setdefault(short, []).append(path or "(top level)")
+        for why, paths in grouped.items():
+            shown = ", ".join(paths[:4]) + (f" and {len(paths) - 4} more" if len(paths) > 4 else "")
+            lines.append(f"left alone: {shown}: {why}")
+        return lines
+
     def __str__(self) -> str:
         parts = [self.summary()]
         if self.stages:
@@ -174,8 +193,7 @@ class Report:
         if self.rows:
             parts.append(self.site_table())
         if self.traced or self.left_alone:
-            parts.append("rewritten in place: " + (", ".join(self.traced) or "nothing"))
-            parts.append("\n".join(f"left alone: {p or '(top level)'}: {r}" for p, r in self.left_alone))
+            parts.append("\n".join(self.reach_lines()))
         parts += [f"warning: {w}" for w in self.warnings]
         return "\n\n".join(parts)
 

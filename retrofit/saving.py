@@ -56,6 +56,8 @@ TRAIN_FORMAT = "retrofit-train/2"
 _OLD_FORMAT, _OLD_TRAIN_FORMAT = "retrofit/1", "retrofit-train/1"
 _META_KEY = "retrofit_recipe"
 WEIGHTS_FILE, RECIPE_FILE = "model.safetensors", "recipe.json"  # a folder save's two files
+# A folder written by transformers' or smp's save_pretrained: the recipe is in its config.
+_FRAMEWORK_CONFIG, _CONFIG_RECIPE_KEYS = "config.json", ("retrofit", "_retrofit")
 _TRAIN_SUFFIXES = (".pt", ".pth")
 
 
@@ -117,9 +119,10 @@ def _check_rebuilds(model: nn.Module, recipe: Recipe) -> None:
         OptionError: the recipe builds another model; the message says what differs.
     """
     def explain(what: str) -> OptionError:
-        kwargs = dict(_innermost(recipe).model_kwargs)
+        # A library's config or model yaml as an argument is long: its start says enough.
+        kwargs = ", ".join(f"{k!r}: {_short_repr(v)}" for k, v in _innermost(recipe).model_kwargs.items())
         return OptionError(
-            f"not saved: the recipe (model {_innermost(recipe).model!r}, arguments {kwargs}) {what}; pass "
+            f"not saved: the recipe (model {_innermost(recipe).model!r}, arguments {{{kwargs}}}) {what}; pass "
             "model_spec='resnet50' (timm), 'torchvision:NAME' or 'path/to/file.py:factory' and model_kwargs "
             "(e.g. {'num_classes': 10, 'in_chans': 1}) to save(), or build the model with retrofit.create_model()"
         )
@@ -129,8 +132,6 @@ def _check_rebuilds(model: nn.Module, recipe: Recipe) -> None:
             try:
                 with torch.device("meta"):
                     return step()
-            except RetrofitError:
-                raise
             except Exception:  # a constructor that needs real values (`.item()`): build it for real
                 return step()
         except RetrofitError as e:
@@ -154,6 +155,11 @@ def _check_rebuilds(model: nn.Module, recipe: Recipe) -> None:
     # as a failure somewhere in the rewrite.
     compare(_state_shapes(base), want, extra_ok=True)
     compare(_state_shapes(build(lambda: recipe.apply(base))), want, extra_ok=False)
+
+
+def _short_repr(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _innermost(recipe: Recipe) -> Recipe:
@@ -380,12 +386,15 @@ def read_save(path: str | Path) -> SavedModel:
             recipe = Recipe.from_dict(ckpt["recipe"], where)
         return SavedModel(path, "checkpoint", recipe, path.parent, ckpt.get("versions") or {},
                           tuple(ckpt.get("buffers") or ()), ckpt)
-    weights = path / WEIGHTS_FILE if path.is_dir() else path
-    if not weights.is_file():
+    files = _weight_files(path) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
         raise ModelLoadError(f"no saved model at {where!r} (expected a .safetensors file, a folder with "
                              f"{WEIGHTS_FILE}, or a training checkpoint .pt)")
+    weights = files[0]
     try:
-        if path.is_dir():
+        if path.is_dir() and not (path / RECIPE_FILE).exists() and (path / _FRAMEWORK_CONFIG).is_file():
+            header = _framework_header(path, where)
+        elif path.is_dir():
             header = json.loads((path / RECIPE_FILE).read_text())
         else:
             with safe_open(str(weights), "pt") as f:
@@ -409,16 +418,46 @@ def read_save(path: str | Path) -> SavedModel:
                       header.get("versions") or {}, tuple(header.get("buffers") or ()))
 
 
+def _weight_files(folder: Path) -> list[Path]:
+    """The weight files of a save folder: ``model.safetensors``, or the shards a
+    ``model.safetensors.index.json`` lists (a large ``save_pretrained`` folder)."""
+    index = folder / f"{WEIGHTS_FILE}.index.json"
+    if not (folder / WEIGHTS_FILE).exists() and index.is_file():
+        try:
+            names = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelLoadError(f"cannot read {str(index)!r} (corrupted?): {first_line(e)}") from e
+        return [folder / n for n in dict.fromkeys(names) if isinstance(n, str) and "/" not in n]
+    return [folder / WEIGHTS_FILE]
+
+
+def _framework_header(folder: Path, where: str) -> dict[str, Any]:
+    """The header of a folder a library's own ``save_pretrained`` wrote for a retrofitted
+    model: its ``config.json`` carries the recipe (transformers under ``retrofit``, smp under
+    ``_retrofit``; see :mod:`retrofit.frameworks`)."""
+    config = json.loads((folder / _FRAMEWORK_CONFIG).read_text(encoding="utf-8"))
+    recipe = next((config[k] for k in _CONFIG_RECIPE_KEYS if isinstance(config, dict) and k in config), None)
+    if recipe is None:
+        raise ModelLoadError(
+            f"{where!r} holds a {_FRAMEWORK_CONFIG} without a retrofit recipe: it was saved from a model that was not "
+            "retrofitted (load it with its library's from_pretrained), or from a retrofit result that did not keep "
+            "its class (save that with retrofit.save)"
+        )
+    return {"format": FORMAT, "recipe": recipe, "versions": {}, "buffers": []}
+
+
 def tensor_sizes(path: str | Path) -> dict[str, int]:
     """``{tensor name: number of elements}`` of a save (read from the file header only) or
     of a training checkpoint's weights."""
     path = _local(path)
     if path.suffix in _TRAIN_SUFFIXES:
         return {k: v.numel() for k, v in load_training_state(path)["model"].items()}
-    weights = path / WEIGHTS_FILE if path.is_dir() else path
+    sizes: dict[str, int] = {}
     try:
-        with safe_open(str(weights), "pt") as f:
-            return {k: _numel(f.get_slice(k).get_shape()) for k in f.keys()}
+        for weights in _weight_files(path) if path.is_dir() else [path]:
+            with safe_open(str(weights), "pt") as f:
+                sizes.update({k: _numel(f.get_slice(k).get_shape()) for k in f.keys()})
+        return sizes
     except (SafetensorError, OSError) as e:
         raise ModelLoadError(f"cannot read saved model {str(path)!r} (corrupted?): {first_line(e)}") from e
 
@@ -482,7 +521,9 @@ def load(
         state = {k: v.cpu() for k, v in saved.checkpoint["model"].items()}
     else:
         try:
-            state = load_file(str(saved.path / WEIGHTS_FILE if saved.kind == "folder" else saved.path))
+            state = {}
+            for file in _weight_files(saved.path) if saved.kind == "folder" else [saved.path]:
+                state.update(load_file(str(file)))
         except (SafetensorError, OSError) as e:
             raise ModelLoadError(f"cannot read saved model {str(path)!r} (corrupted?): {first_line(e)}") from e
     assign_weights(model, state, f"weights in {str(path)!r}", "the file does not match its own recipe (was it "

@@ -15,6 +15,7 @@ from retrofit import SiteError, TraceError
 from retrofit.fuse import gated_residual
 from retrofit.partition import partition, record_inputs
 from retrofit.rewrite import rewritten_in_place
+from retrofit.rulefile import parse_rules
 from retrofit.trace import trace
 from timm.models.resnet import BasicBlock
 
@@ -207,12 +208,16 @@ def test_keep_class_reports_sites_in_the_top_level_forward() -> None:
 
     whole = retrofit.get_report(retrofit.retrofit(Outer(), "se", input_size=16))
     assert [r.path for r in whole.rows] == [""]
-    kept = retrofit.retrofit(Outer(), "se", input_size=16, keep_class=True)
+    with pytest.warns(UserWarning, match="selected no site"):
+        kept = retrofit.retrofit(Outer(), "se", input_size=16, keep_class=True)
     report = retrofit.get_report(kept)
-    # Without the residual add, the rules' conv-block fallback applies to what is reachable.
-    assert [r.path for r in report.rows] == ["stem.0", "body.0"]
+    # The fallback is decided on every site of the model: it has a residual add, out of
+    # reach, so the rules do not switch to its conv blocks; the report says so.
+    assert report.rows == ()
     assert ("keep_class: 1 site(s) the rules select are in forward code kept as Python, out of reach: (top level)"
             in report.warnings)
+    assert any("fallback) not used: the model has residual-add sites, but none is within reach ((top level) are "
+               "in forward code kept as Python)" in w for w in report.warnings), report.warnings
     assert report.out_of_reach == ("(top level)",) and report.to_dict()["out_of_reach"] == ["(top level)"]
     assert report.max_abs_diff == 0.0
 
@@ -387,3 +392,80 @@ def test_cli_keep_class(tmp_path: Path) -> None:
     loaded = retrofit.load(tmp_path / "m.safetensors")
     assert type(loaded).__name__ == "ResNet" and rewritten_in_place(loaded.layer1[0])
     assert not any(n.target is gated_residual for n in type(loaded.layer1[0])._retrofit_graph.nodes)  # --no-fuse
+
+
+class LoopedBlocks(nn.Module):
+    """Blocks kept in containers the forward iterates in Python (as YOLO's and ConvNeXt's
+    stages are), under a top-level forward that branches on values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.stages = nn.ModuleList([nn.Sequential(BasicBlock(16, 16), BasicBlock(16, 16)) for _ in range(2)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            for block in stage:  # the Sequential is iterated, never called
+                x = block(x)
+            if x.abs().max() > 1e6:
+                raise ValueError("diverged")
+        return x.mean((2, 3))
+
+
+def test_blocks_in_iterated_containers_are_reached() -> None:
+    model = LoopedBlocks().eval()
+    blocks = [f"stages.{i}.{j}" for i in range(2) for j in range(2)]
+    for keep_class in (False, True):
+        out = retrofit.retrofit(model, "se", input_size=16, keep_class=keep_class)
+        report = retrofit.get_report(out)
+        assert [r.path for r in report.rows] == blocks and report.traced == tuple(blocks)
+        assert report.max_abs_diff == 0.0 and type(out) is LoopedBlocks
+
+
+def test_modules_without_a_site_stay_called_submodules() -> None:
+    """Attention only in layer4: every other block stays the module it was (its class, its
+    forward, its hooks), in both forms; what is traced into is listed with the reason."""
+    rules = parse_rules({"rule": [{"at": "residual-add", "attn": "se", "include": ["layer4.*"]}]})
+    model = build("resnet18").eval()
+    gm = retrofit.retrofit(model, rules=rules, input_size=64)
+    report = retrofit.get_report(gm)
+    assert isinstance(gm, torch.fx.GraphModule) and [r.path for r in report.rows] == ["layer4.0", "layer4.1"]
+    assert report.inlined == (("layer4.0", "holds an insertion point"), ("layer4.1", "holds an insertion point"))
+    calls = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    assert {"layer1", "layer2", "layer3", "layer4.0.downsample"} <= calls  # called whole, not traced into
+    assert type(gm.layer1[0]) is BasicBlock and type(gm.layer4[0]) is not BasicBlock
+    fired: list[int] = []
+    gm.layer2[1].register_forward_hook(lambda *_: fired.append(1))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    assert fired == [1]
+    # Retrofitting the result again still sees every site (the calls are traced into again).
+    assert len(retrofit.analyze(gm, 64).of_kind("residual-add")) == 8
+
+
+class TopLevelAdd(nn.Module):
+    """Its only residual add is written in its own forward; its conv blocks are submodules."""
+
+    def __init__(self, branch_on_values: bool = True) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.branch_on_values = branch_on_values
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        if self.branch_on_values and x.abs().max() > 1e6:
+            raise ValueError("diverged")
+        return x + self.body(x)
+
+
+def test_a_fallback_past_untraced_code_says_what_it_could_not_see() -> None:
+    # (With keep_class, an add that exists but is out of reach keeps the fallback off:
+    # test_keep_class_reports_sites_in_the_top_level_forward.) Not traced at all: the
+    # conv-block fallback applies, and says what it could not see.
+    with pytest.warns(UserWarning, match=r"falls back to conv-block sites: no residual-add site was reached, and 1 "
+                                         r"part\(s\) of the model were not traced and may hold some: \(top level\)"):
+        out = retrofit.retrofit(TopLevelAdd(), "se", input_size=16)
+    assert [r.kind for r in retrofit.get_report(out).rows] == ["conv-block"] * 2

@@ -14,7 +14,7 @@ them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
@@ -66,6 +66,10 @@ class Framework:
         """What building ``name`` with ``kwargs`` would import or run beyond the library's
         own classes (empty: nothing)."""
         return []
+
+    def title(self, name: str, kwargs: Mapping[str, Any]) -> str:
+        """How a model card names a model of this library built from ``name`` and ``kwargs``."""
+        return f"{self.distribution} model `{name}`"
 
     def stages(self, model: nn.Module) -> list[str] | None:
         """Module paths of the model's stages, for the per-stage diff (None: the default)."""

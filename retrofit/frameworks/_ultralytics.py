@@ -17,6 +17,7 @@ import ast
 import contextlib
 import copy
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,11 +42,13 @@ _HEAD_CLASSES = {"RTDETRDecoder": "RTDETRDetectionModel", "WorldDetect": "WorldM
 
 @contextlib.contextmanager
 def offline() -> Iterator[None]:
-    """Ultralytics without downloads, prompts or its settings file's network checks."""
+    """Ultralytics without downloads or network checks, its messages (model summaries) on
+    stderr: what it prints while building is not a result."""
     saved = os.environ.get("YOLO_OFFLINE")
     os.environ["YOLO_OFFLINE"] = "1"
     try:
-        yield
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
     finally:
         if saved is None:
             os.environ.pop("YOLO_OFFLINE", None)
@@ -143,7 +146,8 @@ class Ultralytics(Framework):
             return None
         kwargs: dict[str, Any] = {"cfg": copy.deepcopy(dict(cfg)), "model_class": cls.__name__}
         names = getattr(model, "names", None)
-        if isinstance(names, Mapping) and names and all(isinstance(v, str) for v in names.values()):
+        default = {i: str(i) for i in range(len(names))} if isinstance(names, Mapping) else None
+        if isinstance(names, Mapping) and names != default and all(isinstance(v, str) for v in names.values()):
             kwargs["names"] = {str(k): v for k, v in names.items()}
         return f"ultralytics:{_yaml_name(cfg, cls.__name__)}", kwargs
 
@@ -239,6 +243,9 @@ class Ultralytics(Framework):
             raise ModelLoadError(f"cannot read the Ultralytics checkpoint {name!r}: {type(e).__name__}: "
                                  f"{first_line(e)}") from e
         return model.float()
+
+    def title(self, name: str, kwargs: Mapping[str, Any]) -> str:
+        return f"Ultralytics model `{name}` ({kwargs.get('model_class', 'built from its yaml')})"
 
     def stages(self, model: nn.Module) -> list[str] | None:
         layers = getattr(model, "model", None)
