@@ -109,11 +109,14 @@ def _partition(
     input_size: int | tuple[int, ...] | None,
     leaf_modules: Iterable[LeafSpec],
     keep_class: bool,
+    rules: RuleSet | None = None,
 ) -> tuple[tuple[int, int, int], Partition]:
     leaf_modules = tuple(leaf_modules)
     check_leaf_modules(model, leaf_modules)
     size = resolve_input_size(model, input_size)
-    parts = partition(model, size, leaf_modules, keep_class)
+    # Rules that select sites by the modules around them need a probe forward's data flow.
+    flow = rules is not None and any(r.output_of is not None or r.input_of is not None for r in rules.rules)
+    parts = partition(model, size, leaf_modules, keep_class, flow)
     if parts.root_error is not None and not parts.analysis.sites and holds_conv(model):
         # Nothing with sites traced: the trace failure is what hides them. A model with no
         # convolution at all has no sites however it traces; "no sites" is then the answer.
@@ -164,7 +167,7 @@ def plan(
     """
     ruleset = resolve_rules(attn, rules)
     _check_choice("on_existing", on_existing, ON_EXISTING)
-    parts = _partition(model, input_size, leaf_modules, keep_class)[1]
+    parts = _partition(model, input_size, leaf_modules, keep_class, ruleset)[1]
     return make_plan(parts.analysis, ruleset, gate, attn_args, strict, on_existing, scores, parts.whole_analysis)
 
 
@@ -252,7 +255,7 @@ def retrofit(
     ruleset = resolve_rules(attn, rules)
     leaf_modules = tuple(leaf_modules)
     work = model if inplace else _copy_model(model)
-    size, parts = _partition(work, input_size, leaf_modules, keep_class)
+    size, parts = _partition(work, input_size, leaf_modules, keep_class, ruleset)
     analysis = parts.analysis
     if not analysis.sites:
         # _partition returns a trace error beside no sites only for a model with no convolution.

@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-class", action="store_true",
                    help="keep the model's class: rewrite traced submodules in place, not its own forward")
     p.add_argument("--no-fuse", action="store_true", help="call gating modules instead of fusing them into adds")
-    p.add_argument("--out", metavar="PATH", help="save to PATH.safetensors or a folder (weights + recipe)")
+    p.add_argument("--out", metavar="PATH", help="save to PATH.safetensors or a folder (weights + recipe); an "
+                   "Ultralytics model also to PATH.pt, a checkpoint YOLO(PATH.pt) loads")
     p.add_argument("--force", action="store_true", help="let --out replace an existing file")
     p.add_argument("--score-data", metavar="DIR",
                    help="score every site on this data before choosing (retrofit.score_sites): an ImageFolder "
@@ -300,10 +301,28 @@ def _retrofit_model(args: argparse.Namespace) -> tuple[int, Sequence[str]]:
         return EXIT_IDENTITY_FAILED, report.warnings
     if args.out:
         progress(f"saving {args.out}")
-        path = save(gm, args.out, force=args.force)  # create_model recorded the model and its arguments
+        if args.out.endswith(".pt"):
+            path = _save_checkpoint(gm, args.out, args.force)
+            hint = f"YOLO({str(path)!r}) loads it; retrofit.ultralytics.trainer(...) trains on from it"
+        else:
+            path = save(gm, args.out, force=args.force)  # create_model recorded the model and its arguments
+            hint = f"load it with retrofit.load({str(path)!r})"
         if not args.quiet and args.format == "table":
-            print(f"\nsaved {path} (load it with retrofit.load({str(path)!r}))")
+            print(f"\nsaved {path} ({hint})")
     return EXIT_OK, report.warnings
+
+
+def _save_checkpoint(model: Any, out: str, force: bool) -> Path:
+    """``--out NAME.pt``: an Ultralytics checkpoint (the format ``YOLO(...)`` reads)."""
+    from .frameworks import framework_of
+
+    framework = framework_of(model)
+    if framework is None or framework.prefix != "ultralytics":
+        raise OptionError(f"--out {out!r}: a .pt file is an Ultralytics checkpoint, for Ultralytics models; save "
+                          "other models to NAME.safetensors or a folder")
+    from .ultralytics import save_checkpoint
+
+    return save_checkpoint(model, out, force=force)
 
 
 def _scores(args: argparse.Namespace, model: Any) -> Any:

@@ -17,7 +17,7 @@ from torch import nn
 from .download import PROBE_TIMEOUT, hf_endpoint, hf_offline, hf_offline_requested, torch_hub_cached, unreachable
 from .errors import ModelLoadError, OptionError, first_line
 from .frameworks import framework_of_spec
-from .recipe import Recipe, attach_recipe, is_file_spec
+from .recipe import Recipe, attach_recipe, get_recipe, is_file_spec
 
 __all__ = ["create_model"]
 
@@ -174,6 +174,9 @@ def _from_framework(spec: str, pretrained: bool, num_classes: int | None, trust_
     if num_classes is not None:
         args[framework.num_classes_arg] = num_classes
     model = framework.build(name, pretrained=pretrained, trust_code=trust_code, **args)
+    carried = get_recipe(model)
+    if carried is not None and carried.rules is not None:
+        return model  # a retrofitted model read from a checkpoint: it knows how it was built
     described = framework.describe(model)
     attach_recipe(model, Recipe() if described is None else Recipe(model=described[0], model_kwargs=described[1]))
     return model

@@ -38,7 +38,7 @@ from .sites import Site, SiteAnalysis, SkippedCandidate, find_sites, holds_conv,
 from .trace import LeafSpec, RetrofitTracer, flattens_inputs, optional_defaults, relative_leaves, trace
 from .verify import eval_mode, input_dtype_device
 
-__all__ = ["Unit", "Partition", "partition", "refine", "slim", "record_inputs"]
+__all__ = ["Unit", "Partition", "Flow", "partition", "refine", "slim", "record_inputs", "probe"]
 
 # One recorded call: positional and keyword inputs, tensors as TensorInfo.
 Call = tuple[tuple[Any, ...], dict[str, Any]]
@@ -84,9 +84,28 @@ def _info(value: Any) -> Any:
     return value
 
 
+@dataclass
+class Flow:
+    """Which tensors each module took and returned in a probe forward, by object identity
+    (the tensors are kept alive, so identities stay unique)."""
+
+    inputs: dict[str, list[set[tuple[int, int]]]]  # module path -> per call, (id, version) of its tensor inputs
+    outputs: dict[str, list[set[tuple[int, int]]]]  # module path -> per call, (id, version) of its tensor outputs
+    keep: list[Any]  # the tensors themselves
+
+
+def _ids(value: Any, keep: list[Any]) -> set[tuple[int, int]]:
+    """The tensors in ``value`` as (identity, version): an in-place op (``x += shortcut``,
+    ``relu_``) keeps the object and bumps its version, and makes another value."""
+    tensors = [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+    keep += tensors
+    return {(id(t), t._version) for t in tensors}
+
+
 @contextlib.contextmanager
-def _recording(model: nn.Module) -> Iterator[dict[str, list[Call]]]:
+def _recording(model: nn.Module) -> Iterator[tuple[dict[str, list[Call]], Flow]]:
     calls: dict[str, list[Call]] = {}
+    flow = Flow({}, {}, [])
     handles = []
 
     def hook(path: str):  # type: ignore[no-untyped-def]
@@ -94,20 +113,36 @@ def _recording(model: nn.Module) -> Iterator[dict[str, list[Call]]]:
             calls.setdefault(path, []).append(
                 (tuple(pytree.tree_map(_info, list(args))), dict(pytree.tree_map(_info, dict(kwargs))))
             )
+            flow.inputs.setdefault(path, []).append(_ids((args, kwargs), flow.keep))
+
+        return record
+
+    def after(path: str):  # type: ignore[no-untyped-def]
+        def record(_mod: nn.Module, _args: Any, out: Any) -> None:
+            flow.outputs.setdefault(path, []).append(_ids(out, flow.keep))
 
         return record
 
     for path, mod in model.named_modules():
         handles.append(mod.register_forward_pre_hook(hook(path), with_kwargs=True))
+        handles.append(mod.register_forward_hook(after(path)))
     try:
-        yield calls
+        yield calls, flow
     finally:
         for h in handles:
             h.remove()
 
 
 def record_inputs(model: nn.Module, input_size: tuple[int, int, int], batch_size: int = 2) -> dict[str, list[Call]]:
-    """The inputs every submodule receives in one forward of a ``(batch, *input_size)`` probe.
+    """The inputs every submodule receives in one forward of a ``(batch, *input_size)`` probe
+    (see :func:`probe`)."""
+    return probe(model, input_size, batch_size)[0]
+
+
+def probe(model: nn.Module, input_size: tuple[int, int, int],
+          batch_size: int = 2) -> tuple[dict[str, list[Call]], Flow]:
+    """The inputs every submodule receives in one forward of a ``(batch, *input_size)`` probe,
+    and which tensors each module took and returned.
 
     The probe runs on fake tensors (nothing computed, nothing of the model written); a
     forward whose control flow needs real values runs once for real on zeros, in eval mode
@@ -122,16 +157,16 @@ def record_inputs(model: nn.Module, input_size: tuple[int, int, int], batch_size
         try:
             mode = FakeTensorMode(allow_non_fake_inputs=True)
             state = {n: mode.from_tensor(t) for n, t in [*model.named_parameters(), *model.named_buffers()]}
-            with _recording(model) as calls, mode:
+            with _recording(model) as (calls, flow), mode:
                 torch.func.functional_call(model, state, (torch.empty(shape, dtype=dtype, device=device),),
                                            tie_weights=False, strict=False)
-            return calls
+            return calls, flow
         except Exception:  # control flow that reads values: run it for real below
             pass
         try:
-            with _recording(model) as calls:
+            with _recording(model) as (calls, flow):
                 model(torch.zeros(shape, dtype=dtype, device=device))
-            return calls
+            return calls, flow
         except Exception as e:
             reason = first_line(e)
             raise TraceError(
@@ -404,6 +439,7 @@ def partition(
     input_size: tuple[int, int, int],
     leaf_modules: Sequence[LeafSpec] = (),
     keep_class: bool = False,
+    flow: bool = False,
 ) -> Partition:
     """Split ``model`` into the pieces that trace, and analyse them.
 
@@ -419,6 +455,8 @@ def partition(
         keep_class: never make the root a unit; the model's own forward stays as it is.
             Its sites (a residual add written in that forward) are out of reach and left
             out of ``analysis``; ``whole_analysis`` has them.
+        flow: fill each site's ``output_of`` / ``input_of`` (the modules that return its
+            tensor or take it), from a probe forward; rules that select by them need it.
 
     Returns:
         The units, the modules left alone with the reason, and the sites.
@@ -436,10 +474,11 @@ def partition(
         root_error = e
     if root is not None and not keep_class:
         sites = root.analysis.sites
-        return Partition((root,), (), root.analysis, {s.node: (0, s) for s in sites},
-                         tuple(root.gm.meta.get("retrofit_trace_notes", ())))
+        whole = Partition((root,), (), root.analysis, {s.node: (0, s) for s in sites},
+                          tuple(root.gm.meta.get("retrofit_trace_notes", ())))
+        return _with_flow(model, whole, probe(model, input_size)[1]) if flow else whole
     try:
-        calls = record_inputs(model, input_size)
+        calls, flows = probe(model, input_size)
     except TraceError:
         if root_error is None:
             raise
@@ -448,8 +487,9 @@ def partition(
         left = [("", f"the forward of {type(model).__name__} stays Python code (keep_class)")]
         # Stages and blocks as in the whole-model rewrite: the root's own numbering.
         reachable = tuple(s for s in root.analysis.sites if _anchor(s, root.gm) != "")
-        return Partition((root,), tuple(left), SiteAnalysis(reachable, root.analysis.skipped, tuple(left)),
+        kept = Partition((root,), tuple(left), SiteAnalysis(reachable, root.analysis.skipped, tuple(left)),
                          {s.node: (0, s) for s in reachable}, (), None, root.analysis, calls, leaf_modules)
+        return _with_flow(model, kept, flows) if flow else kept
     why = f"does not trace: {root_error.where}" if root_error is not None else "kept as Python code"
     units, left = _largest_units(model, calls, leaf_modules, why)
     sites: list[Site] = []
@@ -462,8 +502,56 @@ def partition(
             sites.append(p)
         skipped += [replace(c, qualname=_join(unit.path, c.qualname)) for c in unit.analysis.skipped]
     notes = tuple(f"{u.path}: {n}" for u in units for n in u.gm.meta.get("retrofit_trace_notes", ()))
-    return Partition(tuple(units), tuple(left), SiteAnalysis(number_stages(sites), tuple(skipped), tuple(left)),
-                     origin, notes, root_error, None, calls, leaf_modules)
+    parts = Partition(tuple(units), tuple(left), SiteAnalysis(number_stages(sites), tuple(skipped), tuple(left)),
+                      origin, notes, root_error, None, calls, leaf_modules)
+    return _with_flow(model, parts, flows) if flow else parts
+
+
+def _returned(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    return node in pytree.tree_leaves(output.args[0])
+
+
+def _with_flow(model: nn.Module, parts: Partition, flow: Flow) -> Partition:
+    """Each site's ``output_of`` / ``input_of``: the modules (``"path (Class)"``) that return
+    its tensor or take it, found by the identity of the tensors of a probe forward. A site's
+    tensor is known when its node calls a module called once (its output), or when it is
+    what its unit returns."""
+    classes: dict[str, str] = {}
+    for path, mod in model.named_modules(remove_duplicate=False):
+        classes.setdefault(path, getattr(type(mod), "_retrofit_original", type(mod)).__name__)
+    made_by: dict[tuple[int, int], list[str]] = {}
+    taken_by: dict[tuple[int, int], list[str]] = {}
+    for path, per_call in flow.outputs.items():
+        for ids in per_call:
+            for i in ids:
+                made_by.setdefault(i, []).append(path)
+    for path, per_call in flow.inputs.items():
+        for ids in per_call:
+            for i in ids:
+                taken_by.setdefault(i, []).append(path)
+
+    def named(paths: list[str]) -> tuple[str, ...]:
+        return tuple(f"{p or '(top level)'} ({classes.get(p, '?')})" for p in dict.fromkeys(paths))
+
+    sites: list[Site] = []
+    origin = dict(parts.origin)
+    for site in parts.analysis.sites:
+        index, local = parts.origin[site.node]
+        unit = parts.units[index]
+        node = next((n for n in unit.gm.graph.nodes if n.name == local.node), None)
+        ids: set[tuple[int, int]] = set()
+        if node is not None and node.op == "call_module":
+            calls = flow.outputs.get(_join(unit.path, str(node.target)), [])
+            ids = calls[0] if len(calls) == 1 else set()
+        if not ids and node is not None and _returned(unit.gm, node):
+            calls = flow.outputs.get(unit.path, [])
+            ids = calls[0] if len(calls) == 1 else set()
+        made = named([p for i in ids for p in made_by.get(i, [])])
+        taken = named([p for i in ids for p in taken_by.get(i, [])])
+        sites.append(replace(site, output_of=made, input_of=taken))
+        origin[site.node] = (index, replace(local, output_of=made, input_of=taken))
+    return replace(parts, analysis=replace(parts.analysis, sites=tuple(sites)), origin=origin)
 
 
 def refine(model: nn.Module, parts: Partition, sites: Sequence[Site]) -> tuple[Partition, tuple[Site, ...]]:

@@ -109,6 +109,12 @@ def _filter(rule: Rule, site: Site, n_stages: int, stage_sizes: Mapping[int, int
         return f"not matched by include {list(rule.include)}"
     if _matches(site.path, rule.exclude):
         return f"excluded by {list(rule.exclude)}"
+    for key, modules in (("output_of", site.output_of), ("input_of", site.input_of)):
+        wanted = getattr(rule, key)
+        if wanted is not None and not any(_matches(m.rpartition(" (")[2].rstrip(")"), wanted) for m in modules):
+            what = "returns" if key == "output_of" else "takes"
+            return (f"no module of class {' / '.join(wanted)} {what} its tensor ({key}; it is "
+                    f"{'the output' if key == 'output_of' else 'the input'} of {', '.join(modules) or 'no module'})")
     channels = site.mid_channels if rule.position == "mid" and site.mid_channels else site.channels
     if rule.min_channels is not None and channels < rule.min_channels:
         return f"{channels} channels < min_channels = {rule.min_channels}"

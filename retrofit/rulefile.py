@@ -38,6 +38,8 @@ _RULE_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
     "gate": ((str,), "identity"),
     "include": ((list,), ["*"]),
     "exclude": ((list,), []),
+    "output_of": ((list,), None),
+    "input_of": ((list,), None),
     "min_channels": ((int,), None),
     "max_channels": ((int,), None),
     "min_size": ((int,), None),
@@ -72,6 +74,8 @@ class Rule:
     gate: str = "identity"  # gate form: "identity" or "sigmoid"
     include: tuple[str, ...] = ("*",)  # fnmatch globs on the site path; a site must match one
     exclude: tuple[str, ...] = ()  # fnmatch globs on the site path; a match removes the site
+    output_of: tuple[str, ...] | None = None  # class globs: keep sites whose tensor a module of such a class returns
+    input_of: tuple[str, ...] | None = None  # class globs: keep sites whose tensor such a module takes as input
     min_channels: int | None = None  # keep sites with at least this many channels
     max_channels: int | None = None  # keep sites with at most this many channels
     min_size: int | None = None  # keep sites whose H and W are both at least this
@@ -183,8 +187,8 @@ def _parse_rule(table: Mapping[str, Any], where: str) -> Rule:
         )
     if values["gate"] not in GATES:
         raise RuleError(f"{where}: unknown gate {values['gate']!r} (valid: {', '.join(GATES)})")
-    for key in ("include", "exclude"):
-        if not all(isinstance(g, str) for g in values[key]):
+    for key in ("include", "exclude", "output_of", "input_of"):
+        if values[key] is not None and not all(isinstance(g, str) for g in values[key]):
             raise RuleError(f"{where}: {key!r} must be an array of strings (globs), got {values[key]!r}")
     top = _select(values["select"], where)
     budget = _budget(values["budget"], where)
@@ -196,6 +200,8 @@ def _parse_rule(table: Mapping[str, Any], where: str) -> Rule:
         gate=values["gate"],
         include=tuple(values["include"]),
         exclude=tuple(values["exclude"]),
+        output_of=None if values["output_of"] is None else tuple(values["output_of"]),
+        input_of=None if values["input_of"] is None else tuple(values["input_of"]),
         min_channels=values["min_channels"],
         max_channels=values["max_channels"],
         min_size=values["min_size"],

@@ -77,6 +77,10 @@ class Site:
     existing_mid: str | None = None  # attention the model already has where `mid` would go
     stage: int = 0  # 1-based stage: rank of the site's spatial size among sites of its kind, largest first
     block: int = 0  # 0-based index of the site within its stage, in graph order
+    # Modules, as "path (Class)", that return this site's tensor / take it as their input, from a
+    # probe forward; filled only when a rule asks (output_of, input_of)
+    output_of: tuple[str, ...] = ()
+    input_of: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data view (JSON-ready)."""
@@ -92,6 +96,8 @@ class Site:
             "mid_channels": self.mid_channels,
             "existing": self.existing,
             "layers": list(self.layers),
+            **({"output_of": list(self.output_of)} if self.output_of else {}),
+            **({"input_of": list(self.input_of)} if self.input_of else {}),
         }
 
 

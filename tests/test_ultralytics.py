@@ -1,0 +1,300 @@
+"""Ultralytics YOLO end to end: retrofit.ultralytics.trainer in YOLO.train, its checkpoints,
+resume, reload in a fresh process, val, and ONNX export.
+
+Tiny generated data sets (a few 64x64 images with coloured boxes), one epoch each, CPU,
+``YOLO_OFFLINE=1``, ``amp=False``, ``plots=False``: nothing downloads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import retrofit
+import retrofit.ultralytics
+from retrofit.cli import main as cli_main
+
+SIZE = 64
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+
+
+def make_data(root: Path, task: str, n_train: int = 8, n_val: int = 4) -> Path:
+    """Boxes of three colours on noise: YOLO labels (boxes or polygons) or class folders."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            img = (rng.random((SIZE, SIZE, 3)) * 60).astype(np.uint8)
+            lines = []
+            for _ in range(1 if task == "classify" else 2):
+                c = int(rng.integers(0, 3))
+                w, h = (int(v) for v in rng.integers(12, 28, 2))
+                x0, y0 = int(rng.integers(0, SIZE - w)), int(rng.integers(0, SIZE - h))
+                img[y0:y0 + h, x0:x0 + w] = COLOURS[c]
+                if task == "segment":
+                    pts = [x0, y0, x0 + w, y0, x0 + w, y0 + h, x0, y0 + h]
+                    lines.append(f"{c} " + " ".join(f"{p / SIZE:.4f}" for p in pts))
+                else:
+                    lines.append(f"{c} {(x0 + w / 2) / SIZE:.4f} {(y0 + h / 2) / SIZE:.4f} {w / SIZE:.4f} {h / SIZE:.4f}")
+            if task == "classify":
+                folder = root / split / ["red", "green", "blue"][int(lines[0].split()[0])]
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(img).save(folder / f"{i}.png")
+                continue
+            (root / "images" / split).mkdir(parents=True, exist_ok=True)
+            (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(root / "images" / split / f"{i}.png")
+            (root / "labels" / split / f"{i}.txt").write_text("\n".join(lines) + "\n")
+    if task == "classify":
+        for split in ("train", "val"):  # every class in both splits
+            for k, name in enumerate(["red", "green", "blue"]):
+                folder = root / split / name
+                if not folder.exists():
+                    folder.mkdir(parents=True)
+                    img = np.zeros((SIZE, SIZE, 3), np.uint8)
+                    img[16:48, 16:48] = COLOURS[k]
+                    Image.fromarray(img).save(folder / "0.png")
+        return root
+    (root / "data.yaml").write_text(f"path: {root}\ntrain: images/train\nval: images/val\n"
+                                    "names:\n  0: red\n  1: green\n  2: blue\n")
+    return root / "data.yaml"
+
+
+def train_args(project: Path, name: str, **extra: Any) -> dict[str, Any]:
+    return {**dict(epochs=1, imgsz=SIZE, batch=4, workers=0, amp=False, plots=False, device="cpu",
+                   project=str(project), name=name, exist_ok=True, verbose=False, optimizer="AdamW", lr0=0.01,
+                   seed=0), **extra}
+
+
+def attention_names(model: torch.nn.Module, attn: str = "cbam") -> list[str]:
+    return [n for n, _ in model.named_parameters() if f".{attn}." in n]
+
+
+def _out(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    model.eval()
+    with torch.no_grad():
+        return [t for t in torch.utils._pytree.tree_leaves(model(x)) if isinstance(t, torch.Tensor)]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("yolo")
+
+
+@pytest.fixture(scope="module")
+def detect_data(work: Path) -> Path:
+    return make_data(work / "det", "detect")
+
+
+@pytest.fixture(scope="module")
+def plain_pt(work: Path) -> Path:
+    """A YOLOv8n checkpoint without attention (3 classes): what a user's pretrained .pt is."""
+    torch.manual_seed(0)
+    model = retrofit.create_model("ultralytics:yolov8n.yaml", nc=3)
+    return retrofit.ultralytics.save_checkpoint(model, work / "plain.pt")
+
+
+@pytest.fixture(scope="module")
+def detect_run(work: Path, detect_data: Path, plain_pt: Path) -> dict[str, Any]:
+    """One epoch of YOLO.train from a plain checkpoint, with CBAM through the trainer."""
+    from ultralytics import YOLO
+
+    seen: dict[str, Any] = {}
+
+    def at_start(trainer: Any) -> None:  # after get_model and the weights, before any step
+        seen["start"] = [t.clone() for t in _out(trainer.model, seen["x"])]
+        seen["optimizer"] = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+        seen["groups"] = [(g.get("param_group"), g["weight_decay"], {id(p) for p in g["params"]})
+                          for g in trainer.optimizer.param_groups]
+        seen["attention"] = {n: p for n, p in trainer.model.named_parameters() if ".cbam." in n}
+
+    seen["x"] = torch.rand(1, 3, SIZE, SIZE)
+    yolo = YOLO(str(plain_pt))
+    yolo.add_callback("on_pretrain_routine_end", at_start)
+    yolo.train(data=str(detect_data), trainer=retrofit.ultralytics.trainer("cbam"), **train_args(work, "det"))
+    seen["run"] = work / "det"
+    return seen
+
+
+def test_training_from_a_plain_checkpoint_starts_at_exact_identity(detect_run: dict[str, Any], plain_pt: Path) -> None:
+    from ultralytics import YOLO
+
+    plain = YOLO(str(plain_pt)).model.float()
+    want = _out(plain, detect_run["x"])
+    assert all(torch.equal(a, b) for a, b in zip(detect_run["start"], want, strict=True))
+    # Every attention parameter is in the optimizer: conv weights in Ultralytics' "weight"
+    # group (with weight decay), biases in "bias" (none).
+    attention = detect_run["attention"]
+    assert len(attention) == 24 and {id(p) for p in attention.values()} <= detect_run["optimizer"]
+    groups = {name: ids for name, _, ids in detect_run["groups"]}
+    decay = {name: wd for name, wd, _ in detect_run["groups"]}
+    assert {id(p) for n, p in attention.items() if n.endswith("weight")} <= groups["weight"] and decay["weight"] > 0
+    assert {id(p) for n, p in attention.items() if n.endswith("bias")} <= groups["bias"] and decay["bias"] == 0
+
+
+def test_checkpoints_hold_the_attention(detect_run: dict[str, Any]) -> None:
+    for name in ("last.pt", "best.pt"):
+        ckpt = torch.load(detect_run["run"] / "weights" / name, weights_only=False)
+        model = ckpt.get("ema") or ckpt["model"]
+        assert len(attention_names(model)) == 24, name
+
+
+_FRESH = """
+import os, sys, json, torch
+os.environ["YOLO_OFFLINE"] = "1"
+from ultralytics import YOLO
+y = YOLO(sys.argv[1])
+x = torch.load(sys.argv[2])
+m = y.model.float().eval()
+with torch.no_grad():
+    out = m(x)[0]
+fused = YOLO(sys.argv[1]).model.float().eval().fuse(verbose=False)
+with torch.no_grad():
+    out_fused = fused(x)[0]
+metrics = y.val(data=sys.argv[3], imgsz=64, batch=4, device="cpu", plots=False, verbose=False, workers=0)
+boxes = y.predict(sys.argv[4], imgsz=64, device="cpu", verbose=False, conf=0.0)[0].boxes
+torch.save({"out": out, "fused": out_fused, "map": float(metrics.box.map), "boxes": boxes.data}, sys.argv[5])
+print(sum(".cbam." in n for n, _ in m.named_parameters()))
+"""
+
+
+def test_a_fresh_process_loads_val_predicts_and_fuses_the_checkpoint(detect_run: dict[str, Any], detect_data: Path,
+                                                                      work: Path) -> None:
+    """YOLO("best.pt") in another process, with retrofit installed: the same numbers as here."""
+    from ultralytics import YOLO
+
+    best = detect_run["run"] / "weights" / "best.pt"
+    x = torch.rand(1, 3, SIZE, SIZE)
+    torch.save(x, work / "x.pt")
+    image = next((detect_data.parent / "images" / "val").iterdir())
+    r = subprocess.run([sys.executable, "-c", _FRESH, str(best), str(work / "x.pt"), str(detect_data), str(image),
+                        str(work / "fresh.pt")], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS":
+                                                                                   str(torch.get_num_threads())})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "24"
+    fresh = torch.load(work / "fresh.pt")
+    here = YOLO(str(best))
+    model = here.model.float().eval()
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], fresh["out"])
+        fused = YOLO(str(best)).model.float().eval().fuse(verbose=False)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+        torch.testing.assert_close(fused(x)[0], fresh["fused"])
+        torch.testing.assert_close(fresh["fused"], fresh["out"], rtol=1e-3, atol=1e-3)
+    metrics = here.val(data=str(detect_data), imgsz=SIZE, batch=4, device="cpu", plots=False, verbose=False, workers=0)
+    assert float(metrics.box.map) == fresh["map"]
+    boxes = here.predict(str(image), imgsz=SIZE, device="cpu", verbose=False, conf=0.0)[0].boxes
+    torch.testing.assert_close(boxes.data, fresh["boxes"])
+
+
+def test_onnx_export_runs_in_onnxruntime(detect_run: dict[str, Any], work: Path) -> None:
+    import onnxruntime as ort
+    from ultralytics import YOLO
+
+    best = detect_run["run"] / "weights" / "best.pt"
+    onnx = YOLO(str(best)).export(format="onnx", imgsz=SIZE, simplify=False, dynamic=False)
+    session = ort.InferenceSession(onnx, providers=["CPUExecutionProvider"])
+    x = torch.rand(1, 3, SIZE, SIZE)
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    model = YOLO(str(best)).model.float().eval().fuse(verbose=False)
+    with torch.no_grad():
+        want = model(x)[0]
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-3, atol=1e-3)
+
+
+def test_training_from_a_retrofitted_checkpoint_loads_its_attention(work: Path, detect_data: Path) -> None:
+    """The command line writes a retrofitted checkpoint (attention moved off identity here);
+    the trainer inserts the same modules once and loads their weights."""
+    from ultralytics import YOLO
+
+    start = work / "cli.pt"
+    assert cli_main(["ultralytics:yolov8n.yaml", "--attn", "cbam", "--input-size", "64", "--num-classes", "3",
+                     "--out", str(start), "-q"]) == 0
+    ckpt = torch.load(start, weights_only=False)
+    with torch.no_grad():
+        for n, p in ckpt["model"].named_parameters():
+            if ".cbam." in n:
+                p.add_(0.05)
+    torch.save(ckpt, start)
+    saved = {n: p.float().clone() for n, p in ckpt["model"].named_parameters() if ".cbam." in n}
+    seen: dict[str, Any] = {}
+    yolo = YOLO(str(start))
+    assert len(attention_names(yolo.model)) == 24
+    yolo.add_callback("on_pretrain_routine_end", lambda t: seen.update(
+        {n: p.detach().clone() for n, p in t.model.named_parameters() if ".cbam." in n}))
+    yolo.train(data=str(detect_data), trainer=retrofit.ultralytics.trainer("cbam"), **train_args(work, "again"))
+    assert seen.keys() == saved.keys()  # inserted once: the same 24 tensors, no second set
+    assert all(torch.equal(seen[n], saved[n]) for n in saved)
+
+
+def test_resume_continues_a_stopped_run(work: Path, detect_data: Path, plain_pt: Path) -> None:
+    from ultralytics import YOLO
+
+    class Stop(Exception):
+        pass
+
+    def stop(trainer: Any) -> None:
+        if trainer.epoch == 0:
+            raise Stop
+
+    yolo = YOLO(str(plain_pt))
+    yolo.add_callback("on_fit_epoch_end", stop)
+    tr = retrofit.ultralytics.trainer("se")
+    with pytest.raises(Stop):
+        yolo.train(data=str(detect_data), trainer=tr, **train_args(work, "resume", epochs=2))
+    last = work / "resume" / "weights" / "last.pt"
+    assert torch.load(last, weights_only=False)["epoch"] == 0
+    YOLO(str(last)).train(resume=True, trainer=tr)
+    ckpt = torch.load(last, weights_only=False)
+    assert len(attention_names(ckpt.get("ema") or ckpt["model"], "se")) == 24
+    rows = (work / "resume" / "results.csv").read_text().strip().splitlines()
+    assert len(rows) == 3  # the header and both epochs
+
+
+@pytest.mark.parametrize("task,yaml", [("segment", "yolov8n-seg.yaml"), ("classify", "yolov8n-cls.yaml")])
+def test_segment_and_classify_trainers_keep_the_attention(task: str, yaml: str, work: Path) -> None:
+    from ultralytics import YOLO
+
+    data = make_data(work / task, task)
+    YOLO(yaml).train(data=str(data), trainer=retrofit.ultralytics.trainer("eca"), **train_args(work, f"t-{task}"))
+    ckpt = torch.load(work / f"t-{task}" / "weights" / "last.pt", weights_only=False)
+    model = ckpt.get("ema") or ckpt["model"]
+    assert len(attention_names(model, "eca")) == 6
+    assert type(model).__name__ == {"segment": "SegmentationModel", "classify": "ClassificationModel"}[task]
+
+
+def test_the_attention_learning_rate_multiplier(work: Path, detect_data: Path) -> None:
+    factory = retrofit.ultralytics.trainer("se", lr_mult=10)
+    trainer = factory.for_task("detect")(overrides=train_args(work, "lr", data=str(detect_data), model="yolov8n.yaml"))
+    model = trainer.get_model(cfg="yolov8n.yaml", verbose=False)
+    optimizer = trainer.build_optimizer(model, name="SGD", lr=0.01, momentum=0.9, decay=5e-4)
+    attention = {id(p) for n, p in model.named_parameters() if ".se." in n}
+    mine = [g for g in optimizer.param_groups if {id(p) for p in g["params"]} & attention]
+    assert [(g["param_group"], g["lr"]) for g in mine] == [("weight", 0.1), ("bias", 0.1)]
+    assert all({id(p) for p in g["params"]} <= attention for g in mine)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    with pytest.raises(retrofit.OptionError, match="lr_mult"):
+        retrofit.ultralytics.trainer("se", lr_mult=0)
+
+
+def test_built_in_yolo_placements(work: Path) -> None:
+    model = retrofit.create_model("ultralytics:yolov8n.yaml", nc=3)
+    after = retrofit.get_report(retrofit.retrofit(model, "yolo-cbam-backbone", input_size=SIZE))
+    assert [r.path for r in after.rows] == ["model.2.cv2.conv", "model.4.cv2.conv", "model.6.cv2.conv",
+                                            "model.8.cv2.conv"]
+    before = retrofit.get_report(retrofit.retrofit(model, "yolo-cbam-sppf", input_size=SIZE))
+    assert [r.path for r in before.rows] == ["model.8.cv2.conv"] and before.max_abs_diff == 0.0
+    plan = retrofit.plan(model, "yolo-cbam-sppf", input_size=SIZE)
+    site = plan.placements[0].site
+    assert "model.9 (SPPF)" in site.input_of and "model.8 (C2f)" in site.output_of
+    assert {"yolo-cbam-backbone", "yolo-cbam-sppf"} <= set(retrofit.list_builtin_rules())
