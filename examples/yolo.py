@@ -95,21 +95,24 @@ def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-def make_dataset(root: Path, sizes: dict[str, int], canvas: int, seed: int = 1234) -> Path:
+def make_dataset(root: Path, sizes: dict[str, int], canvas: int, seed: int = 1234,
+                 source: Path | None = None) -> Path:
     """Write the canvases and their YOLO labels under ``root``; return the data yaml.
-    Deterministic: the same arguments give the same files."""
+    Deterministic: the same arguments give the same files. ``source``: the Fashion-MNIST
+    IDX files (default: Debian's)."""
     from PIL import Image
 
     from retrofit.data import load_fashion_mnist
 
-    spec = {"sizes": sizes, "canvas": canvas, "seed": seed}
+    spec = {"sizes": sizes, "canvas": canvas, "seed": seed, "source": str(source)}
     stamp = root / "dataset.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == spec:
         return root / "data.yaml"
     shutil.rmtree(root, ignore_errors=True)
-    train_x, train_y = load_fashion_mnist(split="train")
-    test_x, test_y = load_fashion_mnist(split="test")
-    sources = {"train": (train_x[:50_000], train_y[:50_000]), "val": (train_x[50_000:], train_y[50_000:]),
+    train_x, train_y = load_fashion_mnist(source, split="train")
+    test_x, test_y = load_fashion_mnist(source, split="test")
+    cut = len(train_x) * 5 // 6  # 50,000 of Fashion-MNIST's 60,000 training images
+    sources = {"train": (train_x[:cut], train_y[:cut]), "val": (train_x[cut:], train_y[cut:]),
                "test": (test_x, test_y)}  # val canvases from items the training canvases never show
     rng = np.random.default_rng(seed)
     for split, n in sizes.items():
@@ -260,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr0", type=float, default=0.001)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--fashion-mnist", type=Path, default=None, help="folder of the IDX files (default: Debian's)")
     p.add_argument("--resume", action="store_true", help="skip the runs already finished")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
@@ -275,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.resume:
         shutil.rmtree(args.out / "units")
         (args.out / "units").mkdir()
-    data = make_dataset(args.runs / "data", {"train": args.train, "val": args.val, "test": args.test}, args.canvas)
+    data = make_dataset(args.runs / "data", {"train": args.train, "val": args.val, "test": args.test}, args.canvas,
+                        source=args.fashion_mnist)
     base = train_base(args, data)
     if not base_file.is_file() or not args.resume:
         from ultralytics import YOLO

@@ -36,12 +36,13 @@ from .errors import TraceError, first_line
 from .shapes import TensorInfo, propagate_shapes
 from .sites import Site, SiteAnalysis, SkippedCandidate, find_sites, holds_conv, number_stages
 from .trace import LeafSpec, RetrofitTracer, flattens_inputs, optional_defaults, relative_leaves, trace
-from .verify import eval_mode, input_dtype_device
+from .verify import eval_mode, input_dtype_device, plain_attributes_kept
 
 __all__ = ["Unit", "Partition", "Flow", "partition", "refine", "slim", "record_inputs", "probe"]
 
 # One recorded call: positional and keyword inputs, tensors as TensorInfo.
 Call = tuple[tuple[Any, ...], dict[str, Any]]
+_MAX_OPAQUE = 64  # submodules a unit may call whole because they do not trace
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Unit:
     path: str  # module path in the model; "" is the root (the whole model traced)
     gm: torch.fx.GraphModule  # the traced module (shares the model's submodules)
     analysis: SiteAnalysis  # sites with paths relative to the unit
+    opaque: tuple[str, ...] = ()  # submodules (paths relative to it) called whole: their own forward does not trace
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ def probe(model: nn.Module, input_size: tuple[int, int, int],
     """
     dtype, device = input_dtype_device(model)
     shape = (batch_size, *input_size)
-    with eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad(), plain_attributes_kept(model):
         try:
             mode = FakeTensorMode(allow_non_fake_inputs=True)
             state = {n: mode.from_tensor(t) for n, t in [*model.named_parameters(), *model.named_buffers()]}
@@ -310,17 +312,29 @@ def _trace_unit(model: nn.Module, path: str, call: Call, leaf_modules: Sequence[
     """
     mod = model.get_submodule(path)
     leaves, concrete = relative_leaves(leaf_modules, path), _concrete(mod, call)
-    try:
-        gm = trace(mod, leaves, concrete, into)
-    except TraceError as first:
-        sizes = _sizes_as_placeholders(mod, call)
-        if not sizes:
-            raise
+    opaque: list[str] = []
+    for _ in range(_MAX_OPAQUE):
         try:
-            gm = trace(mod, leaves, {**concrete, **sizes}, into)
-        except TraceError:
-            raise first  # the error of the plain trace says where the forward breaks
-    return Unit(path, gm, find_sites(gm, propagate_shapes(gm, None, inputs=_placeholder_inputs(gm, mod, call))))
+            gm = trace(mod, (*leaves, *opaque), concrete, into)
+            break
+        except TraceError as first:
+            # A submodule whose own forward does not trace (shape-dependent padding, a
+            # branch on values) is called whole; the rest of this forward may trace.
+            if first.module and first.module not in opaque:
+                opaque.append(first.module)
+                continue
+            sizes = _sizes_as_placeholders(mod, call)
+            if not sizes:
+                raise
+            try:
+                gm = trace(mod, (*leaves, *opaque), {**concrete, **sizes}, into)
+                break
+            except TraceError:
+                raise first from None  # the error of the plain trace says where the forward breaks
+    else:
+        raise TraceError(f"{type(mod).__name__} at {path!r}: more than {_MAX_OPAQUE} submodules do not trace")
+    analysis = find_sites(gm, propagate_shapes(gm, None, inputs=_placeholder_inputs(gm, mod, call)))
+    return Unit(path, gm, analysis, tuple(opaque))
 
 
 def _largest_units(model: nn.Module, calls: dict[str, list[Call]], leaf_modules: Sequence[LeafSpec],
@@ -356,10 +370,14 @@ def _largest_units(model: nn.Module, calls: dict[str, list[Call]], leaf_modules:
             left.append((path, f"called {len(recorded)} times with different inputs; its children are tried"))
         else:
             try:
-                units.append(_trace_unit(model, path, call, leaf_modules))
-                return
+                unit = _trace_unit(model, path, call, leaf_modules)
             except TraceError as e:
                 left.append((path, first_line(e)))
+            else:
+                units.append(unit)
+                for sub in unit.opaque:  # called whole by the unit; what is inside may trace alone
+                    visit(model.get_submodule(_join(path, sub)), _join(path, sub))
+                return
         for name, child in mod.named_children():
             visit(child, _join(path, name))
 

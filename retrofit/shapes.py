@@ -22,7 +22,7 @@ from torch._subclasses.fake_tensor import (
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from .errors import OptionError, TraceError, first_line
-from .verify import eval_mode, input_dtype_device
+from .verify import eval_mode, input_dtype_device, plain_attributes_kept
 
 __all__ = ["TensorInfo", "propagate_shapes", "resolve_input_size"]
 
@@ -127,7 +127,7 @@ def propagate_shapes(
         args = tuple(torch.empty(a.shape, dtype=a.dtype, device=a.device) if isinstance(a, TensorInfo) else a
                      for a in inputs)
     interp = _FakeInterpreter(gm, mode)
-    with torch.no_grad():
+    with torch.no_grad(), plain_attributes_kept(gm):
         interp.run(*args)
     return interp.infos
 

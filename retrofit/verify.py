@@ -11,7 +11,8 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["Comparison", "compare", "max_abs_diff", "count_params", "eval_mode", "input_dtype_device"]
+__all__ = ["Comparison", "compare", "max_abs_diff", "count_params", "eval_mode", "input_dtype_device",
+           "plain_attributes_kept"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -30,6 +31,36 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
     finally:
         for m, mode in saved:
             m.training = mode
+
+
+_STATE = ("_parameters", "_buffers", "_modules")
+
+
+@contextlib.contextmanager
+def plain_attributes_kept(*models: nn.Module) -> Iterator[None]:
+    """Restore every submodule's plain attributes (and the contents of the dicts, lists and
+    sets among them) when the block ends. A forward on fake tensors must not leave fake
+    tensors behind in caches a module fills as it runs (LeViT's attention biases, kept in
+    a dict per device): the next real forward would compute on them."""
+    saved = []
+    for model in models:
+        for m in model.modules():
+            attrs = {k: v for k, v in vars(m).items() if k not in _STATE}
+            contents = {k: (v, v.copy()) for k, v in attrs.items() if type(v) in (dict, list, set)}
+            saved.append((m, attrs, contents))
+    try:
+        yield
+    finally:
+        for m, attrs, contents in saved:
+            for k in [k for k in vars(m) if k not in _STATE and k not in attrs]:
+                del m.__dict__[k]
+            m.__dict__.update(attrs)
+            for obj, copy in contents.values():
+                obj.clear()
+                if isinstance(obj, list):
+                    obj.extend(copy)
+                else:
+                    obj.update(copy)
 
 
 @dataclass(frozen=True)

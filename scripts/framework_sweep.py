@@ -33,6 +33,7 @@ import csv
 import fnmatch
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -45,7 +46,7 @@ FIELDS = ["framework", "model", "spec", "params", "convs", "status", "form", "in
           "conv_blocks", "sites", "params_added", "max_abs_diff", "train_step", "round_trip", "seconds", "reason"]
 SMP_ENCODERS = ("resnet34", "efficientnet-b0", "mobilenet_v2", "tu-convnext_atto")
 NOT_A_CNN = "not a CNN"  # status of models whose only convolution is a patch embedding
-REFUSED = "refused by its library"  # status of configurations the library itself does not build
+REFUSED = "not built"  # status of configurations the library does not build here (the reason says why)
 
 
 def cases() -> list[tuple[str, str, str, dict[str, Any]]]:
@@ -69,11 +70,11 @@ def cases() -> list[tuple[str, str, str, dict[str, Any]]]:
     for yaml in sorted(root.rglob("*.yaml")):
         name = yaml.name
         text = yaml.read_text()
-        if "scales:" in text:  # the smallest scale: yolov8.yaml -> yolov8n.yaml, yolo11-seg -> yolo11n-seg
+        if "scales:" in text:  # the smallest scale, after the version: yolov8-seg -> yolov8n-seg, yoloe-11 -> yoloe-11n
             first = next(line.split(":")[0].strip() for line in text.split("scales:", 1)[1].splitlines()
                          if line.strip() and not line.strip().startswith("#"))
-            stem, _, rest = yaml.stem.partition("-")
-            name = f"{stem}{first}{'-' + rest if rest else ''}.yaml"
+            # (a yaml named for its scale already, yolov10b.yaml, keeps its name)
+            name = re.sub(r"(\d+)(?![\dA-Za-z])", lambda m: m.group(1) + first, yaml.stem, count=1) + ".yaml"
         out.append(("ultralytics", name, f"ultralytics:{name}", {}))
     return out
 
@@ -216,7 +217,7 @@ def write_summary(rows: list[dict[str, Any]], out: Path, command: str) -> None:
              "step (backward reaches the inserted parameters; `k/n` of them get a gradient), and save then load "
              "without trust_code (outputs equal bit for bit).", "",
              f"**{len(passed)} of {len(counted)} checks pass ({100 * len(passed) / max(len(counted), 1):.1f}%).**", ""]
-    by = ["framework", "checks", "pass", "fail", "not a CNN", "refused by its library"]
+    by = ["framework", "checks", "pass", "fail", "not a CNN", "not built"]
     table = []
     for fw in ("ultralytics", "transformers", "smp"):
         mine = [r for r in rows if r["framework"] == fw]

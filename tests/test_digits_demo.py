@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.examples
 def test_digits_demo_writes_table_and_plots(tmp_path: Path) -> None:
     r = subprocess.run(
         [sys.executable, "examples/digits_demo.py", "--seeds", "0", "--base-epochs", "1", "--epochs", "1",

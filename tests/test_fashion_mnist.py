@@ -124,6 +124,7 @@ def test_bad_options(tmp_path: Path) -> None:
         load_fashion_mnist(root, "val")
 
 
+@pytest.mark.examples
 def test_experiment_pipeline(tmp_path: Path) -> None:
     """examples/fashion_mnist.py end to end on the tiny set: both experiments, the selection
     on the first seed, the other seed using its choice, the low-data run, the report; run by

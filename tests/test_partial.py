@@ -81,10 +81,11 @@ def test_untraceable_block_is_retrofitted_around() -> None:
     # Each block is rewritten in place, the one inside the guard too.
     assert report.traced == ("layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1.block",
                              "layer4.0", "layer4.1")
-    assert [p for p, _ in report.left_alone] == ["", "layer3", "layer3.1"]
+    # layer3 traces with its child 1 (the guard, whose forward does not trace) called whole;
+    # the guard's own block then traces alone.
+    assert [p for p, _ in report.left_alone] == ["", "layer3.1"]
     assert "module 'layer3.1' (NanGuard)" in report.left_alone[0][1]
-    assert "module '1' (NanGuard)" in report.left_alone[1][1]  # layer3's own trace breaks at its child 1
-    assert "cannot trace NanGuard" in report.left_alone[2][1]
+    assert "cannot trace NanGuard" in report.left_alone[1][1]
     assert report.max_abs_diff == 0.0
     assert type(out.layer1) is nn.Sequential and isinstance(out.layer3[1], NanGuard)
     assert isinstance(out.layer3[1].block, BasicBlock) and rewritten_in_place(out.layer3[1].block)

@@ -188,6 +188,7 @@ def test_cli_scores_and_budget() -> None:
     assert r.returncode == 2 and "'params=200%' is not a budget" in r.stderr and len(r.stderr.splitlines()) == 1
 
 
+@pytest.mark.examples
 def test_placement_experiment_pipeline(tmp_path: Path) -> None:
     """examples/placement.py end to end on a tiny IDX set, two processes sharing the run:
     bases trained when the Fashion-MNIST run has none, scores, every contender once, the

@@ -81,6 +81,7 @@ def sweep(*args: str, timeout: float | None = 600) -> None:
                    timeout=timeout)
 
 
+@pytest.mark.examples
 def test_sweep_script_writes_report(tmp_path: Path) -> None:
     sweep("--source", "torchvision", "--filter", "resnet18", "--size", "64", "--out", str(tmp_path))
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
