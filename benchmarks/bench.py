@@ -50,7 +50,7 @@ from tabulate import tabulate
 from torch import nn
 
 import retrofit
-from retrofit.plan import make_plan
+from retrofit.planning import make_plan
 from retrofit.rewrite import insert_attention
 from retrofit.rulefile import resolve_rules
 from retrofit.shapes import propagate_shapes, resolve_input_size

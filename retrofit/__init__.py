@@ -2,7 +2,14 @@
 
 from . import attention
 from .api import analyze, get_report, plan, retrofit
-from .attention import create_attention, get_attention, list_attention, register_attention
+from .attention import (
+    create_attention,
+    get_attention,
+    list_attention,
+    register_attention,
+    registered_types,
+    unregister_attention,
+)
 from .errors import (
     AttentionError,
     DataError,
@@ -15,19 +22,16 @@ from .errors import (
     TraceError,
     UntrustedCodeError,
 )
-from .hub import push_to_hub
+from .build import load, save
 from .models import create_model
+from .options import RetrofitOptions
+from .publish import push_to_hub
 from .recipe import Recipe, get_recipe
 from .report import Report
 from .rulefile import RuleSet, list_builtin_rules, load_rules
-from .saving import load, save
-from .scores import SiteScores, score_sites
-
-# The one place the version is written (pyproject.toml reads it from here).
-__version__ = "0.2.0"
-# The name this project installs under (`pip install torch-retrofit`); the import name and
-# the command are `retrofit`. The distribution called `retrofit` on PyPI is another project.
-DISTRIBUTION = "torch-retrofit"
+from .scores import SiteScores
+from .scoring import score_sites
+from .version import DISTRIBUTION, __version__
 
 __all__ = [
     "retrofit",
@@ -41,6 +45,7 @@ __all__ = [
     "push_to_hub",
     "create_model",
     "Recipe",
+    "RetrofitOptions",
     "get_recipe",
     "Report",
     "RuleSet",
@@ -51,6 +56,8 @@ __all__ = [
     "get_attention",
     "list_attention",
     "create_attention",
+    "registered_types",
+    "unregister_attention",
     "RetrofitError",
     "RuleError",
     "AttentionError",

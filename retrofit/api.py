@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import replace as dc_replace
 from collections.abc import Iterable, Mapping
-
+from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Any
 
@@ -14,24 +13,23 @@ import torch
 import torch.fx
 from torch import nn
 
-from .attention import GATES
-from .errors import OptionError, SiteError
+from .errors import SiteError
 from .frameworks import framework_of
 from .leaves import check_leaf_modules
 from .meta import REPORT_KEY, retrofit_meta
+from .options import LeafSpec, RetrofitOptions
 from .partition import Partition, partition, refine, slim
-from .plan import Plan, make_plan
+from .planning import Plan, make_plan
 from .recipe import attach_recipe, recipe_of_result
-from .report import Report, SiteRow, StageRow
+from .report import Report, SiteRow, StageRow, get_report
 from .rewrite import rewrite
-from .rulefile import ON_EXISTING, RuleSet, resolve_rules
+from .rulefile import RuleSet, resolve_rules
 from .scores import SiteScores
 from .shapes import resolve_input_size
 from .sites import SiteAnalysis, holds_conv
-from .trace import LeafSpec
 from .verify import compare, count_params
 
-__all__ = ["retrofit", "analyze", "plan", "get_report"]
+__all__ = ["retrofit", "retrofit_with", "analyze", "plan", "get_report"]
 
 
 def _stage_of(name: str, prefixes: list[str]) -> str:
@@ -99,24 +97,16 @@ def _copy_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _check_choice(name: str, value: str | None, valid: tuple[str, ...]) -> None:
-    if value is not None and value not in valid:
-        raise OptionError(f"{name}={value!r} is not valid (valid: {', '.join(valid)})")
-
-
 def _partition(
     model: nn.Module,
-    input_size: int | tuple[int, ...] | None,
-    leaf_modules: Iterable[LeafSpec],
-    keep_class: bool,
+    options: RetrofitOptions,
     rules: RuleSet | None = None,
 ) -> tuple[tuple[int, int, int], Partition]:
-    leaf_modules = tuple(leaf_modules)
-    check_leaf_modules(model, leaf_modules)
-    size = resolve_input_size(model, input_size)
+    check_leaf_modules(model, options.leaf_modules)
+    size = resolve_input_size(model, options.input_size)
     # Rules that select sites by the modules around them need a probe forward's data flow.
     flow = rules is not None and any(r.output_of is not None or r.input_of is not None for r in rules.rules)
-    parts = partition(model, size, leaf_modules, keep_class, flow)
+    parts = partition(model, size, options.leaf_modules, options.keep_class, flow)
     if parts.root_error is not None and not parts.analysis.sites and holds_conv(model):
         # Nothing with sites traced: the trace failure is what hides them. A model with no
         # convolution at all has no sites however it traces; "no sites" is then the answer.
@@ -144,7 +134,12 @@ def analyze(
         The sites, the candidates that are not sites, and what no trace reached
         (``left_alone``: module paths with the reason; ``""`` is the top-level forward).
     """
-    return _partition(model, input_size, leaf_modules, keep_class)[1].analysis
+    options = RetrofitOptions(input_size=_size(input_size), leaf_modules=tuple(leaf_modules), keep_class=keep_class)
+    return _partition(model, options)[1].analysis
+
+
+def _size(input_size: int | tuple[int, ...] | None) -> int | tuple[int, ...] | None:
+    return input_size if input_size is None or isinstance(input_size, int) else tuple(input_size)
 
 
 def plan(
@@ -166,9 +161,11 @@ def plan(
     Arguments are those of :func:`retrofit`; nothing is changed.
     """
     ruleset = resolve_rules(attn, rules)
-    _check_choice("on_existing", on_existing, ON_EXISTING)
-    parts = _partition(model, input_size, leaf_modules, keep_class, ruleset)[1]
-    return make_plan(parts.analysis, ruleset, gate, attn_args, strict, on_existing, scores, parts.whole_analysis)
+    options = RetrofitOptions(gate=gate, attn_args=attn_args or {}, input_size=_size(input_size),
+                              leaf_modules=tuple(leaf_modules), strict=strict, on_existing=on_existing,
+                              keep_class=keep_class, scores=scores)
+    parts = _partition(model, options, ruleset)[1]
+    return make_plan(parts.analysis, ruleset, options, parts.whole_analysis)
 
 
 def retrofit(
@@ -196,17 +193,20 @@ def retrofit(
     module is inserted per site. With identity gates (the default) the result computes
     exactly what the model computed; fine-tuning then trains the gates.
 
-    A model that torch.fx cannot trace as a whole (data-dependent control flow) is
-    retrofitted in its largest submodules that do trace: each one that receives attention
-    is replaced, in place, by its rewritten ``GraphModule``; the result is the model's own
-    class, and the report lists what was left alone and why (``report.left_alone``). The
-    same path runs on request with ``keep_class=True``, for code that needs the model's
-    methods (``forward_features``, ``reset_classifier``); sites in the top-level forward
-    itself are then out of reach, and the report says how many.
+    A model that torch.fx cannot trace as a whole (data-dependent control flow, a forward
+    that loops over its layers in Python as YOLO's does) is retrofitted in its blocks that
+    do trace: each one that receives attention is replaced, in place, by its rewritten
+    graph; the result is the model's own class, and the report lists what was left alone
+    and why (``report.left_alone``). The same path runs on request with
+    ``keep_class=True``, for code that needs the model's methods (``forward_features``,
+    ``reset_classifier``); sites in the top-level forward itself are then out of reach,
+    and the report says how many. Modules that hold no insertion point stay called
+    submodules in both forms (``report.inlined`` lists the ones traced into).
 
     Args:
-        model: a timm, torchvision or user ``nn.Module``. It is not modified.
-        attn: built-in rule set (``"se"``, ``"eca"``, ``"cbam"``) when ``rules`` is None.
+        model: a timm, torchvision, Ultralytics, transformers, smp or user ``nn.Module``.
+            It is not modified.
+        attn: built-in rule set (``"se"``, ``"eca"``, ``"cbam"``, ...) when ``rules`` is None.
         rules: a rule file path or a :class:`~retrofit.rulefile.RuleSet`.
         gate: ``"identity"`` or ``"sigmoid"``; overrides the rules' gate when given.
         attn_args: attention constructor arguments that override the rules' ``args``
@@ -230,7 +230,7 @@ def retrofit(
             exactly on a probe before inserting it (user types); ``False`` opts out.
         keep_class: keep the model's class: trace and rewrite its submodules, never its
             own forward.
-        scores: site scores from :func:`retrofit.score_sites`, for rules that choose
+        scores: site scores from :func:`retrofit.score_sites`, for rules that select
             sites by score (``select = { top = 4 }``, ``budget = { params = 0.02 }``). They
             are kept in the recipe, so a save loads with the same choice.
 
@@ -244,42 +244,34 @@ def retrofit(
             and line of the whole-model failure).
         RuleError: the rules are invalid or ``attn`` names no built-in rule set.
         SiteError: the model has no residual adds and no conv blocks.
+        OptionError: an option value is not valid (``gate``, ``on_existing``).
 
     Example:
         >>> model = timm.create_model("resnet50")
         >>> gm = retrofit(model, attn="cbam")
         >>> print(get_report(gm))
     """
-    _check_choice("gate", gate, GATES)
-    _check_choice("on_existing", on_existing, ON_EXISTING)
-    ruleset = resolve_rules(attn, rules)
-    leaf_modules = tuple(leaf_modules)
+    options = RetrofitOptions(gate=gate, attn_args=attn_args or {}, input_size=_size(input_size),
+                              leaf_modules=tuple(leaf_modules), strict=strict, on_existing=on_existing, fuse=fuse,
+                              keep_class=keep_class, scores=scores)
+    return retrofit_with(model, resolve_rules(attn, rules), options, inplace=inplace, verify=verify,
+                         check_identity=check_identity, stacklevel=3)
+
+
+def retrofit_with(model: nn.Module, ruleset: RuleSet, options: RetrofitOptions, *, inplace: bool = False,
+                  verify: bool = True, check_identity: bool = True, stacklevel: int = 2) -> nn.Module:
+    """:func:`retrofit` with the rules and options as records (what a recipe holds)."""
     work = model if inplace else _copy_model(model)
-    size, parts = _partition(work, input_size, leaf_modules, keep_class, ruleset)
-    analysis = parts.analysis
-    if not analysis.sites:
-        # _partition returns a trace error beside no sites only for a model with no convolution.
-        untraced = ("" if parts.root_error is None else
-                    f"; it also does not trace as a whole ({parts.root_error.where}),"
-                    " but it holds no convolution, so no part of it could hold a site")
-        raise SiteError(
-            f"{type(model).__name__} has no residual adds and no conv blocks for attention "
-            f"(input size {size}); is it a CNN? Leaf modules hide what is inside them{untraced}"
-        )
-    the_plan = make_plan(analysis, ruleset, gate, attn_args, strict, on_existing, scores, parts.whole_analysis)
+    size, parts = _partition(work, options, ruleset)
+    if not parts.analysis.sites:
+        raise _no_sites(model, size, parts)
+    the_plan = make_plan(parts.analysis, ruleset, options, parts.whole_analysis)
     if not the_plan.placements:
         warnings.warn(f"rules {ruleset.name!r} selected no site of {type(model).__name__}; nothing inserted",
-                      stacklevel=2)
-    parts, unreachable = refine(work, parts, [p.site for p in the_plan.placements])
-    if unreachable:
-        # A selected site whose module traces only as part of the model's own forward,
-        # which keep_class leaves as Python code.
-        lost = {s.node for s in unreachable}
-        why = "its module traces only as part of the model's forward, which keep_class keeps as Python code"
-        the_plan = dc_replace(the_plan, placements=tuple(p for p in the_plan.placements if p.site.node not in lost),
-                              skipped=the_plan.skipped + tuple((s, why) for s in unreachable))
+                      stacklevel=stacklevel)
+    parts, the_plan = _in_reach(work, parts, the_plan)
     parts, inlined = slim(work, parts, [(p.site, p.position) for p in the_plan.placements], size)
-    result, inserted = rewrite(work, parts, the_plan.placements, fuse, check_identity)
+    result, inserted = rewrite(work, parts, the_plan.placements, options.fuse, check_identity)
     notes = list(parts.notes)
     traced = sorted({parts.local(i.placement.site)[0].path for i in inserted} - {""})
     if parts.root_error is not None:
@@ -287,55 +279,15 @@ def retrofit(
                f"submodule(s) and {len(parts.left_alone)} part(s) were left alone (report.left_alone). "
                f"First failure: {parts.root_error.where}")
         notes.append(msg)
-        warnings.warn(msg, stacklevel=2)
-    missed: list[str] = []
-    if parts.root_error is None and parts.whole_analysis is not None:
-        missed = _out_of_reach(parts.whole_analysis, the_plan, (ruleset, gate, attn_args, False, on_existing, scores))
-        if missed:
-            notes.append(f"keep_class: {len(missed)} site(s) the rules select are in forward code kept as "
-                         "Python, out of reach: "
-                         f"{', '.join(missed[:4])}{', ...' if len(missed) > 4 else ''}")
+        warnings.warn(msg, stacklevel=stacklevel)
+    missed = _out_of_reach(parts, ruleset, options, the_plan)
+    if missed:
+        notes.append(f"keep_class: {len(missed)} site(s) the rules select are in forward code kept as "
+                     f"Python, out of reach: {', '.join(missed[:4])}{', ...' if len(missed) > 4 else ''}")
     comparison = compare(model, result, size) if verify else None
-    report = Report(
-        model=type(model).__name__,
-        input_size=size,
-        rows=tuple(
-            SiteRow(
-                path=i.placement.site.path,
-                kind=i.placement.site.kind,
-                channels=i.placement.channels,
-                size=i.placement.size,
-                attn=i.placement.attn,
-                gate=i.placement.gate,
-                position=i.placement.position,
-                module=i.name,
-                params=i.params,
-                stage=i.placement.site.stage,
-                qualname=i.placement.site.qualname,
-            )
-            for i in inserted
-        ),
-        sites_found=len(analysis.sites),
-        skipped=tuple((s.path, why) for s, why in the_plan.skipped),
-        params_before=count_params(model),
-        params_after=count_params(result),
-        max_abs_diff=None if comparison is None else comparison.max_abs_diff,
-        identity_expected=all(i.placement.gate == "identity" for i in inserted),
-        notes=the_plan.notes,
-        warnings=the_plan.warnings + tuple(notes),
-        flops_before=None if comparison is None else comparison.flops_before,
-        flops_after=None if comparison is None else comparison.flops_after,
-        stages=_stage_rows(model, result),
-        left_alone=parts.left_alone,
-        traced=tuple(traced),
-        out_of_reach=tuple(missed),
-        inlined=inlined,
-    )
+    report = _report(model, result, size, parts, the_plan, inserted, comparison, notes, traced, missed, inlined)
     retrofit_meta(result, create=True)[REPORT_KEY] = report
-    recipe = recipe_of_result(
-        model, ruleset.doc, ruleset.name, gate=gate, attn_args=attn_args, input_size=size,
-        leaf_modules=leaf_modules, strict=strict, on_existing=on_existing, fuse=fuse, keep_class=keep_class,
-        scores=None if scores is None else scores.to_dict())
+    recipe = recipe_of_result(model, ruleset.doc, ruleset.name, options.replace(input_size=size))
     attach_recipe(result, recipe)
     framework = framework_of(model)
     if framework is not None:
@@ -343,22 +295,57 @@ def retrofit(
     return result
 
 
-def _out_of_reach(whole: SiteAnalysis, the_plan: Plan, plan_args: tuple[Any, ...]) -> list[str]:
+def _no_sites(model: nn.Module, size: tuple[int, int, int], parts: Partition) -> SiteError:
+    # _partition returns a trace error beside no sites only for a model with no convolution.
+    untraced = ("" if parts.root_error is None else
+                f"; it also does not trace as a whole ({parts.root_error.where}),"
+                " but it holds no convolution, so no part of it could hold a site")
+    return SiteError(
+        f"{type(model).__name__} has no residual adds and no conv blocks for attention "
+        f"(input size {size}); is it a CNN? Leaf modules hide what is inside them{untraced}"
+    )
+
+
+def _in_reach(model: nn.Module, parts: Partition, the_plan: Plan) -> tuple[Partition, Plan]:
+    """The partition narrowed to the planned sites, and the plan without the ones out of
+    reach (a site whose module traces only as part of the model's own forward, which
+    keep_class leaves as Python code)."""
+    parts, unreachable = refine(model, parts, [p.site for p in the_plan.placements])
+    if not unreachable:
+        return parts, the_plan
+    lost = {s.node for s in unreachable}
+    why = "its module traces only as part of the model's forward, which keep_class keeps as Python code"
+    return parts, dc_replace(the_plan, placements=tuple(p for p in the_plan.placements if p.site.node not in lost),
+                             skipped=the_plan.skipped + tuple((s, why) for s in unreachable))
+
+
+def _report(model: nn.Module, result: nn.Module, size: tuple[int, int, int], parts: Partition, the_plan: Plan,
+            inserted: tuple[Any, ...], comparison: Any, notes: list[str], traced: list[str], missed: list[str],
+            inlined: tuple[tuple[str, str], ...]) -> Report:
+    rows = tuple(
+        SiteRow(path=i.placement.site.path, kind=i.placement.site.kind, channels=i.placement.channels,
+                size=i.placement.size, attn=i.placement.attn, gate=i.placement.gate, position=i.placement.position,
+                module=i.name, params=i.params, stage=i.placement.site.stage, qualname=i.placement.site.qualname)
+        for i in inserted
+    )
+    return Report(
+        model=type(model).__name__, input_size=size, rows=rows, sites_found=len(parts.analysis.sites),
+        skipped=tuple((s.path, why) for s, why in the_plan.skipped), params_before=count_params(model),
+        params_after=count_params(result), max_abs_diff=None if comparison is None else comparison.max_abs_diff,
+        identity_expected=all(i.placement.gate == "identity" for i in inserted), notes=the_plan.notes,
+        warnings=the_plan.warnings + tuple(notes),
+        flops_before=None if comparison is None else comparison.flops_before,
+        flops_after=None if comparison is None else comparison.flops_after, stages=_stage_rows(model, result),
+        left_alone=parts.left_alone, traced=tuple(traced), out_of_reach=tuple(missed), inlined=inlined,
+    )
+
+
+def _out_of_reach(parts: Partition, ruleset: RuleSet, options: RetrofitOptions, the_plan: Plan) -> list[str]:
     """Sites the rules select in the whole model that the units do not reach (keep_class)."""
+    if parts.root_error is not None or parts.whole_analysis is None:
+        return []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        want = make_plan(whole, *plan_args).placements
+        want = make_plan(parts.whole_analysis, ruleset, options.replace(strict=False)).placements
     got = {(p.site.path, p.position) for p in the_plan.placements}
     return [p.site.path or "(top level)" for p in want if (p.site.path, p.position) not in got]
-
-
-def get_report(gm: nn.Module) -> Report:
-    """The :class:`Report` of a model returned by :func:`retrofit`.
-
-    Raises:
-        ValueError: ``gm`` did not come from :func:`retrofit`.
-    """
-    report = retrofit_meta(gm).get(REPORT_KEY)
-    if report is None:
-        raise ValueError(f"{type(gm).__name__} carries no retrofit report; it did not come from retrofit()")
-    return report

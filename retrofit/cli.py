@@ -101,7 +101,7 @@ def version_text() -> tuple[str, list[str]]:
     import torch
     import torchvision
 
-    from . import DISTRIBUTION, __version__
+    from .version import DISTRIBUTION, __version__
 
     # The modules' own versions (torch's names its build: 2.14.1+cu130); `import retrofit`
     # has imported all three already.
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="let --out replace an existing file")
     p.add_argument("--score-data", metavar="DIR",
                    help="score every site on this data before choosing (retrofit.score_sites): an ImageFolder "
-                        "(DIR/CLASS/*.jpg), or 'digits' / 'fashion-mnist' for the demos")
+                        "(DIR/CLASS/*.jpg) of the model's task")
     p.add_argument("--score-batches", type=int, default=8, metavar="N", help="batches to score on (default 8)")
     p.add_argument("--score-batch-size", type=int, default=32, metavar="N", help="images per scoring batch")
     p.add_argument("--budget", type=_budget, metavar="WHAT",
@@ -237,9 +237,9 @@ def _retrofit_model(args: argparse.Namespace) -> tuple[int, Sequence[str]]:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     from .api import get_report, plan, retrofit
+    from .build import save
     from .models import create_model
     from .rulefile import resolve_rules
-    from .saving import save
     from .weights import load_checkpoint
 
     if args.out and os.path.exists(args.out) and not args.force and not args.dry_run:
@@ -257,7 +257,7 @@ def _retrofit_model(args: argparse.Namespace) -> tuple[int, Sequence[str]]:
     scores = None
     if args.budget and not args.score_data:
         raise OptionError(f"--budget {args.budget[0]}=... chooses sites by score; give the data to score them on "
-                          "with --score-data DIR (or 'digits' / 'fashion-mnist')")
+                          "with --score-data DIR (an ImageFolder)")
     if args.score_data:
         progress(f"scoring sites on {args.score_data}")
         scores = _scores(args, model)
@@ -330,17 +330,10 @@ def _scores(args: argparse.Namespace, model: Any) -> Any:
     import torch
     from torch.utils.data import DataLoader
 
-    from .data import digits_datasets, fashion_mnist_datasets, imagefolder_dataset
-    from .scores import score_sites
-    from .shapes import resolve_input_size
+    from .data import imagefolder_dataset
+    from .scoring import score_sites
 
-    c, h, _ = resolve_input_size(model, args.input_size)
-    if args.score_data == "digits":
-        dataset = digits_datasets(h, c, augment=False).train
-    elif args.score_data == "fashion-mnist":
-        dataset = fashion_mnist_datasets(val_size=0, augment=False).train
-    else:
-        dataset = imagefolder_dataset(args.score_data, model)
+    dataset = imagefolder_dataset(args.score_data, model)
     if args.score_batches < 1 or args.score_batch_size < 1:
         raise OptionError("--score-batches and --score-batch-size must be at least 1")
     loader = DataLoader(dataset, batch_size=args.score_batch_size, shuffle=True,
@@ -397,6 +390,7 @@ def _list(argv: Sequence[str]) -> int:
 def _diff(argv: Sequence[str]) -> int:
     from tabulate import tabulate
 
+    from .build import local_save
     from .saving import read_save, tensor_sizes
 
     p = OneLineParser(prog="retrofit diff", description="Compare the parameter counts of two saved models "
@@ -408,9 +402,10 @@ def _diff(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
     counts = []
     for path in (args.a, args.b):
-        buffers = set(read_save(path).buffers)
+        local = local_save(path)
+        buffers = set(read_save(local, path).buffers)
         groups: dict[str, int] = {}
-        for name, numel in tensor_sizes(path).items():
+        for name, numel in tensor_sizes(local).items():
             if name not in buffers:
                 key = name.split(".", 1)[0]
                 groups[key] = groups.get(key, 0) + numel
@@ -427,14 +422,69 @@ def _diff(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
-def _gates(argv: Sequence[str]) -> int:
-    from .gates import gates_main
+def _gates_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog="retrofit gates",
+        description="Plot the channel gates of a fine-tuned retrofitted model per stage and class "
+                    "(the SE paper's view).",
+        epilog="example: retrofit gates runs/se/best.pt --data data/val --out gates.png",
+    )
+    p.add_argument("checkpoint", help="a checkpoint written by retrofit.finetune.fit (last.pt or best.pt), or a save "
+                   "(.safetensors, folder, or hf-hub:ORG/NAME on the Hugging Face Hub)")
+    p.add_argument("--data", metavar="DIR", required=True, help="ImageFolder split to run on (DIR/CLASS/*.jpg)")
+    p.add_argument("--out", default="gates.png", help="PNG to write (default: gates.png)")
+    p.add_argument("--json", metavar="FILE", help="also write the per-site summary and per-class values as JSON")
+    p.add_argument("--samples", type=int, default=512, help="images to run (a fixed random subset; default 512)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: a GPU if present)")
+    p.add_argument("--trust-code", action="store_true",
+                   help="allow the code the file names (a model file, an attention class); only for files you trust")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
 
+
+def _gates(argv: Sequence[str]) -> int:
+    """``retrofit gates CHECKPOINT --data DIR --out plot.png``."""
     try:
-        return gates_main(list(argv))
+        from torch.utils.data import DataLoader, Subset
+
+        from .build import load
+        from .data import imagefolder_dataset
+        from .distributed import choose_device
+        from .gates import plot_gates, record_gates
     except ModuleNotFoundError as e:  # matplotlib, scikit-learn: the `train` extra
         raise RetrofitError(f"retrofit gates needs the Python package {e.name!r}, which is not installed; "
                             "install the train extra: pip install -e '.[train]'") from e
+    import torch
+
+    from .errors import DataError
+
+    args = _gates_parser().parse_args(argv)
+    try:
+        device = choose_device(args.device)
+    except RuntimeError as e:
+        raise OptionError(f"--device {args.device!r} is not a device ({first_line(e)}); use cpu, cuda or cuda:N") from e
+    model = load(args.checkpoint, trust_code=args.trust_code, map_location=device)
+    try:
+        dataset = imagefolder_dataset(args.data, model)
+    except OSError as e:  # ImageFolder: no class folder, no image
+        raise DataError(f"--data {args.data}: {first_line(e)}; expected {args.data}/CLASS/*.jpg") from e
+    n = min(args.samples, len(dataset))
+    pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n].sort().values
+    loader = DataLoader(Subset(dataset, pick.tolist()), batch_size=args.batch_size)
+    record = record_gates(model, loader, classes=dataset.classes)
+    try:
+        out = plot_gates(record, args.out, title=f"{Path(args.checkpoint).name}: channel gates per class "
+                                                 f"({record.num_images} images)")
+        if args.json:
+            Path(args.json).write_text(json.dumps(record.to_dict(values=True), indent=2))
+    except OSError as e:
+        raise SaveError(f"cannot write {e.filename or args.out!r}: {e.strerror or first_line(e)}") from e
+    print(record.summary())
+    print(f"\nwrote {out}")
+    if args.json:
+        print(f"wrote {args.json}")
+    return EXIT_OK
 
 
 _COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"list": _list, "diff": _diff, "gates": _gates}

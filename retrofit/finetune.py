@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .distributed import DistContext, ShardSampler, init_distributed
 from .errors import OptionError
+from .modes import eval_mode
 from .recipe import get_recipe
 from .saving import buffer_names, load_training_state, package_versions, save_training_state
 
@@ -129,7 +130,7 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 def _attention_modules(model: nn.Module) -> tuple[str, ...]:
     """Qualified names of the modules :func:`retrofit.retrofit` inserted (none for other models)."""
-    from .api import get_report
+    from .report import get_report
 
     try:
         return tuple(r.module for r in get_report(model).rows)  # type: ignore[arg-type]
@@ -210,17 +211,15 @@ def evaluate(
         ``{"loss": ..., "acc": ..., "count": ...}``.
     """
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-    for x, y in loader:
-        y = y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(_to_input(x, device, channels_last))
-        sums["loss"] += F.cross_entropy(logits.float(), y, reduction="sum").item()
-        sums["correct"] += (logits.argmax(1) == y).sum().item()
-        sums["count"] += len(y)
-    model.train(was_training)
+    with eval_mode(model):
+        for x, y in loader:
+            y = y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(_to_input(x, device, channels_last))
+            sums["loss"] += F.cross_entropy(logits.float(), y, reduction="sum").item()
+            sums["correct"] += (logits.argmax(1) == y).sum().item()
+            sums["count"] += len(y)
     if ctx is not None:
         sums = ctx.all_reduce_sums(sums)
     n = max(sums["count"], 1.0)

@@ -12,9 +12,7 @@ Read-only: the model is run in eval mode and left as it was found.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +23,9 @@ from torch import Tensor, nn
 
 from .attention import gate_methods
 from .errors import AttentionError, first_line
+from .modes import eval_mode
 
-__all__ = ["SiteGates", "GateRecord", "record_gates", "plot_gates", "gates_main"]
+__all__ = ["SiteGates", "GateRecord", "record_gates", "plot_gates"]
 
 
 @dataclass(frozen=True)
@@ -196,7 +195,7 @@ def record_gates(
         >>> rec = record_gates(gm, images, labels, classes=[str(i) for i in range(10)])
         >>> rec.per_class("layer4.1.se").shape     # (classes, channels)
     """
-    from .api import get_report
+    from .report import get_report
 
     rows = get_report(model).rows  # type: ignore[arg-type]
     modules = dict(model.named_modules())
@@ -238,25 +237,23 @@ def record_gates(
             continue
         handles.append(mod.register_forward_pre_hook(make_hook(row.module, mod, chain, row.channels)))
 
-    was_training = model.training
-    model.eval()
     seen: list[Tensor] = []
     count = 0
     try:
-        for x, y in _batches(data, labels, batch_size):
-            if limit is not None and count >= limit:
-                break
-            if limit is not None:
-                x = x[: limit - count]
-                y = None if y is None else y[: limit - count]
-            model(x.to(device))
-            count += len(x)
-            if y is not None:
-                seen.append(torch.as_tensor(y).long().cpu())
+        with eval_mode(model):
+            for x, y in _batches(data, labels, batch_size):
+                if limit is not None and count >= limit:
+                    break
+                if limit is not None:
+                    x = x[: limit - count]
+                    y = None if y is None else y[: limit - count]
+                model(x.to(device))
+                count += len(x)
+                if y is not None:
+                    seen.append(torch.as_tensor(y).long().cpu())
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
 
     sites = tuple(
         SiteGates(r.module, r.path, r.attn, r.gate, methods[r.module], r.channels, sizes[r.module],
@@ -331,88 +328,3 @@ def plot_gates(record: GateRecord, path: str | Path, *, title: str | None = None
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
-
-
-def _gates_parser() -> argparse.ArgumentParser:
-    from .cli import OneLineParser
-
-    p = OneLineParser(
-        prog="retrofit gates",
-        description="Plot the channel gates of a fine-tuned retrofitted model per stage and class "
-                    "(the SE paper's view).",
-        epilog="example: retrofit gates runs/se/best.pt --data data/val --out gates.png",
-    )
-    p.add_argument("checkpoint", help="a checkpoint written by retrofit.finetune.fit (last.pt or best.pt), or a save "
-                   "(.safetensors, folder, or hf-hub:ORG/NAME on the Hugging Face Hub)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", metavar="DIR", help="ImageFolder split to run on (DIR/CLASS/*.jpg)")
-    src.add_argument("--digits", action="store_true",
-                     help="scikit-learn's digits validation split (for models trained by the digits demo)")
-    p.add_argument("--out", default="gates.png", help="PNG to write (default: gates.png)")
-    p.add_argument("--json", metavar="FILE", help="also write the per-site summary and per-class values as JSON")
-    p.add_argument("--samples", type=int, default=512, help="images to run (a fixed random subset; default 512)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: a GPU if present)")
-    p.add_argument("--trust-code", action="store_true",
-                   help="allow the code the file names (a model file, an attention class); only for files you trust")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
-
-
-def gates_main(argv: Sequence[str] | None = None) -> int:
-    """``retrofit gates CHECKPOINT (--data DIR | --digits) --out plot.png``; returns the exit code.
-
-    Errors are raised, not printed: :func:`retrofit.cli.main` turns them into the exit code
-    and one line (``retrofit gates ...`` and ``python -m retrofit.gates ...`` both run there).
-
-    Raises:
-        RetrofitError: a file that cannot be loaded, a missing data folder, an unknown
-            device, a model whose attention has no channel gate, an output that cannot be
-            written.
-    """
-    from torch.utils.data import DataLoader, Subset
-
-    from .api import get_report
-    from .data import digits_datasets, imagefolder_dataset
-    from .distributed import choose_device
-    from .errors import DataError, OptionError, SaveError
-    from .saving import load
-
-    args = _gates_parser().parse_args(argv)
-    try:
-        device = choose_device(args.device)
-    except RuntimeError as e:
-        raise OptionError(f"--device {args.device!r} is not a device ({first_line(e)}); use cpu, cuda or cuda:N") from e
-    model = load(args.checkpoint, trust_code=args.trust_code, map_location=device)
-    if args.digits:
-        c, h, _ = get_report(model).input_size
-        dataset = digits_datasets(h, c, augment=False).val
-        classes: Sequence[str] = [str(i) for i in range(10)]
-    else:
-        try:
-            dataset = imagefolder_dataset(args.data, model)
-        except OSError as e:  # ImageFolder: no class folder, no image
-            raise DataError(f"--data {args.data}: {first_line(e)}; expected {args.data}/CLASS/*.jpg") from e
-        classes = dataset.classes
-    n = min(args.samples, len(dataset))
-    pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n].sort().values
-    loader = DataLoader(Subset(dataset, pick.tolist()), batch_size=args.batch_size)
-    record = record_gates(model, loader, classes=classes)
-    try:
-        out = plot_gates(record, args.out, title=f"{Path(args.checkpoint).name}: channel gates per class "
-                                                 f"({record.num_images} images)")
-        if args.json:
-            Path(args.json).write_text(json.dumps(record.to_dict(values=True), indent=2))
-    except OSError as e:
-        raise SaveError(f"cannot write {e.filename or args.out!r}: {e.strerror or first_line(e)}") from e
-    print(record.summary())
-    print(f"\nwrote {out}")
-    if args.json:
-        print(f"wrote {args.json}")
-    return 0
-
-
-if __name__ == "__main__":
-    from .cli import main
-
-    sys.exit(main(["gates", *sys.argv[1:]]))

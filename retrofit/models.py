@@ -17,7 +17,8 @@ from torch import nn
 from .download import PROBE_TIMEOUT, hf_endpoint, hf_offline, hf_offline_requested, torch_hub_cached, unreachable
 from .errors import ModelLoadError, OptionError, first_line
 from .frameworks import framework_of_spec
-from .recipe import Recipe, attach_recipe, get_recipe, is_file_spec
+from .recipe import Recipe, attach_recipe, get_recipe
+from .specs import is_file_spec, split_file_spec
 
 __all__ = ["create_model"]
 
@@ -134,7 +135,7 @@ def _check_factory_args(fn: Any, spec: str, kwargs: dict[str, Any]) -> None:
 
 
 def _from_file(spec: str, **kwargs: Any) -> nn.Module:
-    file, _, factory = spec.rpartition(":")
+    file, factory = split_file_spec(spec)
     path = Path(file)
     if not path.is_file():
         raise ModelLoadError(f"model file {file!r} not found (expected path/to/file.py:factory)")

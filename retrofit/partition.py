@@ -36,7 +36,8 @@ from .errors import TraceError, first_line
 from .shapes import TensorInfo, propagate_shapes
 from .sites import Site, SiteAnalysis, SkippedCandidate, find_sites, holds_conv, number_stages
 from .trace import LeafSpec, RetrofitTracer, flattens_inputs, optional_defaults, relative_leaves, trace
-from .verify import eval_mode, input_dtype_device, plain_attributes_kept
+from .modes import eval_mode, plain_attributes_kept
+from .verify import input_dtype_device
 
 __all__ = ["Unit", "Partition", "Flow", "partition", "refine", "slim", "record_inputs", "probe"]
 

@@ -20,22 +20,24 @@ what the recipe asks to run and how to allow it.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 import sys
-import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .errors import ModelLoadError, SaveError, UntrustedCodeError
+from .attention import is_registered
+from .errors import ModelLoadError, OptionError, SaveError, UntrustedCodeError
 from .frameworks import framework_of, framework_of_spec
 from .meta import RECIPE_KEY, retrofit_meta
+from .options import RetrofitOptions, leaf_name, plain_data
+from .scores import SiteScores
+from .specs import is_file_spec, split_file_spec
 
-__all__ = ["Recipe", "get_recipe", "attach_recipe", "recipe_of_result", "is_file_spec", "leaf_name", "TRUST_HINT"]
+__all__ = ["Recipe", "get_recipe", "attach_recipe", "recipe_of_result", "TRUST_HINT"]
 
 TRUST_HINT = ("load it only if you trust where it came from: trust_code=True in Python, --trust-code on the "
               "command line")
@@ -45,23 +47,14 @@ _LOADING_KWARGS = ("pretrained", "checkpoint_path", "pretrained_cfg", "pretraine
                    "weights", "weights_backbone")
 
 
-def is_file_spec(spec: str) -> bool:
-    """``path/to/file.py:factory``: a user's model file (running it runs its code)."""
-    return ".py:" in spec
-
-
-def leaf_name(leaf: type[nn.Module] | str) -> str:
-    """How a recipe names a leaf module: a class as ``module:QualName``, a string as it is."""
-    return leaf if isinstance(leaf, str) else f"{leaf.__module__}:{leaf.__qualname__}"
-
-
-def _plain(value: Any) -> Any:
-    """JSON-ready: mappings to dicts, tuples to lists."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+# The recipe's own fields and the JSON types they may have (the options' come after).
+_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str, type(None)), "model_kwargs": (dict,), "model_sha256": (str, type(None)),
+    "base": (dict, type(None)), "rules": (dict, type(None)), "rules_name": (str,),
+    "gate": (str, type(None)), "attn_args": (dict,), "input_size": (list, tuple, type(None)),
+    "leaf_modules": (list, tuple), "strict": (bool,), "on_existing": (str, type(None)), "fuse": (bool,),
+    "keep_class": (bool,), "scores": (dict, type(None)),
+}
 
 
 def _sha256(path: Path) -> str:
@@ -94,23 +87,16 @@ class Recipe:
     base: Recipe | None = None  # the model retrofit() got was itself built by this recipe (stacked)
     rules: Mapping[str, Any] | None = None  # the rule document as plain data; None: no retrofit, the base alone
     rules_name: str = "<rules>"  # where the rules came from ("built-in 'se'", a file path)
-    gate: str | None = None  # retrofit(gate=...)
-    attn_args: Mapping[str, Any] = field(default_factory=dict)  # retrofit(attn_args=...)
-    input_size: tuple[int, ...] | None = None  # (C, H, W) the sites were analysed at
-    leaf_modules: tuple[str, ...] = ()  # retrofit(leaf_modules=...), classes as "module:QualName"
-    strict: bool = False  # retrofit(strict=...)
-    on_existing: str | None = None  # retrofit(on_existing=...)
-    fuse: bool = True  # retrofit(fuse=...)
-    keep_class: bool = False  # retrofit(keep_class=...)
-    scores: Mapping[str, Any] | None = None  # retrofit(scores=...) as plain data, for rules that select by score
+    options: RetrofitOptions = field(default_factory=RetrofitOptions)  # the other retrofit() options
 
     # ------------------------------------------------------------------ plain data
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready plain data; :meth:`from_dict` reads it back."""
-        d = {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+        """JSON-ready plain data; :meth:`from_dict` reads it back. The options are fields of
+        their own (``gate``, ``attn_args``, ...), as in every recipe written so far."""
+        d = {f.name: plain_data(getattr(self, f.name)) for f in fields(self) if f.name not in ("base", "options")}
         d["base"] = None if self.base is None else self.base.to_dict()
-        return d
+        return {**d, **self.options.to_dict()}
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "recipe") -> Recipe:
@@ -121,21 +107,14 @@ class Recipe:
         """
         if not isinstance(d, Mapping):
             raise ModelLoadError(f"{where}: the recipe is a {type(d).__name__}, not a table")
-        known = {f.name for f in fields(cls)}
+        known = (set(_TYPES) | set(RetrofitOptions.names())) - {"options"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ModelLoadError(f"{where}: unknown recipe field(s) {', '.join(map(repr, unknown))} "
                                  f"(valid: {', '.join(sorted(known))}); was it written by a newer retrofit?")
-        types: dict[str, tuple[type, ...]] = {
-            "model": (str, type(None)), "model_kwargs": (dict,), "model_sha256": (str, type(None)),
-            "base": (dict, type(None)), "rules": (dict, type(None)), "rules_name": (str,),
-            "gate": (str, type(None)), "attn_args": (dict,), "input_size": (list, tuple, type(None)),
-            "leaf_modules": (list, tuple), "strict": (bool,), "on_existing": (str, type(None)), "fuse": (bool,),
-            "keep_class": (bool,), "scores": (dict, type(None)),
-        }
         values: dict[str, Any] = {}
         for name, value in d.items():
-            if not isinstance(value, types[name]):
+            if not isinstance(value, _TYPES[name]):
                 raise ModelLoadError(f"{where}: recipe field {name!r} is a {type(value).__name__} ({value!r:.60})")
             values[name] = value
         if not all(isinstance(v, str) for v in values.get("leaf_modules", ())):
@@ -145,28 +124,38 @@ class Recipe:
             raise ModelLoadError(f"{where}: recipe field 'input_size' must be a list of integers, not {size!r}")
         if values.get("base") is not None:
             values["base"] = cls.from_dict(values["base"], where)
-        if size is not None:
-            values["input_size"] = tuple(size)
-        values["leaf_modules"] = tuple(values.get("leaf_modules", ()))
+        opts = {k: values.pop(k) for k in RetrofitOptions.names() if k in values}
+        if opts.get("scores") is not None:
+            opts["scores"] = SiteScores.from_dict(opts["scores"])
+        try:
+            values["options"] = RetrofitOptions(**opts)
+        except OptionError as e:
+            raise ModelLoadError(f"{where}: {e}") from e
         return cls(**values)
 
-    # ------------------------------------------------------------------ trust
-
-    def _chain(self) -> Iterator[Recipe]:
+    def chain(self) -> list[Recipe]:
+        """The recipe's levels, innermost (the base model's) first: a retrofit of a retrofit
+        has two, and each names the rules applied at that step."""
+        out: list[Recipe] = []
         r: Recipe | None = self
         while r is not None:
-            yield r
+            out.append(r)
             r = r.base
+        return out[::-1]
+
+    def innermost(self) -> Recipe:
+        """The level that names the base model (this recipe when it is not stacked)."""
+        return self.chain()[0]
+
+    # ------------------------------------------------------------------ trust
 
     def foreign_code(self) -> list[str]:
         """What building this recipe would import or run beyond timm, torchvision and what
         is already loaded in this process (empty: nothing)."""
-        from .attention import is_registered
-
         found: list[str] = []
-        for r in self._chain():
+        for r in self.chain():
             if r.model is not None and is_file_spec(r.model):
-                file, _, factory = r.model.rpartition(":")
+                file, factory = split_file_spec(r.model)
                 found.append(f"the model file {file!r} (its function {factory!r} builds the model)")
             elif r.model is not None and (framework := framework_of_spec(r.model)) is not None:
                 found += framework[0].foreign_code(framework[1], r.model_kwargs)
@@ -178,7 +167,7 @@ class Recipe:
                 attn = table.get("attn") if isinstance(table, Mapping) else None
                 if isinstance(attn, str) and ":" in attn and not is_registered(attn):
                     found.append(f"the attention class {attn!r} ({r.rules_name}, rule {i})")
-            for leaf in r.leaf_modules:
+            for leaf in r.options.leaf_modules:
                 if ":" in leaf and leaf.partition(":")[0] not in sys.modules:
                     found.append(f"the leaf-module class {leaf!r}")
         return found
@@ -198,7 +187,7 @@ class Recipe:
 
     def _file(self, base_dir: Path | None) -> tuple[Path, str]:
         """The model file (resolved against ``base_dir``) and the factory name."""
-        file, _, factory = (self.model or "").rpartition(":")
+        file, factory = split_file_spec(self.model or "")
         path = Path(file)
         if not path.is_absolute():
             path = (base_dir if base_dir is not None else Path.cwd()) / path
@@ -207,7 +196,7 @@ class Recipe:
     def model_files(self) -> list[str]:
         """The model files this recipe names (``file`` of ``file.py:factory``), as written:
         relative to the save in a recipe read from one."""
-        return [r.model.rpartition(":")[0] for r in self._chain() if r.model is not None and is_file_spec(r.model)]
+        return [split_file_spec(r.model)[0] for r in self.chain() if r.model is not None and is_file_spec(r.model)]
 
     def located(self, folder: Path) -> Recipe:
         """This recipe as a file in ``folder`` records it: a model file's path relative to
@@ -250,93 +239,17 @@ class Recipe:
                 )
         return replace(self, base=base, model=f"{_real(path)}:{factory}")
 
-    # ------------------------------------------------------------------ building
+    # ------------------------------------------------------------------ the base model
 
     def with_model(self, model: str | None, model_kwargs: Mapping[str, Any] | None) -> Recipe:
         """The same recipe with another base model (the innermost one, for a stacked recipe)."""
         if self.base is not None:
             return replace(self, base=self.base.with_model(model, model_kwargs))
-        kwargs = self.model_kwargs if model_kwargs is None else _plain(model_kwargs)
+        kwargs = self.model_kwargs if model_kwargs is None else plain_data(model_kwargs)
         if model is not None and is_file_spec(model):
-            file, _, factory = model.rpartition(":")
+            file, factory = split_file_spec(model)
             model = f"{_real(Path(file))}:{factory}"
         return replace(self, model=self.model if model is None else model, model_kwargs=kwargs, model_sha256=None)
-
-    def build_base(self, *, pretrained: bool = False) -> nn.Module:
-        """The model the rules are applied to (fresh weights unless ``pretrained``).
-
-        Call :meth:`check_trust` and :meth:`resolved` first for a recipe read from a file.
-
-        Raises:
-            ModelLoadError: the recipe names no model, or the model cannot be built.
-        """
-        if self.base is not None:
-            return self.base.build(pretrained=pretrained)
-        if self.model is None:
-            raise ModelLoadError(
-                "the recipe does not say which model to build (retrofit() got a model object it could not "
-                "name); save with model_spec='resnet50' (timm), 'torchvision:NAME' or 'path/to/file.py:factory', "
-                "or build the model with retrofit.create_model(...)"
-            )
-        from .models import create_model
-
-        # check_trust has run: what the recipe names may be built.
-        return create_model(self.model, pretrained=pretrained, trust_code=True, **self.model_kwargs)
-
-    def build(self, *, pretrained: bool = False, verify: bool = False) -> nn.Module:
-        """The base model, then :func:`retrofit.retrofit` with this recipe's options.
-
-        The weights are fresh (or the base model's pretrained ones); load saved weights
-        with :func:`retrofit.load`, which also checks trust and file hashes first.
-        """
-        return self.apply(self.build_base(pretrained=pretrained), verify=verify)
-
-    def apply(self, model: nn.Module, *, verify: bool = False) -> nn.Module:
-        """:func:`retrofit.retrofit` of ``model`` with this recipe's rules and options (the
-        model itself for a recipe without rules)."""
-        if self.rules is None:
-            return model
-        from .api import retrofit
-        from .rulefile import parse_rules
-        from .scores import SiteScores
-
-        with warnings.catch_warnings():
-            # What the rewrite had to say ("does not trace as a whole") was said when the
-            # model was made; rebuilding it from the record says it again to no purpose.
-            warnings.simplefilter("ignore")
-            result = retrofit(
-                model,
-                rules=parse_rules(self.rules, self.rules_name),
-                gate=self.gate,
-                attn_args=dict(self.attn_args) or None,
-                input_size=self.input_size,
-                leaf_modules=[_resolve_leaf(s) for s in self.leaf_modules],
-                strict=self.strict,
-                on_existing=self.on_existing,
-                fuse=self.fuse,
-                keep_class=self.keep_class,
-                scores=None if self.scores is None else SiteScores.from_dict(self.scores),
-                verify=verify,
-                check_identity=verify,  # a rebuilt model gets its weights right after
-            )
-        attach_recipe(result, self)
-        return result
-
-
-def _resolve_leaf(spec: str) -> type[nn.Module] | str:
-    """A leaf-module name as retrofit() takes it: ``module:QualName`` imported, else as is."""
-    if ":" not in spec:
-        return spec
-    module_name, _, qualname = spec.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
-        raise ModelLoadError(f"leaf module {spec!r} cannot be imported: {e}") from e
-    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
-        raise ModelLoadError(f"leaf module {spec!r} is a {type(obj).__name__}, not an nn.Module class")
-    return obj
 
 
 def get_recipe(model: nn.Module) -> Recipe | None:
@@ -368,18 +281,17 @@ def _named_by_framework(model: nn.Module) -> Recipe:
     return Recipe() if described is None else Recipe(model=described[0], model_kwargs=described[1])
 
 
-def recipe_of_result(model: nn.Module, rules_doc: Mapping[str, Any], rules_name: str, **options: Any) -> Recipe:
+def recipe_of_result(model: nn.Module, rules_doc: Mapping[str, Any], rules_name: str,
+                     options: RetrofitOptions) -> Recipe:
     """The recipe of ``retrofit(model, ...)``: how ``model`` was built (what it carries, or
-    what timm says), then these rules and options. A model that is itself a retrofit
-    result becomes the ``base`` of the new recipe."""
+    what its library or timm says), then these rules and options. A model that is itself a
+    retrofit result becomes the ``base`` of the new recipe."""
     given = get_recipe(model)
     if given is None:
         given = _named_by_framework(model)
         given = given if given.model is not None else _named_by_timm(model)
-    opts = {**options, "rules": _plain(rules_doc), "rules_name": rules_name, "scores": _plain(options.get("scores")),
-            "attn_args": _plain(options.get("attn_args") or {}),
-            "leaf_modules": tuple(leaf_name(m) for m in options.get("leaf_modules", ())),
-            "input_size": tuple(options["input_size"])}
+    recorded = options.replace(leaf_modules=tuple(leaf_name(m) for m in options.leaf_modules))
+    opts = {"rules": plain_data(rules_doc), "rules_name": rules_name, "options": recorded}
     if given.rules is not None:
         return Recipe(base=given, **opts)
     return replace(given, **opts)

@@ -7,8 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from tabulate import tabulate
+from torch import nn
 
-__all__ = ["SiteRow", "StageRow", "Report"]
+from .meta import REPORT_KEY, retrofit_meta
+
+__all__ = ["SiteRow", "StageRow", "Report", "get_report", "report_of"]
 
 
 @dataclass(frozen=True)
@@ -204,3 +207,22 @@ def _giga(flops: int) -> str:
 
 def _pct(row: StageRow) -> str:
     return f"+{100.0 * row.params_added / row.params_before:.2f}%" if row.params_before else "new"
+
+
+def report_of(model: nn.Module) -> Report | None:
+    """The :class:`Report` a model carries (from :func:`retrofit.retrofit`), or None."""
+    report = retrofit_meta(model).get(REPORT_KEY)
+    return report if isinstance(report, Report) else None
+
+
+def get_report(gm: nn.Module) -> Report:
+    """The :class:`Report` of a model returned by :func:`retrofit.retrofit`.
+
+    Raises:
+        ValueError: ``gm`` did not come from :func:`retrofit.retrofit` (a model built by
+            :func:`retrofit.create_model` or loaded by :func:`retrofit.load` carries none).
+    """
+    report = report_of(gm)
+    if report is None:
+        raise ValueError(f"{type(gm).__name__} carries no retrofit report; it did not come from retrofit()")
+    return report

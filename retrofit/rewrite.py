@@ -37,7 +37,7 @@ from .attention._identity import identity_error
 from .errors import AttentionError, SiteError
 from .fuse import gate_methods, gated_residual
 from .partition import Partition
-from .plan import Placement
+from .planning import Placement
 from .trace import flattens_inputs
 
 __all__ = ["Inserted", "insert_attention", "rewrite", "rewritten_in_place"]

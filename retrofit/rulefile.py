@@ -17,6 +17,7 @@ from typing import Any
 
 from .attention import GATES, check_reduction_args, get_attention, list_attention
 from .errors import RetrofitError, RuleError
+from .options import ON_EXISTING
 from .sites import SITE_KINDS
 
 __all__ = ["Rule", "RuleSet", "load_rules", "parse_rules", "builtin_rules_dir", "list_builtin_rules", "resolve_rules",
@@ -27,7 +28,6 @@ POSITIONS: dict[str, tuple[str, ...]] = {
     "conv-block": ("after",),
 }
 CONFLICTS: tuple[str, ...] = ("error", "keep", "replace", "stack")
-ON_EXISTING: tuple[str, ...] = ("skip", "stack")
 
 # key -> (accepted types, default); `at` and `attn` have no default.
 _RULE_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {

@@ -4,11 +4,10 @@ A **save** is one ``.safetensors`` file whose metadata holds the recipe, or a fo
 ``model.safetensors`` and a readable ``recipe.json``. A **training checkpoint**
 (``last.pt`` / ``best.pt``, written by :func:`retrofit.finetune.fit`) holds the recipe,
 the weights and everything a resume needs, as plain data and tensors, read with
-``torch.load(weights_only=True)``. :func:`load` reads all three: it checks that the recipe
-names no code the caller did not allow (:mod:`retrofit.recipe`), builds the model again
-and loads the weights, so outputs are bit-identical, in the saved dtype. A folder save in
-a Hugging Face Hub repository, named ``"hf-hub:ORG/NAME"``, is fetched by
-:mod:`retrofit.hub` and then read like any local folder.
+``torch.load(weights_only=True)``. This module reads and writes the files; building a
+model from them (checking trust, then the recipe, then the weights) is :mod:`retrofit.build`.
+A folder save in a Hugging Face Hub repository is fetched by :mod:`retrofit.hub` and then
+read like any local folder.
 
 Writes are atomic (a temporary file beside the target, then a rename): a failed or
 interrupted save leaves nothing behind, and an existing file is only replaced with
@@ -31,9 +30,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from .errors import ModelLoadError, OptionError, RetrofitError, SaveError, first_line
-from .recipe import Recipe, get_recipe
-from .weights import assign_weights
+from .errors import ModelLoadError, SaveError, first_line
+from .recipe import Recipe
 
 __all__ = [
     "FORMAT",
@@ -41,9 +39,10 @@ __all__ = [
     "WEIGHTS_FILE",
     "RECIPE_FILE",
     "SavedModel",
-    "save",
-    "load",
+    "check_save_path",
+    "write_save",
     "read_save",
+    "read_weights",
     "tensor_sizes",
     "package_versions",
     "buffer_names",
@@ -66,7 +65,7 @@ def package_versions() -> dict[str, str]:
     import timm
     import torchvision
 
-    from . import __version__
+    from .version import __version__
 
     # str(): torch's version is a str subclass that torch.load(weights_only=True) refuses.
     return {"retrofit": str(__version__), "torch": str(torch.__version__),
@@ -107,117 +106,13 @@ def buffer_names(model: nn.Module) -> list[str]:
     return sorted(n for n, b in model.state_dict(keep_vars=True).items() if id(b) not in params)
 
 
-def _state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def _check_rebuilds(model: nn.Module, recipe: Recipe) -> None:
-    """Build the recipe again (on the meta device: no memory, no init) and compare weights'
-    names and shapes, so that a save that could not be loaded is never written.
+def check_save_path(path: Path, force: bool) -> tuple[Path, bool]:
+    """Where a save goes (its folder must exist) and whether it is one file.
 
     Raises:
-        OptionError: the recipe builds another model; the message says what differs.
+        SaveError: the path exists (without ``force``), is of the other kind, or its folder
+            does not exist.
     """
-    def explain(what: str) -> OptionError:
-        # A library's config or model yaml as an argument is long: its start says enough.
-        kwargs = ", ".join(f"{k!r}: {_short_repr(v)}" for k, v in _innermost(recipe).model_kwargs.items())
-        return OptionError(
-            f"not saved: the recipe (model {_innermost(recipe).model!r}, arguments {{{kwargs}}}) {what}; pass "
-            "model_spec='resnet50' (timm), 'torchvision:NAME' or 'path/to/file.py:factory' and model_kwargs "
-            "(e.g. {'num_classes': 10, 'in_chans': 1}) to save(), or build the model with retrofit.create_model()"
-        )
-
-    def build(step: Callable[[], nn.Module]) -> nn.Module:
-        try:
-            try:
-                with torch.device("meta"):
-                    return step()
-            except Exception:  # a constructor that needs real values (`.item()`): build it for real
-                return step()
-        except RetrofitError as e:
-            raise explain(f"cannot build the model again ({first_line(e)})") from e
-        except Exception as e:
-            raise explain(f"cannot build the model again ({type(e).__name__}: {first_line(e)})") from e
-
-    def compare(got: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...]], extra_ok: bool) -> None:
-        missing = [k for k in got if k not in want]
-        extra = [] if extra_ok else [k for k in want if k not in got]
-        shape = [f"{k} {list(got[k])} instead of {list(want[k])}" for k in got if k in want and got[k] != want[k]]
-        if missing or extra or shape:
-            parts = ([f"has {len(missing)} tensors this one lacks (e.g. {', '.join(missing[:2])})"] if missing else []) + \
-                    ([f"lacks {len(extra)} of its tensors (e.g. {', '.join(extra[:2])})"] if extra else []) + \
-                    ([f"has {len(shape)} of another shape (e.g. {'; '.join(shape[:2])})"] if shape else [])
-            raise explain(f"builds a model that {', '.join(parts)}")
-
-    want = _state_shapes(model)
-    base = build(lambda: recipe.build_base())
-    # The base model first: a wrong guess of its arguments shows here, named, rather than
-    # as a failure somewhere in the rewrite.
-    compare(_state_shapes(base), want, extra_ok=True)
-    compare(_state_shapes(build(lambda: recipe.apply(base))), want, extra_ok=False)
-
-
-def _short_repr(value: Any, width: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= width else text[:width - 3] + "..."
-
-
-def _innermost(recipe: Recipe) -> Recipe:
-    while recipe.base is not None:
-        recipe = recipe.base
-    return recipe
-
-
-def save(
-    model: nn.Module,
-    path: str | Path,
-    *,
-    model_spec: str | None = None,
-    model_kwargs: Mapping[str, Any] | None = None,
-    force: bool = False,
-) -> Path:
-    """Save a retrofitted model: weights plus the recipe to build it again.
-
-    Before anything is written, the recipe is built again on the meta device and its
-    weights' names and shapes are compared with the model's: a save that could not be
-    loaded is never written.
-
-    Args:
-        model: a model returned by :func:`retrofit.retrofit` (or :func:`retrofit.load`);
-            a deep copy or a pickled and unpickled one works too.
-        path: ``name.safetensors`` (one file) or a folder (``model.safetensors`` +
-            ``recipe.json``).
-        model_spec: the base model, where the model does not know it: built by
-            :func:`retrofit.create_model` it does, and a timm model names its architecture.
-        model_kwargs: the base model's constructor arguments (``num_classes``, ``in_chans``, ...).
-        force: replace an existing file, or the two files of an existing folder save (other
-            files in the folder are left alone).
-
-    Returns:
-        The path written.
-
-    Raises:
-        SaveError: the path exists (without ``force``), cannot be written, or the model is
-            on the meta device.
-        OptionError: the model did not come from retrofit, or its recipe does not build it
-            again (pass ``model_spec`` / ``model_kwargs``).
-    """
-    path = Path(path)
-    recipe = get_recipe(model)
-    if recipe is None:
-        raise OptionError(f"{type(model).__name__} did not come from retrofit(); only models built by "
-                          "retrofit.retrofit(), retrofit.create_model() or retrofit.load() can be saved")
-    if model_spec is not None or model_kwargs is not None:
-        recipe = recipe.with_model(model_spec, model_kwargs)
-    if _innermost(recipe).model is None:
-        raise OptionError(
-            f"cannot tell which model {type(model).__name__} was built from; pass model_spec='resnet50' (timm), "
-            "'torchvision:resnet50' or 'path/to/file.py:factory' (and model_kwargs), or build the model with "
-            "retrofit.create_model()"
-        )
-    if any(t.device.type == "meta" for t in model.state_dict().values()):
-        raise SaveError(f"cannot save {type(model).__name__}: it is on the meta device and has no weights; "
-                        "build it on a real device (or load its weights) first")
     if path.exists() and not force:
         raise SaveError(f"{str(path)!r} exists; not overwriting it (pass --force / force=True to replace it)")
     is_file = path.suffix == ".safetensors"
@@ -227,7 +122,13 @@ def save(
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise SaveError(f"cannot write {str(path)!r}: folder {str(parent)!r} does not exist")
-    _check_rebuilds(model, recipe)
+    return parent, is_file
+
+
+def write_save(model: nn.Module, path: Path, recipe: Recipe) -> Path:
+    """Write ``model``'s weights and ``recipe`` as a save at ``path`` (checked by
+    :func:`check_save_path`), atomically: a failed or interrupted write leaves nothing."""
+    parent, is_file = check_save_path(path, force=True)
     header = {
         "format": FORMAT,
         "recipe": recipe.located(parent if is_file else path).to_dict(),
@@ -354,25 +255,16 @@ def _recipe_of_old_checkpoint(spec: Mapping[str, Any], where: str) -> Recipe:
     }, where)
 
 
-def _local(path: str | Path) -> Path:
-    """Where a save lies on this machine: ``path`` itself, or for ``"hf-hub:ORG/NAME"`` (a
-    string; a ``Path`` is always local) the snapshot folder :func:`retrofit.hub.download`
-    fetched it to."""
-    from .hub import download, is_hub_save
-
-    return download(path) if is_hub_save(path) else Path(path)
-
-
-def read_save(path: str | Path) -> SavedModel:
-    """What a save (``.safetensors`` file or folder, or ``"hf-hub:ORG/NAME"``) or a training
-    checkpoint (``.pt``) holds, without building or importing anything (a Hub save is
-    downloaded first, code files included; nothing is run).
+def read_save(path: str | Path, where: str | None = None) -> SavedModel:
+    """What a save (``.safetensors`` file or folder) or a training checkpoint (``.pt``) on
+    this machine holds, without building or importing anything (a Hub save is fetched by
+    :func:`retrofit.hub.download` first). ``where``: how messages name it (default the path).
 
     Raises:
         ModelLoadError: missing, corrupted, or not written by retrofit.
     """
-    where = str(path)
-    path = _local(path)
+    where = str(path) if where is None else where
+    path = Path(path)
     if path.suffix in _TRAIN_SUFFIXES:
         ckpt = load_training_state(path)
         if ckpt["format"] == _OLD_TRAIN_FORMAT:
@@ -447,9 +339,9 @@ def _framework_header(folder: Path, where: str) -> dict[str, Any]:
 
 
 def tensor_sizes(path: str | Path) -> dict[str, int]:
-    """``{tensor name: number of elements}`` of a save (read from the file header only) or
-    of a training checkpoint's weights."""
-    path = _local(path)
+    """``{tensor name: number of elements}`` of a save on this machine (read from the file
+    header only) or of a training checkpoint's weights."""
+    path = Path(path)
     if path.suffix in _TRAIN_SUFFIXES:
         return {k: v.numel() for k, v in load_training_state(path)["model"].items()}
     sizes: dict[str, int] = {}
@@ -469,63 +361,18 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
-def load(
-    path: str | Path,
-    *,
-    trust_code: bool = False,
-    map_location: str | torch.device | None = None,
-) -> nn.Module:
-    """Build a saved model again: a ``.safetensors`` save, a save folder, a folder save on
-    the Hugging Face Hub (``"hf-hub:ORG/NAME"``, or ``"hf-hub:ORG/NAME@REVISION"``), or a
-    fine-tuning checkpoint (``last.pt`` / ``best.pt``). Its outputs equal the saved model's
-    bit for bit, in the dtype it was saved in.
-
-    Nothing the file names is imported or run unless ``trust_code``: timm and torchvision
-    registry names, retrofit's attention types and those registered in this process load
-    as they are; a model file, a ``module:Class`` attention or an unimported leaf-module
-    class is refused with :class:`~retrofit.errors.UntrustedCodeError` before anything is
-    imported. With trust, a model file is found relative to the save (not the current
-    folder) and must be the file the model was saved with (same sha256). A Hub save is
-    fetched through ``huggingface_hub`` (its cache, ``HF_HUB_OFFLINE``, your login) into the
-    cache's snapshot folder and then read as a local folder under the same rules: a model
-    file it names comes from the same repository and commit.
-
-    Not to be confused with ``retrofit.create_model("hf-hub:ORG/NAME")``, which builds a
-    *base model* from timm's Hub weights; ``load`` reads a *retrofit save* (``recipe.json`` +
-    ``model.safetensors``) such as :func:`retrofit.push_to_hub` writes.
-
-    Args:
-        path: the save or checkpoint; a string starting with ``hf-hub:`` names a Hub save.
-        trust_code: allow the code the file names (as Hugging Face's ``trust_remote_code``).
-        map_location: device to put the model on (``"cpu"``, ``"cuda:0"``, ...); default the CPU.
+def read_weights(saved: SavedModel) -> dict[str, torch.Tensor]:
+    """The weights of a save or checkpoint :func:`read_save` read (on the CPU).
 
     Raises:
-        UntrustedCodeError: the file names code and ``trust_code`` is False.
-        ModelLoadError: the file is missing, corrupted, names a model file that changed, or
-            its weights do not fit the model its recipe builds; a Hub save cannot be fetched
-            (no such repository or revision, not a retrofit save, offline and not cached).
-
-    Example:
-        >>> gm = retrofit.load("runs/se/best.pt")
-        >>> gm = retrofit.load("hf-hub:my-org/resnet50-se")
+        ModelLoadError: the weights file is corrupted.
     """
-    saved = read_save(path)
-    now = package_versions()
-    changed = [f"{k} {saved.versions[k]} -> {now[k]}" for k in now if k in saved.versions and saved.versions[k] != now[k]]
-    if changed:
-        warnings.warn(f"{path} was saved with other package versions ({', '.join(changed)})", stacklevel=2)
-    saved.recipe.check_trust(trust_code, str(path))
-    recipe = saved.recipe.resolved(saved.folder)
-    model = recipe.build()
     if saved.checkpoint is not None:
-        state = {k: v.cpu() for k, v in saved.checkpoint["model"].items()}
-    else:
-        try:
-            state = {}
-            for file in _weight_files(saved.path) if saved.kind == "folder" else [saved.path]:
-                state.update(load_file(str(file)))
-        except (SafetensorError, OSError) as e:
-            raise ModelLoadError(f"cannot read saved model {str(path)!r} (corrupted?): {first_line(e)}") from e
-    assign_weights(model, state, f"weights in {str(path)!r}", "the file does not match its own recipe (was it "
-                   "edited, or written by another program?)", keep_dtype=True)
-    return model.to(torch.device(map_location)) if map_location is not None else model
+        return {k: v.cpu() for k, v in saved.checkpoint["model"].items()}
+    try:
+        state: dict[str, torch.Tensor] = {}
+        for file in _weight_files(saved.path) if saved.kind == "folder" else [saved.path]:
+            state.update(load_file(str(file)))
+        return state
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"cannot read saved model {str(saved.path)!r} (corrupted?): {first_line(e)}") from e

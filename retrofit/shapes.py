@@ -22,7 +22,8 @@ from torch._subclasses.fake_tensor import (
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from .errors import OptionError, TraceError, first_line
-from .verify import eval_mode, input_dtype_device, plain_attributes_kept
+from .modes import eval_mode, plain_attributes_kept
+from .verify import input_dtype_device
 
 __all__ = ["TensorInfo", "propagate_shapes", "resolve_input_size"]
 

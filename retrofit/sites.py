@@ -22,6 +22,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import registered_types
 from .fuse import gated_residual
 from .shapes import TensorInfo
 
@@ -345,11 +346,9 @@ class _Analyzer:
         registered attention type, or to a gating multiply ``x * g`` where ``g`` is computed
         from ``x`` through a reduction (pooling): SE, ECA, CBAM, GE and their kin.
         """
-        from .attention._registry import _ATTENTION
-
         for _ in range(4):
             mod = _module(self.gm, node)
-            if mod is not None and isinstance(mod, tuple(_ATTENTION.values())):
+            if mod is not None and isinstance(mod, registered_types()):
                 return f"{type(mod).__name__} at {node.target!r}"
             if self._is_gating_mul(node):
                 path = node.meta.get("module_path", "") or node.meta.get("qualname", node.name)

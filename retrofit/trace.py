@@ -26,13 +26,15 @@ import torch
 import torch.fx
 from torch import nn
 
+from .attention import registered_types
 from .errors import TraceError, first_line
+from .fuse import gated_residual
 from .meta import META_ATTR
+from .modes import train_mode
+from .options import LeafSpec
 
 __all__ = ["RetrofitTracer", "RetrofitGraphModule", "TracedSequential", "trace", "LeafSpec", "relative_leaves"]
 
-# A leaf module given by the caller: a class, a class name, or a module path ("layer3.1").
-LeafSpec = type[nn.Module] | str
 
 # With the separator: torchvision's folder starts with torch's name too, and its frames are
 # the model's code.
@@ -96,13 +98,10 @@ class RetrofitTracer(torch.fx.Tracer):
     def __init__(self, leaf_modules: Sequence[LeafSpec] = (), into: Collection[str] | None = None) -> None:
         import torchvision.ops
 
-        from .attention._registry import _ATTENTION
-        from .fuse import gated_residual
-
         timm_leaves, timm_fns = _timm_notrace()
         # A retrofitted model traced again keeps its fused residual adds as single nodes.
         super().__init__(autowrap_modules=(math, torchvision.ops), autowrap_functions=(*timm_fns, gated_residual))
-        self._leaf_types = timm_leaves + _torchvision_leaves() + _mode_dependent_leaves() + tuple(_ATTENTION.values())
+        self._leaf_types = timm_leaves + _torchvision_leaves() + _mode_dependent_leaves() + registered_types()
         self._user_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self._user_names = {m for m in leaf_modules if isinstance(m, str)}
         self._into = None if into is None else frozenset(into)
@@ -280,7 +279,7 @@ def trace(
     # Python code that reads `self.training` (F.dropout(training=self.training), drop-path
     # outside a module) is frozen into the graph in the mode it was traced in. If the two
     # modes trace differently, keep the eval-mode graph: exact at inference, always.
-    with _mode(model, not model.training):
+    with train_mode(model, not model.training):
         other = _trace_graph(model, leaves, concrete, into)
     if _signature(graph) != _signature(other):
         changed = sorted({n.meta.get("qualname", n.name) for n in _differing(graph, other)})
@@ -434,17 +433,6 @@ def _inline_calls(root: nn.Module, graph: torch.fx.Graph, leaves: tuple[LeafSpec
         graph.erase_node(node)
         notes += [f"{target}: {n}" for n in sub.meta.get("retrofit_trace_notes", ())]
     return notes
-
-
-@contextlib.contextmanager
-def _mode(model: nn.Module, training: bool) -> Iterator[None]:
-    saved = [(m, m.training) for m in model.modules()]
-    try:
-        model.train(training)
-        yield
-    finally:
-        for m, flag in saved:
-            m.training = flag
 
 
 def _node_key(n: torch.fx.Node) -> tuple[str, str, str, str]:

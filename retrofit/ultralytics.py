@@ -44,9 +44,11 @@ import torch
 from torch import nn
 
 from .api import retrofit
+from .build import apply_recipe
 from .errors import ModelLoadError, OptionError
 from .frameworks._ultralytics import offline
 from .recipe import Recipe, get_recipe
+from .report import get_report
 from .rulefile import RuleSet, resolve_rules
 
 __all__ = ["trainer", "RetrofitTrainer", "TRAINERS", "save_checkpoint", "load_checkpoint"]
@@ -61,16 +63,6 @@ TRAINERS: dict[str, tuple[str, str]] = {
     "semantic": ("ultralytics.models.yolo.semantic", "SemanticSegmentationTrainer"),
     "depth": ("ultralytics.models.yolo.depth", "DepthTrainer"),
 }
-
-
-def _chain(recipe: Recipe) -> list[Recipe]:
-    """The recipe's levels, innermost (the base model) first."""
-    out: list[Recipe] = []
-    r: Recipe | None = recipe
-    while r is not None:
-        out.append(r)
-        r = r.base
-    return out[::-1]
 
 
 @contextlib.contextmanager
@@ -102,9 +94,8 @@ class RetrofitTrainer:
             if saved is not None and saved.rules is not None:
                 # A retrofitted checkpoint: the same modules again (the levels of its recipe on
                 # this fresh model), so that its attention weights have somewhere to load.
-                for level in _chain(saved):
-                    if level.rules is not None:
-                        model = level.apply(model)
+                for level in saved.chain():
+                    model = apply_recipe(level, model)
             if saved is None or saved.rules != self.retrofit_rules.doc or _options(saved) != _wanted(self):
                 model = retrofit(model, rules=self.retrofit_rules, input_size=size, inplace=True,
                                  **self.retrofit_options)
@@ -132,8 +123,6 @@ class RetrofitTrainer:
 
 
 def _attention_parameters(model: nn.Module) -> list[nn.Parameter]:
-    from .api import get_report
-
     inner = getattr(model, "module", model)  # DistributedDataParallel
     try:
         rows = get_report(inner).rows
@@ -144,7 +133,7 @@ def _attention_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _options(recipe: Recipe) -> dict[str, Any]:
-    return {"gate": recipe.gate, "attn_args": dict(recipe.attn_args) or None}
+    return {"gate": recipe.options.gate, "attn_args": dict(recipe.options.attn_args) or None}
 
 
 def _wanted(t: RetrofitTrainer) -> dict[str, Any]:

@@ -11,56 +11,14 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["Comparison", "compare", "max_abs_diff", "count_params", "eval_mode", "input_dtype_device",
-           "plain_attributes_kept"]
+from .modes import eval_mode
+
+__all__ = ["Comparison", "compare", "count_params", "input_dtype_device"]
 
 
 def count_params(model: nn.Module) -> int:
     """Number of parameter elements, each shared tensor counted once."""
     return sum(p.numel() for p in model.parameters())
-
-
-@contextlib.contextmanager
-def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Put models in eval mode and restore every submodule's own mode afterwards."""
-    saved = [(m, m.training) for model in models for m in model.modules()]
-    try:
-        for model in models:
-            model.eval()
-        yield
-    finally:
-        for m, mode in saved:
-            m.training = mode
-
-
-_STATE = ("_parameters", "_buffers", "_modules")
-
-
-@contextlib.contextmanager
-def plain_attributes_kept(*models: nn.Module) -> Iterator[None]:
-    """Restore every submodule's plain attributes (and the contents of the dicts, lists and
-    sets among them) when the block ends. A forward on fake tensors must not leave fake
-    tensors behind in caches a module fills as it runs (LeViT's attention biases, kept in
-    a dict per device): the next real forward would compute on them."""
-    saved = []
-    for model in models:
-        for m in model.modules():
-            attrs = {k: v for k, v in vars(m).items() if k not in _STATE}
-            contents = {k: (v, v.copy()) for k, v in attrs.items() if type(v) in (dict, list, set)}
-            saved.append((m, attrs, contents))
-    try:
-        yield
-    finally:
-        for m, attrs, contents in saved:
-            for k in [k for k in vars(m) if k not in _STATE and k not in attrs]:
-                del m.__dict__[k]
-            m.__dict__.update(attrs)
-            for obj, copy in contents.values():
-                obj.clear()
-                if isinstance(obj, list):
-                    obj.extend(copy)
-                else:
-                    obj.update(copy)
 
 
 @dataclass(frozen=True)
@@ -124,9 +82,3 @@ def compare(
             elif w.numel():
                 diff = max(diff, (w.double() - g.double()).abs().max().item())
     return Comparison(diff, flops_before, flops_after)
-
-
-def max_abs_diff(reference: nn.Module, candidate: nn.Module, input_size: tuple[int, int, int]) -> float | None:
-    """Largest absolute output difference on a probe input (None on the meta device)."""
-    result = compare(reference, candidate, input_size)
-    return None if result is None else result.max_abs_diff

@@ -26,7 +26,6 @@ from retrofit.attention import (
     identity_error,
     register_attention,
 )
-from retrofit.attention._registry import _ATTENTION
 from retrofit.fuse import gate_methods, gated_residual
 from retrofit.rulefile import builtin_rules_dir, load_rules, parse_rules
 
@@ -501,11 +500,11 @@ class _OutsideScale(ChannelScale):
 def user_types() -> Iterator[None]:
     """Registers ``zoo_test_scale``; afterwards the registry is as before (imported
     ``module:Class`` names included), so other tests' lists of valid names are unchanged."""
-    before = dict(_ATTENTION)
+    before = set(retrofit.list_attention())
     register_attention("zoo_test_scale")(_OutsideScale)
     yield
-    _ATTENTION.clear()
-    _ATTENTION.update(before)
+    for name in set(retrofit.list_attention()) - before:
+        retrofit.unregister_attention(name)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -624,8 +623,7 @@ def test_identity_error_wrong_shape_and_failure() -> None:
 def test_non_identity_module_is_refused_unless_opted_out() -> None:
     from torch import nn
 
-    from retrofit.attention._registry import _ATTENTION
-
+    
     @retrofit.register_attention("test_not_identity")
     class NotIdentity(nn.Module):
         def __init__(self, channels: int, gate: str = "identity", device=None, dtype=None) -> None:

@@ -267,8 +267,8 @@ def test_warnings_print_once(tmp_path: Path) -> None:
 
 
 def test_gates_command_follows_the_contract(tmp_path: Path) -> None:
-    one_line(run("gates", str(tmp_path / "missing.pt"), "--digits"), 2, r"retrofit gates: error: ")
-    one_line(run("gates", "x.pt"), 2, r"retrofit gates: error: one of the arguments --data --digits is required "
+    one_line(run("gates", str(tmp_path / "missing.pt"), "--data", str(tmp_path)), 2, r"retrofit gates: error: ")
+    one_line(run("gates", "x.pt"), 2, r"retrofit gates: error: the following arguments are required: --data "
                                      r"\(see retrofit gates --help\)$")
 
 

@@ -175,7 +175,7 @@ def test_checkpoint_carries_the_recipe(tmp_path: Path) -> None:
     ckpt = load_training_state(tmp_path / "best.pt")
     recipe = retrofit.Recipe.from_dict(ckpt["recipe"])
     assert recipe == retrofit.get_recipe(gm)
-    assert recipe.model == "resnet18" and recipe.gate == "sigmoid" and recipe.input_size == (1, 32, 32)
+    assert recipe.model == "resnet18" and recipe.options.gate == "sigmoid" and recipe.options.input_size == (1, 32, 32)
     assert recipe.model_kwargs == {**NARROW, "channels": [16, 32, 64, 128]}
     assert ckpt["versions"]["torch"] == torch.__version__ and "bn1.running_mean" in ckpt["buffers"]
 

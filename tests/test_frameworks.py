@@ -280,7 +280,7 @@ def test_a_hub_save_of_a_framework_model_loads_without_trust(spec: str, kwargs: 
                                                             monkeypatch) -> None:
     import huggingface_hub
 
-    from retrofit.hub import save_for_hub
+    from retrofit.publish import save_for_hub
 
     from .hub_cache import lay_out_folder
 

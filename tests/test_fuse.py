@@ -16,7 +16,7 @@ from retrofit.attention import Cbam, EfficientChannelAttn, SqueezeExcite
 from retrofit.fuse import gate_methods, gated_residual
 from retrofit.rulefile import parse_rules
 from retrofit.trace import trace
-from retrofit.verify import eval_mode
+from retrofit.modes import eval_mode
 
 from .conftest import cached
 
@@ -373,7 +373,7 @@ def test_only_the_module_next_to_the_add_fuses() -> None:
 
 def test_fuse_is_in_the_recipe_and_survives_save_and_load(tmp_path: Path) -> None:
     fused, plain = _pair("resnet18", "cbam", 32)
-    assert retrofit.get_recipe(fused).fuse is True and retrofit.get_recipe(plain).fuse is False
+    assert retrofit.get_recipe(fused).options.fuse is True and retrofit.get_recipe(plain).options.fuse is False
     assert fused.meta["retrofit_recipe"] is retrofit.get_recipe(fused)  # torch.fx's meta holds it too
     # (test_saving round-trips fused models.) An unfused model loads unfused.
     loaded = retrofit.load(retrofit.save(plain, tmp_path / "plain.safetensors", model_spec="resnet18"))

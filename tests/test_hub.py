@@ -27,7 +27,8 @@ from torch import nn
 import retrofit
 from retrofit import ModelLoadError, OptionError, SaveError, UntrustedCodeError
 import retrofit.cli
-from retrofit.hub import parse_hub_name, save_for_hub
+from retrofit.hub import parse_hub_name
+from retrofit.publish import save_for_hub
 
 from .hub_cache import lay_out, lay_out_folder
 
@@ -232,7 +233,7 @@ def test_a_model_file_on_the_hub_needs_trust_exactly_as_a_local_one(tmp_path: Pa
                                                  rf"load it only if you trust where it came from: {TRUST}$") as hub:
         retrofit.load("hf-hub:me/net")
     assert str(hub.value) == str(local.value).replace(str(folder), "hf-hub:me/net")
-    assert retrofit.cli.main(["gates", "hf-hub:me/net", "--digits", "--out", str(tmp_path / "g.png")]) == 2
+    assert retrofit.cli.main(["gates", "hf-hub:me/net", "--data", str(tmp_path), "--out", str(tmp_path / "g.png")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("retrofit gates: error: hf-hub:me/net asks to run code: the model file 'net.py'")
     assert not sentinel.exists() and "net" not in sys.modules

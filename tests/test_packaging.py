@@ -26,7 +26,7 @@ def test_name_and_version_are_written_once() -> None:
     project = PYPROJECT["project"]
     assert project["name"] == retrofit.DISTRIBUTION == "torch-retrofit"
     assert "version" not in project and project["dynamic"] == ["version"]
-    assert PYPROJECT["tool"]["hatch"]["version"] == {"path": "retrofit/__init__.py"}
+    assert PYPROJECT["tool"]["hatch"]["version"] == {"path": "retrofit/version.py"}
     assert re.fullmatch(r"\d+\.\d+\.\d+", retrofit.__version__)
     assert project["scripts"] == {"retrofit": "retrofit.cli:main"}
 

@@ -281,8 +281,6 @@ def test_conflict_error_names_both_rules_and_the_fix(tmp_path: Path) -> None:
 def test_registered_attention_without_rule_file_gets_default_placement() -> None:
     from torch import nn
 
-    from retrofit.attention._registry import _ATTENTION
-
     @retrofit.register_attention("test_plain_gate")
     class PlainGate(nn.Module):
         def __init__(self, channels: int, gate: str = "identity", device=None, dtype=None) -> None:
@@ -301,7 +299,7 @@ def test_registered_attention_without_rule_file_gets_default_placement() -> None
         report = get_report(retrofit.retrofit(cached("resnet18"), "test_plain_gate", input_size=64))
         assert len(report.rows) == 8 and report.max_abs_diff == 0.0
     finally:
-        _ATTENTION.pop("test_plain_gate", None)
+        retrofit.unregister_attention("test_plain_gate")
 
 
 def test_an_input_too_small_to_tell_stages_apart_is_said(tmp_path: Path) -> None:

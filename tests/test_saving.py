@@ -231,7 +231,7 @@ def test_keep_class_and_num_classes_round_trip(tmp_path: Path) -> None:
     kc = _perturbed(retrofit.retrofit(base, "se", input_size=64, keep_class=True))
     loaded = retrofit.load(retrofit.save(kc, tmp_path / "kc.safetensors"))
     assert type(loaded) is type(base) and loaded.get_classifier().out_features == 7
-    assert retrofit.get_recipe(loaded).keep_class
+    assert retrofit.get_recipe(loaded).options.keep_class
     x = torch.randn(2, 3, 64, 64)
     assert torch.equal(kc.eval()(x), loaded.eval()(x))
 

@@ -130,7 +130,7 @@ def _evil_checkpoint(tmp_path: Path, legit: nn.Module) -> tuple[Path, Path]:
 def test_gates_command_refuses_a_checkpoint_that_names_code(tmp_path: Path, legit: nn.Module,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     path, sentinel = _evil_checkpoint(tmp_path, legit)
-    assert main(["gates", str(path), "--digits", "--out", str(tmp_path / "g.png")]) == 2  # errors: cli.main
+    assert main(["gates", str(path), "--data", str(tmp_path), "--out", str(tmp_path / "g.png")]) == 2  # errors: cli.main
     err = capsys.readouterr().err
     assert "asks to run code: the model file 'evil.py'" in err and "--trust-code" in err and len(err.splitlines()) == 1
     assert not sentinel.exists()
@@ -180,7 +180,7 @@ def test_what_loads_without_trust(tmp_path: Path) -> None:
     torch.manual_seed(0)
     base = retrofit.create_model("torchvision:resnet18", num_classes=3)
     gm = retrofit.retrofit(base, "trust_test_gate", input_size=64, leaf_modules=[nn.ReLU, "layer4.1"])
-    assert retrofit.get_recipe(gm).leaf_modules == ("torch.nn.modules.activation:ReLU", "layer4.1")
+    assert retrofit.get_recipe(gm).options.leaf_modules == ("torch.nn.modules.activation:ReLU", "layer4.1")
     path = retrofit.save(gm, tmp_path / "m.safetensors")
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(gm.eval()(x), retrofit.load(path).eval()(x))

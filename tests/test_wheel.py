@@ -239,7 +239,7 @@ def test_every_public_name_imports_from_the_installed_package(installed: Install
 
 _HUB = """
 import importlib.util, sys, torch, retrofit
-from retrofit.hub import save_for_hub
+from retrofit.publish import save_for_hub
 spec = importlib.util.spec_from_file_location("hub_cache", sys.argv[1])
 hub_cache = importlib.util.module_from_spec(spec); spec.loader.exec_module(hub_cache)
 torch.manual_seed(0)

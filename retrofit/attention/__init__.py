@@ -3,7 +3,15 @@
 from ._gate import GATES, gate_methods, zero_init_params
 from ._identity import identity_error
 from ._reduction import check_reduction_args
-from ._registry import create_attention, get_attention, is_registered, list_attention, register_attention
+from ._registry import (
+    create_attention,
+    get_attention,
+    is_registered,
+    list_attention,
+    register_attention,
+    registered_types,
+    unregister_attention,
+)
 from .cbam import Cbam
 from .chsa import ChannelSelfAttn
 from .coord import CoordAttn
@@ -20,6 +28,8 @@ __all__ = [
     "zero_init_params",
     "gate_methods",
     "register_attention",
+    "unregister_attention",
+    "registered_types",
     "get_attention",
     "list_attention",
     "create_attention",

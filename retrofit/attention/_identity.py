@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import AttentionError
+from ..modes import modes_kept
 
 __all__ = ["identity_error"]
 
@@ -55,13 +56,12 @@ def identity_error(
     shape = (2, channels, *size)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
-    modes = [(m, m.training) for m in module.modules()]
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
     device = torch.device(device)
     devices = [device] if device.type == "cuda" else []
     worst = 0.0
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), modes_kept(module):
             for train in (True, False):
                 module.train(train)
                 try:
@@ -80,8 +80,6 @@ def identity_error(
                 diff = (y.double() - x.double()).abs().max().item()
                 worst = max(worst, diff if math.isfinite(diff) else math.inf)
     finally:
-        for m, mode in modes:
-            m.training = mode
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)

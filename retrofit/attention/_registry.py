@@ -11,7 +11,8 @@ from torch import nn
 
 from ..errors import AttentionError
 
-__all__ = ["register_attention", "get_attention", "list_attention", "create_attention", "is_registered"]
+__all__ = ["register_attention", "unregister_attention", "get_attention", "list_attention", "registered_types",
+           "create_attention", "is_registered"]
 
 _ATTENTION: dict[str, type[nn.Module]] = {}
 
@@ -41,9 +42,27 @@ def register_attention(name: str) -> Callable[[_M], _M]:
     return _register
 
 
+def unregister_attention(name: str) -> type[nn.Module]:
+    """Remove the type registered as ``name`` (a user's type, say, between tests); return it.
+
+    Raises:
+        AttentionError: nothing is registered under ``name``.
+    """
+    if name not in _ATTENTION:
+        raise AttentionError(f"no attention registered as {name!r} (registered: {', '.join(list_attention())})")
+    return _ATTENTION.pop(name)
+
+
 def list_attention() -> list[str]:
     """Names of all registered attention types, sorted."""
     return sorted(_ATTENTION)
+
+
+def registered_types() -> tuple[type[nn.Module], ...]:
+    """The classes registered as attention types (built in, the user's, and ``module:Class``
+    names imported so far): analysis recognises a module of these as existing attention, and
+    the tracer keeps it whole."""
+    return tuple(dict.fromkeys(_ATTENTION.values()))
 
 
 def is_registered(name: str) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import ModelLoadError, first_line
-from . import Framework, register_framework
+from ._base import Framework, register_framework
 
 __all__ = ["Transformers", "CONFIG_KEY"]
 

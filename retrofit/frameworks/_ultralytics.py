@@ -25,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import ModelLoadError, UntrustedCodeError, first_line
-from . import Framework, register_framework
+from ._base import Framework, register_framework
 
 __all__ = ["Ultralytics", "MODEL_CLASSES", "layer_problems"]
 

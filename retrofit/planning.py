@@ -24,6 +24,7 @@ from tabulate import tabulate
 
 from .attention import get_attention
 from .errors import AttentionError, RuleError, first_line
+from .options import RetrofitOptions
 from .rulefile import Rule, RuleSet
 from .sites import Site, SiteAnalysis, SkippedCandidate
 
@@ -257,11 +258,7 @@ def _check_modules(placements: tuple[Placement, ...], attn_args: Mapping[str, An
 def make_plan(
     analysis: SiteAnalysis,
     rules: RuleSet,
-    gate: str | None = None,
-    attn_args: Mapping[str, Any] | None = None,
-    strict: bool = False,
-    on_existing: str | None = None,
-    scores: SiteScores | None = None,
+    options: RetrofitOptions | None = None,
     whole: SiteAnalysis | None = None,
 ) -> Plan:
     """Apply ``rules`` to the sites of ``analysis``. Reads only; changes nothing.
@@ -269,12 +266,10 @@ def make_plan(
     Args:
         analysis: sites from :func:`retrofit.sites.find_sites`.
         rules: the rule set.
-        gate: overrides every rule's gate form when given.
-        attn_args: constructor arguments that override the rules' ``args``.
-        strict: a glob that matches no site is an error instead of a warning.
-        on_existing: overrides every rule's ``on_existing`` (``"skip"`` or ``"stack"``).
-        scores: site scores (:func:`retrofit.score_sites`), for rules that select by score
-            (``select``, ``budget``); each placement then carries its site's score.
+        options: the rewrite's options; those a plan reads: ``gate`` and ``on_existing``
+            (override every rule's), ``attn_args`` (override the rules' ``args``), ``strict``
+            (a glob that matches no site is an error), ``scores`` (for rules that select by
+            score: ``select``, ``budget``; each placement then carries its site's score).
         whole: every site of the model, those out of reach included (``keep_class``):
             whether a fallback rule applies is decided on these, so sites that exist but
             cannot be reached do not switch the plan to another kind of site.
@@ -285,6 +280,9 @@ def make_plan(
         AttentionError: an attention type rejects its arguments at a selected site (the
             message names the rule, the site and the channels).
     """
+    options = options or RetrofitOptions()
+    gate, attn_args, strict, on_existing, scores = (options.gate, options.attn_args, options.strict,
+                                                    options.on_existing, options.scores)
     claimed: dict[str, list[Placement]] = {}
     skipped: dict[str, tuple[Site, str]] = {}
     notes: list[str] = []

@@ -1,0 +1,261 @@
+"""Models built from a recipe: the base model, the rules applied to it, and the files that
+hold both. The one place that turns a :class:`~retrofit.recipe.Recipe` (plain data) back
+into a model, so :mod:`retrofit.recipe` and :mod:`retrofit.saving` stay records and files.
+
+:func:`save` checks that the recipe builds the model again before it writes anything;
+:func:`load` reads a save (local, or ``"hf-hub:ORG/NAME"`` fetched through
+:mod:`retrofit.hub`), refuses what would run code unless trusted, builds the model and
+loads the weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .api import retrofit_with
+from .errors import ModelLoadError, OptionError, RetrofitError, SaveError, first_line
+from .hub import download, is_hub_save
+from .models import create_model
+from .recipe import Recipe, attach_recipe, get_recipe
+from .rulefile import parse_rules
+from .saving import check_save_path, package_versions, read_save, read_weights, write_save
+from .weights import assign_weights
+
+__all__ = ["build_base", "build_model", "apply_recipe", "save", "load", "local_save"]
+
+
+def build_base(recipe: Recipe, *, pretrained: bool = False) -> nn.Module:
+    """The model a recipe's rules are applied to (fresh weights unless ``pretrained``): the
+    base model it names, or, for a stacked recipe, its base recipe built.
+
+    Call :meth:`Recipe.check_trust` and :meth:`Recipe.resolved` first for a recipe read
+    from a file.
+
+    Raises:
+        ModelLoadError: the recipe names no model, or the model cannot be built.
+    """
+    if recipe.base is not None:
+        return build_model(recipe.base, pretrained=pretrained)
+    if recipe.model is None:
+        raise ModelLoadError(
+            "the recipe does not say which model to build (retrofit() got a model object it could not "
+            "name); save with model_spec='resnet50' (timm), 'torchvision:NAME' or 'path/to/file.py:factory', "
+            "or build the model with retrofit.create_model(...)"
+        )
+    # check_trust has run: what the recipe names may be built.
+    return create_model(recipe.model, pretrained=pretrained, trust_code=True, **recipe.model_kwargs)
+
+
+def build_model(recipe: Recipe, *, pretrained: bool = False, verify: bool = False) -> nn.Module:
+    """The base model, then the recipe's rules and options applied (fresh weights, or the
+    base model's pretrained ones); :func:`load` loads saved weights into it."""
+    return apply_recipe(recipe, build_base(recipe, pretrained=pretrained), verify=verify)
+
+
+def apply_recipe(recipe: Recipe, model: nn.Module, *, verify: bool = False) -> nn.Module:
+    """:func:`retrofit.retrofit` of ``model`` with the recipe's rules and options (the model
+    itself for a recipe without rules)."""
+    if recipe.rules is None:
+        return model
+    options = recipe.options.replace(leaf_modules=tuple(_resolve_leaf(s) for s in recipe.options.leaf_modules))
+    with warnings.catch_warnings():
+        # What the rewrite had to say ("does not trace as a whole") was said when the
+        # model was made; rebuilding it from the record says it again to no purpose.
+        warnings.simplefilter("ignore")
+        # check_identity follows verify: a rebuilt model gets its weights right after.
+        result = retrofit_with(model, parse_rules(recipe.rules, recipe.rules_name), options, verify=verify,
+                               check_identity=verify)
+    attach_recipe(result, recipe)
+    return result
+
+
+def _resolve_leaf(spec: Any) -> type[nn.Module] | str:
+    """A leaf-module name as retrofit() takes it: ``module:QualName`` imported, else as is."""
+    if not isinstance(spec, str) or ":" not in spec:
+        return spec
+    module_name, _, qualname = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise ModelLoadError(f"leaf module {spec!r} cannot be imported: {e}") from e
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise ModelLoadError(f"leaf module {spec!r} is a {type(obj).__name__}, not an nn.Module class")
+    return obj
+
+
+def local_save(path: str | Path) -> Path:
+    """Where a save lies on this machine: ``path`` itself, or for ``"hf-hub:ORG/NAME"`` (a
+    string; a ``Path`` is always local) the snapshot folder :func:`retrofit.hub.download`
+    fetched it to."""
+    return download(path) if is_hub_save(path) else Path(path)  # type: ignore[arg-type]
+
+
+def _state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _check_rebuilds(model: nn.Module, recipe: Recipe) -> None:
+    """Build the recipe again (on the meta device: no memory, no init) and compare weights'
+    names and shapes, so that a save that could not be loaded is never written.
+
+    Raises:
+        OptionError: the recipe builds another model; the message says what differs.
+    """
+    def explain(what: str) -> OptionError:
+        # A library's config or model yaml as an argument is long: its start says enough.
+        kwargs = ", ".join(f"{k!r}: {_short_repr(v)}" for k, v in recipe.innermost().model_kwargs.items())
+        return OptionError(
+            f"not saved: the recipe (model {recipe.innermost().model!r}, arguments {{{kwargs}}}) {what}; pass "
+            "model_spec='resnet50' (timm), 'torchvision:NAME' or 'path/to/file.py:factory' and model_kwargs "
+            "(e.g. {'num_classes': 10, 'in_chans': 1}) to save(), or build the model with retrofit.create_model()"
+        )
+
+    def build(step: Callable[[], nn.Module]) -> nn.Module:
+        try:
+            try:
+                with torch.device("meta"):
+                    return step()
+            except Exception:  # a constructor that needs real values (`.item()`): build it for real
+                return step()
+        except RetrofitError as e:
+            raise explain(f"cannot build the model again ({first_line(e)})") from e
+        except Exception as e:
+            raise explain(f"cannot build the model again ({type(e).__name__}: {first_line(e)})") from e
+
+    def compare(got: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...]], extra_ok: bool) -> None:
+        missing = [k for k in got if k not in want]
+        extra = [] if extra_ok else [k for k in want if k not in got]
+        shape = [f"{k} {list(got[k])} instead of {list(want[k])}" for k in got if k in want and got[k] != want[k]]
+        if missing or extra or shape:
+            parts = ([f"has {len(missing)} tensors this one lacks (e.g. {', '.join(missing[:2])})"] if missing else []) + \
+                    ([f"lacks {len(extra)} of its tensors (e.g. {', '.join(extra[:2])})"] if extra else []) + \
+                    ([f"has {len(shape)} of another shape (e.g. {'; '.join(shape[:2])})"] if shape else [])
+            raise explain(f"builds a model that {', '.join(parts)}")
+
+    want = _state_shapes(model)
+    base = build(lambda: build_base(recipe))
+    # The base model first: a wrong guess of its arguments shows here, named, rather than
+    # as a failure somewhere in the rewrite.
+    compare(_state_shapes(base), want, extra_ok=True)
+    compare(_state_shapes(build(lambda: apply_recipe(recipe, base))), want, extra_ok=False)
+
+
+def _short_repr(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def save(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    model_spec: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    force: bool = False,
+) -> Path:
+    """Save a retrofitted model: weights plus the recipe to build it again.
+
+    Before anything is written, the recipe is built again on the meta device and its
+    weights' names and shapes are compared with the model's: a save that could not be
+    loaded is never written.
+
+    Args:
+        model: a model returned by :func:`retrofit.retrofit` (or :func:`retrofit.load`);
+            a deep copy or a pickled and unpickled one works too.
+        path: ``name.safetensors`` (one file) or a folder (``model.safetensors`` +
+            ``recipe.json``).
+        model_spec: the base model, where the model does not know it: built by
+            :func:`retrofit.create_model` it does, and a timm model names its architecture.
+        model_kwargs: the base model's constructor arguments (``num_classes``, ``in_chans``, ...).
+        force: replace an existing file, or the two files of an existing folder save (other
+            files in the folder are left alone).
+
+    Returns:
+        The path written.
+
+    Raises:
+        SaveError: the path exists (without ``force``), cannot be written, or the model is
+            on the meta device.
+        OptionError: the model did not come from retrofit, or its recipe does not build it
+            again (pass ``model_spec`` / ``model_kwargs``).
+    """
+    path = Path(path)
+    recipe = get_recipe(model)
+    if recipe is None:
+        raise OptionError(f"{type(model).__name__} did not come from retrofit(); only models built by "
+                          "retrofit.retrofit(), retrofit.create_model() or retrofit.load() can be saved")
+    if model_spec is not None or model_kwargs is not None:
+        recipe = recipe.with_model(model_spec, model_kwargs)
+    if recipe.innermost().model is None:
+        raise OptionError(
+            f"cannot tell which model {type(model).__name__} was built from; pass model_spec='resnet50' (timm), "
+            "'torchvision:resnet50' or 'path/to/file.py:factory' (and model_kwargs), or build the model with "
+            "retrofit.create_model()"
+        )
+    if any(t.device.type == "meta" for t in model.state_dict().values()):
+        raise SaveError(f"cannot save {type(model).__name__}: it is on the meta device and has no weights; "
+                        "build it on a real device (or load its weights) first")
+    check_save_path(path, force)
+    _check_rebuilds(model, recipe)
+    return write_save(model, path, recipe)
+
+
+def load(
+    path: str | Path,
+    *,
+    trust_code: bool = False,
+    map_location: str | torch.device | None = None,
+) -> nn.Module:
+    """Build a saved model again: a ``.safetensors`` save, a save folder, a folder save on
+    the Hugging Face Hub (``"hf-hub:ORG/NAME"``, or ``"hf-hub:ORG/NAME@REVISION"``), or a
+    fine-tuning checkpoint (``last.pt`` / ``best.pt``). Its outputs equal the saved model's
+    bit for bit, in the dtype it was saved in.
+
+    Nothing the file names is imported or run unless ``trust_code``: timm and torchvision
+    registry names, retrofit's attention types and those registered in this process load
+    as they are; a model file, a ``module:Class`` attention or an unimported leaf-module
+    class is refused with :class:`~retrofit.errors.UntrustedCodeError` before anything is
+    imported. With trust, a model file is found relative to the save (not the current
+    folder) and must be the file the model was saved with (same sha256). A Hub save is
+    fetched through ``huggingface_hub`` (its cache, ``HF_HUB_OFFLINE``, your login) into the
+    cache's snapshot folder and then read as a local folder under the same rules: a model
+    file it names comes from the same repository and commit.
+
+    Not to be confused with ``retrofit.create_model("hf-hub:ORG/NAME")``, which builds a
+    *base model* from timm's Hub weights; ``load`` reads a *retrofit save* (``recipe.json`` +
+    ``model.safetensors``) such as :func:`retrofit.push_to_hub` writes.
+
+    Args:
+        path: the save or checkpoint; a string starting with ``hf-hub:`` names a Hub save.
+        trust_code: allow the code the file names (as Hugging Face's ``trust_remote_code``).
+        map_location: device to put the model on (``"cpu"``, ``"cuda:0"``, ...); default the CPU.
+
+    Raises:
+        UntrustedCodeError: the file names code and ``trust_code`` is False.
+        ModelLoadError: the file is missing, corrupted, names a model file that changed, or
+            its weights do not fit the model its recipe builds; a Hub save cannot be fetched
+            (no such repository or revision, not a retrofit save, offline and not cached).
+
+    Example:
+        >>> gm = retrofit.load("runs/se/best.pt")
+        >>> gm = retrofit.load("hf-hub:my-org/resnet50-se")
+    """
+    saved = read_save(local_save(path), str(path))
+    now = package_versions()
+    changed = [f"{k} {saved.versions[k]} -> {now[k]}" for k in now if k in saved.versions and saved.versions[k] != now[k]]
+    if changed:
+        warnings.warn(f"{path} was saved with other package versions ({', '.join(changed)})", stacklevel=2)
+    saved.recipe.check_trust(trust_code, str(path))
+    model = build_model(saved.recipe.resolved(saved.folder))
+    assign_weights(model, read_weights(saved), f"weights in {str(path)!r}", "the file does not match its own recipe "
+                   "(was it edited, or written by another program?)", keep_dtype=True)
+    return model.to(torch.device(map_location)) if map_location is not None else model

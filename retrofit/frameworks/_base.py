@@ -1,0 +1,95 @@
+"""The adapter base class and the registry of libraries (see :mod:`retrofit.frameworks`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from ..errors import ModelLoadError
+
+__all__ = ["Framework", "register_framework", "framework_of", "framework_of_spec", "list_frameworks"]
+
+
+class Framework:
+    """What retrofit knows of one library's models. Subclasses fill in the methods."""
+
+    prefix: str = ""  # the spec prefix ("ultralytics"): "ultralytics:yolov8n.yaml"
+    package: str = ""  # the import name; a model whose class comes from it belongs here
+    distribution: str = ""  # what `pip install` takes
+    num_classes_arg: str = "num_classes"  # the constructor argument --num-classes sets
+
+    def owns(self, model: nn.Module) -> bool:
+        """Whether ``model``'s class comes from this library (its class module is checked,
+        so the library is not imported)."""
+        cls = getattr(type(model), "_retrofit_original", type(model))
+        return cls.__module__.split(".", 1)[0] == self.package
+
+    def require(self) -> Any:
+        """Import the library, or say how to install it."""
+        import importlib
+
+        try:
+            return importlib.import_module(self.package)
+        except ImportError as e:
+            raise ModelLoadError(f"{self.prefix}: models need the package {self.distribution!r}, which is not "
+                                 f"installed ({e}); pip install 'torch-retrofit[{self.prefix}]'") from e
+
+    def describe(self, model: nn.Module) -> tuple[str, dict[str, Any]] | None:
+        """``(spec, constructor arguments as plain data)`` that build ``model`` again, or None
+        when it cannot be named without code."""
+        raise NotImplementedError
+
+    def build(self, name: str, *, pretrained: bool = False, trust_code: bool = False, **kwargs: Any) -> nn.Module:
+        """Build the model ``name`` (the spec without the prefix) with ``kwargs``.
+
+        Raises:
+            ModelLoadError: unknown name, bad arguments, or (``pretrained``) no network.
+            UntrustedCodeError: the spec names code (a pickle) and ``trust_code`` is False.
+        """
+        raise NotImplementedError
+
+    def foreign_code(self, name: str, kwargs: Mapping[str, Any]) -> list[str]:
+        """What building ``name`` with ``kwargs`` would import or run beyond the library's
+        own classes (empty: nothing)."""
+        return []
+
+    def title(self, name: str, kwargs: Mapping[str, Any]) -> str:
+        """How a model card names a model of this library built from ``name`` and ``kwargs``."""
+        return f"{self.distribution} model `{name}`"
+
+    def stages(self, model: nn.Module) -> list[str] | None:
+        """Module paths of the model's stages, for the per-stage diff (None: the default)."""
+        return None
+
+    def on_result(self, result: nn.Module, recipe: Any) -> None:
+        """Called with every retrofit result of this library's models and its recipe."""
+
+
+_FRAMEWORKS: dict[str, Framework] = {}
+
+
+def register_framework(cls: type[Framework]) -> type[Framework]:
+    """Class decorator: register an adapter under its ``prefix``."""
+    if cls.prefix in _FRAMEWORKS:
+        raise ValueError(f"a framework with prefix {cls.prefix!r} is registered already")
+    _FRAMEWORKS[cls.prefix] = cls()
+    return cls
+
+
+def list_frameworks() -> list[str]:
+    """The spec prefixes of the libraries retrofit builds models of."""
+    return sorted(_FRAMEWORKS)
+
+
+def framework_of(model: nn.Module) -> Framework | None:
+    """The adapter of the library ``model`` comes from, or None."""
+    return next((f for f in _FRAMEWORKS.values() if f.owns(model)), None)
+
+
+def framework_of_spec(spec: str) -> tuple[Framework, str] | None:
+    """``(adapter, name)`` for a spec ``"PREFIX:NAME"`` of a registered library, else None."""
+    prefix, sep, name = spec.partition(":")
+    framework = _FRAMEWORKS.get(prefix) if sep else None
+    return None if framework is None else (framework, name)
