@@ -35,16 +35,18 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch import nn  # noqa: E402
 
 import retrofit  # noqa: E402
-from retrofit.data import digits_datasets  # noqa: E402
 from retrofit.errors import RetrofitError  # noqa: E402
 from retrofit.finetune import FinetuneConfig, fit  # noqa: E402
 from retrofit.gates import plot_gates, record_gates  # noqa: E402
+
+# isort: split
+from example_data import digits_datasets  # noqa: E402  (examples/, first on sys.path)
 
 MODEL_KWARGS = {"num_classes": 10, "in_chans": 1, "channels": (16, 32, 64, 128), "stem_type": "deep", "stem_width": 8}
 FULL = {"base_epochs": 10, "epochs": 6}

@@ -35,6 +35,10 @@ OUT/results.json, results.md, curves.png and the gate plots from the units that 
 (partial results say so). Base weights are kept in --work (the full run's are committed, so
 a resume from a fresh clone keeps the units built on them); a resumed run that lacks them
 trains the base again and drops the units that depended on the old one.
+
+Beside it in examples/: example_data.py (the data), jobs.py (the units, claims and resume)
+and fashion_setup.py (the settings, the residual CNN and the training that placement.py
+shares).
 """
 
 from __future__ import annotations
@@ -42,14 +46,11 @@ from __future__ import annotations
 import argparse
 import copy
 import gzip
-import itertools
 import json
-import os
 import re
 import statistics
 import sys
-import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -59,56 +60,38 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
-from safetensors.torch import load_model, save_model  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.utils.data import Dataset, Subset  # noqa: E402
 
 import retrofit  # noqa: E402
-from retrofit.data import FASHION_MNIST_CLASSES, fashion_mnist_datasets  # noqa: E402
 from retrofit.errors import RetrofitError  # noqa: E402
-from retrofit.finetune import FinetuneConfig, fit  # noqa: E402
 from retrofit.gates import GateRecord, SiteGates, plot_gates, record_gates  # noqa: E402
 
-INPUT = (1, 28, 28)
+# isort: split
+# Siblings in examples/ (first on sys.path): the data, what placement.py shares, the job runner.
+from example_data import FASHION_MNIST_CLASSES, fashion_mnist_datasets  # noqa: E402
+from fashion_setup import (  # noqa: E402
+    FULL,
+    INPUT,
+    QUICK,
+    Settings,
+    accuracy,
+    base_unit,
+    config,
+    delta,
+    limited,
+    load_base,
+    logits_of,
+    pct,
+    stack,
+    train,
+)
+from jobs import Units, continue_args, file_digest  # noqa: E402
+
 DEBIAN_README = Path("/usr/share/doc/dataset-fashion-mnist/README.md.gz")
 LAB_ROWS = ("baseline", "se", "se-identity", "self-attention")
-IDENTITY_ATTNS = ("se", "eca", "cbam", "coord", "ge", "gc", "simam")
-SIGMOID_ATTNS = ("se", "eca", "cbam")
 # The lab's expected results (15 epochs), as the lab states them.
 LAB_EXPECTED = {"baseline": "about 70%", "se": "+1 point", "self-attention": "-3 points"}
 GATE_PLOT_ROWS = ("se-identity", "se-sigmoid")
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything that decides the numbers; written into results.json."""
-
-    seeds: tuple[int, ...] = (0, 1, 2)
-    batch_size: int = 128
-    weight_decay: float = 5e-4
-    lab_epochs: int = 15
-    lab_lr: float = 0.05
-    base_epochs: int = 10
-    base_lr: float = 0.1
-    epochs: int = 3  # the extra budget every contender gets (full data)
-    lr: float = 0.01  # fine-tuning peak lr of the network's own parameters
-    attn_lr_mults: tuple[float, ...] = (10.0, 1.0)  # attention lr = mult * lr; chosen on validation
-    attn_only: tuple[int, ...] = (0, 1)  # attention-only warm-up epochs; chosen on validation
-    low_fraction: float = 0.1  # training images in the low-data run
-    low_epochs: int = 10
-    val_size: int = 6000
-    train_limit: int | None = None  # use only this many training images (smoke runs)
-    attns: tuple[str, ...] = IDENTITY_ATTNS
-    sigmoid_attns: tuple[str, ...] = SIGMOID_ATTNS
-    threads: int = 2
-
-    def grid(self) -> list[tuple[float, int]]:
-        return list(itertools.product(self.attn_lr_mults, self.attn_only))
-
-
-FULL = Settings()
-QUICK = Settings(seeds=(0,), lab_epochs=2, base_epochs=2, epochs=1, low_epochs=1, train_limit=6000, val_size=1000,
-                 attn_lr_mults=(10.0,), attns=("se", "cbam"), sigmoid_attns=("se",))
 
 
 class LabCNN(nn.Module):
@@ -131,132 +114,7 @@ class LabCNN(nn.Module):
         return self.fc(x.flatten(1))
 
 
-def residual_cnn() -> nn.Module:
-    """timm's resnet18 narrowed to 16-32-64-128 channels for 1x28x28 inputs: the 7x7
-    stride-2 stem conv becomes a 3x3 stride-2 conv and the stem max-pool is dropped, so the
-    four stages see 14x14, 7x7, 4x4 and 2x2 maps (the usual change for small images)."""
-    model = timm.create_model("resnet18", num_classes=10, in_chans=1, channels=(16, 32, 64, 128))
-    model.conv1 = nn.Conv2d(1, model.bn1.num_features, 3, stride=2, padding=1, bias=False)
-    model.maxpool = nn.Identity()
-    return model
-
-
-# --------------------------------------------------------------------------- units
-
-
-class Units:
-    """One JSON file per finished run, under OUT/units/."""
-
-    def __init__(self, out: Path) -> None:
-        self.dir = out / "units"
-        self.dir.mkdir(parents=True, exist_ok=True)
-
-    def path(self, key: str) -> Path:
-        return self.dir / (key.replace("/", "__") + ".json")
-
-    def claim_path(self, key: str) -> Path:
-        return self.path(key).with_suffix(".claim")
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        p = self.path(key)
-        return json.loads(p.read_text()) if p.is_file() else None
-
-    def put(self, key: str, record: dict[str, Any]) -> None:
-        tmp = self.path(key).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, **record}, indent=1) + "\n")
-        tmp.replace(self.path(key))
-
-    def all(self) -> dict[str, dict[str, Any]]:
-        return {r["key"]: r for r in (json.loads(p.read_text()) for p in sorted(self.dir.glob("*.json")))}
-
-    def claim(self, key: str) -> bool:
-        """Take ``key`` for this process; False while another live process holds it. Claims
-        let several processes share one run (each takes the next unit nobody holds)."""
-        path = self.claim_path(key)
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(path.read_text())
-            except (OSError, ValueError):
-                return False  # being written by its owner
-            if _alive(pid):
-                return False
-            path.unlink(missing_ok=True)  # left by a process that was stopped
-            return self.claim(key)
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return True
-
-    def run(self, key: str, make: Any, report: Any, wait: bool = True) -> dict[str, Any] | None:
-        """The unit ``key``: read if it exists, else ``make()`` it (timed), store it, and
-        ``report()`` on the units so far. While another process makes it: None, or with
-        ``wait`` its record once that process has stored it."""
-        while not self.claim(key):
-            got = self.get(key)
-            if got is not None or not wait:
-                return got
-            time.sleep(15)
-        try:
-            got = self.get(key)
-            if got is not None:
-                return got
-            print(f"[{time.strftime('%H:%M:%S')}] {key} ...", flush=True)
-            t0 = time.perf_counter()
-            record = make()
-            record["seconds"] = round(time.perf_counter() - t0, 1)
-            record["threads"] = torch.get_num_threads()
-            self.put(key, record)
-        finally:
-            self.claim_path(key).unlink(missing_ok=True)
-        msg = {k: record[k] for k in ("test_acc", "val_acc", "acc_at_insertion") if record.get(k) is not None}
-        print(f"    done in {record['seconds']:.0f}s: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in msg.items()),
-              flush=True)
-        report()
-        return record
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-# --------------------------------------------------------------------------- training
-
-
-def stack(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images and labels of an (unaugmented) TensorDataset or Subset of one."""
-    if isinstance(dataset, Subset):
-        x, y = stack(dataset.dataset)
-        idx = torch.as_tensor(dataset.indices)
-        return x[idx], y[idx]
-    return dataset.tensors  # type: ignore[attr-defined]
-
-
-@torch.no_grad()
-def logits_of(model: nn.Module, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
-    was = model.training
-    model.eval()
-    out = torch.cat([model(images[i : i + batch]) for i in range(0, len(images), batch)])
-    model.train(was)
-    return out
-
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return (logits.argmax(1) == labels).double().mean().item()
-
-
-def config(s: Settings, seed: int, **kw: Any) -> FinetuneConfig:
-    return FinetuneConfig(batch_size=s.batch_size, weight_decay=s.weight_decay, seed=seed, progress=False, **kw)
-
-
-def train(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: FinetuneConfig) -> list[dict[str, Any]]:
-    return list(fit(model, train_set, val_set, cfg).history)
+# --------------------------------------------------------------------------- gate values
 
 
 def gate_values(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> list[dict[str, Any]] | None:
@@ -308,24 +166,6 @@ def grid_name(mult: float, attn_only: int) -> str:
     return f"attn-lr-x{mult:g}_attn-only-{attn_only}"
 
 
-def base_unit(seed: int, s: Settings, data: Any, weights: Path) -> dict[str, Any]:
-    torch.manual_seed(seed)
-    model = residual_cnn()
-    hist = train(model, data.train, data.val, config(s, seed, epochs=s.base_epochs, lr=s.base_lr, warmup_epochs=1.0))
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(weights))
-    test_x, test_y = stack(data.test)
-    return {"seed": seed, "params": sum(p.numel() for p in model.parameters()),
-            "test_acc": accuracy(logits_of(model, test_x), test_y), "val_acc": hist[-1]["val_acc"],
-            "curve": [h["val_acc"] for h in hist], "epoch_s": [round(h["time_s"], 2) for h in hist]}
-
-
-def load_base(weights: Path) -> nn.Module:
-    model = residual_cnn()
-    load_model(model, str(weights))
-    return model
-
-
 def retrofit_unit(row: tuple[str, str | None, str | None], seed: int, grid: tuple[float, int], epochs: int,
                   s: Settings, data: Any, base: nn.Module, record_gate_values: bool) -> dict[str, Any]:
     name, attn, gate = row
@@ -359,19 +199,6 @@ def retrofit_unit(row: tuple[str, str | None, str | None], seed: int, grid: tupl
 
 
 # --------------------------------------------------------------------------- the run
-
-
-def limited(data: Any, limit: int | None) -> Any:
-    """The splits with the training split cut to its first ``limit`` images (smoke runs)."""
-    if limit is None or limit >= len(data.train):
-        return data
-    return replace(data, train=Subset(data.train, range(limit)))
-
-
-def file_digest(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class Runner:
@@ -487,25 +314,6 @@ def chosen(units: Units | dict[str, dict[str, Any]], row: str, s: Settings) -> t
 
 
 # --------------------------------------------------------------------------- report
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def pct(values: list[float]) -> str:
-    if not values:
-        return "–"
-    m, sd = mean_std(values)
-    return f"{100 * m:.2f} ± {100 * sd:.2f}" if len(values) > 1 else f"{100 * m:.2f}"
-
-
-def delta(a: list[float], b: list[float]) -> str:
-    n = min(len(a), len(b))
-    if not n:
-        return "–"
-    m, sd = mean_std([x - y for x, y in zip(a[:n], b[:n])])
-    return f"{100 * m:+.2f} ± {100 * sd:.2f}" if n > 1 else f"{100 * m:+.2f}"
 
 
 def per_seed(records: dict[str, dict[str, Any]], key_of: Any, seeds: tuple[int, ...]) -> list[dict[str, Any]]:
@@ -798,20 +606,6 @@ def settings_from(args: argparse.Namespace) -> Settings:
             "sigmoid_attns": args.sigmoid_attn, "attn_lr_mults": args.grid_lr, "attn_only": args.grid_warmup,
             "val_size": args.val_size, "train_limit": args.train_limit, "threads": args.threads}
     return replace(s, **{k: tuple(v) if isinstance(v, list) else v for k, v in over.items() if v is not None})
-
-
-def continue_args(argv: list[str], flags: tuple[str, ...], with_value: tuple[str, ...]) -> list[str]:
-    """``argv`` without ``flags`` and without the options in ``with_value`` and their values."""
-    kept, skip = [], False
-    for a in argv:
-        if skip or a in flags:
-            skip = False
-            continue
-        if a in with_value:
-            skip = True
-            continue
-        kept.append(a)
-    return kept
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,10 +26,13 @@ from pathlib import Path
 import torch
 
 import retrofit
-from retrofit.data import digits_datasets, imagefolder_datasets
+from retrofit.data import imagefolder_datasets
 from retrofit.distributed import init_distributed
 from retrofit.errors import RetrofitError
 from retrofit.finetune import FinetuneConfig, fit
+
+# isort: split
+from example_data import digits_datasets  # examples/example_data.py (examples/ is first on sys.path)
 
 
 def _size(text: str) -> tuple[int, ...]:

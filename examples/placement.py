@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import random
 import statistics
@@ -48,11 +47,26 @@ from torch.utils.data import DataLoader  # noqa: E402
 import retrofit  # noqa: E402
 from retrofit.rulefile import parse_rules, resolve_rules  # noqa: E402
 
-# The Fashion-MNIST experiment's network, data and training, shared rather than copied.
-_spec = importlib.util.spec_from_file_location("fashion_mnist", Path(__file__).resolve().parent / "fashion_mnist.py")
-fm = importlib.util.module_from_spec(_spec)
-sys.modules["fashion_mnist"] = fm  # its dataclasses look their module up while it runs
-_spec.loader.exec_module(fm)  # type: ignore[union-attr]
+# isort: split
+# Siblings in examples/ (first on sys.path): the Fashion-MNIST experiment's network, data and
+# training, shared rather than copied, and the job runner.
+import fashion_setup  # noqa: E402
+from example_data import fashion_mnist_datasets, load_fashion_mnist  # noqa: E402
+from fashion_setup import (  # noqa: E402
+    INPUT,
+    accuracy,
+    base_unit,
+    config,
+    delta,
+    limited,
+    load_base,
+    logits_of,
+    mean_std,
+    pct,
+    stack,
+    train,
+)
+from jobs import Units, continue_args, file_digest  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -63,13 +77,13 @@ class Settings:
     k: int = 4  # sites in the top / random / bottom contenders (of 8)
     score_batches: int = 16  # batches of the training split the scores average over
     score_batch_size: int = 128
-    train: Any = fm.FULL  # the Fashion-MNIST experiment's settings (base, budget, data)
+    train: Any = fashion_setup.FULL  # the Fashion-MNIST experiment's settings (base, budget, data)
     attn_lr_mult: float = 10.0  # the attention's learning rate, times the fine-tuning lr
     threads: int = 2
 
 
 FULL = Settings()
-QUICK = Settings(seeds=(0,), k=2, score_batches=2, train=replace(fm.QUICK, attns=("se",), sigmoid_attns=()))
+QUICK = Settings(seeds=(0,), k=2, score_batches=2, train=replace(fashion_setup.QUICK, attns=("se",), sigmoid_attns=()))
 
 
 def _rules(paths: list[str]) -> Any:
@@ -79,7 +93,7 @@ def _rules(paths: list[str]) -> Any:
 
 
 def _val_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    return float(F.cross_entropy(fm.logits_of(model, images), labels))
+    return float(F.cross_entropy(logits_of(model, images), labels))
 
 
 def run_unit(base: nn.Module, rules: Any, scores: Any, seed: int, s: Settings, data: Any) -> dict[str, Any]:
@@ -90,13 +104,13 @@ def run_unit(base: nn.Module, rules: Any, scores: Any, seed: int, s: Settings, d
         model = copy.deepcopy(base)
         sites: list[str] = []
     else:
-        model = retrofit.retrofit(base, rules=rules, scores=scores, input_size=fm.INPUT)
+        model = retrofit.retrofit(base, rules=rules, scores=scores, input_size=INPUT)
         sites = [r.path for r in retrofit.get_report(model).rows]
-    cfg = fm.config(t, seed, epochs=t.epochs, lr=t.lr, attn_lr=s.attn_lr_mult * t.lr, attn_only_epochs=0,
+    cfg = config(t, seed, epochs=t.epochs, lr=t.lr, attn_lr=s.attn_lr_mult * t.lr, attn_only_epochs=0,
                     warmup_epochs=0.5)
-    hist = fm.train(model, data.train, data.val, cfg)
-    (test_x, test_y), (val_x, val_y) = fm.stack(data.test), fm.stack(data.val)
-    return {"sites": sites, "test_acc": fm.accuracy(fm.logits_of(model, test_x), test_y),
+    hist = train(model, data.train, data.val, cfg)
+    (test_x, test_y), (val_x, val_y) = stack(data.test), stack(data.val)
+    return {"sites": sites, "test_acc": accuracy(logits_of(model, test_x), test_y),
             "val_acc": hist[-1]["val_acc"], "val_loss": _val_loss(model, val_x, val_y),
             "test_loss": _val_loss(model, test_x, test_y), "epoch_s": [round(h["time_s"], 2) for h in hist]}
 
@@ -105,8 +119,8 @@ class Runner:
     def __init__(self, s: Settings, out: Path, base_dir: Path, work: Path, data_root: str | None,
                  command: str) -> None:
         self.s, self.out, self.base_dir, self.work, self.command = s, out, base_dir, work, command
-        self.units = fm.Units(out)
-        self.data = fm.limited(fm.fashion_mnist_datasets(data_root, val_size=s.train.val_size), s.train.train_limit)
+        self.units = Units(out)
+        self.data = limited(fashion_mnist_datasets(data_root, val_size=s.train.val_size), s.train.train_limit)
 
     def unit(self, key: str, make: Any, wait: bool = True) -> dict[str, Any] | None:
         """The unit ``key``, made here unless it exists; while another process makes it, its
@@ -121,9 +135,9 @@ class Runner:
         weights = shared if shared.is_file() else self.work / f"base-seed{seed}.safetensors"
         if not weights.is_file():
             print(f"{shared} not found: training the base as examples/fashion_mnist.py does", flush=True)
-            self.unit(f"base/seed{seed}", lambda: {**fm.base_unit(seed, self.s.train, self.data, weights),
-                                                    "weights_sha256": fm.file_digest(weights)})
-        return fm.load_base(weights), {"base": str(weights), "base_sha256": fm.file_digest(weights)}
+            self.unit(f"base/seed{seed}", lambda: {**base_unit(seed, self.s.train, self.data, weights),
+                                                    "weights_sha256": file_digest(weights)})
+        return load_base(weights), {"base": str(weights), "base_sha256": file_digest(weights)}
 
     def run(self) -> None:
         s = self.s
@@ -133,7 +147,7 @@ class Runner:
                                 generator=torch.Generator().manual_seed(seed))
             torch.manual_seed(seed)  # the training split's augmentation draws
             rec = self.unit(f"scores/seed{seed}", lambda: {**origin, "scores": retrofit.score_sites(
-                base, "se", loader, batches=s.score_batches, input_size=fm.INPUT).to_dict()})
+                base, "se", loader, batches=s.score_batches, input_size=INPUT).to_dict()})
             if rec.get("base_sha256") != origin["base_sha256"]:
                 raise SystemExit(f"placement: error: the base of seed {seed} ({origin['base']}) is not the one "
                                  f"these units were measured on ({rec.get('base')}); start a new --out")
@@ -282,8 +296,8 @@ def write_report(out: Path, s: Settings, units: dict[str, dict[str, Any]], comma
           f"| contender (k = {s.k} of 8 sites) | test acc (%) | Δ test acc (points) | Δ val loss (baseline minus "
           "contender: above 0 is better) |", "| --- | ---: | ---: | ---: |"]
     for name, r in c.items():
-        md.append(f"| {name} | {fm.pct(r['test_acc'])} | "
-                  f"{'–' if name == 'none' else fm.delta(r['test_acc'], c['none']['test_acc']) if 'none' in c else '–'} | "
+        md.append(f"| {name} | {pct(r['test_acc'])} | "
+                  f"{'–' if name == 'none' else delta(r['test_acc'], c['none']['test_acc']) if 'none' in c else '–'} | "
                   f"{'–' if name == 'none' or not r['delta_val_loss'] else _mean_std(r['delta_val_loss'], '.4f')} |")
     md += ["", "Single sites: each site's score and the gain when only it gets SE (Δ test acc in points; "
            "Δ val loss as above). Spearman's rank correlation between score and gain per seed:", "",
@@ -319,7 +333,7 @@ def _rho(value: float) -> str:
 
 
 def _mean_std(v: list[float], fmt: str) -> str:
-    m, sd = fm.mean_std(v)
+    m, sd = mean_std(v)
     return f"{m:+{fmt}} ± {sd:{fmt}}" if len(v) > 1 else f"{m:+{fmt}}"
 
 
@@ -357,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", help="where bases trained here go (default runs/placement[-quick])")
     p.add_argument("--data-root", help="folder with the Fashion-MNIST IDX files (default: Debian's)")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from the units that exist; run nothing")
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--k", type=int)
     p.add_argument("--score-batches", type=int)
@@ -367,25 +382,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
     s = QUICK if args.quick else FULL
-    train = replace(s.train, **{k: v for k, v in {"val_size": args.val_size, "train_limit": args.train_limit,
-                                                    "base_epochs": args.base_epochs, "epochs": args.epochs}.items()
-                                 if v is not None})
-    s = replace(s, train=train, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in
-                                   {"seeds": args.seeds, "k": args.k, "score_batches": args.score_batches,
-                                    "threads": args.threads}.items() if v is not None})
+    training = replace(s.train, **{k: v for k, v in {"val_size": args.val_size, "train_limit": args.train_limit,
+                                                       "base_epochs": args.base_epochs, "epochs": args.epochs}.items()
+                                    if v is not None})
+    s = replace(s, train=training, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in
+                                      {"seeds": args.seeds, "k": args.k, "score_batches": args.score_batches,
+                                       "threads": args.threads}.items() if v is not None})
     torch.set_num_threads(s.threads)
     out = Path(args.out or ("docs/placement/quick" if args.quick else "docs/placement"))
     base_dir = Path(args.base_dir or ("runs/fashion-mnist-quick" if args.quick else "runs/fashion-mnist"))
     # The command that continues the whole run: --threads only splits it over processes.
-    command = "python examples/placement.py " + " ".join(fm.continue_args(argv, ("--resume",), ("--threads",)))
-    if fm.Units(out).all() and not args.resume:
+    command = "python examples/placement.py " + " ".join(continue_args(argv, ("--resume", "--report-only"),
+                                                                       ("--threads",)))
+    if Units(out).all() and not (args.resume or args.report_only):
         print(f"placement: error: {out}/units holds results of an earlier run; pass --resume to continue it",
               file=sys.stderr)
         return 2
+    if args.report_only:
+        _, test_labels = load_fashion_mnist(args.data_root, "test")  # the report names the test set's size
+        write_report(out, s, Units(out).all(), command.strip(), len(test_labels))
+        print((out / "results.md").read_text())
+        return 0
     work = Path(args.work or ("runs/placement-quick" if args.quick else "runs/placement"))
     runner = Runner(s, out, base_dir, work, args.data_root, command.strip())
     runner.run()
-    write_report(out, s, fm.Units(out).all(), command.strip(), len(runner.data.test))
+    write_report(out, s, Units(out).all(), command.strip(), len(runner.data.test))
     print((out / "results.md").read_text())
     return 0
 

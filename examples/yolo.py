@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
             unit.write_text(json.dumps(result, indent=2))
             report(args.out, args, json.loads(base_file.read_text()))
     report(args.out, args, json.loads(base_file.read_text()))
-    print(f"Continue: python examples/yolo.py --resume", file=sys.stderr)
+    print("Continue: python examples/yolo.py --resume", file=sys.stderr)
 
 
 if __name__ == "__main__":

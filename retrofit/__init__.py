@@ -10,6 +10,7 @@ from .attention import (
     registered_types,
     unregister_attention,
 )
+from .build import load, save
 from .errors import (
     AttentionError,
     DataError,
@@ -22,7 +23,6 @@ from .errors import (
     TraceError,
     UntrustedCodeError,
 )
-from .build import load, save
 from .models import create_model
 from .options import RetrofitOptions
 from .publish import push_to_hub

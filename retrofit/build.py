@@ -136,7 +136,8 @@ def _check_rebuilds(model: nn.Module, recipe: Recipe) -> None:
         extra = [] if extra_ok else [k for k in want if k not in got]
         shape = [f"{k} {list(got[k])} instead of {list(want[k])}" for k in got if k in want and got[k] != want[k]]
         if missing or extra or shape:
-            parts = ([f"has {len(missing)} tensors this one lacks (e.g. {', '.join(missing[:2])})"] if missing else []) + \
+            parts = ([f"has {len(missing)} tensors this one lacks (e.g. {', '.join(missing[:2])})"]
+                     if missing else []) + \
                     ([f"lacks {len(extra)} of its tensors (e.g. {', '.join(extra[:2])})"] if extra else []) + \
                     ([f"has {len(shape)} of another shape (e.g. {'; '.join(shape[:2])})"] if shape else [])
             raise explain(f"builds a model that {', '.join(parts)}")
@@ -251,7 +252,8 @@ def load(
     """
     saved = read_save(local_save(path), str(path))
     now = package_versions()
-    changed = [f"{k} {saved.versions[k]} -> {now[k]}" for k in now if k in saved.versions and saved.versions[k] != now[k]]
+    changed = [f"{k} {saved.versions[k]} -> {now[k]}" for k in now
+               if k in saved.versions and saved.versions[k] != now[k]]
     if changed:
         warnings.warn(f"{path} was saved with other package versions ({', '.join(changed)})", stacklevel=2)
     saved.recipe.check_trust(trust_code, str(path))

@@ -237,43 +237,20 @@ def _retrofit_model(args: argparse.Namespace) -> tuple[int, Sequence[str]]:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     from .api import get_report, plan, retrofit
-    from .build import save
-    from .models import create_model
-    from .rulefile import resolve_rules
-    from .weights import load_checkpoint
 
     if args.out and os.path.exists(args.out) and not args.force and not args.dry_run:
         raise SaveError(f"{args.out!r} exists; not overwriting it (pass --force to replace it)")
     progress = _Progress(not args.quiet and sys.stderr.isatty())
-    progress(f"building {args.model}" + (" (downloading weights)" if args.pretrained else ""))
-    with _quiet_stderr(args.quiet):
-        model = create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes,
-                             trust_code=args.trust_code, **dict(args.model_arg))
-    if args.checkpoint:
-        progress(f"loading {args.checkpoint}")
-        load_checkpoint(model, args.checkpoint)
+    model = _build(args, progress)
     options: dict[str, Any] = dict(rules=args.rules, gate=args.gate, input_size=args.input_size,
                                    leaf_modules=args.leaf_module, strict=args.strict, keep_class=args.keep_class)
-    scores = None
-    if args.budget and not args.score_data:
-        raise OptionError(f"--budget {args.budget[0]}=... chooses sites by score; give the data to score them on "
-                          "with --score-data DIR (an ImageFolder)")
-    if args.score_data:
-        progress(f"scoring sites on {args.score_data}")
-        scores = _scores(args, model)
-        ruleset = resolve_rules(args.attn, args.rules)
-        if args.budget:
-            kind, value = args.budget
-            ruleset = ruleset.selecting(top=int(value)) if kind == "top" else ruleset.selecting(budget=(kind, value))
-        options.update(rules=ruleset, scores=scores)
-        if args.format == "table" and not args.quiet:
-            print(scores)
-            print()
+    scores = _scored_rules(args, model, options, progress)
+    extra = {"scores": scores.to_dict()} if scores else {}
     if args.dry_run:
         progress("tracing and planning")
         the_plan = plan(model, args.attn, **options)
         if args.format == "json":
-            print(json.dumps({**the_plan.to_dict(), **({"scores": scores.to_dict()} if scores else {})}, indent=2))
+            print(json.dumps({**the_plan.to_dict(), **extra}, indent=2))
         elif not args.quiet:
             print(the_plan.table())
         return EXIT_OK, the_plan.warnings
@@ -281,35 +258,85 @@ def _retrofit_model(args: argparse.Namespace) -> tuple[int, Sequence[str]]:
     gm = retrofit(model, args.attn, fuse=not args.no_fuse, **options)
     report = get_report(gm)
     if args.format == "json":
-        print(json.dumps({**report.to_dict(), **({"scores": scores.to_dict()} if scores else {})}, indent=2))
+        print(json.dumps({**report.to_dict(), **extra}, indent=2))
     elif not args.quiet:
-        print(report.summary())
-        print()
-        print(report.stage_table())
-        if args.sites:
-            print()
-            print(report.site_table())
-        if report.traced or report.left_alone:
-            print()
-            print("\n".join(report.reach_lines()))
-        sys.stdout.flush()  # the report, then its warnings
-        for w in report.warnings:
-            print(f"warning: {w}", file=sys.stderr)
+        _print_report(report, args.sites)
     if report.identity_ok is False:
         print(f"retrofit: error: the rewritten model's outputs differ from the original's by up to "
               f"{report.max_abs_diff:.3g} at init{'; not saved' if args.out else ''}", file=sys.stderr)
         return EXIT_IDENTITY_FAILED, report.warnings
     if args.out:
         progress(f"saving {args.out}")
-        if args.out.endswith(".pt"):
-            path = _save_checkpoint(gm, args.out, args.force)
-            hint = f"YOLO({str(path)!r}) loads it; retrofit.ultralytics.trainer(...) trains on from it"
-        else:
-            path = save(gm, args.out, force=args.force)  # create_model recorded the model and its arguments
-            hint = f"load it with retrofit.load({str(path)!r})"
-        if not args.quiet and args.format == "table":
-            print(f"\nsaved {path} ({hint})")
+        _save(gm, args)
     return EXIT_OK, report.warnings
+
+
+def _build(args: argparse.Namespace, progress: _Progress) -> Any:
+    """The model the command names (``--checkpoint`` weights loaded into it)."""
+    from .models import create_model
+    from .weights import load_checkpoint
+
+    progress(f"building {args.model}" + (" (downloading weights)" if args.pretrained else ""))
+    with _quiet_stderr(args.quiet):
+        model = create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes,
+                             trust_code=args.trust_code, **dict(args.model_arg))
+    if args.checkpoint:
+        progress(f"loading {args.checkpoint}")
+        load_checkpoint(model, args.checkpoint)
+    return model
+
+
+def _scored_rules(args: argparse.Namespace, model: Any, options: dict[str, Any], progress: _Progress) -> Any:
+    """With ``--score-data``: the sites' scores (printed with the table), and the rules set
+    to choose by them (``--budget``) in ``options``; else None."""
+    from .rulefile import resolve_rules
+
+    if args.budget and not args.score_data:
+        raise OptionError(f"--budget {args.budget[0]}=... chooses sites by score; give the data to score them on "
+                          "with --score-data DIR (an ImageFolder)")
+    if not args.score_data:
+        return None
+    progress(f"scoring sites on {args.score_data}")
+    scores = _scores(args, model)
+    ruleset = resolve_rules(args.attn, args.rules)
+    if args.budget:
+        kind, value = args.budget
+        ruleset = ruleset.selecting(top=int(value)) if kind == "top" else ruleset.selecting(budget=(kind, value))
+    options.update(rules=ruleset, scores=scores)
+    if args.format == "table" and not args.quiet:
+        print(scores)
+        print()
+    return scores
+
+
+def _print_report(report: Any, sites: bool) -> None:
+    """The diff as tables, then the report's warnings on stderr."""
+    print(report.summary())
+    print()
+    print(report.stage_table())
+    if sites:
+        print()
+        print(report.site_table())
+    if report.traced or report.left_alone:
+        print()
+        print("\n".join(report.reach_lines()))
+    sys.stdout.flush()  # the report, then its warnings
+    for w in report.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+
+
+def _save(gm: Any, args: argparse.Namespace) -> None:
+    """``--out``: a retrofit save, or (``.pt``) an Ultralytics checkpoint."""
+    from .build import save
+
+    if args.out.endswith(".pt"):
+        path = _save_checkpoint(gm, args.out, args.force)
+        hint = f"YOLO({str(path)!r}) loads it; retrofit.ultralytics.trainer(...) trains on from it"
+    else:
+        path = save(gm, args.out, force=args.force)  # create_model recorded the model and its arguments
+        hint = f"load it with retrofit.load({str(path)!r})"
+    if not args.quiet and args.format == "table":
+        print(f"\nsaved {path} ({hint})")
 
 
 def _save_checkpoint(model: Any, out: str, force: bool) -> Path:
@@ -415,8 +442,8 @@ def _diff(argv: Sequence[str]) -> int:
     rows = [[k, a.get(k, 0), b.get(k, 0), b.get(k, 0) - a.get(k, 0)] for k in keys]
     rows.append(["total", sum(a.values()), sum(b.values()), sum(b.values()) - sum(a.values())])
     if args.format == "json":
-        print(json.dumps({"a": args.a, "b": args.b, "rows": [dict(zip(("module", "a", "b", "delta"), r)) for r in rows]},
-                         indent=2))
+        keyed = [dict(zip(("module", "a", "b", "delta"), r, strict=True)) for r in rows]
+        print(json.dumps({"a": args.a, "b": args.b, "rows": keyed}, indent=2))
     else:
         print(tabulate(rows, headers=["module", "A params", "B params", "B - A"], intfmt=","))
     return EXIT_OK

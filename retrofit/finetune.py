@@ -311,8 +311,6 @@ def fit(
         SaveError: the recipe names a model file that no longer exists (checkpoints record
             its hash).
     """
-    from tqdm.auto import tqdm
-
     ctx = ctx or init_distributed(config.device)
     device = ctx.device
     attn = attention_parameter_names(model)
@@ -327,54 +325,28 @@ def fit(
         model.to(memory_format=torch.channels_last)
 
     torch.manual_seed(config.seed + ctx.rank)
-    train_sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank,
-                                       shuffle=True, seed=config.seed)
-    loader_gen = torch.Generator()
-    train_loader = DataLoader(
-        train_set, batch_size=config.batch_size, sampler=train_sampler, num_workers=config.num_workers,
-        pin_memory=device.type == "cuda", drop_last=len(train_sampler) >= config.batch_size,
-        generator=loader_gen,
-    )
-    val_loader = DataLoader(
-        val_set, batch_size=config.batch_size, sampler=ShardSampler(len(val_set), ctx.rank, ctx.world_size),
-        num_workers=config.num_workers, pin_memory=device.type == "cuda",
-    )
+    train_sampler, loader_gen, train_loader, val_loader = _loaders(train_set, val_set, config, ctx)
     steps_per_epoch = max(len(train_loader), 1)
     optimizer = _make_optimizer(param_groups(model, config.lr, config.peak_attn_lr, config.weight_decay), config)
     schedule_args = (round(config.warmup_epochs * steps_per_epoch), config.epochs * steps_per_epoch)
-    schedule = WarmupCosine(*schedule_args, config.min_lr_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-
-    start_epoch, step, history, best = 0, 0, [], (-1.0, 0)
-    rng_to_restore = None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(*schedule_args, config.min_lr_ratio))
+    start = _Start(0, 0, [], (-1.0, 0), None)
     if resume is not None:
-        ckpt = load_training_state(resume)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        # The schedule is this config's (the same for the same recipe; a larger `epochs`
-        # stretches the cosine from where the run stopped).
-        schedule = WarmupCosine(schedule_args[0], schedule_args[1], config.min_lr_ratio)
-        scheduler.lr_lambdas = [schedule] * len(optimizer.param_groups)
-        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
-            group["lr"] = base_lr * schedule(scheduler.last_epoch)
-        start_epoch, step, history = ckpt["epoch"], ckpt["step"], list(ckpt["history"])
-        best = (ckpt["best_val_acc"], ckpt["best_epoch"])
-        rngs = ckpt["rng"]
-        rng_to_restore = rngs[ctx.rank] if len(rngs) == ctx.world_size else rngs[0]
+        start = _restore(resume, model, optimizer, scheduler, schedule_args, config, ctx)
+    step, history, best = start.step, start.history, start.best
 
     out = Path(config.out) if config.out is not None and ctx.is_main else None
     recipe = get_recipe(model)
     recipe_data = None if recipe is None or out is None else recipe.located(out).to_dict()
     log = _JsonLines(out / "metrics.jsonl" if out else None, fresh=resume is None)
     show = ctx.is_main and config.progress
-    if rng_to_restore is not None:
-        set_rng_state(rng_to_restore)
+    if start.rng is not None:
+        set_rng_state(start.rng)
 
     phase: bool | None = None  # attention-only?
     net = model
     last_path = None
-    for epoch in range(start_epoch, config.epochs):
+    for epoch in range(start.epoch, config.epochs):
         attn_only = epoch < config.attn_only_epochs
         if attn_only != phase:
             phase = attn_only
@@ -388,46 +360,12 @@ def fit(
         if attn_only:
             _freeze_norm_stats(model)
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.float64, device=device)
-        seen = 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not show,
-                   leave=False, dynamic_ncols=True)
-        for x, y in bar:
-            x, y = _to_input(x, device, config.channels_last), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = net(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.clip_grad_norm is not None:
-                nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.clip_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            loss_sum += loss.detach().double() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += len(y)
-            if show and step % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-        bar.close()
-        sums = ctx.all_reduce_sums({"loss": loss_sum.item(), "correct": correct.item(), "count": seen})
+        step, sums = _train_epoch(net, model, train_loader, optimizer, scheduler, config, device, amp, step,
+                                  f"epoch {epoch + 1}/{config.epochs}", show)
+        sums = ctx.all_reduce_sums(sums)
         ctx.broadcast_buffers(model)
         val = evaluate(model, val_loader, ctx, amp=amp, channels_last=config.channels_last)
-        lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-        record = {
-            "epoch": epoch + 1,
-            "step": step,
-            "phase": "attn-only" if attn_only else "all",
-            "train_loss": sums["loss"] / max(sums["count"], 1.0),
-            "train_acc": sums["correct"] / max(sums["count"], 1.0),
-            "val_loss": val["loss"],
-            "val_acc": val["acc"],
-            "lr": lrs.get("base", lrs.get("base_no_wd")),
-            "attn_lr": lrs.get("attn", lrs.get("attn_no_wd")),
-            "time_s": time.perf_counter() - t0,
-            "world_size": ctx.world_size,
-        }
+        record = _record(epoch, step, attn_only, sums, val, optimizer, time.perf_counter() - t0, ctx)
         history.append(record)
         if val["acc"] > best[0]:
             best = (val["acc"], epoch + 1)
@@ -435,24 +373,17 @@ def fit(
         if out is not None:
             log.write(record)
             payload = {
-                "recipe": recipe_data,
-                "versions": package_versions(),
-                "buffers": buffer_names(model),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "epoch": epoch + 1,
-                "step": step,
-                "rng": rngs,
-                "config": asdict(config),
-                "history": history,
-                "best_val_acc": best[0],
-                "best_epoch": best[1],
+                "recipe": recipe_data, "versions": package_versions(), "buffers": buffer_names(model),
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step, "rng": rngs,
+                "config": asdict(config), "history": history, "best_val_acc": best[0], "best_epoch": best[1],
             }
             last_path = save_training_state(out / "last.pt", payload)
             if best[1] == epoch + 1:
                 save_training_state(out / "best.pt", {**payload, "optimizer": None, "scheduler": None})
         if show:
+            from tqdm.auto import tqdm
+
             tqdm.write(
                 f"epoch {epoch + 1}/{config.epochs}  train loss {record['train_loss']:.4f} "
                 f"acc {record['train_acc']:.4f}  val loss {val['loss']:.4f} acc {val['acc']:.4f}  "
@@ -463,3 +394,103 @@ def fit(
     _set_phase(model, attn, attn_only=False)
     ctx.barrier()
     return FitResult(tuple(history), best[0], best[1], last_path, step)
+
+
+def _loaders(train_set: Dataset, val_set: Dataset, config: FinetuneConfig,
+             ctx: DistContext) -> tuple[DistributedSampler, torch.Generator, DataLoader, DataLoader]:
+    """The training loader (a distributed sampler over the ranks, shuffled by a generator
+    reseeded per epoch) and the validation loader (a disjoint shard per rank)."""
+    pin = ctx.device.type == "cuda"
+    train_sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank,
+                                       shuffle=True, seed=config.seed)
+    loader_gen = torch.Generator()
+    train_loader = DataLoader(
+        train_set, batch_size=config.batch_size, sampler=train_sampler, num_workers=config.num_workers,
+        pin_memory=pin, drop_last=len(train_sampler) >= config.batch_size, generator=loader_gen,
+    )
+    val_loader = DataLoader(
+        val_set, batch_size=config.batch_size, sampler=ShardSampler(len(val_set), ctx.rank, ctx.world_size),
+        num_workers=config.num_workers, pin_memory=pin,
+    )
+    return train_sampler, loader_gen, train_loader, val_loader
+
+
+@dataclass(frozen=True)
+class _Start:
+    """Where training starts: from scratch, or where a resumed run stopped."""
+
+    epoch: int  # epochs already done
+    step: int  # optimizer steps already done
+    history: list[dict[str, Any]]  # the records of the epochs done
+    best: tuple[float, int]  # (best validation accuracy, its epoch)
+    rng: Any  # this rank's random states to restore, or None
+
+
+def _restore(resume: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LambdaLR, schedule_args: tuple[int, int], config: FinetuneConfig,
+             ctx: DistContext) -> _Start:
+    """Load a ``last.pt`` into the model, optimizer and scheduler; where to go on from."""
+    ckpt = load_training_state(resume)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    # The schedule is this config's (the same for the same recipe; a larger `epochs`
+    # stretches the cosine from where the run stopped).
+    schedule = WarmupCosine(schedule_args[0], schedule_args[1], config.min_lr_ratio)
+    scheduler.lr_lambdas = [schedule] * len(optimizer.param_groups)
+    for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = base_lr * schedule(scheduler.last_epoch)
+    rngs = ckpt["rng"]
+    return _Start(ckpt["epoch"], ckpt["step"], list(ckpt["history"]), (ckpt["best_val_acc"], ckpt["best_epoch"]),
+                  rngs[ctx.rank] if len(rngs) == ctx.world_size else rngs[0])
+
+
+def _train_epoch(net: nn.Module, model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LambdaLR, config: FinetuneConfig, device: torch.device,
+                 amp: bool, step: int, desc: str, show: bool) -> tuple[int, dict[str, float]]:
+    """One pass over the training loader, a step per batch; the step count after it and
+    this rank's sums of loss, correct predictions and samples."""
+    from tqdm.auto import tqdm
+
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.float64, device=device)
+    seen = 0
+    bar = tqdm(loader, desc=desc, disable=not show, leave=False, dynamic_ncols=True)
+    for x, y in bar:
+        x, y = _to_input(x, device, config.channels_last), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = net(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.clip_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        loss_sum += loss.detach().double() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += len(y)
+        if show and step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    return step, {"loss": loss_sum.item(), "correct": correct.item(), "count": seen}
+
+
+def _record(epoch: int, step: int, attn_only: bool, sums: Mapping[str, float], val: Mapping[str, float],
+            optimizer: torch.optim.Optimizer, seconds: float, ctx: DistContext) -> dict[str, Any]:
+    """The metrics record of one epoch (what metrics.jsonl holds, one per line)."""
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    return {
+        "epoch": epoch + 1,
+        "step": step,
+        "phase": "attn-only" if attn_only else "all",
+        "train_loss": sums["loss"] / max(sums["count"], 1.0),
+        "train_acc": sums["correct"] / max(sums["count"], 1.0),
+        "val_loss": val["loss"],
+        "val_acc": val["acc"],
+        "lr": lrs.get("base", lrs.get("base_no_wd")),
+        "attn_lr": lrs.get("attn", lrs.get("attn_no_wd")),
+        "time_s": seconds,
+        "world_size": ctx.world_size,
+    }

@@ -12,7 +12,6 @@ Read-only: the model is run in eval mode and left as it was found.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import gate_methods
-from .errors import AttentionError, first_line
+from .errors import AttentionError
 from .modes import eval_mode
 
 __all__ = ["SiteGates", "GateRecord", "record_gates", "plot_gates"]

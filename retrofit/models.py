@@ -102,7 +102,8 @@ def _torchvision(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     except OSError as e:
         raise _download_error(f"torchvision:{name}", e) from e
     except (TypeError, ValueError) as e:
-        raise _bad_arguments(f"torchvision:{name}", {k: v for k, v in kwargs.items() if k != "weights_backbone"}, e) from e
+        given = {k: v for k, v in kwargs.items() if k != "weights_backbone"}
+        raise _bad_arguments(f"torchvision:{name}", given, e) from e
 
 
 def _show(kwargs: dict[str, Any]) -> str:
@@ -214,7 +215,8 @@ def create_model(spec: str, pretrained: bool = False, num_classes: int | None = 
             downloaded.
         OptionError: a negative ``num_classes``.
     """
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0):
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 0):
         raise OptionError(f"num_classes = {num_classes!r} is not valid: the classifier's size, an integer >= 1 "
                           "(0 removes the classifier, where the model supports it)")
     if pretrained and is_file_spec(spec):

@@ -33,10 +33,10 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .errors import TraceError, first_line
+from .modes import eval_mode, plain_attributes_kept
 from .shapes import TensorInfo, propagate_shapes
 from .sites import Site, SiteAnalysis, SkippedCandidate, find_sites, holds_conv, number_stages
 from .trace import LeafSpec, RetrofitTracer, flattens_inputs, optional_defaults, relative_leaves, trace
-from .modes import eval_mode, plain_attributes_kept
 from .verify import input_dtype_device
 
 __all__ = ["Unit", "Partition", "Flow", "partition", "refine", "slim", "record_inputs", "probe"]

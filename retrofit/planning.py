@@ -255,6 +255,51 @@ def _check_modules(placements: tuple[Placement, ...], attn_args: Mapping[str, An
             pass
 
 
+def _select_sites(rule: Rule, of_kind: tuple[Site, ...], on_existing: str,
+                  scores: SiteScores | None) -> tuple[list[Site], list[tuple[Site, str]]]:
+    """The sites of the rule's kind that it keeps, and the ones it drops with why: its
+    per-site filters, then ``every`` / ``first`` / ``last``, then ``select`` / ``budget``."""
+    n_stages = max((s.stage for s in of_kind), default=0)
+    stage_sizes: dict[int, int] = {}
+    for s in of_kind:
+        stage_sizes[s.stage] = stage_sizes.get(s.stage, 0) + 1
+    kept: list[Site] = []
+    dropped: list[tuple[Site, str]] = []
+    for site in of_kind:
+        why = _filter(rule, site, n_stages, stage_sizes, on_existing)
+        if why is None:
+            kept.append(site)
+        else:
+            dropped.append((site, why))
+    kept, picked = _pick(rule, kept)
+    kept, by_score = _by_score(rule, kept, scores)
+    return kept, dropped + picked + by_score
+
+
+def _claim(claimed: dict[str, list[Placement]], placement: Placement) -> bool:
+    """Add ``placement`` at its site, settling a site an earlier rule claimed by the later
+    rule's ``conflict``; False when the earlier module stays alone (``keep``).
+
+    Raises:
+        RuleError: ``conflict = "error"`` (the default) and the site is claimed.
+    """
+    rule, site = placement.rule, placement.site
+    earlier = claimed.get(site.node)
+    if earlier:
+        if rule.conflict == "error":
+            raise RuleError(
+                f"{rule.source} and {earlier[0].rule.source} both select site {site.qualname!r}; "
+                "narrow one rule's selectors, or say how to combine them with "
+                "conflict = \"keep\", \"replace\" or \"stack\" in the later rule"
+            )
+        if rule.conflict == "keep":
+            return False
+        if rule.conflict == "replace":
+            earlier.clear()
+    claimed.setdefault(site.node, []).append(placement)
+    return True
+
+
 def make_plan(
     analysis: SiteAnalysis,
     rules: RuleSet,
@@ -308,46 +353,16 @@ def make_plan(
                          f"reached, and {len(untraced)} part(s) of the model were not traced and may hold some: "
                          f"{', '.join(untraced[:4])}{', ...' if len(untraced) > 4 else ''} (report.left_alone says "
                          "why; leaf_modules or a traceable forward reach them)")
-        n_stages = max((s.stage for s in of_kind), default=0)
-        stage_sizes: dict[int, int] = {}
-        for s in of_kind:
-            stage_sizes[s.stage] = stage_sizes.get(s.stage, 0) + 1
-        kept: list[Site] = []
-        for site in of_kind:
-            why = _filter(rule, site, n_stages, stage_sizes, on_existing or rule.on_existing)
-            if why is None:
-                kept.append(site)
-            else:
-                skipped.setdefault(site.node, (site, f"{why} ({rule.source})"))
-        kept, dropped = _pick(rule, kept)
-        kept, by_score = _by_score(rule, kept, scores)
-        for site, why in dropped + by_score:
+        kept, dropped = _select_sites(rule, of_kind, on_existing or rule.on_existing, scores)
+        for site, why in dropped:
             skipped.setdefault(site.node, (site, f"{why} ({rule.source})"))
         for site in kept:
             scored = scores.get(site.qualname, rule.position) if scores is not None else None
-            placement = Placement(
-                site=site,
-                rule=rule,
-                attn=rule.attn,
-                args=MappingProxyType({**rule.args, **(attn_args or {})}),
-                gate=gate or rule.gate,
-                position=rule.position,
-                score=None if scored is None else scored.score,
-            )
-            earlier = claimed.get(site.node)
-            if earlier:
-                if rule.conflict == "error":
-                    raise RuleError(
-                        f"{rule.source} and {earlier[0].rule.source} both select site {site.qualname!r}; "
-                        "narrow one rule's selectors, or say how to combine them with "
-                        "conflict = \"keep\", \"replace\" or \"stack\" in the later rule"
-                    )
-                if rule.conflict == "keep":
-                    continue
-                if rule.conflict == "replace":
-                    earlier.clear()
-            claimed.setdefault(site.node, []).append(placement)
-            skipped.pop(site.node, None)
+            placement = Placement(site=site, rule=rule, attn=rule.attn,
+                                  args=MappingProxyType({**rule.args, **(attn_args or {})}), gate=gate or rule.gate,
+                                  position=rule.position, score=None if scored is None else scored.score)
+            if _claim(claimed, placement):
+                skipped.pop(site.node, None)
     warns += _collapsed_stages(rules, analysis)
     for kind in sorted({s.kind for s in analysis.sites} - {r.at for r in rules.rules}):
         notes.append(f"{len(analysis.of_kind(kind))} {kind} sites: no rule targets {kind} sites")

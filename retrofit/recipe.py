@@ -81,7 +81,9 @@ class Recipe:
         ('resnet18', {'num_classes': 10})
     """
 
-    model: str | None = None  # timm name, "hf-hub:ORG/NAME", "torchvision:NAME", "path/to/file.py:factory"; None: unknown
+    # timm name, "hf-hub:ORG/NAME", "torchvision:NAME", "path/to/file.py:factory", "ultralytics:...",
+    # "transformers:...", "smp:..."; None: unknown
+    model: str | None = None
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)  # constructor or factory arguments
     model_sha256: str | None = None  # file models: the file's hash when the recipe was written
     base: Recipe | None = None  # the model retrofit() got was itself built by this recipe (stacked)

@@ -236,7 +236,7 @@ def insert_attention(
             anchor = cursor.get(key) or nodes[site.node]
             with gm.graph.inserting_after(anchor):
                 new = gm.graph.call_module(name, (anchor,))
-            anchor.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+            anchor.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
         cursor[key] = new
         new.meta["module_path"] = site.module_path
         new.meta["qualname"] = name

@@ -254,7 +254,8 @@ def _check_args(cls: type, attn: str, args: Mapping[str, Any], where: str) -> No
             raise RuleError(f"{where}: args.{key} is set by retrofit, not by a rule (use the rule's own keys)")
     params = inspect.signature(cls).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        valid = [n for n in params if n not in _RESERVED_ARGS and params[n].kind is not inspect.Parameter.VAR_POSITIONAL]
+        valid = [n for n in params
+                 if n not in _RESERVED_ARGS and params[n].kind is not inspect.Parameter.VAR_POSITIONAL]
         for key in args:
             if key not in params:
                 close = difflib.get_close_matches(key, valid, n=1)

@@ -20,18 +20,9 @@ the choice is left to the rules, beside each site's cost.
 
 from __future__ import annotations
 
-import math
-import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-
-from .errors import OptionError, SiteError
 
 __all__ = ["SiteScore", "SiteScores"]
 

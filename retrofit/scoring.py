@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from .api import retrofit
 from .attention import zero_init_params
 from .errors import OptionError, SiteError
-from .modes import eval_mode
 from .report import get_report
 from .rulefile import resolve_rules
 from .scores import SiteScore, SiteScores
@@ -131,7 +130,8 @@ def score_sites(
         # A module with no zero-initialised parameter (a user type) has no score: NaN ranks last.
         norm = float(torch.linalg.vector_norm(torch.cat(grads).double() / count)) if grads else math.nan
         rows.append(SiteScore(
-            path=r.path, qualname=r.qualname, kind=r.kind, position=r.position, attn=r.attn, channels=r.channels, size=tuple(r.size),
+            path=r.path, qualname=r.qualname, kind=r.kind, position=r.position, attn=r.attn, channels=r.channels,
+            size=tuple(r.size),
             stage=r.stage, module=r.module, score=norm / math.sqrt(numel) if numel else math.nan, grad_norm=norm,
             params=r.params,
             flops=_module_flops(gm.get_submodule(r.module), r.channels, tuple(r.size), x),

@@ -264,7 +264,8 @@ class _Analyzer:
             self.skip(kind, node, f"not a 4-D NCHW tensor (shape {list(out.shape)})")
             return None
         if ia.shape != ib.shape:
-            self.skip(kind, node, f"operands differ in shape ({list(ia.shape)} + {list(ib.shape)}): a broadcast, not a residual")
+            self.skip(kind, node, f"operands differ in shape ({list(ia.shape)} + {list(ib.shape)}): a broadcast, "
+                                  "not a residual")
             return None
         split = nx.lowest_common_ancestor(self.graph, a.name, b.name)
         if split is None:

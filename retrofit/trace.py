@@ -10,7 +10,6 @@ e.g. ``layer1.0.iadd``).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 import math
@@ -18,7 +17,7 @@ import operator
 import os
 import re
 import traceback
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 

@@ -41,7 +41,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if path.suffix not in _SUFFIXES:
-        raise ModelLoadError(f"checkpoint {str(path)!r}: unknown suffix {path.suffix!r} (valid: {', '.join(_SUFFIXES)})")
+        raise ModelLoadError(f"checkpoint {str(path)!r}: unknown suffix {path.suffix!r} "
+                             f"(valid: {', '.join(_SUFFIXES)})")
     if not path.is_file():
         raise ModelLoadError(f"checkpoint {str(path)!r} not found")
     from safetensors import SafetensorError

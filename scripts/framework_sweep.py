@@ -74,7 +74,7 @@ def cases() -> list[tuple[str, str, str, dict[str, Any]]]:
             first = next(line.split(":")[0].strip() for line in text.split("scales:", 1)[1].splitlines()
                          if line.strip() and not line.strip().startswith("#"))
             # (a yaml named for its scale already, yolov10b.yaml, keeps its name)
-            name = re.sub(r"(\d+)(?![\dA-Za-z])", lambda m: m.group(1) + first, yaml.stem, count=1) + ".yaml"
+            name = re.sub(r"(\d+)(?![\dA-Za-z])", lambda m, s=first: m.group(1) + s, yaml.stem, count=1) + ".yaml"
         out.append(("ultralytics", name, f"ultralytics:{name}", {}))
     return out
 
@@ -160,7 +160,7 @@ def check(framework: str, name: str, spec: str, kwargs: dict[str, Any]) -> list[
                 back = retrofit.load(Path(tmp) / "save").eval()
                 with torch.no_grad():
                     got = _leaves(back(x))
-            same = len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want))
+            same = len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
             row["round_trip"] = "equal" if same else "differs"
             if not same:
                 raise AssertionError("the loaded model's outputs differ from the saved model's")
@@ -198,11 +198,10 @@ def _counted(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_summary(rows: list[dict[str, Any]], out: Path, command: str) -> None:
-    from tabulate import tabulate
-
     import segmentation_models_pytorch
     import transformers
     import ultralytics
+    from tabulate import tabulate
 
     import retrofit
 

@@ -234,7 +234,7 @@ def real_check(source: str, name: str, size: int, batch: int = 2, shrink: bool =
         # One forward with autograd serves both checks: identity (eval mode, as deployed)
         # and backward through every inserted module.
         got = _leaves(gm(x))
-        diff = max((w.double() - g.detach().double()).abs().max().item() for w, g in zip(want, got))
+        diff = max((w.double() - g.detach().double()).abs().max().item() for w, g in zip(want, got, strict=True))
         if not diff <= 1e-5 * max(1.0, scale):
             raise AssertionError(f"{attn}: not identity at init, max |Δ| = {diff:.3g} (output scale {scale:.3g})")
         expected = sum(closed_form(attn, r.channels) for r in report.rows)
@@ -560,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['source']}:{row['model']} {row.get('status')} {row.get('reason', '')}", flush=True)
 
             todo = [(s, n) for s, n in names if (s, n) not in done and (s, n) not in structure_rows]
-            for k, (job, row) in enumerate(pool.run([("structure", s, n, args.size, 2, False, False, False, ())
+            for k, (_job, row) in enumerate(pool.run([("structure", s, n, args.size, 2, False, False, False, ())
                                                      for s, n in todo]), 1):
                 swriter.writerow(family(row))
                 sf.flush()
@@ -586,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
                 base = {(r["source"], r["model"]): r for r in chosen}
                 jobs = [("check", r["source"], r["model"], args.size, batch, shrink, big, args.keep_class, attns)
                         for r in chosen]
-                for job, row in pool.run(jobs, workers):
+                for _job, row in pool.run(jobs, workers):
                     key = (row["source"], row["model"])
                     rows[key] = {**base[key], **row}
                     finish(rows[key])

@@ -20,6 +20,10 @@ from torch import nn
 from retrofit.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
+# examples/ is a folder of scripts, not a package: `python examples/x.py` finds its siblings
+# (example_data, jobs, fashion_setup, ...) because it puts examples/ first on sys.path. Tests
+# import the example modules the same way.
+sys.path.insert(0, str(ROOT / "examples"))
 SCRIPT = shutil.which("retrofit", path=str(Path(sys.executable).parent))  # the installed console script
 
 

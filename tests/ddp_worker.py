@@ -13,6 +13,7 @@ from retrofit.distributed import init_distributed
 from retrofit.finetune import FinetuneConfig, fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # example_data, as conftest.py does
 from tests.finetune_helpers import build, tiny_digits  # noqa: E402
 
 

@@ -14,9 +14,9 @@ import retrofit
 from retrofit import create_attention, get_report
 from retrofit.attention import Cbam, EfficientChannelAttn, SqueezeExcite
 from retrofit.fuse import gate_methods, gated_residual
+from retrofit.modes import eval_mode
 from retrofit.rulefile import parse_rules
 from retrofit.trace import trace
-from retrofit.modes import eval_mode
 
 from .conftest import cached
 
@@ -137,7 +137,7 @@ def test_perturbed_model_outputs_and_gradients_match_unfused() -> None:
         torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)
     for gm in (fused, plain):
         gm(x).square().mean().backward()
-    for (n, a), (_, b) in zip(fused.named_parameters(), plain.named_parameters()):
+    for (n, a), (_, b) in zip(fused.named_parameters(), plain.named_parameters(), strict=True):
         err = torch.linalg.vector_norm(a.grad - b.grad) / torch.linalg.vector_norm(b.grad)
         assert err < 1e-4, f"{n}: relative gradient difference {err:.2e}"  # seen: 2e-6 at most
     want = torch.cat([p.grad.flatten() for p in plain.parameters()])
@@ -151,12 +151,12 @@ def test_gradients_reach_every_gate_and_are_equal_at_init() -> None:
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     opts = [torch.optim.SGD(gm.parameters(), lr=0.1) for gm in (fused, plain)]
     for step in range(2):
-        for gm, opt in zip((fused, plain), opts):
+        for gm, opt in zip((fused, plain), opts, strict=True):
             opt.zero_grad()
             gm(x).square().mean().backward()
         if step == 0:
             # Identical forward at init; addcmul's backward is mul's: identical gradients.
-            for (n, a), (_, b) in zip(fused.named_parameters(), plain.named_parameters()):
+            for (n, a), (_, b) in zip(fused.named_parameters(), plain.named_parameters(), strict=True):
                 assert torch.equal(a.grad, b.grad), n
         for opt in opts:
             opt.step()

@@ -25,8 +25,8 @@ from huggingface_hub import ModelCard
 from torch import nn
 
 import retrofit
-from retrofit import ModelLoadError, OptionError, SaveError, UntrustedCodeError
 import retrofit.cli
+from retrofit import ModelLoadError, OptionError, SaveError, UntrustedCodeError
 from retrofit.hub import parse_hub_name
 from retrofit.publish import save_for_hub
 

@@ -33,7 +33,8 @@ def test_name_and_version_are_written_once() -> None:
 
 def test_extras_use_the_new_name() -> None:
     extras = PYPROJECT["project"]["optional-dependencies"]
-    assert sorted(extras) == ["export", "frameworks", "onnx", "smp", "test", "train", "transformers", "ultralytics"]
+    assert sorted(extras) == ["docs", "export", "frameworks", "onnx", "smp", "test", "train", "transformers",
+                              "ultralytics"]
     assert extras["export"] == ["torch-retrofit[onnx]"]
     assert extras["frameworks"] == ["torch-retrofit[ultralytics]", "torch-retrofit[transformers]",
                                     "torch-retrofit[smp]"]

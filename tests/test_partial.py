@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from timm.models.resnet import BasicBlock
 from torch import nn
 
 import retrofit
@@ -17,7 +18,6 @@ from retrofit.partition import partition, record_inputs
 from retrofit.rewrite import rewritten_in_place
 from retrofit.rulefile import parse_rules
 from retrofit.trace import trace
-from timm.models.resnet import BasicBlock
 
 from .conftest import build, cached, run_cli
 

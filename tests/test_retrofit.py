@@ -32,7 +32,7 @@ ZOO = {
     "small_cnn": ("conv-block", 2, (1, 28, 28)),
 }
 
-RESNET50_PATHS = [f"layer{s}.{b}" for s, n in zip((1, 2, 3, 4), (3, 4, 6, 3)) for b in range(n)]
+RESNET50_PATHS = [f"layer{s}.{b}" for s, n in zip((1, 2, 3, 4), (3, 4, 6, 3), strict=True) for b in range(n)]
 
 
 def _new_params(gm: torch.fx.GraphModule) -> dict[str, torch.nn.Parameter]:

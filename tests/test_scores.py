@@ -141,7 +141,7 @@ def test_budgets_select_within_the_budget(fraction: float) -> None:
     assert sum(r.params for r in chosen) <= fraction * scores.model_params
     assert len(chosen) == int(fraction * scores.model_params // 144)  # every SE here costs 144
     # the best-scored first
-    assert [r.path for r in chosen] == sorted((r.path for r in scores.ranked()[: len(chosen)]))
+    assert [r.path for r in chosen] == sorted(r.path for r in scores.ranked()[: len(chosen)])
     for budget, count in ((0.0005, 0), (0.001, 1)):  # 152 and 304 FLOPs of 304,160; an SE here costs 256
         flops = parse_rules({"rule": [{"at": "residual-add", "attn": "se", "budget": {"flops": budget}}]}, "f.toml")
         placed = retrofit.plan(model, rules=flops, scores=scores, input_size=(1, 8, 8)).placements

@@ -7,7 +7,6 @@ Tiny generated data sets (a few 64x64 images with coloured boxes), one epoch eac
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

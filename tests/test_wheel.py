@@ -142,7 +142,8 @@ def test_the_wheel_holds_the_package_its_rule_files_and_nothing_else(installed: 
         meta = _metadata(read(f"{DIST_INFO}/METADATA").decode())
     assert (meta["Name"], meta["Version"], meta["License-Expression"]) == ("torch-retrofit", VERSION, "Apache-2.0")
     assert meta["Requires-Python"] == ">=3.11"
-    assert sorted(meta.get_all("Provides-Extra")) == ["export", "onnx", "test", "train"]
+    assert sorted(meta.get_all("Provides-Extra")) == sorted(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     requires = {_norm(r) for r in meta.get_all("Requires-Dist") if "extra ==" not in r}
     assert requires == {_norm(r) for r in project["dependencies"]}
@@ -164,7 +165,8 @@ def test_the_sdist_holds_what_builds_and_tests_the_wheel(installed: Installed) -
         tracked = subprocess.run(["git", "ls-files", "-z"], capture_output=True, text=True, cwd=ROOT,
                                  check=True).stdout.split("\0")
         included = ("retrofit/", "rules/", "tests/", "examples/", "scripts/", "benchmarks/", "docs/")
-        want = {f for f in tracked if f.startswith(included)} | {"cli.py", "README.md", "CHANGELOG.md", "LICENSE"}
+        want = {f for f in tracked if f.startswith(included)} | {"cli.py", "README.md", "CHANGELOG.md", "LICENSE",
+                                                                   "CONTRIBUTING.md", "mkdocs.yml"}
         assert sorted(want - files) == []
 
 

@@ -58,7 +58,8 @@ class EfficientChannelAttn(nn.Module):
         self.gate = check_gate(gate)
         if kernel_size is None:
             kernel_size = eca_kernel_size(channels, gamma, beta)
-        elif isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        elif (isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1
+              or kernel_size % 2 == 0):
             raise AttentionError(f"eca: kernel_size = {kernel_size!r} is not valid: an odd integer >= 1, so every "
                                  "channel gets a gate (or leave it out for the paper's adaptive size)")
         self.conv = nn.Conv1d(

@@ -54,7 +54,8 @@ class SegmentationModels(Framework):
                            if isinstance(v, type) and issubclass(v, smp.base.SegmentationModel)
                            and v is not smp.base.SegmentationModel)
             close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-            raise ModelLoadError(f"smp has no architecture {name!r}" + (f"; closest: {', '.join(close)}" if close else "")
+            hint = f"; closest: {', '.join(close)}" if close else ""
+            raise ModelLoadError(f"smp has no architecture {name!r}{hint}"
                                  + f" (valid: {', '.join(names)})")
         return cls
 

@@ -211,7 +211,8 @@ class Ultralytics(Framework):
                 cfg = yaml_model_load(name)
         except Exception as e:  # noqa: BLE001 (FileNotFoundError, yaml errors, ...)
             raise ModelLoadError(f"cannot read the Ultralytics model yaml {name!r}: {type(e).__name__}: "
-                                 f"{first_line(e)} (a yaml Ultralytics ships, such as yolov8n.yaml or yolo11n-seg.yaml, "
+                                 f"{first_line(e)} (a yaml Ultralytics ships, such as yolov8n.yaml or "
+                                 "yolo11n-seg.yaml, "
                                  "or a path to one)") from e
         return dict(cfg)
 
