@@ -283,7 +283,7 @@ class Runner:
             for wait in ((False, True) if seed == first else (False,)):
                 for row, g in plan:
                     key = unit_key("full", row[0], g if row[1] else None, seed)
-                    self.unit(key, lambda row=row, g=g, seed=seed: retrofit_unit(
+                    self.unit(key, lambda row=row, g=g, seed=seed, base=base: retrofit_unit(
                         row, seed, g, s.epochs, s, self.data("full"), base,
                         record_gate_values=seed == first and row[0] in GATE_PLOT_ROWS), wait=wait)
         for seed in s.seeds:
@@ -291,8 +291,9 @@ class Runner:
             for row in rows:
                 g = (1.0, 0) if row[1] is None else chosen(self.units, row[0], s)
                 self.unit(unit_key("low", row[0], g if row[1] else None, seed),
-                          lambda row=row, g=g, seed=seed: retrofit_unit(row, seed, g, s.low_epochs, s, self.data("low"),
-                                                                        base, record_gate_values=False), wait=False)
+                          lambda row=row, g=g, seed=seed, base=base: retrofit_unit(
+                              row, seed, g, s.low_epochs, s, self.data("low"), base, record_gate_values=False),
+                          wait=False)
 
 
 def unit_key(regime: str, row: str, grid: tuple[float, int] | None, seed: int) -> str:
@@ -356,7 +357,8 @@ def collect(s: Settings, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 g = None if attn is None else chosen(records, name, s)
             except RuntimeError:
                 continue
-            got = per_seed(records, lambda seed, g=g: unit_key(regime, name, g, seed), s.seeds)
+            got = per_seed(records, lambda seed, g=g, regime=regime, name=name: unit_key(regime, name, g, seed),
+                           s.seeds)
             if not got:
                 continue
             out[section]["rows"].append({

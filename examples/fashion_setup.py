@@ -151,6 +151,6 @@ def delta(a: list[float], b: list[float]) -> str:
     n = min(len(a), len(b))
     if not n:
         return "–"
-    m, sd = mean_std([x - y for x, y in zip(a[:n], b[:n])])
+    m, sd = mean_std([x - y for x, y in zip(a[:n], b[:n], strict=True)])
     return f"{100 * m:+.2f} ± {100 * sd:.2f}" if n > 1 else f"{100 * m:+.2f}"
 

@@ -146,8 +146,9 @@ class Runner:
             loader = DataLoader(self.data.train, batch_size=s.score_batch_size, shuffle=True,
                                 generator=torch.Generator().manual_seed(seed))
             torch.manual_seed(seed)  # the training split's augmentation draws
-            rec = self.unit(f"scores/seed{seed}", lambda: {**origin, "scores": retrofit.score_sites(
-                base, "se", loader, batches=s.score_batches, input_size=INPUT).to_dict()})
+            rec = self.unit(f"scores/seed{seed}", lambda base=base, origin=origin, loader=loader: {
+                **origin, "scores": retrofit.score_sites(base, "se", loader, batches=s.score_batches,
+                                                         input_size=INPUT).to_dict()})
             if rec.get("base_sha256") != origin["base_sha256"]:
                 raise SystemExit(f"placement: error: the base of seed {seed} ({origin['base']}) is not the one "
                                  f"these units were measured on ({rec.get('base')}); start a new --out")
@@ -163,7 +164,7 @@ class Runner:
             ]
             # No run needs another's result: two processes on one --out take turns.
             for name, rules in contenders:
-                self.unit(f"run/{name}/seed{seed}", lambda rules=rules, seed=seed: run_unit(
+                self.unit(f"run/{name}/seed{seed}", lambda rules=rules, seed=seed, base=base, scores=scores: run_unit(
                     base, rules, scores, seed, s, self.data), wait=False)
 
 
@@ -255,8 +256,8 @@ def collect(s: Settings, units: dict[str, dict[str, Any]], test_images: int) -> 
             contenders[name] = {
                 "seeds": [int(seed) for seed, _ in got], "test_acc": [r["test_acc"] for _, r in got],
                 "val_loss": [r["val_loss"] for _, r in got], "sites": [r["sites"] for _, r in got],
-                "delta_test_acc": [r["test_acc"] - b["test_acc"] for (_, r), b in zip(got, base) if b],
-                "delta_val_loss": [b["val_loss"] - r["val_loss"] for (_, r), b in zip(got, base) if b],
+                "delta_test_acc": [r["test_acc"] - b["test_acc"] for (_, r), b in zip(got, base, strict=True) if b],
+                "delta_val_loss": [b["val_loss"] - r["val_loss"] for (_, r), b in zip(got, base, strict=True) if b],
             }
     pooled = [x for v in seeds.values() for x in v["single_site"]]
     full = [v["single_site"] for v in seeds.values() if len(v["single_site"]) >= 3]

@@ -102,7 +102,7 @@ def make_dataset(root: Path, sizes: dict[str, int], canvas: int, seed: int = 123
     IDX files (default: Debian's)."""
     from PIL import Image
 
-    from retrofit.data import load_fashion_mnist
+    from example_data import load_fashion_mnist  # isort: skip  (examples/example_data.py)
 
     spec = {"sizes": sizes, "canvas": canvas, "seed": seed, "source": str(source)}
     stamp = root / "dataset.json"

@@ -40,7 +40,7 @@ def _stage_of(name: str, prefixes: list[str]) -> str:
     return best or name.split(".", 1)[0]
 
 
-def _stage_rows(model: nn.Module, gm: torch.fx.GraphModule) -> tuple[StageRow, ...]:
+def _stage_rows(model: nn.Module, gm: nn.Module) -> tuple[StageRow, ...]:
     """Parameters per part of the model: its library's stages (a YOLO model's layers),
     timm's feature stages, else top-level modules."""
     framework = framework_of(model)

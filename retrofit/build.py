@@ -96,7 +96,7 @@ def local_save(path: str | Path) -> Path:
     """Where a save lies on this machine: ``path`` itself, or for ``"hf-hub:ORG/NAME"`` (a
     string; a ``Path`` is always local) the snapshot folder :func:`retrofit.hub.download`
     fetched it to."""
-    return download(path) if is_hub_save(path) else Path(path)  # type: ignore[arg-type]
+    return download(path) if isinstance(path, str) and is_hub_save(path) else Path(path)
 
 
 def _state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -216,7 +216,7 @@ def _print_warnings(caught: list[warnings.WarningMessage], shown: Sequence[str])
         message = str(w.message)
         if message not in seen:
             seen.add(message)
-            print(f"warning: {first_line(w.message)}", file=sys.stderr)
+            print(f"warning: {(message.strip().splitlines() or [message])[0]}", file=sys.stderr)
 
 
 def _run_model(args: argparse.Namespace) -> int:

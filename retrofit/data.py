@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 from torch.utils.data import Dataset
 
-from .errors import OptionError
+from .errors import DataError, OptionError
+
+if TYPE_CHECKING:
+    from torchvision.datasets import ImageFolder
 
 __all__ = ["DataSplits", "imagefolder_dataset", "imagefolder_datasets"]
 
@@ -31,12 +34,13 @@ class DataSplits:
     test: Dataset | None = None  # a held-out test split, where the data set has one
 
 
-def imagefolder_dataset(root: str | Path, model: nn.Module, *, train: bool = False) -> Dataset:
+def imagefolder_dataset(root: str | Path, model: nn.Module, *, train: bool = False) -> ImageFolder:
     """One ``torchvision.datasets.ImageFolder`` (``root/CLASS/*.jpg``) with timm's
     preprocessing for ``model``: the evaluation transform, or the training one if ``train``.
 
     Raises:
         OptionError: ``root`` is not a folder.
+        DataError: it holds no class folders with images.
     """
     from timm.data import create_transform, resolve_data_config
     from torchvision.datasets import ImageFolder
@@ -44,7 +48,11 @@ def imagefolder_dataset(root: str | Path, model: nn.Module, *, train: bool = Fal
     if not Path(root).is_dir():
         raise OptionError(f"{root} is not a folder; expected an ImageFolder layout, {root}/CLASS/*.jpg")
     config = resolve_data_config(model=model)
-    return ImageFolder(str(root), transform=create_transform(**config, is_training=train))
+    try:
+        return ImageFolder(str(root), transform=create_transform(**config, is_training=train))
+    except FileNotFoundError as e:  # no class folders, or class folders without images
+        raise DataError(f"{root} is not an ImageFolder: {e}; expected {root}/CLASS/*.jpg "
+                        "(one sub-folder per class, holding images)") from None
 
 
 def imagefolder_datasets(

@@ -23,10 +23,10 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sized
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -108,7 +108,8 @@ class FitResult:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG a training step may draw from: Python, NumPy, torch CPU and CUDA."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: Any = np.random.get_state()  # legacy tuple form (typed loosely)
+    kind, keys, pos, has_gauss, gauss = state
     return {
         "python": random.getstate(),
         "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
@@ -133,7 +134,7 @@ def _attention_modules(model: nn.Module) -> tuple[str, ...]:
     from .report import get_report
 
     try:
-        return tuple(r.module for r in get_report(model).rows)  # type: ignore[arg-type]
+        return tuple(r.module for r in get_report(model).rows)
     except ValueError:
         return ()
 
@@ -344,7 +345,7 @@ def fit(
         set_rng_state(start.rng)
 
     phase: bool | None = None  # attention-only?
-    net = model
+    net: Any = model  # the module, its DDP/FSDP wrapper, or a compiled callable
     last_path = None
     for epoch in range(start.epoch, config.epochs):
         attn_only = epoch < config.attn_only_epochs
@@ -401,7 +402,7 @@ def _loaders(train_set: Dataset, val_set: Dataset, config: FinetuneConfig,
     """The training loader (a distributed sampler over the ranks, shuffled by a generator
     reseeded per epoch) and the validation loader (a disjoint shard per rank)."""
     pin = ctx.device.type == "cuda"
-    train_sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank,
+    train_sampler: DistributedSampler[Any] = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank,
                                        shuffle=True, seed=config.seed)
     loader_gen = torch.Generator()
     train_loader = DataLoader(
@@ -409,7 +410,7 @@ def _loaders(train_set: Dataset, val_set: Dataset, config: FinetuneConfig,
         pin_memory=pin, drop_last=len(train_sampler) >= config.batch_size, generator=loader_gen,
     )
     val_loader = DataLoader(
-        val_set, batch_size=config.batch_size, sampler=ShardSampler(len(val_set), ctx.rank, ctx.world_size),
+        val_set, batch_size=config.batch_size, sampler=ShardSampler(len(cast(Sized, val_set)), ctx.rank, ctx.world_size),
         num_workers=config.num_workers, pin_memory=pin,
     )
     return train_sampler, loader_gen, train_loader, val_loader

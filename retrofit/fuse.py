@@ -55,7 +55,9 @@ with warnings.catch_warnings():
     class _Gating(nn.Module):
         """What TorchScript needs to know of the module :func:`gated_residual` is given."""
 
-        def forward(self, x: Tensor) -> Tensor:
+        # TorchScript rejects any interface body but a lone `pass`, which mypy reads as a
+        # missing return: the declaration is right, the checker cannot know the decorator.
+        def forward(self, x: Tensor) -> Tensor:  # type: ignore[empty-body]
             pass
 
 

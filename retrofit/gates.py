@@ -12,7 +12,7 @@ Read-only: the model is run in eval mode and left as it was found.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,7 +147,9 @@ def _as_channels(g: Tensor, n: int, c: int) -> Tensor | None:
     return None
 
 
-def _batches(data: Tensor | Iterable[Any], labels: Tensor | None, batch_size: int):
+def _batches(
+    data: Tensor | Iterable[Any], labels: Tensor | None, batch_size: int
+) -> Iterator[tuple[Tensor, Tensor | None]]:
     if isinstance(data, Tensor):
         for i in range(0, len(data), batch_size):
             yield data[i : i + batch_size], None if labels is None else labels[i : i + batch_size]
@@ -196,7 +198,7 @@ def record_gates(
     """
     from .report import get_report
 
-    rows = get_report(model).rows  # type: ignore[arg-type]
+    rows = get_report(model).rows
     modules = dict(model.named_modules())
     device = next(model.parameters()).device
     found: dict[str, list[Tensor]] = {}
@@ -205,7 +207,9 @@ def record_gates(
     skipped: dict[str, str] = {}
     handles = []
 
-    def make_hook(name: str, mod: nn.Module, chain: tuple[str, ...], channels: int):
+    def make_hook(
+        name: str, mod: nn.Module, chain: tuple[str, ...], channels: int
+    ) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
             # The gates of the chain in forward's order, each applied before the next is
@@ -229,7 +233,7 @@ def record_gates(
     for row in rows:
         mod = modules.get(row.module)
         chain = gate_methods(mod) if mod is not None else None
-        if chain is None:
+        if mod is None or chain is None:
             what = "no module" if mod is None else type(mod).__name__
             skipped[row.module] = (f"{what} declares no channel gate (its class's fused_gates names none: "
                                    "its forward is not x * gate(x))")

@@ -43,7 +43,7 @@ class RetrofitOptions:
 
     gate: str | None = None  # "identity" / "sigmoid" for every rule; None: each rule's own
     attn_args: Mapping[str, Any] = field(default_factory=dict)  # constructor arguments over the rules' args
-    input_size: tuple[int, ...] | None = None  # (C, H, W), (H, W) or (S,); None: the model's default
+    input_size: int | tuple[int, ...] | None = None  # (C, H, W), (H, W), (S,) or S; None: the model's default
     leaf_modules: tuple[LeafSpec, ...] = ()  # modules not to trace into
     strict: bool = False  # a rule glob that matches no site is an error
     on_existing: str | None = None  # "skip" / "stack" for every rule; None: each rule's own

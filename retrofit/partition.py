@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -111,7 +111,7 @@ def _recording(model: nn.Module) -> Iterator[tuple[dict[str, list[Call]], Flow]]
     flow = Flow({}, {}, [])
     handles = []
 
-    def hook(path: str):  # type: ignore[no-untyped-def]
+    def hook(path: str) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
         def record(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             calls.setdefault(path, []).append(
                 (tuple(pytree.tree_map(_info, list(args))), dict(pytree.tree_map(_info, dict(kwargs))))
@@ -120,7 +120,7 @@ def _recording(model: nn.Module) -> Iterator[tuple[dict[str, list[Call]], Flow]]
 
         return record
 
-    def after(path: str):  # type: ignore[no-untyped-def]
+    def after(path: str) -> Callable[[nn.Module, Any, Any], None]:
         def record(_mod: nn.Module, _args: Any, out: Any) -> None:
             flow.outputs.setdefault(path, []).append(_ids(out, flow.keep))
 
@@ -159,7 +159,9 @@ def probe(model: nn.Module, input_size: tuple[int, int, int],
     with eval_mode(model), torch.no_grad(), plain_attributes_kept(model):
         try:
             mode = FakeTensorMode(allow_non_fake_inputs=True)
-            state = {n: mode.from_tensor(t) for n, t in [*model.named_parameters(), *model.named_buffers()]}
+            state: dict[str, torch.Tensor] = {
+                n: mode.from_tensor(t) for n, t in [*model.named_parameters(), *model.named_buffers()]
+            }
             with _recording(model) as (calls, flow), mode:
                 torch.func.functional_call(model, state, (torch.empty(shape, dtype=dtype, device=device),),
                                            tie_weights=False, strict=False)
@@ -492,8 +494,7 @@ def partition(
     except TraceError as e:
         root_error = e
     if root is not None and not keep_class:
-        sites = root.analysis.sites
-        whole = Partition((root,), (), root.analysis, {s.node: (0, s) for s in sites},
+        whole = Partition((root,), (), root.analysis, {s.node: (0, s) for s in root.analysis.sites},
                           tuple(root.gm.meta.get("retrofit_trace_notes", ())))
         return _with_flow(model, whole, probe(model, input_size)[1]) if flow else whole
     try:
@@ -542,12 +543,12 @@ def _with_flow(model: nn.Module, parts: Partition, flow: Flow) -> Partition:
     made_by: dict[tuple[int, int], list[str]] = {}
     taken_by: dict[tuple[int, int], list[str]] = {}
     for path, per_call in flow.outputs.items():
-        for ids in per_call:
-            for i in ids:
+        for call_ids in per_call:
+            for i in call_ids:
                 made_by.setdefault(i, []).append(path)
     for path, per_call in flow.inputs.items():
-        for ids in per_call:
-            for i in ids:
+        for call_ids in per_call:
+            for i in call_ids:
                 taken_by.setdefault(i, []).append(path)
 
     def named(paths: list[str]) -> tuple[str, ...]:
@@ -587,7 +588,8 @@ def refine(model: nn.Module, parts: Partition, sites: Sequence[Site]) -> tuple[P
         The narrowed partition (``origin`` covers ``sites`` only), and the sites that
         turned out to be out of reach.
     """
-    if parts.whole:
+    calls = parts.calls
+    if calls is None:  # parts.whole: one root unit, nothing to narrow
         return parts, ()
     by_unit: dict[int, list[Site]] = {}
     for site in sites:
@@ -597,7 +599,7 @@ def refine(model: nn.Module, parts: Partition, sites: Sequence[Site]) -> tuple[P
     placed: dict[tuple[int, str], tuple[Unit, Site]] = {}  # (coarse index, coarse-local node) -> fine
     lost: set[tuple[int, str]] = set()
     for index, local_sites in by_unit.items():
-        fine, out = _refine(model, parts.units[index], local_sites, parts.calls, parts.leaf_modules, tried)
+        fine, out = _refine(model, parts.units[index], local_sites, calls, parts.leaf_modules, tried)
         placed.update({(index, cs.node): (unit, ls) for cs, unit, ls in fine})
         lost.update((index, cs.node) for cs in out)
     tree = {name: i for i, (name, _) in enumerate(model.named_modules())}

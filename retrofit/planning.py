@@ -49,12 +49,14 @@ class Placement:
     @property
     def channels(self) -> int:
         """Channels of the tensor the module sees."""
-        return self.site.mid_channels if self.position == "mid" else self.site.channels  # type: ignore[return-value]
+        mid = self.site.mid_channels if self.position == "mid" else None
+        return self.site.channels if mid is None else mid
 
     @property
     def size(self) -> tuple[int, int]:
         """Spatial size of the tensor the module sees."""
-        return self.site.mid_size if self.position == "mid" else self.site.size  # type: ignore[return-value]
+        mid = self.site.mid_size if self.position == "mid" else None
+        return self.site.size if mid is None else mid
 
 
 @dataclass(frozen=True)
@@ -176,8 +178,8 @@ def _by_score(rule: Rule, sites: list[Site], scores: SiteScores | None) -> tuple
                 kept.append(s)
             else:
                 dropped.append((s, f"score {r.score:.3g} ranks {rank} of {n}; select = {{ top = {rule.top} }}"))
-    else:
-        kind, fraction = rule.budget  # type: ignore[misc]
+    elif rule.budget is not None:
+        kind, fraction = rule.budget
         total = scores.model_params if kind == "params" else scores.model_flops
         if not total:
             raise RuleError(f"{rule.source}: budget.{kind} needs the model's {kind}, which the scores lack")

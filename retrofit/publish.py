@@ -162,7 +162,8 @@ def save_for_hub(
         model: a model from :func:`retrofit.retrofit` or :func:`retrofit.load`.
         folder: where to write (it must not exist, unless ``force``).
         repo_id: the repository it is meant for (``ORG/NAME``), named in the card.
-        model_spec, model_kwargs: as for :func:`retrofit.save`.
+        model_spec: as for :func:`retrofit.save`.
+        model_kwargs: as for :func:`retrofit.save`.
         license: the weights' license id for the card (see :func:`model_card`).
         force: write into an existing folder, replacing these files.
 
@@ -227,7 +228,8 @@ def push_to_hub(
     Args:
         model: a model from :func:`retrofit.retrofit` or :func:`retrofit.load`.
         repo_id: ``ORG/NAME`` (``hf-hub:ORG/NAME`` works too).
-        model_spec, model_kwargs: as for :func:`retrofit.save`.
+        model_spec: as for :func:`retrofit.save`.
+        model_kwargs: as for :func:`retrofit.save`.
         license: the weights' license id for the card's metadata.
         private: create the repository private (a new repository only).
         token: a Hub token with write access (default: your login, ``HF_TOKEN``).

@@ -170,7 +170,8 @@ class Recipe:
                 if isinstance(attn, str) and ":" in attn and not is_registered(attn):
                     found.append(f"the attention class {attn!r} ({r.rules_name}, rule {i})")
             for leaf in r.options.leaf_modules:
-                if ":" in leaf and leaf.partition(":")[0] not in sys.modules:
+                # a class (not a name) is loaded already; recorded recipes hold names only
+                if isinstance(leaf, str) and ":" in leaf and leaf.partition(":")[0] not in sys.modules:
                     found.append(f"the leaf-module class {leaf!r}")
         return found
 

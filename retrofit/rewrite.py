@@ -26,6 +26,7 @@ import copy
 import keyword
 import operator
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -125,6 +126,11 @@ def _fusable_add(add: torch.fx.Node, attn: torch.fx.Node) -> torch.fx.Node | Non
 _FRESH_OUTPUT = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
+def _not(node: torch.fx.Node) -> Callable[[torch.fx.Node], bool]:
+    """A ``delete_user_cb`` that rewires every user but ``node`` itself."""
+    return lambda user: user is not node
+
+
 def _donatable(gm: torch.fx.GraphModule, branch: torch.fx.Node) -> bool:
     """Whether the fused add may write into ``branch``'s memory: a conv, a norm or a gating
     module (whose forward returns a new product) made it, and the attention is its only reader."""
@@ -140,7 +146,9 @@ def _fuse(gm: torch.fx.GraphModule, attn: torch.fx.Node, add: torch.fx.Node) -> 
     shortcut = _fusable_add(add, attn)
     if shortcut is None or gate_methods(module) is None:
         return False
-    (branch,) = attn.args
+    branch = attn.args[0]
+    if not isinstance(branch, torch.fx.Node):
+        return False
     with gm.graph.inserting_before(add):
         ref = gm.graph.get_attr(str(attn.target))
         new = gm.graph.call_function(gated_residual, (ref, branch, shortcut, _donatable(gm, branch)))
@@ -155,15 +163,17 @@ def _fuse(gm: torch.fx.GraphModule, attn: torch.fx.Node, add: torch.fx.Node) -> 
 def _unfuse(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:
     """Turn a ``gated_residual`` node back into its module call and add; return both nodes."""
     ref, branch, shortcut = node.args[:3]
+    if not isinstance(ref, torch.fx.Node):
+        raise TypeError(f"{node.name}: gated_residual's first argument is not a get_attr node")
     with gm.graph.inserting_before(node):
-        call = gm.graph.call_module(str(ref.target), (branch,))  # type: ignore[union-attr]
+        call = gm.graph.call_module(str(ref.target), (branch,))
         add = gm.graph.call_function(operator.add, (call, shortcut))
-    call.meta.update(ref.meta)  # type: ignore[union-attr]
+    call.meta.update(ref.meta)
     add.meta.update(node.meta)
     node.replace_all_uses_with(add)
     gm.graph.erase_node(node)
-    if not ref.users:  # type: ignore[union-attr]
-        gm.graph.erase_node(ref)  # type: ignore[arg-type]
+    if not ref.users:
+        gm.graph.erase_node(ref)
     return call, add
 
 
@@ -227,8 +237,8 @@ def insert_attention(
         _install(gm, name, module)
         key = (site.node, p.position)
         if p.position in ("branch", "mid"):
-            consumer = nodes[site.node] if p.position == "branch" else nodes[site.mid_conv]  # type: ignore[index]
-            src = cursor.get(key) or nodes[site.branch if p.position == "branch" else site.mid]  # type: ignore[index]
+            consumer = nodes[site.node] if p.position == "branch" else nodes[site.mid_conv]
+            src = cursor.get(key) or nodes[site.branch if p.position == "branch" else site.mid]
             with gm.graph.inserting_before(consumer):
                 new = gm.graph.call_module(name, (src,))
             consumer.replace_input_with(src, new)
@@ -236,7 +246,7 @@ def insert_attention(
             anchor = cursor.get(key) or nodes[site.node]
             with gm.graph.inserting_after(anchor):
                 new = gm.graph.call_module(name, (anchor,))
-            anchor.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+            anchor.replace_all_uses_with(new, delete_user_cb=_not(new))
         cursor[key] = new
         new.meta["module_path"] = site.module_path
         new.meta["qualname"] = name
@@ -266,8 +276,9 @@ def _restore_in_place(original: type[nn.Module], gm: torch.fx.GraphModule) -> nn
 def _reduce_in_place(self: nn.Module, protocol: int) -> tuple[Any, ...]:
     # A GraphModule of this very module and the rewritten graph: torch.fx pickles it as
     # source code, and shares this module's children with the state below.
-    gm = torch.fx.GraphModule(self, copy.deepcopy(type(self)._retrofit_graph), type(self).__name__)
-    return _restore_in_place, (type(self)._retrofit_original, gm), self.__dict__
+    cls: Any = type(self)  # a class made by _in_place_class
+    gm = torch.fx.GraphModule(self, copy.deepcopy(cls._retrofit_graph), cls.__name__)
+    return _restore_in_place, (cls._retrofit_original, gm), self.__dict__
 
 
 def _in_place_class(base: type[nn.Module], gm: torch.fx.GraphModule) -> type[nn.Module]:

@@ -85,7 +85,7 @@ def _umask() -> int:
     return mask
 
 
-def _atomic(dest: Path, write: Callable[[Path], None]) -> Path:
+def _atomic(dest: Path, write: Callable[[Path], object]) -> Path:
     """``write`` a temporary file beside ``dest``, with the permissions a new file gets under
     the user's umask (safetensors writes 0600); return it (the caller renames it)."""
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")

@@ -131,10 +131,10 @@ def score_sites(
         norm = float(torch.linalg.vector_norm(torch.cat(grads).double() / count)) if grads else math.nan
         rows.append(SiteScore(
             path=r.path, qualname=r.qualname, kind=r.kind, position=r.position, attn=r.attn, channels=r.channels,
-            size=tuple(r.size),
+            size=r.size,
             stage=r.stage, module=r.module, score=norm / math.sqrt(numel) if numel else math.nan, grad_norm=norm,
             params=r.params,
-            flops=_module_flops(gm.get_submodule(r.module), r.channels, tuple(r.size), x),
+            flops=_module_flops(gm.get_submodule(r.module), r.channels, r.size, x),
         ))
     if all(r.score == 0 for r in rows):
         warnings.warn(

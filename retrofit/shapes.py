@@ -19,7 +19,6 @@ from torch._subclasses.fake_tensor import (
     FakeTensorMode,
     unset_fake_temporarily,
 )
-from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from .errors import OptionError, TraceError, first_line
 from .modes import eval_mode, plain_attributes_kept
@@ -81,6 +80,9 @@ class _FakeInterpreter(torch.fx.Interpreter):
         return self._fake(value) if isinstance(value, torch.Tensor) else value
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        # symbolic_shapes pulls in sympy (~0.5 s): imported when shapes are first propagated
+        from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
         mod = self.fetch_attr(target)
         state = {name: self._fake(t) for name, t in mod.named_parameters()}
         state.update({name: self._fake(t) for name, t in mod.named_buffers()})
@@ -141,8 +143,9 @@ def resolve_input_size(model: torch.nn.Module, input_size: int | tuple[int, ...]
     ``in_channels`` (3 when the model has none).
     """
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    if input_size is None and "input_size" in cfg:
-        return tuple(int(v) for v in cfg["input_size"])  # type: ignore[return-value]
+    if input_size is None and len(cfg.get("input_size") or ()) == 3:
+        c, h, w = (int(v) for v in cfg["input_size"])
+        return (c, h, w)
     chans = next(
         (m.in_channels for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), 3
     )
@@ -156,5 +159,5 @@ def resolve_input_size(model: torch.nn.Module, input_size: int | tuple[int, ...]
     if len(size) == 2:
         return (chans, *size)
     if len(size) == 3:
-        return size  # type: ignore[return-value]
+        return size
     raise OptionError(f"input_size must be an int, (H, W) or (C, H, W), got {input_size!r}")

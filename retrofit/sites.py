@@ -363,7 +363,8 @@ class _Analyzer:
         """The attention of a residual add retrofit fused into ``gated_residual``, or None."""
         if node.op != "call_function" or node.target is not gated_residual:
             return None
-        target = str(node.args[0].target)  # type: ignore[union-attr]
+        ref = node.args[0]
+        target = str(ref.target if isinstance(ref, torch.fx.Node) else ref)
         return f"{type(self.gm.get_submodule(target)).__name__} at {target!r}"
 
     def _is_gating_mul(self, node: torch.fx.Node) -> bool:

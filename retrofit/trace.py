@@ -99,7 +99,9 @@ class RetrofitTracer(torch.fx.Tracer):
 
         timm_leaves, timm_fns = _timm_notrace()
         # A retrofitted model traced again keeps its fused residual adds as single nodes.
-        super().__init__(autowrap_modules=(math, torchvision.ops), autowrap_functions=(*timm_fns, gated_residual))
+        # torch annotates autowrap_modules as a 1-tuple, tuple[ModuleType]; it takes any number.
+        super().__init__(autowrap_modules=(math, torchvision.ops),  # type: ignore[arg-type]
+                         autowrap_functions=(*timm_fns, gated_residual))
         self._leaf_types = timm_leaves + _torchvision_leaves() + _mode_dependent_leaves() + registered_types()
         self._user_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self._user_names = {m for m in leaf_modules if isinstance(m, str)}

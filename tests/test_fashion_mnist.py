@@ -4,7 +4,6 @@ pipeline on a tiny IDX set the test writes itself (CI has no Debian package)."""
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,11 +11,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import fashion_mnist as fm  # examples/ is on sys.path through conftest.py
+import jobs
 import numpy as np
 import pytest
 import torch
+from example_data import FASHION_MNIST_CLASSES, fashion_mnist_datasets, load_fashion_mnist, read_idx
 
-from retrofit.data import FASHION_MNIST_CLASSES, fashion_mnist_datasets, load_fashion_mnist, read_idx
 from retrofit.errors import DataError, OptionError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,17 +186,8 @@ def test_experiment_pipeline(tmp_path: Path) -> None:
     assert "| se-identity | ×10, 0 ep |" in md and "| se-identity | ×1, 0 ep |" in md
 
 
-def import_experiment() -> Any:
-    spec = importlib.util.spec_from_file_location("fashion_mnist", ROOT / "examples" / "fashion_mnist.py")
-    fm = importlib.util.module_from_spec(spec)
-    sys.modules["fashion_mnist"] = fm  # its dataclasses look their module up while it runs
-    spec.loader.exec_module(fm)
-    return fm
-
-
 def test_a_claim_left_by_a_stopped_process_is_taken_over(tmp_path: Path) -> None:
-    fm = import_experiment()
-    units = fm.Units(tmp_path)
+    units = jobs.Units(tmp_path)
     claim = units.claim_path("lab/se/seed0")
     claim.write_text(str(os.getppid()))  # a live process holds it
     assert units.run("lab/se/seed0", lambda: {"x": 1}, lambda: None, wait=False) is None
@@ -207,7 +199,6 @@ def test_a_claim_left_by_a_stopped_process_is_taken_over(tmp_path: Path) -> None
 def test_a_base_another_process_trains_is_skipped_not_waited_for(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Two processes train the bases of seeds 1 and 2 side by side instead of one waiting."""
-    fm = import_experiment()
     runner = fm.Runner(fm.FULL, tmp_path / "out", tmp_path / "work", None, "cmd")
     trained = []
 
@@ -224,5 +215,5 @@ def test_a_base_another_process_trains_is_skipped_not_waited_for(tmp_path: Path,
     assert runner.train_base(1, wait=False) is False
     assert runner.train_base(2, wait=False) is True and trained == [2]
     assert runner.train_base(2, wait=False) is True and trained == [2]  # exists: not trained again
-    digest = fm.file_digest(tmp_path / "work" / "base-seed2.safetensors")
+    digest = jobs.file_digest(tmp_path / "work" / "base-seed2.safetensors")
     assert runner.units.get("retrofit/base/seed2")["weights_sha256"] == digest

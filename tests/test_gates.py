@@ -7,16 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from example_data import digits_datasets  # examples/, on sys.path through conftest.py
 from torch import nn
+from torch.utils.data import Subset
 
 import retrofit
 from retrofit import get_attention, get_report, list_attention
 from retrofit.cli import main
-from retrofit.data import digits_datasets
 from retrofit.finetune import FinetuneConfig, fit
-from retrofit.gates import GateRecord, gates_main, plot_gates, record_gates
+from retrofit.gates import GateRecord, plot_gates, record_gates
 
-from .finetune_helpers import NARROW, build, one_thread, tiny_digits  # noqa: F401
+from .finetune_helpers import NARROW, build, digits_imagefolder, one_thread  # noqa: F401
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -138,21 +139,28 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
 
 
 def test_gates_cli_on_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    gm = build("se")
-    train, val = tiny_digits(64, 32)
-    fit(gm, train, val, FinetuneConfig(epochs=1, batch_size=32, progress=False, out=str(tmp_path / "run")))
-    code = gates_main([str(tmp_path / "run" / "last.pt"), "--digits", "--samples", "50",
-                       "--out", str(tmp_path / "g.png"), "--json", str(tmp_path / "g.json")])
+    """`retrofit gates` on a fine-tuning checkpoint and the digits validation images as an
+    ImageFolder. The command preprocesses with the model's timm data config (RGB, 224x224
+    for resnet18), so this model takes 3 channels; it trains on the digits at 3x32x32."""
+    torch.manual_seed(0)
+    base = retrofit.create_model("resnet18", **{**NARROW, "in_chans": 3})
+    gm = retrofit.retrofit(base, "se", input_size=(3, 32, 32), verify=False)
+    digits = digits_datasets(32, 3)
+    fit(gm, Subset(digits.train, range(64)), Subset(digits.val, range(32)),
+        FinetuneConfig(epochs=1, batch_size=32, progress=False, out=str(tmp_path / "run")))
+    data = str(digits_imagefolder(tmp_path / "val"))
+    code = main(["gates", str(tmp_path / "run" / "last.pt"), "--data", data, "--samples", "50",
+                 "--out", str(tmp_path / "g.png"), "--json", str(tmp_path / "g.json")])
     assert code == 0
     assert (tmp_path / "g.png").read_bytes()[:8] == PNG
     d = json.loads((tmp_path / "g.json").read_text())
     assert d["num_images"] == 50 and len(d["sites"]) == 8
     assert "layer4.1.se" in capsys.readouterr().out
     # Errors go through the command line's one place: exit 2 and one line.
-    assert main(["gates", str(tmp_path / "missing.pt"), "--digits"]) == 2
+    assert main(["gates", str(tmp_path / "missing.pt"), "--data", data]) == 2
     err = capsys.readouterr().err
     assert err.startswith("retrofit gates: error: ") and "training checkpoint" in err and err.count("\n") == 1
-    assert main(["gates", str(tmp_path / "run" / "last.pt"), "--digits", "--device", "bogus"]) == 2
+    assert main(["gates", str(tmp_path / "run" / "last.pt"), "--data", data, "--device", "bogus"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("retrofit gates: error: --device 'bogus' is not a device (") and err.count("\n") == 1
     (tmp_path / "empty").mkdir()

@@ -33,13 +33,13 @@ def test_name_and_version_are_written_once() -> None:
 
 def test_extras_use_the_new_name() -> None:
     extras = PYPROJECT["project"]["optional-dependencies"]
-    assert sorted(extras) == ["docs", "export", "frameworks", "onnx", "smp", "test", "train", "transformers",
-                              "ultralytics"]
+    assert sorted(extras) == ["docs", "export", "frameworks", "lint", "onnx", "smp", "test", "train",
+                              "transformers", "ultralytics"]
     assert extras["export"] == ["torch-retrofit[onnx]"]
     assert extras["frameworks"] == ["torch-retrofit[ultralytics]", "torch-retrofit[transformers]",
                                     "torch-retrofit[smp]"]
     assert extras["test"] == ["pytest>=8", "hypothesis>=6.100", "torch-retrofit[train]", "torch-retrofit[onnx]",
-                              "torch-retrofit[frameworks]"]
+                              "torch-retrofit[frameworks]", "torch-retrofit[lint]"]
     text = (ROOT / "pyproject.toml").read_text()
     assert not re.search(r'"retrofit\[', text)  # no extra refers to the project by its old name
 

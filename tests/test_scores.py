@@ -17,7 +17,7 @@ from retrofit import RuleError, SiteScores, score_sites
 from retrofit.rulefile import parse_rules, resolve_rules
 
 from .conftest import run_cli
-from .finetune_helpers import NARROW
+from .finetune_helpers import NARROW, digits_imagefolder
 
 
 class Block(nn.Module):
@@ -173,17 +173,18 @@ def test_a_save_keeps_the_choice(tmp_path: Path) -> None:
     assert len(retrofit.get_report(loaded).rows) == 3
 
 
-def test_cli_scores_and_budget() -> None:
+def test_cli_scores_and_budget(tmp_path: Path) -> None:
     import json
 
-    r = run_cli("resnet18", "--input-size", "32", "--num-classes", "10", "--score-data", "digits",
-             "--score-batches", "1", "--budget", "top=2", "--format", "json", "-q")
+    data = digits_imagefolder(tmp_path / "digits")  # an ImageFolder, scored at the model's 224x224
+    r = run_cli("resnet18", "--input-size", "32", "--num-classes", "10", "--score-data", str(data),
+                "--score-batches", "1", "--budget", "top=2", "--format", "json", "-q")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert len(out["sites"]) == 2 and len(out["scores"]["rows"]) == 8 and out["scores"]["images"] == 32
     r = run_cli("resnet18", "--budget", "params=2%")
     assert r.returncode == 2 and r.stderr.strip().endswith("give the data to score them on with --score-data DIR "
-                                                           "(or 'digits' / 'fashion-mnist')")
+                                                           "(an ImageFolder)")
     r = run_cli("resnet18", "--budget", "params=200%")
     assert r.returncode == 2 and "'params=200%' is not a budget" in r.stderr and len(r.stderr.splitlines()) == 1
 
@@ -225,19 +226,19 @@ def test_placement_experiment_pipeline(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "score_vs_gain.png").read_bytes()[:4] == b"\x89PNG"
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| top |" in md and "--threads" not in md and "--resume" not in md
+    # --report-only rewrites the same report from the units, running nothing
+    (tmp_path / "out" / "results.md").unlink()
+    r = subprocess.run([*cmd, "--report-only"], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+                       timeout=300)
+    assert r.returncode == 0 and " ..." not in r.stdout, r.stderr[-3000:]
+    assert (tmp_path / "out" / "results.md").read_text() == md
 
 
 def test_placement_statistics() -> None:
     """The pooled rank correlation ranks within each seed, and its permutation p-value is
     the smallest possible when every seed agrees perfectly, 1 when there is no relation."""
-    import importlib.util
-    import sys
+    import placement  # examples/placement.py (examples/ is on sys.path through conftest.py)
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("placement", root / "examples" / "placement.py")
-    placement = importlib.util.module_from_spec(spec)
-    sys.modules["placement"] = placement  # its dataclasses look their module up while it runs
-    spec.loader.exec_module(placement)
     scores = [8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0]
     # Same order in each seed, at different levels: pooled within seeds, a perfect relation.
     agree = [(scores, [g + level for g in scores]) for level in (0.0, 100.0, -50.0)]

@@ -29,7 +29,7 @@ __all__ = ["GATES", "check_gate", "apply_gate", "zero_init_", "zero_init_params"
 GATES: tuple[str, ...] = ("identity", "sigmoid")
 # The parameters zero_init_ zeroed (what makes a module's gate logit, or its added branch),
 # by id: tensors compare element-wise, so they cannot be set members themselves.
-_ZEROED: weakref.WeakValueDictionary[int, nn.Parameter] = weakref.WeakValueDictionary()
+_ZEROED: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
 
 
 def check_gate(gate: str) -> str:
@@ -55,7 +55,7 @@ def zero_init_(*layers: nn.Module | nn.Parameter) -> None:
     """
     for layer in layers:
         params = [layer] if isinstance(layer, nn.Parameter) else \
-            [p for p in (layer.weight, getattr(layer, "bias", None)) if p is not None]
+            [p for p in (layer.weight, getattr(layer, "bias", None)) if isinstance(p, Tensor)]
         for p in params:
             nn.init.zeros_(p)
             _ZEROED[id(p)] = p

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from numbers import Real
-from typing import Any
+from typing import Any, TypeGuard
 
 from ..errors import AttentionError
 
@@ -38,7 +38,7 @@ def make_divisible(v: float, divisor: int = 8, min_value: int | None = None, rou
     return new_v
 
 
-def _is_int(v: object) -> bool:
+def _is_int(v: object) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -56,7 +56,8 @@ def check_reduction_args(attn: str, args: Mapping[str, Any]) -> None:
     """
     if "rd_ratio" in args:
         v = args["rd_ratio"]
-        if isinstance(v, bool) or not isinstance(v, Real) or not v > 0:
+        # float(v): numbers.Real declares only < and <= to type checkers; `not ... > 0` rejects NaN too
+        if isinstance(v, bool) or not isinstance(v, Real) or not float(v) > 0:
             raise AttentionError(
                 f"{attn}: rd_ratio = {v!r} is not valid: it is the bottleneck width as a fraction of the "
                 "channels, a number > 0 (e.g. 0.0625 for 1/16); or give the width itself as rd_channels"

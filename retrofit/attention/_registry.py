@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import importlib
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from torch import nn
 
@@ -123,7 +123,7 @@ def get_attention(name: str) -> type[nn.Module]:
     )
 
 
-def create_attention(name: str, channels: int, **kwargs) -> nn.Module:
+def create_attention(name: str, channels: int, **kwargs: Any) -> nn.Module:
     """Build the attention registered as ``name`` for ``channels`` input channels."""
     cls = get_attention(name)
     try:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..errors import AttentionError
 from ._act import get_act_layer
+from ._factory import FactoryKwargs
 from ._gate import apply_gate, check_gate, zero_init_
 from ._reduction import reduced_channels
 from ._registry import register_attention
@@ -68,7 +69,7 @@ class Cbam(nn.Module):
             raise AttentionError(f"cbam: spatial_kernel_size = {spatial_kernel_size!r} is not valid: an odd integer "
                                  ">= 1, so the spatial gate keeps the map's size")
         rd_channels = reduced_channels("cbam", channels, rd_ratio, rd_channels, rd_divisor)
-        dd = {"device": device, "dtype": dtype}
+        dd: FactoryKwargs = {"device": device, "dtype": dtype}
         self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=mlp_bias, **dd)
         self.act = get_act_layer("cbam", act_layer)(inplace=True)
         self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias, **dd)

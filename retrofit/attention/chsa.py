@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..errors import AttentionError
 from ._additive import check_additive_gate
+from ._factory import FactoryKwargs
 from ._gate import zero_init_
 from ._registry import register_attention
 
@@ -72,7 +73,7 @@ class ChannelSelfAttn(nn.Module):
             raise AttentionError(
                 f"chsa: num_heads = {num_heads} must divide the token width pool_size ** 2 = {pool_size**2}"
             )
-        dd = {"device": device, "dtype": dtype}
+        dd: FactoryKwargs = {"device": device, "dtype": dtype}
         self.pool_size = pool_size
         self.norm = nn.GroupNorm(1, channels, **dd)
         self.attn = nn.MultiheadAttention(pool_size**2, num_heads, bias=qkv_bias, batch_first=True, **dd)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..errors import AttentionError
 from ._act import get_act_layer
+from ._factory import FactoryKwargs
 from ._gate import apply_gate, check_gate, zero_init_
 from ._reduction import check_reduction_args
 from ._registry import register_attention
@@ -84,7 +85,7 @@ class CoordAttn(nn.Module):
             raise AttentionError(f"coord: min_rd_channels = {min_rd_channels!r} is not valid: an integer >= 1")
         if rd_channels is None:
             rd_channels = _width(channels, rd_ratio, rd_divisor, min_rd_channels)
-        dd = {"device": device, "dtype": dtype}
+        dd: FactoryKwargs = {"device": device, "dtype": dtype}
         self.conv1 = nn.Conv2d(channels, rd_channels, 1, bias=bias, **dd)
         self.act = get_act_layer("coord", act_layer)()
         self.conv_h = nn.Conv2d(rd_channels, channels, 1, bias=bias, **dd)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ..errors import AttentionError
 from ._act import get_act_layer
 from ._additive import check_additive_gate
+from ._factory import FactoryKwargs
 from ._gate import apply_gate, check_gate, zero_init_
 from ._reduction import reduced_channels
 from ._registry import register_attention
@@ -19,7 +20,7 @@ from ._registry import register_attention
 __all__ = ["GlobalContext"]
 
 
-def _transform(channels: int, rd_channels: int, act_layer: type[nn.Module], dd: dict) -> nn.Sequential:
+def _transform(channels: int, rd_channels: int, act_layer: type[nn.Module], dd: FactoryKwargs) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(channels, rd_channels, **dd),
         nn.LayerNorm(rd_channels, **dd),
@@ -81,7 +82,7 @@ class GlobalContext(nn.Module):
             "gc", gate, ", or fuse_scale=True for the paper's scale fusion"
         )
         rd_channels = reduced_channels("gc", channels, rd_ratio, rd_channels, rd_divisor)
-        dd = {"device": device, "dtype": dtype}
+        dd: FactoryKwargs = {"device": device, "dtype": dtype}
         act = get_act_layer("gc", act_layer)
         self.conv_attn = nn.Conv2d(channels, 1, 1, **dd)
         self.mlp_add = _transform(channels, rd_channels, act, dd) if fuse_add else None
@@ -92,13 +93,15 @@ class GlobalContext(nn.Module):
         """The official init (Kaiming fan-in scores, add branch's last layer at zero); with
         the identity gate the scale branch's last layer starts at zero too."""
         nn.init.kaiming_normal_(self.conv_attn.weight, mode="fan_in", nonlinearity="relu")
-        nn.init.zeros_(self.conv_attn.bias)
+        if self.conv_attn.bias is not None:  # always: the scoring convolution is built with a bias
+            nn.init.zeros_(self.conv_attn.bias)
         for mlp in (self.mlp_add, self.mlp_scale):
             if mlp is None:
                 continue
             for layer in mlp:
-                if hasattr(layer, "reset_parameters"):
-                    layer.reset_parameters()
+                reset = getattr(layer, "reset_parameters", None)  # the activation has none
+                if callable(reset):
+                    reset()
             if mlp is self.mlp_add or self.gate == "identity":
                 zero_init_(mlp[-1])
 

@@ -7,6 +7,7 @@ Neural Networks", NeurIPS 2018, arXiv:1810.12348.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 
 from ..errors import AttentionError
 from ._act import get_act_layer
+from ._factory import FactoryKwargs
 from ._gate import apply_gate, check_gate, zero_init_
 from ._reduction import reduced_channels
 from ._registry import register_attention
@@ -83,7 +85,7 @@ class GatherExcite(nn.Module):
     ) -> None:
         super().__init__()
         self.gate = check_gate(gate)
-        dd = {"device": device, "dtype": dtype}
+        dd: FactoryKwargs = {"device": device, "dtype": dtype}
         if extent != 0 and (extent < 2 or (extra_params and extent & (extent - 1))):
             need = "a power of two >= 2" if extra_params else "an integer >= 2"
             raise AttentionError(f"ge: extent = {extent} is not valid (0 for global, or {need})")
@@ -117,7 +119,8 @@ class GatherExcite(nn.Module):
 
     def _last(self) -> nn.Conv2d | None:
         layers = self.mlp if self.mlp is not None else self.gather
-        return None if layers is None else layers[-1]  # type: ignore[return-value]
+        # both end in a convolution: the mlp's second, or the gather's last (acts sit between)
+        return None if layers is None else cast(nn.Conv2d, layers[-1])
 
     def reset_parameters(self) -> None:
         """PyTorch's default init, ``alpha = 1``; with the identity gate the last layer (or

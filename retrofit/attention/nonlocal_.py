@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._additive import check_additive_gate
+from ._factory import FactoryKwargs
 from ._gate import zero_init_
 from ._reduction import reduced_channels
 from ._registry import register_attention
@@ -69,7 +70,7 @@ class NonLocal(nn.Module):
         super().__init__()
         self.gate = check_additive_gate("nonlocal", gate)
         rd_channels = reduced_channels("nonlocal", channels, rd_ratio, rd_channels, rd_divisor)
-        dd = {"device": device, "dtype": dtype}
+        dd: FactoryKwargs = {"device": device, "dtype": dtype}
         self.score_scale = rd_channels**-0.5 if use_scale else 1.0
         self.sub_sample = sub_sample
         self.theta = nn.Conv2d(channels, rd_channels, 1, **dd)

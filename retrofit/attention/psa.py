@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..errors import AttentionError
 from ._act import get_act_layer
 from ._additive import check_additive_gate
+from ._factory import FactoryKwargs
 from ._gate import zero_init_
 from ._reduction import reduced_channels
 from ._registry import register_attention
@@ -35,7 +36,7 @@ def _relative_index(h: int, w: int, mask_size: int) -> Tensor:
     return dh * k + dw  # (HW, HW)
 
 
-def _branch(channels: int, rd_channels: int, masks: int, act: type[nn.Module], dd: dict) -> nn.ModuleDict:
+def _branch(channels: int, rd_channels: int, masks: int, act: type[nn.Module], dd: FactoryKwargs) -> nn.ModuleDict:
     return nn.ModuleDict({
         "reduce": nn.Sequential(nn.Conv2d(channels, rd_channels, 1, **dd), act()),
         "mask": nn.Sequential(nn.Conv2d(rd_channels, rd_channels, 1, **dd), act(),
@@ -104,7 +105,7 @@ class PointwiseSpatialAttn(nn.Module):
         if mask_size < 1:
             raise AttentionError(f"psa: mask_size = {mask_size} must be at least 1")
         rd_channels = reduced_channels("psa", channels, rd_ratio, rd_channels, rd_divisor)
-        dd = {"device": device, "dtype": dtype}
+        dd: FactoryKwargs = {"device": device, "dtype": dtype}
         act = get_act_layer("psa", act_layer)
         self.mask_size = mask_size
         masks = (2 * mask_size - 1) ** 2

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ._act import get_act_layer
+from ._factory import FactoryKwargs
 from ._gate import apply_gate, check_gate, zero_init_
 from ._reduction import reduced_channels
 from ._registry import register_attention
@@ -54,7 +55,7 @@ class SqueezeExcite(nn.Module):
         super().__init__()
         self.gate = check_gate(gate)
         rd_channels = reduced_channels("se", channels, rd_ratio, rd_channels, rd_divisor)
-        dd = {"device": device, "dtype": dtype}
+        dd: FactoryKwargs = {"device": device, "dtype": dtype}
         self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=bias, **dd)
         self.act = get_act_layer("se", act_layer)(inplace=True)
         self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=bias, **dd)

@@ -18,7 +18,7 @@ import contextlib
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 from torch import nn
 
@@ -29,6 +29,17 @@ __all__ = ["Transformers", "CONFIG_KEY"]
 
 CONFIG_KEY = "retrofit"  # the config attribute (and config.json key) holding the recipe
 _REMOTE = ("auto_map", "trust_remote_code")
+
+
+class _ModelClass(Protocol):
+    """What :meth:`Transformers.build` uses of a ``PreTrainedModel`` subclass (transformers is
+    optional, so its class cannot be named in a signature here)."""
+
+    config_class: Any  # the PretrainedConfig subclass its constructor takes
+
+    def __call__(self, config: Any) -> nn.Module: ...
+
+    def from_pretrained(self, repo: str, **kwargs: Any) -> nn.Module: ...
 
 
 @contextlib.contextmanager
@@ -83,7 +94,7 @@ class Transformers(Framework):
             return None
         return f"transformers:{cls.__name__}", {"config": _config_dict(config)}
 
-    def _class(self, name: str) -> type[nn.Module]:
+    def _class(self, name: str) -> _ModelClass:
         transformers = self.require()
         cls = getattr(transformers, name, None)
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
@@ -95,7 +106,7 @@ class Transformers(Framework):
             hint = f"; closest: {', '.join(close)}" if close else ""
             raise ModelLoadError(f"transformers has no model class {name!r}{hint} (give a class such as "
                                  "transformers:ResNetForImageClassification, or a folder holding a config.json)")
-        return cls
+        return cast(_ModelClass, cls)  # a PreTrainedModel subclass: checked above
 
     def foreign_code(self, name: str, kwargs: Mapping[str, Any]) -> list[str]:
         config = kwargs.get("config")
@@ -126,7 +137,7 @@ class Transformers(Framework):
                 raise ModelLoadError(f"transformers:{name} --pretrained: name the Hub repository to take the weights "
                                      "from, e.g. transformers:microsoft/resnet-50")
             with self._offline_guard(repo, "pretrained weights"), _quiet():
-                return cls.from_pretrained(repo, **kwargs)  # type: ignore[attr-defined]
+                return cls.from_pretrained(repo, **kwargs)
         try:
             with _quiet():
                 return cls(cls.config_class.from_dict(dict(config or {}), **kwargs))
