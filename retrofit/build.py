@@ -13,8 +13,9 @@ from __future__ import annotations
 import importlib
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -22,10 +23,12 @@ from torch import nn
 from .api import retrofit_with
 from .errors import ModelLoadError, OptionError, RetrofitError, SaveError, first_line
 from .hub import download, is_hub_save
-from .models import create_model
+from .models import check_device, create_model, model_files_run_once, model_from_file, run_model_file
+from .readfile import Limits, current_limits, limits_applied
 from .recipe import Recipe, attach_recipe, get_recipe
 from .rulefile import parse_rules
-from .saving import check_save_path, package_versions, read_save, read_weights, write_save
+from .saving import check_save_path, package_versions, read_save, read_weights, tensor_shapes, write_save
+from .specs import is_file_spec, split_file_spec
 from .weights import assign_weights
 
 __all__ = ["build_base", "build_model", "apply_recipe", "save", "load", "local_save"]
@@ -49,6 +52,12 @@ def build_base(recipe: Recipe, *, pretrained: bool = False) -> nn.Module:
             "name); save with model_spec='resnet50' (timm), 'torchvision:NAME' or 'path/to/file.py:factory', "
             "or build the model with retrofit.create_model(...)"
         )
+    spec = recipe.model.removeprefix("timm:")
+    if is_file_spec(spec) and recipe.model_sha256 is not None and not pretrained:
+        # A recipe read from a save: the file runs only if its bytes have the recorded hash.
+        model = model_from_file(spec, recipe.model_kwargs, sha256=recipe.model_sha256)
+        attach_recipe(model, Recipe().with_model(spec, recipe.model_kwargs))
+        return model
     # check_trust has run: what the recipe names may be built.
     return create_model(recipe.model, pretrained=pretrained, trust_code=True, **recipe.model_kwargs)
 
@@ -210,11 +219,104 @@ def save(
     return write_save(model, path, recipe)
 
 
+_T = TypeVar("_T")
+
+
+def _building(step: Callable[[], _T], where: str, doing: str = "build the model its recipe describes") -> _T:
+    """``step()``, building the model a file's recipe describes (or ``doing`` another step of
+    a load): what goes wrong there is the file's doing (a field edited to what the builders
+    do not take), a ModelLoadError."""
+    try:
+        return step()
+    except RetrofitError:
+        raise
+    except MemoryError as e:
+        raise ModelLoadError(f"{where!r}: the model its recipe describes does not fit in memory; the file does not "
+                             "match its own recipe (was it edited, or written by another program?)") from e
+    except RecursionError as e:
+        raise ModelLoadError(f"{where!r}: building the model its recipe describes recursed too deeply; the recipe "
+                             "is not one retrofit wrote") from e
+    except Exception as e:
+        raise ModelLoadError(f"{where!r}: cannot {doing} ({type(e).__name__}: "
+                             f"{first_line(e)[:300]}); was the file edited, or written by another program or "
+                             "version?") from e
+
+
+def _on_meta(recipe: Recipe) -> Recipe:
+    """The recipe with every ``device`` model argument set to ``meta`` (a builder given a
+    device builds there whatever the default device)."""
+    base = None if recipe.base is None else _on_meta(recipe.base)
+    kwargs = {**recipe.model_kwargs, "device": "meta"} if "device" in recipe.model_kwargs else recipe.model_kwargs
+    return replace(recipe, base=base, model_kwargs=kwargs)
+
+
+def _check_against_file(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], where: str, *, whole: bool) -> None:
+    """Compare the tensors of ``model`` (built on the meta device) with the names and shapes
+    of the weights file; ``whole``: the model is complete (else a base model, whose tensors
+    that the file holds must have the file's shapes).
+
+    Raises:
+        ModelLoadError: naming the first tensor that differs, or the buffers the file does
+            not hold are over ``Limits.unsaved_elements``.
+    """
+    hint = ("the file does not match its own recipe (was it edited, or written by another program?); nothing was "
+            "built")
+    own = model.state_dict(keep_vars=True)
+    in_file = {id(t) for n, t in own.items() if n in shapes}
+    for name, t in own.items():
+        want = shapes.get(name)
+        if want is None:
+            if whole and id(t) not in in_file:  # a tied tensor is saved once, under one of its names
+                raise ModelLoadError(f"{where!r}: its recipe builds a model with tensor {name!r} {list(t.shape)}, "
+                                     f"which its weights lack; {hint}")
+        elif tuple(t.shape) != tuple(want):
+            raise ModelLoadError(f"{where!r}: its recipe builds tensor {name!r} of shape {list(t.shape)}, its weights "
+                                 f"hold {list(want)}; {hint}")
+    if not whole:
+        return
+    extra = next((n for n in shapes if n not in own), None)
+    if extra is not None:
+        raise ModelLoadError(f"{where!r}: its weights hold tensor {extra!r}, which the model its recipe builds lacks; "
+                             f"{hint}")
+    saved = {id(t) for t in own.values()}
+    unsaved: dict[int, int] = {id(t): t.numel() for t in [*model.parameters(), *model.buffers()] if id(t) not in saved}
+    cap = current_limits().unsaved_elements
+    if sum(unsaved.values()) > cap:
+        raise ModelLoadError(f"{where!r}: its recipe builds a model with {sum(unsaved.values())} elements in tensors "
+                             f"its weights do not hold, over the limit of {cap} (Limits.unsaved_elements); {hint}")
+
+
+def _checked_on_meta(recipe: Recipe, shapes: Mapping[str, tuple[int, ...]], where: str) -> bool:
+    """Build ``recipe`` on the meta device (no memory, no init) and compare it with the
+    weights file; False where the model cannot be built on the meta device (a constructor
+    that needs real values, as Ultralytics' does): it is then compared once built.
+
+    Raises:
+        ModelLoadError: the recipe builds another model than the weights file holds.
+    """
+    meta = _on_meta(recipe)
+    try:
+        with torch.device("meta"):
+            base = build_base(meta)
+    except Exception:  # noqa: BLE001 - needs real values; a real error shows again in the real build
+        return False
+    _check_against_file(base, shapes, where, whole=False)  # a base model's arguments, named, before the rewrite
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = apply_recipe(meta, base)
+    except Exception:  # noqa: BLE001 - as above
+        return False
+    _check_against_file(model, shapes, where, whole=True)
+    return True
+
+
 def load(
     path: str | Path,
     *,
     trust_code: bool = False,
     map_location: str | torch.device | None = None,
+    limits: Limits | None = None,
 ) -> nn.Module:
     """Build a saved model again: a ``.safetensors`` save, a save folder, a folder save on
     the Hugging Face Hub (``"hf-hub:ORG/NAME"``, or ``"hf-hub:ORG/NAME@REVISION"``), or a
@@ -231,6 +333,14 @@ def load(
     cache's snapshot folder and then read as a local folder under the same rules: a model
     file it names comes from the same repository and commit.
 
+    Files from others are read as :mod:`retrofit.readfile` reads them: regular files only
+    (a FIFO or a device is refused at once), under size caps, JSON under a nesting cap. The
+    model the recipe describes is built on the meta device first and compared, tensor by
+    tensor, with the names and shapes in the weights file's header (themselves checked
+    against the file's size), and built for real only when they match: a recipe edited to
+    ask for a huge model is refused before anything is allocated. A model that cannot be
+    built on the meta device (Ultralytics) is compared once built.
+
     Not to be confused with ``retrofit.create_model("hf-hub:ORG/NAME")``, which builds a
     *base model* from timm's Hub weights; ``load`` reads a *retrofit save* (``recipe.json`` +
     ``model.safetensors``) such as :func:`retrofit.push_to_hub` writes.
@@ -239,25 +349,41 @@ def load(
         path: the save or checkpoint; a string starting with ``hf-hub:`` names a Hub save.
         trust_code: allow the code the file names (as Hugging Face's ``trust_remote_code``).
         map_location: device to put the model on (``"cpu"``, ``"cuda:0"``, ...); default the CPU.
+        limits: what the file may make retrofit read and build
+            (:class:`retrofit.readfile.Limits`); default the limits in force.
 
     Raises:
         UntrustedCodeError: the file names code and ``trust_code`` is False.
-        ModelLoadError: the file is missing, corrupted, names a model file that changed, or
-            its weights do not fit the model its recipe builds; a Hub save cannot be fetched
+        ModelLoadError: the file is missing, unreadable, not a regular file, over a limit,
+            corrupted, names a model file that changed (or records no hash for it), or its
+            weights do not fit the model its recipe builds; a Hub save cannot be fetched
             (no such repository or revision, not a retrofit save, offline and not cached).
+        OptionError: ``map_location`` is not a device of this machine.
 
     Example:
         >>> gm = retrofit.load("runs/se/best.pt")
         >>> gm = retrofit.load("hf-hub:my-org/resnet50-se")
     """
-    saved = read_save(local_save(path), str(path))
-    now = package_versions()
-    changed = [f"{k} {saved.versions[k]} -> {now[k]}" for k in now
-               if k in saved.versions and saved.versions[k] != now[k]]
-    if changed:
-        warnings.warn(f"{path} was saved with other package versions ({', '.join(changed)})", stacklevel=2)
-    saved.recipe.check_trust(trust_code, str(path))
-    model = build_model(saved.recipe.resolved(saved.folder))
-    assign_weights(model, read_weights(saved), f"weights in {str(path)!r}", "the file does not match its own recipe "
-                   "(was it edited, or written by another program?)", keep_dtype=True)
-    return model.to(torch.device(map_location)) if map_location is not None else model
+    device = None if map_location is None else check_device(map_location, "map_location")
+    where = str(path)
+    with limits_applied(limits):
+        saved = read_save(local_save(path), where)
+        now = package_versions()
+        changed = [f"{k} {saved.versions[k]} -> {now[k]}" for k in now
+                   if k in saved.versions and saved.versions[k] != now[k]]
+        if changed:
+            warnings.warn(f"{path} was saved with other package versions ({', '.join(changed)})", stacklevel=2)
+        _building(lambda: saved.recipe.check_trust(trust_code, where), where, "tell what its recipe would run")
+        recipe = saved.recipe.resolved(saved.folder, where)
+        shapes = tensor_shapes(saved)
+        with model_files_run_once():  # a model file runs once, for both builds
+            for level in recipe.chain():  # first: its hash checked, its import's errors its own
+                if level.model is not None and is_file_spec(level.model) and level.model_sha256 is not None:
+                    run_model_file(split_file_spec(level.model.removeprefix("timm:"))[0], level.model_sha256)
+            _checked_on_meta(recipe, shapes, where)
+            model = _building(lambda: build_model(recipe), where)
+        weights = read_weights(saved)
+    _building(lambda: assign_weights(model, weights, f"weights in {where!r}", "the file does not match its own "
+                                     "recipe (was it edited, or written by another program?)", keep_dtype=True), where,
+              "load its weights")
+    return model.to(device) if device is not None else model

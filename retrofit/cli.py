@@ -30,13 +30,21 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .errors import OptionError, RetrofitError, SaveError, first_line
+from .errors import DataError, OptionError, RetrofitError, SaveError, first_line
+from .text import printable, printable_lines
 
 __all__ = ["main", "build_parser", "OneLineParser"]
 
 EXIT_OK, EXIT_IDENTITY_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a program stopped by SIGPIPE
 EXIT_INTERRUPTED = 130
+
+# The largest sizes the command line accepts, checked before anything is built: each is
+# far above what a CNN is used with, and far below what would exhaust memory at once
+# (--input-size 100000 asked for a 240 GB input, --num-classes 10000000000 a 20 TB layer).
+MAX_INPUT_SIDE = 8192  # pixels, height and width each
+MAX_INPUT_CHANNELS = 4096
+MAX_NUM_CLASSES = 1_000_000
 
 
 class _Progress:
@@ -48,7 +56,7 @@ class _Progress:
 
     def __call__(self, message: str) -> None:
         if self.enabled:
-            print(f"[{time.perf_counter() - self.start:5.1f}s] {message}", file=sys.stderr, flush=True)
+            print(f"[{time.perf_counter() - self.start:5.1f}s] {printable(message)}", file=sys.stderr, flush=True)
 
 
 def _input_size(text: str) -> tuple[int, ...]:
@@ -58,6 +66,9 @@ def _input_size(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size; use 224, 224x224 or 3x224x224") from None
     if len(parts) not in (1, 2, 3) or min(parts) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size; use 224, 224x224 or 3x224x224")
+    if max(parts[-2:]) > MAX_INPUT_SIDE or (len(parts) == 3 and parts[0] > MAX_INPUT_CHANNELS):
+        raise argparse.ArgumentTypeError(f"{text!r} is too large: at most {MAX_INPUT_SIDE} pixels a side and "
+                                         f"{MAX_INPUT_CHANNELS} channels")
     return parts
 
 
@@ -68,7 +79,49 @@ def _num_classes(text: str) -> int:
         n = -1
     if n < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a class count; use an integer >= 1 (0: no classifier)")
+    if n > MAX_NUM_CLASSES:
+        raise argparse.ArgumentTypeError(f"{text!r} is too many classes: at most {MAX_NUM_CLASSES:,}")
     return n
+
+
+def _count(text: str) -> int:
+    """A number of images or batches: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count; use an integer >= 1")
+    return n
+
+
+def _check_not_empty(option: str, name: str) -> None:
+    """Refuse an empty file name (``--out ''``), which names no file.
+
+    Raises:
+        OptionError: ``name`` is empty.
+    """
+    if not name:
+        raise OptionError(f"{option} '': the name is empty; give the name of the file to write")
+
+
+def _check_out_name(option: str, name: str) -> None:
+    """Refuse a name no file can be written and read back under, before anything is built.
+
+    Raises:
+        OptionError: ``name`` is empty, or not UTF-8 (``sys.argv`` holds the bytes of such
+            a name as lone surrogates; safetensors takes UTF-8 names only, so the save
+            could be written by Python but not opened again).
+    """
+    _check_not_empty(option, name)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as e:
+        shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        bad = name[e.start]
+        byte = f" (byte 0x{ord(bad) - 0xDC00:02x})" if 0xDC80 <= ord(bad) <= 0xDCFF else ""
+        raise OptionError(f"{option} '{shown}': the name is not UTF-8{byte}; a save under it could not be read back "
+                          "(safetensors opens UTF-8 names only). Nothing was written; choose a UTF-8 name") from None
 
 
 def _model_arg(text: str) -> tuple[str, Any]:
@@ -85,7 +138,7 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but usage errors are one line (not usage + error) and exit 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {printable(message)} (see {self.prog} --help)\n")
 
 
 def version_text() -> tuple[str, list[str]]:
@@ -159,8 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn", default="se", help="built-in rule set (default: se; see `retrofit list`)")
     p.add_argument("--rules", metavar="FILE", help="rule file (TOML); overrides --attn")
     p.add_argument("--gate", choices=("identity", "sigmoid"), help="gate form for every rule")
-    p.add_argument("--input-size", type=_input_size, metavar="SIZE", help="224, 224x224 or 3x224x224")
-    p.add_argument("--num-classes", type=_num_classes, metavar="N", help="classifier size of the built model")
+    p.add_argument("--input-size", type=_input_size, metavar="SIZE",
+                   help=f"224, 224x224 or 3x224x224 (at most {MAX_INPUT_SIDE} a side, {MAX_INPUT_CHANNELS} channels)")
+    p.add_argument("--num-classes", type=_num_classes, metavar="N",
+                   help=f"classifier size of the built model (0: no classifier; at most {MAX_NUM_CLASSES:,})")
     p.add_argument("--pretrained", action="store_true", help="download pretrained weights (needs the network)")
     p.add_argument("--checkpoint", metavar="PATH", help="weights for the model before retrofitting "
                    "(.safetensors, or .pt/.pth loaded with weights_only=True)")
@@ -176,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-data", metavar="DIR",
                    help="score every site on this data before choosing (retrofit.score_sites): an ImageFolder "
                         "(DIR/CLASS/*.jpg) of the model's task")
-    p.add_argument("--score-batches", type=int, default=8, metavar="N", help="batches to score on (default 8)")
-    p.add_argument("--score-batch-size", type=int, default=32, metavar="N", help="images per scoring batch")
+    p.add_argument("--score-batches", type=_count, default=8, metavar="N", help="batches to score on (default 8)")
+    p.add_argument("--score-batch-size", type=_count, default=32, metavar="N", help="images per scoring batch")
     p.add_argument("--budget", type=_budget, metavar="WHAT",
                    help="choose sites by score: params=2%% or flops=1%% (a fraction of the model's), or top=4; "
                         "needs --score-data")
@@ -194,7 +249,7 @@ def _version() -> int:
     line, notes = version_text()
     print(line)
     for note in notes:
-        print(note, file=sys.stderr)
+        print(printable(note), file=sys.stderr)
     return EXIT_OK
 
 
@@ -216,7 +271,7 @@ def _print_warnings(caught: list[warnings.WarningMessage], shown: Sequence[str])
         message = str(w.message)
         if message not in seen:
             seen.add(message)
-            print(f"warning: {(message.strip().splitlines() or [message])[0]}", file=sys.stderr)
+            print(f"warning: {printable((message.strip().splitlines() or [message])[0])}", file=sys.stderr)
 
 
 def _run_model(args: argparse.Namespace) -> int:
@@ -238,6 +293,8 @@ def _retrofit_model(args: argparse.Namespace) -> tuple[int, Sequence[str]]:
         os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     from .api import get_report, plan, retrofit
 
+    if args.out is not None:
+        _check_out_name("--out", args.out)
     if args.out and os.path.exists(args.out) and not args.force and not args.dry_run:
         raise SaveError(f"{args.out!r} exists; not overwriting it (pass --force to replace it)")
     progress = _Progress(not args.quiet and sys.stderr.isatty())
@@ -252,7 +309,7 @@ def _retrofit_model(args: argparse.Namespace) -> tuple[int, Sequence[str]]:
         if args.format == "json":
             print(json.dumps({**the_plan.to_dict(), **extra}, indent=2))
         elif not args.quiet:
-            print(the_plan.table())
+            print(printable_lines(the_plan.table()))
         return EXIT_OK, the_plan.warnings
     progress("tracing, inserting attention, checking identity")
     gm = retrofit(model, args.attn, fuse=not args.no_fuse, **options)
@@ -304,25 +361,25 @@ def _scored_rules(args: argparse.Namespace, model: Any, options: dict[str, Any],
         ruleset = ruleset.selecting(top=int(value)) if kind == "top" else ruleset.selecting(budget=(kind, value))
     options.update(rules=ruleset, scores=scores)
     if args.format == "table" and not args.quiet:
-        print(scores)
+        print(printable_lines(str(scores)))
         print()
     return scores
 
 
 def _print_report(report: Any, sites: bool) -> None:
-    """The diff as tables, then the report's warnings on stderr."""
-    print(report.summary())
+    """The diff as tables, then the report's warnings on stderr (text from files escaped)."""
+    print(printable_lines(report.summary()))
     print()
-    print(report.stage_table())
+    print(printable_lines(report.stage_table()))
     if sites:
         print()
-        print(report.site_table())
+        print(printable_lines(report.site_table()))
     if report.traced or report.left_alone:
         print()
-        print("\n".join(report.reach_lines()))
+        print(printable_lines("\n".join(report.reach_lines())))
     sys.stdout.flush()  # the report, then its warnings
     for w in report.warnings:
-        print(f"warning: {w}", file=sys.stderr)
+        print(f"warning: {printable(w)}", file=sys.stderr)
 
 
 def _save(gm: Any, args: argparse.Namespace) -> None:
@@ -336,7 +393,7 @@ def _save(gm: Any, args: argparse.Namespace) -> None:
         path = save(gm, args.out, force=args.force)  # create_model recorded the model and its arguments
         hint = f"load it with retrofit.load({str(path)!r})"
     if not args.quiet and args.format == "table":
-        print(f"\nsaved {path} ({hint})")
+        print(printable_lines(f"\nsaved {path} ({hint})"))
 
 
 def _save_checkpoint(model: Any, out: str, force: bool) -> Path:
@@ -408,9 +465,10 @@ def _list(argv: Sequence[str]) -> int:
         print(json.dumps({"attention": attns, "rules": rules}, indent=2))
     else:
         short = {name: first_sentence(text) for name, text in attns.items()}
-        print(_wrapped_table(short, ["attention (--rules attn=)", "description (retrofit.get_attention(NAME))"]))
+        print(printable_lines(_wrapped_table(short, ["attention (--rules attn=)",
+                                                     "description (retrofit.get_attention(NAME))"])))
         print()
-        print(_wrapped_table(rules, ["rule set (--attn)", "description (rules/NAME.toml)"]))
+        print(printable_lines(_wrapped_table(rules, ["rule set (--attn)", "description (rules/NAME.toml)"])))
     return EXIT_OK
 
 
@@ -439,13 +497,15 @@ def _diff(argv: Sequence[str]) -> int:
         counts.append(groups)
     a, b = counts
     keys = list(dict.fromkeys([*a, *b]))
-    rows = [[k, a.get(k, 0), b.get(k, 0), b.get(k, 0) - a.get(k, 0)] for k in keys]
+    rows: list[list[Any]] = [[k, a.get(k, 0), b.get(k, 0), b.get(k, 0) - a.get(k, 0)] for k in keys]
     rows.append(["total", sum(a.values()), sum(b.values()), sum(b.values()) - sum(a.values())])
     if args.format == "json":
         keyed = [dict(zip(("module", "a", "b", "delta"), r, strict=True)) for r in rows]
         print(json.dumps({"a": args.a, "b": args.b, "rows": keyed}, indent=2))
     else:
-        print(tabulate(rows, headers=["module", "A params", "B params", "B - A"], intfmt=","))
+        # Module names come from the files' headers: escaped before tabulate measures them.
+        shown = [[printable(str(r[0])), *r[1:]] for r in rows]
+        print(tabulate(shown, headers=["module", "A params", "B params", "B - A"], intfmt=","))
     return EXIT_OK
 
 
@@ -461,8 +521,9 @@ def _gates_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DIR", required=True, help="ImageFolder split to run on (DIR/CLASS/*.jpg)")
     p.add_argument("--out", default="gates.png", help="PNG to write (default: gates.png)")
     p.add_argument("--json", metavar="FILE", help="also write the per-site summary and per-class values as JSON")
-    p.add_argument("--samples", type=int, default=512, help="images to run (a fixed random subset; default 512)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--samples", type=_count, default=512,
+                   help="images to run, at least 1 (a fixed random subset; default 512)")
+    p.add_argument("--batch-size", type=_count, default=128, help="images per batch, at least 1 (default 128)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: a GPU if present)")
     p.add_argument("--trust-code", action="store_true",
                    help="allow the code the file names (a model file, an attention class); only for files you trust")
@@ -472,25 +533,60 @@ def _gates_parser() -> argparse.ArgumentParser:
 
 def _gates(argv: Sequence[str]) -> int:
     """``retrofit gates CHECKPOINT --data DIR --out plot.png``."""
-    try:
-        from torch.utils.data import DataLoader, Subset
+    import importlib.util
 
-        from .build import load
-        from .data import imagefolder_dataset
-        from .distributed import choose_device
-        from .gates import plot_gates, record_gates
-    except ModuleNotFoundError as e:  # matplotlib, scikit-learn: the `train` extra
-        raise RetrofitError(f"retrofit gates needs the Python package {e.name!r}, which is not installed; "
-                            "install the train extra: pip install -e '.[train]'") from e
-    import torch
-
-    from .errors import DataError
+    from .distributed import choose_device
 
     args = _gates_parser().parse_args(argv)
+    missing = next((m for m in ("matplotlib",) if importlib.util.find_spec(m) is None), None)
+    if missing:  # the plot needs the `train` extra
+        raise RetrofitError(f"retrofit gates needs the Python package {missing!r}, which is not installed; "
+                            "install the train extra: pip install -e '.[train]'")
+    _check_not_empty("--out", args.out)
+    if args.json is not None:
+        _check_not_empty("--json", args.json)
     try:
         device = choose_device(args.device)
     except RuntimeError as e:
         raise OptionError(f"--device {args.device!r} is not a device ({first_line(e)}); use cpu, cuda or cuda:N") from e
+    _check_device(args.device, device)
+    # Python's warnings (a save written with other package versions, ...) are collected and
+    # printed once, as one line each, after the output, as for the main command.
+    with warnings.catch_warnings(record=True) as caught:
+        code = _run_gates(args, device)
+    _print_warnings(caught, ())
+    return code
+
+
+def _check_device(text: str | None, device: Any) -> None:
+    """Refuse a device this machine does not have, before anything is loaded onto it.
+
+    Raises:
+        OptionError: a CUDA (or Apple MPS) device and none here, or a CUDA index past the last.
+    """
+    import torch
+
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OptionError(f"--device {text!r}: no CUDA device is available here (torch.cuda.is_available() is "
+                              "False); use --device cpu, or leave --device out to use a GPU only when there is one")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise OptionError(f"--device {text!r}: this machine has {count} CUDA device{'s' if count > 1 else ''} "
+                              f"(cuda:0 to cuda:{count - 1}); use one of them, or --device cpu")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise OptionError(f"--device {text!r}: no Apple MPS device is available here; use --device cpu")
+
+
+def _run_gates(args: argparse.Namespace, device: Any) -> int:
+    """The work of ``retrofit gates`` once its arguments are checked."""
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from .build import load
+    from .data import imagefolder_dataset
+    from .gates import plot_gates, record_gates
+
     model = load(args.checkpoint, trust_code=args.trust_code, map_location=device)
     try:
         dataset = imagefolder_dataset(args.data, model)
@@ -507,21 +603,30 @@ def _gates(argv: Sequence[str]) -> int:
             Path(args.json).write_text(json.dumps(record.to_dict(values=True), indent=2))
     except OSError as e:
         raise SaveError(f"cannot write {e.filename or args.out!r}: {e.strerror or first_line(e)}") from e
-    print(record.summary())
-    print(f"\nwrote {out}")
+    print(printable_lines(record.summary()))
+    print(printable(f"\nwrote {out}"))
     if args.json:
-        print(f"wrote {args.json}")
+        print(printable(f"wrote {args.json}"))
+    sys.stdout.flush()  # the output, then the warnings
     return EXIT_OK
 
 
 _COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"list": _list, "diff": _diff, "gates": _gates}
 
 
+def _message_line(e: BaseException) -> str:
+    r"""The first line of an exception's message, broken at ``"\n"`` only: a ``"\r"``, or
+    a C1 line break (``"\x85"``) inside a name quoted from a file, is escaped by
+    :func:`_fail`, not taken as the end of the message (as ``str.splitlines`` would)."""
+    return str(e).strip().split("\n", 1)[0].rstrip("\r") or type(e).__name__
+
+
 def _fail(code: int, prog: str, message: str, debug: bool) -> int:
     """The one line of a failed command (after the traceback, with --debug)."""
     if debug:
-        traceback.print_exc()
-    print(f"{prog}: {message}", file=sys.stderr)
+        print(printable_lines(traceback.format_exc().rstrip("\n")), file=sys.stderr)
+    # The message quotes text read from files (names, versions, recipe fields): escaped.
+    print(f"{prog}: {printable(message)}", file=sys.stderr)
     return code
 
 
@@ -565,9 +670,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
     except RetrofitError as e:
-        return _fail(EXIT_USAGE, prog, f"error: {first_line(e)}", debug)
+        return _fail(EXIT_USAGE, prog, f"error: {_message_line(e)}", debug)
     except Exception as e:
-        return _fail(EXIT_INTERNAL, prog, f"internal error: {type(e).__name__}: {first_line(e)} -- this is a bug "
+        return _fail(EXIT_INTERNAL, prog, f"internal error: {type(e).__name__}: {_message_line(e)} -- this is a bug "
                      "in retrofit; rerun with --debug for the traceback and report it", debug)
 
 

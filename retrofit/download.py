@@ -15,6 +15,7 @@ is not requested at all.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import threading
@@ -22,7 +23,8 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 
-__all__ = ["PROBE_TIMEOUT", "unreachable", "hf_endpoint", "hf_offline", "torch_hub_cached"]
+__all__ = ["PROBE_TIMEOUT", "unreachable", "hf_endpoint", "hf_offline", "hf_offline_requested", "hf_quiet",
+           "torch_hub_cached"]
 
 PROBE_TIMEOUT = 3.0  # seconds for one TCP connection, name lookup included
 
@@ -98,6 +100,24 @@ def hf_offline() -> Iterator[None]:
         yield
     finally:
         constants.HF_HUB_OFFLINE = saved
+
+
+@contextlib.contextmanager
+def hf_quiet() -> Iterator[None]:
+    """huggingface_hub's log lines below errors off while the block runs: its "Retrying in
+    1s [Retry 1/5]" and the request error before each retry are warnings on its logger,
+    printed to stderr; the error that ends the retries is raised. A verbosity the user set
+    (``HF_HUB_VERBOSITY``) is kept."""
+    if os.environ.get("HF_HUB_VERBOSITY"):
+        yield
+        return
+    logger = logging.getLogger("huggingface_hub")
+    saved = logger.level
+    logger.setLevel(max(logging.ERROR, logger.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        logger.setLevel(saved)
 
 
 def torch_hub_cached(url: str) -> bool:

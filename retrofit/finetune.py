@@ -409,9 +409,9 @@ def _loaders(train_set: Dataset, val_set: Dataset, config: FinetuneConfig,
         train_set, batch_size=config.batch_size, sampler=train_sampler, num_workers=config.num_workers,
         pin_memory=pin, drop_last=len(train_sampler) >= config.batch_size, generator=loader_gen,
     )
+    shard = ShardSampler(len(cast(Sized, val_set)), ctx.rank, ctx.world_size)
     val_loader = DataLoader(
-        val_set, batch_size=config.batch_size, sampler=ShardSampler(len(cast(Sized, val_set)), ctx.rank, ctx.world_size),
-        num_workers=config.num_workers, pin_memory=pin,
+        val_set, batch_size=config.batch_size, sampler=shard, num_workers=config.num_workers, pin_memory=pin,
     )
     return train_sampler, loader_gen, train_loader, val_loader
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from pathlib import Path, PurePosixPath
 
+from .download import hf_endpoint, hf_offline_requested, hf_quiet, unreachable
 from .errors import ModelLoadError, OptionError, first_line
 from .saving import RECIPE_FILE, WEIGHTS_FILE, read_save
 
@@ -70,8 +71,10 @@ def _missing(name: str, filename: str) -> ModelLoadError:
                           "incomplete (push it again with retrofit.push_to_hub)")
 
 
-def _fetch(name: str, repo_id: str, filename: str, revision: str | None, token: str | bool | None) -> Path:
-    """One file of the repository, through the Hugging Face cache; errors say what to do."""
+def _fetch(name: str, repo_id: str, filename: str, revision: str | None, token: str | bool | None,
+           offline: str | None) -> Path:
+    """One file of the repository, through the Hugging Face cache; errors say what to do.
+    ``offline``: why the Hub cannot be reached (the cache alone is asked), or None."""
     from huggingface_hub import _CACHED_NO_EXIST, constants, hf_hub_download, try_to_load_from_cache
     from huggingface_hub.utils import (
         EntryNotFoundError,
@@ -84,15 +87,20 @@ def _fetch(name: str, repo_id: str, filename: str, revision: str | None, token: 
     from .version import DISTRIBUTION, __version__
 
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision, token=token,
+        return Path(hf_hub_download(repo_id, filename, revision=revision, token=token, local_files_only=bool(offline),
                                     library_name=DISTRIBUTION, library_version=__version__))
     except LocalEntryNotFoundError as e:  # offline, or the Hub unreachable, and not in the cache
         if try_to_load_from_cache(repo_id, filename, revision=revision) is _CACHED_NO_EXIST:
             raise _missing(name, filename) from e  # the cache recorded that the Hub has no such file
-        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+        if offline:
+            raise ModelLoadError(
+                f"{name}: {filename} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and there is no "
+                f"network ({offline}); load it once with the network, or point HF_HUB_CACHE at a cache that holds it"
+            ) from e
+        why = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
         raise ModelLoadError(
             f"{name}: {filename} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub cannot be "
-            f"reached{offline}; load it once with the network, or point HF_HUB_CACHE at a cache that holds it"
+            f"reached{why}; load it once with the network, or point HF_HUB_CACHE at a cache that holds it"
         ) from e
     except RepositoryNotFoundError as e:  # also gated repositories
         raise ModelLoadError(f"{name}: no model repository {repo_id!r} on the Hugging Face Hub that you can read "
@@ -115,6 +123,12 @@ def download(name: str, *, token: str | bool | None = None) -> Path:
     Nothing is imported or run; :func:`retrofit.load` calls this and then reads the folder
     under the trust rules of any local save.
 
+    Without a network it answers at once, as ``--pretrained`` does (:mod:`retrofit.download`):
+    unless ``HF_HUB_OFFLINE`` is set, one TCP connection to the Hub is tried first (at most
+    :data:`~retrofit.download.PROBE_TIMEOUT` seconds); when it fails, only the cache is asked
+    (``local_files_only``: the snapshot if it is there, else one error), with none of
+    huggingface_hub's retries. Its retry warnings are not printed in any case.
+
     Args:
         name: ``"hf-hub:ORG/NAME"`` or ``"hf-hub:ORG/NAME@REVISION"``.
         token: a Hub token (default: your login, ``HF_TOKEN``).
@@ -125,17 +139,19 @@ def download(name: str, *, token: str | bool | None = None) -> Path:
             save, a model file lies outside it, or offline and not in the cache.
     """
     repo_id, revision = parse_hub_name(name)
-    folder = _fetch(name, repo_id, RECIPE_FILE, revision, token).parent
-    # The snapshot folder is named by its commit: fetch the rest from the same one, even if
-    # the branch moves meanwhile.
-    commit = folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else revision
-    _fetch(name, repo_id, WEIGHTS_FILE, commit, token)
-    for file in read_save(folder).recipe.model_files():
-        rel = PurePosixPath(file)
-        if rel.is_absolute() or ".." in rel.parts:
-            raise ModelLoadError(f"{name}: its recipe names the model file {file!r}, outside the repository; a save "
-                                 "on the Hub carries its model file beside recipe.json. Not fetching it")
-        _fetch(name, repo_id, rel.as_posix(), commit, token)
+    offline = None if hf_offline_requested() else unreachable(hf_endpoint())
+    with hf_quiet():
+        folder = _fetch(name, repo_id, RECIPE_FILE, revision, token, offline).parent
+        # The snapshot folder is named by its commit: fetch the rest from the same one, even
+        # if the branch moves meanwhile.
+        commit = folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else revision
+        _fetch(name, repo_id, WEIGHTS_FILE, commit, token, offline)
+        for file in read_save(folder).recipe.model_files():
+            rel = PurePosixPath(file)
+            if rel.is_absolute() or ".." in rel.parts:
+                raise ModelLoadError(f"{name}: its recipe names the model file {file!r}, outside the repository; a "
+                                     "save on the Hub carries its model file beside recipe.json. Not fetching it")
+            _fetch(name, repo_id, rel.as_posix(), commit, token, offline)
     return folder
 
 

@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import importlib.util
+import hashlib
 import inspect
+import itertools
+import re
 import socket
 import sys
-from collections.abc import Iterator
+import types
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .download import PROBE_TIMEOUT, hf_endpoint, hf_offline, hf_offline_requested, torch_hub_cached, unreachable
-from .errors import ModelLoadError, OptionError, first_line
+from .errors import ModelLoadError, OptionError, RetrofitError, first_line
 from .frameworks import framework_of_spec
+from .readfile import current_limits, read_regular
 from .recipe import Recipe, attach_recipe, get_recipe
 from .specs import is_file_spec, split_file_spec
 
-__all__ = ["create_model"]
+__all__ = ["create_model", "model_from_file", "run_model_file", "model_files_run_once", "check_device"]
 
 _OFFLINE_HINT = "connect to the network, or drop --pretrained and load weights with --checkpoint"
 
@@ -75,7 +81,9 @@ def _timm(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
                                  "hf-hub: models need the network or the local cache (a retrofit save on the Hub "
                                  f"is not a base model: load it with retrofit.load({name!r}))") from e
         raise _download_error(repr(name), e) from e
-    except (TypeError, ValueError) as e:
+    except RetrofitError:
+        raise
+    except Exception as e:  # a builder that rejects its arguments: TypeError, KeyError (act_layer='nope'), ...
         raise _bad_arguments(f"timm model {name!r}", kwargs, e) from e
 
 
@@ -101,7 +109,9 @@ def _torchvision(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
             return tvm.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
     except OSError as e:
         raise _download_error(f"torchvision:{name}", e) from e
-    except (TypeError, ValueError) as e:
+    except RetrofitError:
+        raise
+    except Exception as e:  # a builder that rejects its arguments
         given = {k: v for k, v in kwargs.items() if k != "weights_backbone"}
         raise _bad_arguments(f"torchvision:{name}", given, e) from e
 
@@ -112,9 +122,38 @@ def _show(kwargs: dict[str, Any]) -> str:
 
 def _bad_arguments(what: str, kwargs: dict[str, Any], e: Exception) -> ModelLoadError:
     """A builder that rejects its arguments (torchvision's pretrained classifier and another
-    ``num_classes``, an unknown keyword)."""
+    ``num_classes``, an unknown keyword, an unknown ``act_layer``, a model too large for memory)."""
     got = f" with {_show(kwargs)}" if kwargs else ""
+    if isinstance(e, MemoryError):
+        return ModelLoadError(f"cannot build {what}{got}: it does not fit in memory; check the arguments")
     return ModelLoadError(f"cannot build {what}{got}: {type(e).__name__}: {first_line(e)}")
+
+
+def check_device(value: Any, what: str, error: type[RetrofitError] = OptionError) -> torch.device:
+    """``value`` as a device that exists on this machine (``cpu``, ``meta``, a CUDA GPU
+    that is there, ...); ``what`` names it in the message, raised as ``error``.
+
+    Raises:
+        OptionError: (or ``error``) not a device, or no such device here.
+    """
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise error(f"{what} = {value!r:.60} is not a device ({first_line(e)}); use cpu, cuda or cuda:N") from e
+    if device.type in ("cpu", "meta"):
+        return device
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise error(f"{what} = {value!r}: no CUDA device here (torch.cuda.is_available() is False); use cpu")
+        if device.index is not None and device.index >= count:
+            raise error(f"{what} = {value!r}: there are {count} CUDA device(s) here (cuda:0 to cuda:{count - 1})")
+        return device
+    backend = torch.backends.mps if device.type == "mps" else getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if not callable(available) or not available():
+        raise error(f"{what} = {value!r}: no {device.type} device here; use cpu")
+    return device
 
 
 def _check_factory_args(fn: Any, spec: str, kwargs: dict[str, Any]) -> None:
@@ -135,19 +174,90 @@ def _check_factory_args(fn: Any, spec: str, kwargs: dict[str, Any]) -> None:
         )
 
 
-def _from_file(spec: str, **kwargs: Any) -> nn.Module:
-    file, factory = split_file_spec(spec)
+# Within model_files_run_once(): the module each model file (by path and sha256) ran as.
+_RUN_ONCE: ContextVar[dict[tuple[str, str], types.ModuleType] | None] = ContextVar("retrofit_model_files",
+                                                                                   default=None)
+_MODULE_NUMBER = itertools.count()
+
+
+@contextlib.contextmanager
+def model_files_run_once() -> Iterator[None]:
+    """Within the block a model file (the same path and bytes) runs once, and every build
+    that names it gets the same module: :func:`retrofit.load` builds a model on the meta
+    device first and then for real, and the file's code runs once, as one import would."""
+    token = _RUN_ONCE.set({})
+    try:
+        yield
+    finally:
+        _RUN_ONCE.reset(token)
+
+
+def _run_source(path: Path, file: str, source: bytes) -> types.ModuleType:
+    """Run a model file's ``source`` (the bytes that were read, and hashed) as a fresh module.
+
+    Compiled here from those bytes: no ``__pycache__`` is read or written, so a ``.pyc``
+    shipped beside the file never runs in its place. The module is in ``sys.modules`` under
+    a name of its own while it runs (dataclasses and the like look themselves up there) and
+    taken out after, as an import that did not happen.
+    """
+    try:
+        code = compile(source, str(path), "exec", dont_inherit=True)
+    except (SyntaxError, ValueError) as e:  # ValueError: null bytes
+        raise ModelLoadError(f"importing {file!r} failed: {type(e).__name__}: {first_line(e)}") from e
+    stem = re.sub(r"\W", "_", path.stem)
+    name = f"_retrofit_model_file_{next(_MODULE_NUMBER)}_{stem}"
+    module = types.ModuleType(name)
+    module.__file__ = str(path)
+    sys.modules[name] = module
+    try:
+        exec(code, module.__dict__)
+    except Exception as e:
+        raise ModelLoadError(f"importing {file!r} failed: {type(e).__name__}: {first_line(e)}") from e
+    finally:
+        sys.modules.pop(name, None)
+    return module
+
+
+def run_model_file(file: str, sha256: str | None = None) -> types.ModuleType:
+    """The module of a model file: its bytes read once (a regular file under
+    ``Limits.model_file_bytes``), checked against ``sha256`` when one is recorded, then run
+    from those same bytes (once per :func:`model_files_run_once` block).
+
+    Raises:
+        ModelLoadError: the file is missing, unreadable, another file (hash), or its import fails.
+    """
     path = Path(file)
     if not path.is_file():
         raise ModelLoadError(f"model file {file!r} not found (expected path/to/file.py:factory)")
-    module_spec = importlib.util.spec_from_file_location(path.stem, path)
-    if module_spec is None or module_spec.loader is None:
-        raise ModelLoadError(f"cannot import {file!r} as a Python module")
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as e:
-        raise ModelLoadError(f"importing {file!r} failed: {type(e).__name__}: {first_line(e)}") from e
+    source = read_regular(path, f"model file {file!r}", current_limits().model_file_bytes, "model_file_bytes")
+    digest = hashlib.sha256(source).hexdigest()
+    if sha256 is not None and digest != sha256:
+        raise ModelLoadError(
+            f"model file {file!r} is not the file this model was saved with (sha256 {digest} now, "
+            f"{sha256} when saved); not running it. Restore the saved file, or rebuild the model and save it again"
+        )
+    cache = _RUN_ONCE.get()
+    key = (str(path.absolute()), digest)
+    if cache is not None and key in cache:
+        return cache[key]
+    module = _run_source(path, file, source)
+    if cache is not None:
+        cache[key] = module
+    return module
+
+
+def model_from_file(spec: str, kwargs: Mapping[str, Any], *, sha256: str | None = None) -> nn.Module:
+    """The model ``path/to/file.py:factory`` builds with ``kwargs``. With ``sha256`` (a
+    recipe read from a save records it) the file's bytes must have that hash; they are the
+    bytes that run.
+
+    Raises:
+        ModelLoadError: the file is missing, unreadable or another file (hash), its import or
+            factory fails, or the factory does not take the arguments.
+    """
+    file, factory = split_file_spec(spec)
+    kwargs = dict(kwargs)
+    module = run_model_file(file, sha256)
     fn = getattr(module, factory, None)
     if not callable(fn):
         found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
@@ -155,6 +265,8 @@ def _from_file(spec: str, **kwargs: Any) -> nn.Module:
     _check_factory_args(fn, spec, kwargs)
     try:
         model = fn(**kwargs)
+    except RetrofitError:
+        raise
     except Exception as e:
         got = f" (called with {_show(kwargs)})" if kwargs else ""
         raise ModelLoadError(f"{spec} failed{got}: {type(e).__name__}: {first_line(e)}; the error is in the "
@@ -221,6 +333,8 @@ def create_model(spec: str, pretrained: bool = False, num_classes: int | None = 
                           "(0 removes the classifier, where the model supports it)")
     if pretrained and is_file_spec(spec):
         raise ModelLoadError(f"--pretrained needs a timm or torchvision model; {spec!r} is a file (use --checkpoint)")
+    if "device" in kwargs:  # a device that is not here fails deep in the builder otherwise
+        check_device(kwargs["device"], "the model argument device", ModelLoadError)
     framework_model = _from_framework(spec, pretrained, num_classes, trust_code, kwargs)
     if framework_model is not None:
         return framework_model
@@ -229,7 +343,7 @@ def create_model(spec: str, pretrained: bool = False, num_classes: int | None = 
         model = _torchvision(spec.split(":", 1)[1], pretrained, **args)
     elif is_file_spec(spec.removeprefix("timm:")):
         spec = spec.removeprefix("timm:")
-        model = _from_file(spec, **args)
+        model = model_from_file(spec, args)
     else:
         model = _timm(spec.removeprefix("timm:"), pretrained, **args)
     attach_recipe(model, Recipe().with_model(spec, args))

@@ -9,6 +9,7 @@ that names the base model, the rules, the parameter counts and the identity chec
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from .atomic import new_folder
 from .build import build_model, save
 from .errors import OptionError, SaveError, first_line
 from .frameworks import framework_of_spec
@@ -135,10 +137,6 @@ def model_card(model: nn.Module, folder: str | Path, repo_id: str, *, license: s
     return "\n".join(lines)
 
 
-def _real_file(path: Path) -> Path:
-    return path.resolve() if path.exists() else path.absolute()
-
-
 def _rules_names(recipe: Recipe) -> str:
     names = [r.rules_name for r in recipe.chain() if r.rules is not None]
     return ", then ".join(names) or "none (the base model alone)"
@@ -165,7 +163,12 @@ def save_for_hub(
         model_spec: as for :func:`retrofit.save`.
         model_kwargs: as for :func:`retrofit.save`.
         license: the weights' license id for the card (see :func:`model_card`).
-        force: write into an existing folder, replacing these files.
+        force: replace an existing folder's save, model file and card; its other files
+            are kept.
+
+    The folder is written as a new folder beside ``folder`` and put in place with one
+    rename (:func:`retrofit.atomic.new_folder`): a failed or interrupted write leaves an
+    existing folder as it was, and without ``force`` two writers cannot both get it.
 
     Returns:
         The folder.
@@ -175,14 +178,16 @@ def save_for_hub(
     """
     folder = Path(folder)
     repo_id, _ = parse_hub_name(repo_id)
-    if folder.exists() and not force:
+    if os.path.lexists(folder) and not force:
         raise SaveError(f"{str(folder)!r} exists; not overwriting it (pass force=True to replace its files)")
     recipe = get_recipe(model)
     if recipe is not None and (model_spec is not None or model_kwargs is not None):
         recipe = recipe.with_model(model_spec, model_kwargs)
-    created = not folder.exists()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SaveError(f"cannot create folder {str(folder.parent)!r}: {e.strerror or first_line(e)}") from e
+    with new_folder(folder, replace=force) as stage:  # becomes `folder` when complete
         spec = recipe.innermost().model if recipe is not None else None
         if spec is not None and is_file_spec(spec):
             # The repository carries the model file beside recipe.json (the recipe then names
@@ -192,16 +197,11 @@ def save_for_hub(
             if not source.is_file():
                 raise SaveError(f"model file {file!r} not found; a save records the file's hash, so the file must "
                                 "exist when the model is saved")
-            if _real_file(source) != _real_file(folder / source.name):
-                shutil.copyfile(source, folder / source.name)
-            model_spec = f"{folder / source.name}:{factory}"
-        save(model, folder, model_spec=model_spec, model_kwargs=model_kwargs, force=True)
-        card = model_card(model, folder, repo_id, license=license)
-        (folder / CARD_FILE).write_text(card, encoding="utf-8")
-    except BaseException:
-        if created:
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
+            shutil.copyfile(source, stage / source.name)
+            model_spec = f"{stage / source.name}:{factory}"
+        save(model, stage, model_spec=model_spec, model_kwargs=model_kwargs, force=True)
+        card = model_card(model, stage, repo_id, license=license)
+        (stage / CARD_FILE).write_text(card, encoding="utf-8")
     return folder
 
 

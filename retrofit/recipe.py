@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from torch import nn
@@ -34,6 +35,7 @@ from .errors import ModelLoadError, OptionError, SaveError, UntrustedCodeError
 from .frameworks import framework_of, framework_of_spec
 from .meta import RECIPE_KEY, retrofit_meta
 from .options import RetrofitOptions, leaf_name, plain_data
+from .readfile import current_limits
 from .scores import SiteScores
 from .specs import is_file_spec, split_file_spec
 
@@ -59,6 +61,25 @@ _TYPES: dict[str, tuple[type, ...]] = {
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _check_input_size(size: Any, where: str) -> None:
+    """A recipe's input size: 1 to 3 integers >= 1 (S, (H, W) or (C, H, W)) whose product is
+    within ``Limits.input_elements``."""
+    if size is None:
+        return
+    if not (1 <= len(size) <= 3 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)):
+        raise ModelLoadError(f"{where}: recipe field 'input_size' is {list(size)!r:.60}; valid: 1 to 3 integers >= 1 "
+                             "(S, [H, W] or [C, H, W])")
+    elements = 1
+    for v in size:
+        elements *= v
+    if len(size) < 3:
+        elements *= size[-1] if len(size) == 1 else 1  # S means S x S
+    cap = current_limits().input_elements
+    if elements > cap:
+        raise ModelLoadError(f"{where}: recipe field 'input_size' {list(size)} asks for {elements} elements per "
+                             f"image, over the limit of {cap} (Limits.input_elements)")
 
 
 def _real(path: Path) -> Path:
@@ -107,25 +128,45 @@ class Recipe:
         Raises:
             ModelLoadError: not a recipe: an unknown field, or a field of the wrong type.
         """
+        # The levels, outermost first, followed without recursion: a chain longer than
+        # Limits.base_chain is refused before any level is read.
+        levels: list[Any] = [d]
+        while isinstance(levels[-1], Mapping) and levels[-1].get("base") is not None:
+            if len(levels) >= current_limits().base_chain:
+                raise ModelLoadError(f"{where}: the recipe stacks more than {current_limits().base_chain} retrofits "
+                                     "(Limits.base_chain, field 'base'); it is not a recipe retrofit wrote")
+            levels.append(levels[-1]["base"])
+        recipe: Recipe | None = None
+        for level in reversed(levels):
+            recipe = cls._level_from_dict(level, recipe, where)
+        assert recipe is not None
+        return recipe
+
+    @classmethod
+    def _level_from_dict(cls, d: Any, base: Recipe | None, where: str) -> Recipe:
+        """One level of a recipe (its ``base`` already read)."""
         if not isinstance(d, Mapping):
             raise ModelLoadError(f"{where}: the recipe is a {type(d).__name__}, not a table")
         known = (set(_TYPES) | set(RetrofitOptions.names())) - {"options"}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - known, key=str)
         if unknown:
-            raise ModelLoadError(f"{where}: unknown recipe field(s) {', '.join(map(repr, unknown))} "
+            raise ModelLoadError(f"{where}: unknown recipe field(s) {', '.join(f'{u!r:.40}' for u in unknown[:5])} "
                                  f"(valid: {', '.join(sorted(known))}); was it written by a newer retrofit?")
         values: dict[str, Any] = {}
         for name, value in d.items():
             if not isinstance(value, _TYPES[name]):
                 raise ModelLoadError(f"{where}: recipe field {name!r} is a {type(value).__name__} ({value!r:.60})")
             values[name] = value
+        for name in ("model_kwargs", "attn_args"):
+            if not all(isinstance(k, str) for k in values.get(name, {})):
+                raise ModelLoadError(f"{where}: recipe field {name!r} must be a table with string keys")
         if not all(isinstance(v, str) for v in values.get("leaf_modules", ())):
             raise ModelLoadError(f"{where}: recipe field 'leaf_modules' must be a list of strings")
-        size = values.get("input_size")
-        if size is not None and not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
-            raise ModelLoadError(f"{where}: recipe field 'input_size' must be a list of integers, not {size!r}")
-        if values.get("base") is not None:
-            values["base"] = cls.from_dict(values["base"], where)
+        sha = values.get("model_sha256")
+        if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise ModelLoadError(f"{where}: recipe field 'model_sha256' is {sha!r:.80}, not a sha256 (64 hex digits)")
+        _check_input_size(values.get("input_size"), where)
+        values["base"] = base
         opts = {k: values.pop(k) for k in RetrofitOptions.names() if k in values}
         if opts.get("scores") is not None:
             opts["scores"] = SiteScores.from_dict(opts["scores"])
@@ -218,28 +259,36 @@ class Recipe:
         rel = os.path.relpath(_real(path), Path(folder).resolve())
         return replace(self, base=base, model=f"{Path(rel).as_posix()}:{factory}", model_sha256=_sha256(path))
 
-    def resolved(self, base_dir: Path | None) -> Recipe:
-        """The inverse of :meth:`located`: a model file's path made absolute, its hash
-        checked against the recorded one.
+    def resolved(self, base_dir: Path | None, where: str = "the recipe") -> Recipe:
+        """The inverse of :meth:`located`: a model file's path made absolute (relative to
+        ``base_dir``, the save's folder). A recipe read from a file must record the model
+        file's sha256 and name it by a relative path; the hash is checked against the
+        bytes that run, when they are read to be run (:func:`retrofit.build.build_base`).
+        With ``Limits.model_file_outside_save`` False the file must lie in ``base_dir``.
 
         Raises:
-            ModelLoadError: the file is missing, or differs from the one the recipe was written with.
+            ModelLoadError: the file is missing, named by an absolute path, outside the save
+                (when confined), or its hash is not recorded.
         """
-        base = None if self.base is None else self.base.resolved(base_dir)
+        base = None if self.base is None else self.base.resolved(base_dir, where)
         if self.model is None or not is_file_spec(self.model):
             return replace(self, base=base)
+        file, factory = split_file_spec(self.model)
+        if Path(file).is_absolute() or PureWindowsPath(file).is_absolute():
+            raise ModelLoadError(f"{where}: the recipe names the model file by an absolute path ({file!r}); a save "
+                                 "names it relative to itself. Not running it")
+        if ".." in Path(file).parts and not current_limits().model_file_outside_save:
+            raise ModelLoadError(f"{where}: the recipe names the model file {file!r}, outside the save's folder "
+                                 "(Limits.model_file_outside_save is False). Not running it")
         path, factory = self._file(base_dir)
         if not path.is_file():
             raise ModelLoadError(f"model file {str(path)!r} not found (the recipe names {self.model!r}, relative "
                                  "to the save); put the model's file there")
-        if self.model_sha256 is not None:
-            now = _sha256(path)
-            if now != self.model_sha256:
-                raise ModelLoadError(
-                    f"model file {str(path)!r} is not the file this model was saved with (sha256 {now} now, "
-                    f"{self.model_sha256} when saved); not running it. Restore the saved file, or rebuild the "
-                    "model and save it again"
-                )
+        if self.model_sha256 is None:
+            raise ModelLoadError(
+                f"{where}: the recipe names the model file {file!r} without its sha256 (field 'model_sha256'); not "
+                "running a file that cannot be checked. retrofit.save records it: build the model and save it again"
+            )
         return replace(self, base=base, model=f"{_real(path)}:{factory}")
 
     # ------------------------------------------------------------------ the base model

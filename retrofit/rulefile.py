@@ -61,6 +61,7 @@ _RULE_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
 BUDGETS: tuple[str, ...] = ("params", "flops")
 _POSITIVE = ("min_channels", "max_channels", "min_size", "max_size", "every", "first", "last")
 _FILE_KEYS = {"rule", "description"}
+MAX_RULE_FILE_BYTES = 2**20  # a rule file is a few [[rule]] tables; anything longer is not one
 
 
 @dataclass(frozen=True)
@@ -298,19 +299,32 @@ def load_rules(path: str | Path, name: str | None = None) -> RuleSet:
     """Read and validate a rule file; ``name`` is how messages refer to it (default: the path).
 
     Raises:
-        RuleError: the file is missing, is not valid TOML (file and line in the message), or
-            its rules are invalid.
+        RuleError: the file is missing or unreadable, longer than
+            :data:`MAX_RULE_FILE_BYTES`, not UTF-8, not valid TOML (file and line in the
+            message), nested too deeply to parse, or its rules are invalid.
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:  # not read_bytes(): a FIFO or /dev/zero has no size to stop at
+            data = f.read(MAX_RULE_FILE_BYTES + 1)
     except OSError as e:
         raise RuleError(f"cannot read rule file {str(path)!r}: {e.strerror or e}") from e
+    if len(data) > MAX_RULE_FILE_BYTES:
+        raise RuleError(f"{path}: longer than {MAX_RULE_FILE_BYTES // 2**20} MiB; not a rule file (rule files are "
+                        "TOML text of a few [[rule]] tables)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RuleError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); a rule file is "
+                        "TOML, which is UTF-8") from e
     try:
         doc = tomllib.loads(text)
+        return parse_rules(doc, name or str(path))
     except tomllib.TOMLDecodeError as e:
         raise RuleError(f"{path}: TOML syntax error: {e}") from e
-    return parse_rules(doc, name or str(path))
+    except RecursionError as e:  # tomllib recurses once per nested array or table
+        raise RuleError(f"{path}: arrays or tables nested too deeply to read; rule files nest a few levels "
+                        "(rule -> args -> value)") from e
 
 
 def builtin_rules_dir() -> Path:

@@ -9,27 +9,40 @@ model from them (checking trust, then the recipe, then the weights) is :mod:`ret
 A folder save in a Hugging Face Hub repository is fetched by :mod:`retrofit.hub` and then
 read like any local folder.
 
-Writes are atomic (a temporary file beside the target, then a rename): a failed or
-interrupted save leaves nothing behind, and an existing file is only replaced with
-``force=True``, which replaces the files a save writes and nothing else.
+Writes go through :mod:`retrofit.atomic`: a new file or folder is staged beside the target
+and put in place with one rename, so a failed or interrupted save leaves the previous one
+as it was and nothing that blocks the next; an existing save (or a link) is only replaced
+with ``force=True``, which replaces the files a save writes and nothing else.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 from torch import nn
 
+from .atomic import write_file_atomic, write_folder_atomic
 from .errors import ModelLoadError, SaveError, first_line
+from .readfile import (
+    SafetensorsHeader,
+    current_limits,
+    json_depth,
+    open_regular,
+    parse_json,
+    read_json,
+    read_regular,
+    read_safetensors_header,
+)
 from .recipe import Recipe
 
 __all__ = [
@@ -43,6 +56,7 @@ __all__ = [
     "read_save",
     "read_weights",
     "tensor_sizes",
+    "tensor_shapes",
     "package_versions",
     "buffer_names",
     "save_training_state",
@@ -74,30 +88,6 @@ def package_versions() -> dict[str, str]:
 # --------------------------------------------------------------------------- writing
 
 
-def _umask() -> int:
-    status = Path("/proc/self/status")
-    if status.is_file():  # Linux: read it without changing it
-        for line in status.read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _atomic(dest: Path, write: Callable[[Path], object]) -> Path:
-    """``write`` a temporary file beside ``dest``, with the permissions a new file gets under
-    the user's umask (safetensors writes 0600); return it (the caller renames it)."""
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
 def buffer_names(model: nn.Module) -> list[str]:
     """Names of the state dict's entries that are buffers, not parameters (files record them
     so that parameters can be counted from a file alone)."""
@@ -105,29 +95,52 @@ def buffer_names(model: nn.Module) -> list[str]:
     return sorted(n for n, b in model.state_dict(keep_vars=True).items() if id(b) not in params)
 
 
+# What the last check_save_path of this thread allowed: write_save(force=None) claims the
+# name exclusively unless that check was of the same path with force (build.save checks,
+# then writes, and does not pass force on).
+_checked: ContextVar[tuple[Path, bool] | None] = ContextVar("retrofit_checked_save", default=None)
+
+
 def check_save_path(path: Path, force: bool) -> tuple[Path, bool]:
-    """Where a save goes (its folder must exist) and whether it is one file.
+    """Where a save goes (its folder must exist) and whether it is one file. A symbolic
+    link at ``path``, even a dangling one, exists; ``force`` replaces the link, not its target.
 
     Raises:
         SaveError: the path exists (without ``force``), is of the other kind, or its folder
             does not exist.
     """
-    if path.exists() and not force:
-        raise SaveError(f"{str(path)!r} exists; not overwriting it (pass --force / force=True to replace it)")
+    exists, link = os.path.lexists(path), path.is_symlink()
+    if exists and not force:
+        what = " (a symbolic link)" if link else ""
+        raise SaveError(f"{str(path)!r} exists{what}; not overwriting it (pass --force / force=True to replace it)")
     is_file = path.suffix == ".safetensors"
-    if path.exists() and path.is_dir() == is_file:
+    if exists and not link and path.is_dir() == is_file:
         kind = "a folder" if path.is_dir() else "a file"
         raise SaveError(f"cannot save to {str(path)!r}: it is {kind}; a save is a .safetensors file or a folder")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise SaveError(f"cannot write {str(path)!r}: folder {str(parent)!r} does not exist")
+    _checked.set((path, force))
     return parent, is_file
 
 
-def write_save(model: nn.Module, path: Path, recipe: Recipe) -> Path:
+def write_save(model: nn.Module, path: Path, recipe: Recipe, *, force: bool | None = None) -> Path:
     """Write ``model``'s weights and ``recipe`` as a save at ``path`` (checked by
-    :func:`check_save_path`), atomically: a failed or interrupted write leaves nothing."""
-    parent, is_file = check_save_path(path, force=True)
+    :func:`check_save_path`) with :mod:`retrofit.atomic`: a failed or interrupted write
+    leaves the previous save as it was, and without ``force`` the name is claimed
+    atomically (of two saves racing for it, one fails with "exists"). A folder save is
+    written as a new folder and swapped in; with ``force`` it keeps the old folder's other
+    files. ``force=None``: what the last :func:`check_save_path` of ``path`` allowed
+    (without one, no replacing).
+
+    Raises:
+        SaveError: the path exists (without ``force``) or cannot be written.
+    """
+    if force is None:
+        checked = _checked.get()
+        force = checked is not None and checked == (path, True)
+    parent, is_file = check_save_path(path, force)
+    _checked.set(None)  # one check allows one write
     header = {
         "format": FORMAT,
         "recipe": recipe.located(parent if is_file else path).to_dict(),
@@ -137,43 +150,43 @@ def write_save(model: nn.Module, path: Path, recipe: Recipe) -> Path:
         "buffers": buffer_names(model),
     }
     meta = {_META_KEY: json.dumps(header)}
-    created = False
-    temps: list[tuple[Path, Path]] = []
+
+    def weights(t: Path) -> None:
+        save_model(model, str(t), metadata=meta)
+
     try:
         if is_file:
-            temps.append((_atomic(path, lambda t: save_model(model, str(t), metadata=meta)), path))
+            write_file_atomic(path, weights, replace=force)
         else:
-            if not path.exists():
-                path.mkdir()
-                created = True
-            temps.append((_atomic(path / WEIGHTS_FILE, lambda t: save_model(model, str(t), metadata=meta)),
-                          path / WEIGHTS_FILE))
-            temps.append((_atomic(path / RECIPE_FILE, lambda t: t.write_text(json.dumps(header, indent=2) + "\n")),
-                          path / RECIPE_FILE))
-        for tmp, dest in temps:
-            os.replace(tmp, dest)
-    except (OSError, SafetensorError) as e:  # safetensors reports its own I/O errors
-        raise SaveError(f"cannot write {str(path)!r}: {getattr(e, 'strerror', None) or first_line(e)}") from e
-    finally:
-        for tmp, _ in temps:
-            tmp.unlink(missing_ok=True)
-        if created and not (path / RECIPE_FILE).exists():
-            shutil.rmtree(path, ignore_errors=True)
+            write_folder_atomic(path, {
+                WEIGHTS_FILE: weights,
+                RECIPE_FILE: lambda t: t.write_text(json.dumps(header, indent=2) + "\n"),
+            }, replace=force)
+    except SafetensorError as e:  # safetensors reports its own I/O errors
+        raise SaveError(f"cannot write {str(path)!r}: {first_line(e)}") from e
     return path
 
 
 def save_training_state(path: str | Path, payload: Mapping[str, Any]) -> Path:
-    """Write a training checkpoint (``payload`` plus the format tag) atomically.
+    """Write a training checkpoint (``payload`` plus the format tag) atomically, replacing
+    the previous one (:func:`retrofit.atomic.write_file_atomic`).
 
     In a distributed run only rank 0 calls this.
+
+    Raises:
+        SaveError: it cannot be written (the previous checkpoint is then left as it was).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(_atomic(path, lambda t: torch.save({"format": TRAIN_FORMAT, **payload}, t)), path)
-    return path
+    return write_file_atomic(path, lambda t: torch.save({"format": TRAIN_FORMAT, **payload}, t), replace=True)
 
 
 # --------------------------------------------------------------------------- reading
+#
+# Every file is read through retrofit.readfile: regular files only (a FIFO or /dev/zero is
+# refused, never waited on or read), under the size caps of its Limits; JSON with a cap on
+# its nesting. Every field is checked for its type, so that a damaged or hostile file is a
+# ModelLoadError naming the file and the field, never another exception.
 
 
 @dataclass(frozen=True)
@@ -189,22 +202,49 @@ class SavedModel:
     checkpoint: Mapping[str, Any] | None = None  # the training checkpoint's contents (checkpoints only)
 
 
+def _check_zip_expansion(f: Any, size: int, what: str) -> None:
+    """Refuse a zip checkpoint whose records expand far past the file's size (torch.save
+    stores them uncompressed); read from the zip's directory, nothing is inflated."""
+    import zipfile
+
+    limits = current_limits()
+    if f.read(4) != b"PK\x03\x04":
+        f.seek(0)
+        return
+    try:
+        with zipfile.ZipFile(f) as z:
+            total = sum(i.file_size for i in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):
+        total = 0  # torch.load says what is wrong with it
+    f.seek(0)
+    if total > size * limits.checkpoint_expansion + (1 << 20):
+        raise ModelLoadError(f"cannot read {what}: its records expand to {total} bytes from {size} (over "
+                             f"Limits.checkpoint_expansion = {limits.checkpoint_expansion}); torch.save writes "
+                             "them uncompressed, so it is not a checkpoint retrofit wrote")
+
+
 def load_training_state(path: str | Path, map_location: str | torch.device | None = None) -> dict[str, Any]:
-    """Read a training checkpoint written by :func:`save_training_state` (``weights_only=True``).
+    """Read a training checkpoint written by :func:`save_training_state` (``weights_only=True``):
+    a regular file under ``Limits.weights_bytes``.
 
     Raises:
-        ModelLoadError: the file is missing or is not a retrofit training checkpoint.
+        ModelLoadError: the file is missing, unreadable, or is not a retrofit training checkpoint.
     """
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ModelLoadError(f"training checkpoint {str(path)!r} not found")
-    try:
-        ckpt = torch.load(path, map_location=map_location or "cpu", weights_only=True)
-    except Exception as e:
-        raise ModelLoadError(
-            f"cannot read training checkpoint {str(path)!r} ({type(e).__name__} in torch.load); "
-            "expected a last.pt or best.pt written by retrofit.finetune.fit"
-        ) from e
+    what = f"training checkpoint {str(path)!r}"
+    with open_regular(path, what, current_limits().weights_bytes, "weights_bytes") as (f, size):
+        _check_zip_expansion(f, size, what)
+        try:
+            ckpt = torch.load(f, map_location=map_location or "cpu", weights_only=True)
+        except MemoryError as e:
+            raise ModelLoadError(f"cannot read {what}: it does not fit in memory; is it corrupted?") from e
+        except Exception as e:
+            raise ModelLoadError(
+                f"cannot read {what} ({type(e).__name__} in torch.load: {first_line(e)[:200]}); "
+                "expected a last.pt or best.pt written by retrofit.finetune.fit"
+            ) from e
     if not isinstance(ckpt, dict) or ckpt.get("format") not in (TRAIN_FORMAT, _OLD_TRAIN_FORMAT):
         raise ModelLoadError(
             f"{str(path)!r} is not a retrofit training checkpoint (expected format {TRAIN_FORMAT!r}); "
@@ -213,120 +253,226 @@ def load_training_state(path: str | Path, map_location: str | torch.device | Non
     return ckpt
 
 
+def _checkpoint_state(ckpt: Mapping[str, Any], where: str) -> dict[str, torch.Tensor]:
+    """A training checkpoint's weights (its ``model`` entry), checked: tensors by name."""
+    state = ckpt.get("model")
+    if not isinstance(state, Mapping):
+        got = "no 'model' entry" if state is None else f"a 'model' entry that is a {type(state).__name__}"
+        raise ModelLoadError(f"{where!r}: the checkpoint has {got}, not the model's weights (a table of tensors); "
+                             "it was not written by retrofit.finetune.fit")
+    for k, v in state.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise ModelLoadError(f"{where!r}: the checkpoint's 'model' entry {k!r:.60} is a {type(v).__name__}, "
+                                 "not a tensor; it was not written by retrofit.finetune.fit")
+    return dict(state)
+
+
+def _versions(value: Any, where: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ModelLoadError(f"{where!r}: field 'versions' is a {type(value).__name__} ({value!r:.60}), not a "
+                             "table of package versions ({\"torch\": \"2.4.0\", ...})")
+    bad = next(((k, v) for k, v in value.items() if not isinstance(k, str) or not isinstance(v, str)), None)
+    if bad is not None:
+        raise ModelLoadError(f"{where!r}: field 'versions' gives {bad[0]!r:.40} the {type(bad[1]).__name__} "
+                             f"{bad[1]!r:.40}, not a version string")
+    return dict(value)
+
+
+def _buffers(value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise ModelLoadError(f"{where!r}: field 'buffers' is a {type(value).__name__} ({value!r:.60}), not a "
+                             "list of tensor names")
+    bad = next((v for v in value if not isinstance(v, str)), None)
+    if bad is not None:
+        raise ModelLoadError(f"{where!r}: field 'buffers' holds the {type(bad).__name__} {bad!r:.40}, not a tensor "
+                             "name")
+    return tuple(value)
+
+
+def _recipe_of(value: Any, where: str) -> Recipe:
+    """:meth:`Recipe.from_dict` of plain data from a file, its nesting checked first (a
+    checkpoint's data comes from pickle, which nests without recursing)."""
+    limit = current_limits().json_depth
+    if json_depth(value, limit) > limit:
+        raise ModelLoadError(f"{where!r}: its recipe nests deeper than the limit of {limit} (Limits.json_depth); "
+                             "it is not a file retrofit wrote")
+    return Recipe.from_dict(value, where)
+
+
 def _recipe_of_old_save(old: Mapping[str, Any], where: str) -> Recipe:
     """A ``retrofit/1`` save's recipe (retrofit 0.1): the same facts, another layout."""
     try:
         opts, model = old["retrofit"], old["model"]
-        return Recipe.from_dict({
+        return _recipe_of({
             "model": model["spec"], "model_kwargs": model.get("kwargs", {}), "rules": opts["rules"]["doc"],
             "rules_name": opts["rules"]["name"], "gate": opts.get("gate"), "attn_args": opts.get("attn_args") or {},
             "input_size": opts["input_size"], "leaf_modules": opts.get("leaf_modules", []),
             "on_existing": opts.get("on_existing"), "fuse": opts.get("fuse", True),
             "keep_class": opts.get("keep_class", False),
         }, where)
-    except (KeyError, TypeError) as e:
+    except KeyError as e:
         raise ModelLoadError(f"{where}: its {_OLD_FORMAT} recipe lacks {e}") from e
+    except (TypeError, AttributeError) as e:
+        raise ModelLoadError(f"{where}: its {_OLD_FORMAT} recipe is malformed ({first_line(e)})") from e
 
 
-def _recipe_of_old_checkpoint(spec: Mapping[str, Any], where: str) -> Recipe:
+def _old_rule_file(name: Any, folder: Path, where: str) -> Any:
+    """The rule file an old checkpoint names, read from the checkpoint's own folder only
+    (never relative to the current folder, through ``..`` or a link that leads out)."""
+    import tomllib
+
+    if not isinstance(name, str):
+        raise ModelLoadError(f"{where}: its rule file {name!r:.60} is not a file name")
+    rel = PurePath(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise ModelLoadError(f"{where}: its rule file {name!r} lies outside the checkpoint's folder; an old "
+                             f"checkpoint's rule file is read from beside it: copy it into {str(folder)!r} and "
+                             "name it there")
+    path = folder / rel
+    inside = Path(os.path.realpath(folder))
+    if not Path(os.path.realpath(path)).is_relative_to(inside):
+        raise ModelLoadError(f"{where}: its rule file {name!r} leads outside the checkpoint's folder (a link); copy "
+                             f"the file into {str(folder)!r}")
+    what = f"{where}'s rule file {name!r}"
+    data = read_regular(path, what, current_limits().json_bytes, "json_bytes")
+    try:
+        doc = tomllib.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as e:
+        raise ModelLoadError(f"cannot read {what}: {first_line(e)}") from e
+    return doc
+
+
+def _recipe_of_old_checkpoint(spec: Any, where: str, folder: Path) -> Recipe:
     """A ``retrofit-train/1`` checkpoint's model spec (retrofit 0.1): a model, a rule set
-    named by ``attn`` or a rule file path, and the options."""
+    named by ``attn`` or a rule file (beside the checkpoint, in ``folder``), and the options."""
     import tomllib
 
     from .rulefile import builtin_rules_dir, default_rules_doc
 
-    rules_doc: Mapping[str, Any] | None = None
+    if not isinstance(spec, Mapping):
+        raise ModelLoadError(f"{where!r}: its model spec is a {type(spec).__name__}, not a table")
+    rules_doc: Any = None
+    attn = spec.get("attn")
     if spec.get("retrofitted", True):
         if spec.get("rules"):
-            try:
-                rules_doc = tomllib.loads(Path(spec["rules"]).read_text(encoding="utf-8"))
-            except (OSError, tomllib.TOMLDecodeError) as e:
-                raise ModelLoadError(f"{where}: its rule file {spec['rules']!r} cannot be read: {e}") from e
+            rules_doc = _old_rule_file(spec["rules"], folder, where)
+        elif isinstance(attn, str) and re.fullmatch(r"[A-Za-z0-9_][\w-]*", attn) \
+                and (builtin := builtin_rules_dir() / f"{attn}.toml").is_file():
+            rules_doc = tomllib.loads(builtin.read_text(encoding="utf-8"))
         else:
-            builtin = builtin_rules_dir() / f"{spec.get('attn')}.toml"
-            rules_doc = (tomllib.loads(builtin.read_text(encoding="utf-8")) if builtin.is_file()
-                         else default_rules_doc(str(spec.get("attn"))))
-    return Recipe.from_dict({
-        "model": spec.get("model"), "model_kwargs": spec.get("model_kwargs") or {}, "rules": rules_doc,
-        "rules_name": spec.get("rules") or f"built-in {spec.get('attn')!r}", "gate": spec.get("gate"),
-        "attn_args": spec.get("attn_args") or {}, "input_size": spec.get("input_size"),
-        "fuse": spec.get("fuse", True), "keep_class": spec.get("keep_class", False),
-    }, where)
+            rules_doc = default_rules_doc(str(attn))
+    try:
+        return _recipe_of({
+            "model": spec.get("model"), "model_kwargs": spec.get("model_kwargs") or {}, "rules": rules_doc,
+            "rules_name": str(spec.get("rules") or f"built-in {attn!r}"), "gate": spec.get("gate"),
+            "attn_args": spec.get("attn_args") or {}, "input_size": spec.get("input_size"),
+            "fuse": spec.get("fuse", True), "keep_class": spec.get("keep_class", False),
+        }, where)
+    except (TypeError, AttributeError) as e:
+        raise ModelLoadError(f"{where}: its {_OLD_TRAIN_FORMAT} model spec is malformed ({first_line(e)})") from e
 
 
 def read_save(path: str | Path, where: str | None = None) -> SavedModel:
     """What a save (``.safetensors`` file or folder) or a training checkpoint (``.pt``) on
     this machine holds, without building or importing anything (a Hub save is fetched by
     :func:`retrofit.hub.download` first). ``where``: how messages name it (default the path).
+    Files are read under :func:`retrofit.readfile.current_limits`.
 
     Raises:
-        ModelLoadError: missing, corrupted, or not written by retrofit.
+        ModelLoadError: missing, unreadable, not a regular file, over a limit, corrupted,
+            or not written by retrofit.
     """
     where = str(path) if where is None else where
-    path = Path(path)
+    try:
+        return _read_save(Path(path), where)
+    except MemoryError as e:
+        raise ModelLoadError(f"cannot read saved model {where!r}: it asks for more memory than there is; is it "
+                             "corrupted?") from e
+    except RecursionError as e:
+        raise ModelLoadError(f"cannot read saved model {where!r}: its recipe nests too deeply; it is not a file "
+                             "retrofit wrote") from e
+
+
+def _no_save(where: str) -> ModelLoadError:
+    return ModelLoadError(f"no saved model at {where!r} (expected a .safetensors file, a folder with "
+                          f"{WEIGHTS_FILE}, or a training checkpoint .pt)")
+
+
+def _read_save(path: Path, where: str) -> SavedModel:
     if path.suffix in _TRAIN_SUFFIXES:
         ckpt = load_training_state(path)
+        _checkpoint_state(ckpt, where)
         if ckpt["format"] == _OLD_TRAIN_FORMAT:
             if ckpt.get("spec") is None:
                 raise ModelLoadError(f"{where!r} has no model spec; it cannot be rebuilt")
-            recipe = _recipe_of_old_checkpoint(ckpt["spec"], where)
+            recipe = _recipe_of_old_checkpoint(ckpt["spec"], where, path.parent)
         elif ckpt.get("recipe") is None:
             raise ModelLoadError(f"{where!r} has no recipe: it was fine-tuned from a model retrofit() did not "
                                  "build; build that model again and load ckpt['model'] into it")
         else:
-            recipe = Recipe.from_dict(ckpt["recipe"], where)
-        return SavedModel(path, "checkpoint", recipe, path.parent, ckpt.get("versions") or {},
-                          tuple(ckpt.get("buffers") or ()), ckpt)
-    files = _weight_files(path) if path.is_dir() else [path]
-    if not files or not all(f.is_file() for f in files):
-        raise ModelLoadError(f"no saved model at {where!r} (expected a .safetensors file, a folder with "
-                             f"{WEIGHTS_FILE}, or a training checkpoint .pt)")
-    weights = files[0]
-    try:
-        if path.is_dir() and not (path / RECIPE_FILE).exists() and (path / _FRAMEWORK_CONFIG).is_file():
+            recipe = _recipe_of(ckpt["recipe"], where)
+        return SavedModel(path, "checkpoint", recipe, path.parent, _versions(ckpt.get("versions"), where),
+                          _buffers(ckpt.get("buffers"), where), ckpt)
+    if not os.path.lexists(path):
+        raise _no_save(where)
+    if path.is_dir():
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ModelLoadError(f"cannot read saved model {where!r}: permission denied (the folder); check its "
+                                 "permissions")
+        if not all(os.path.lexists(f) for f in _weight_files(path, where)):
+            raise _no_save(where)
+        if not os.path.lexists(path / RECIPE_FILE) and os.path.lexists(path / _FRAMEWORK_CONFIG):
             header = _framework_header(path, where)
-        elif path.is_dir():
-            header = json.loads((path / RECIPE_FILE).read_text())
         else:
-            with safe_open(str(weights), "pt") as f:
-                meta = f.metadata() or {}
-            if _META_KEY not in meta:
-                raise ModelLoadError(
-                    f"{where!r} is a safetensors file without a retrofit recipe; load plain weights "
-                    "with --checkpoint into the model they belong to"
-                )
-            header = json.loads(meta[_META_KEY])
-    except (SafetensorError, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"cannot read saved model {where!r} (corrupted?): {first_line(e)}") from e
+            header = read_json(path / RECIPE_FILE, f"saved model {where!r} ({RECIPE_FILE})")
+    else:
+        st = read_safetensors_header(path, f"saved model {where!r}")
+        if _META_KEY not in st.metadata:
+            raise ModelLoadError(
+                f"{where!r} is a safetensors file without a retrofit recipe; load plain weights "
+                "with --checkpoint into the model they belong to"
+            )
+        header = parse_json(st.metadata[_META_KEY], f"saved model {where!r} (its recipe)")
     fmt = header.get("format") if isinstance(header, dict) else None
     if fmt == _OLD_FORMAT:
         recipe = _recipe_of_old_save(header, where)
     elif fmt == FORMAT:
-        recipe = Recipe.from_dict(header.get("recipe"), where)
+        recipe = _recipe_of(header.get("recipe"), where)
     else:
-        raise ModelLoadError(f"{where!r}: unknown recipe format {fmt!r} (this retrofit reads {FORMAT!r})")
+        raise ModelLoadError(f"{where!r}: unknown recipe format {fmt!r:.60} (this retrofit reads {FORMAT!r})")
     return SavedModel(path, "folder" if path.is_dir() else "file", recipe, path if path.is_dir() else path.parent,
-                      header.get("versions") or {}, tuple(header.get("buffers") or ()))
+                      _versions(header.get("versions"), where), _buffers(header.get("buffers"), where))
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def _weight_files(folder: Path, where: str | None = None) -> list[Path]:
     """The weight files of a save folder: ``model.safetensors``, or the shards a
-    ``model.safetensors.index.json`` lists (a large ``save_pretrained`` folder)."""
+    ``model.safetensors.index.json`` lists (a large ``save_pretrained`` folder), each a
+    file name in the folder."""
     index = folder / f"{WEIGHTS_FILE}.index.json"
-    if not (folder / WEIGHTS_FILE).exists() and index.is_file():
-        try:
-            names = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ModelLoadError(f"cannot read {str(index)!r} (corrupted?): {first_line(e)}") from e
-        return [folder / n for n in dict.fromkeys(names) if isinstance(n, str) and "/" not in n]
-    return [folder / WEIGHTS_FILE]
+    where = str(folder) if where is None else where
+    if os.path.lexists(folder / WEIGHTS_FILE) or not os.path.lexists(index):
+        return [folder / WEIGHTS_FILE]
+    what = f"saved model {where!r} ({index.name})"
+    weight_map = read_json(index, what)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ModelLoadError(f"cannot read {what} (corrupted?): it has no 'weight_map' table")
+    names = list(dict.fromkeys(weight_map.values()))
+    for n in names:
+        if not isinstance(n, str) or not n or n in (".", "..") or "/" in n or "\\" in n or "\0" in n:
+            raise ModelLoadError(f"cannot read {what}: its weight_map names {n!r:.60}, not a file in the folder")
+    return [folder / n for n in names]
 
 
 def _framework_header(folder: Path, where: str) -> dict[str, Any]:
     """The header of a folder a library's own ``save_pretrained`` wrote for a retrofitted
     model: its ``config.json`` carries the recipe (transformers under ``retrofit``, smp under
     ``_retrofit``; see :mod:`retrofit.frameworks`)."""
-    config = json.loads((folder / _FRAMEWORK_CONFIG).read_text(encoding="utf-8"))
+    config = read_json(folder / _FRAMEWORK_CONFIG, f"saved model {where!r} ({_FRAMEWORK_CONFIG})")
     recipe = next((config[k] for k in _CONFIG_RECIPE_KEYS if isinstance(config, dict) and k in config), None)
     if recipe is None:
         raise ModelLoadError(
@@ -337,23 +483,41 @@ def _framework_header(folder: Path, where: str) -> dict[str, Any]:
     return {"format": FORMAT, "recipe": recipe, "versions": {}, "buffers": []}
 
 
+def _headers(path: Path, where: str) -> list[tuple[Path, SafetensorsHeader]]:
+    """The checked safetensors header of each weight file of a save (file or folder)."""
+    if not path.is_dir():
+        return [(path, read_safetensors_header(path, f"saved model {where!r}"))]
+    return [(f, read_safetensors_header(f, f"saved model {where!r} ({f.name})")) for f in _weight_files(path, where)]
+
+
+def tensor_shapes(saved: SavedModel) -> dict[str, tuple[int, ...]]:
+    """``{tensor name: shape}`` of the weights a save or checkpoint :func:`read_save` read:
+    from the safetensors headers alone (checked against the files' sizes), nothing loaded.
+
+    Raises:
+        ModelLoadError: a weights file is missing, over a limit or corrupted.
+    """
+    if saved.checkpoint is not None:
+        return {k: tuple(v.shape) for k, v in _checkpoint_state(saved.checkpoint, str(saved.path)).items()}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for _, header in _headers(saved.path, str(saved.path)):
+        shapes.update({k: e.shape for k, e in header.tensors.items()})
+    return shapes
+
+
 def tensor_sizes(path: str | Path) -> dict[str, int]:
     """``{tensor name: number of elements}`` of a save on this machine (read from the file
     header only) or of a training checkpoint's weights."""
     path = Path(path)
     if path.suffix in _TRAIN_SUFFIXES:
-        return {k: v.numel() for k, v in load_training_state(path)["model"].items()}
+        return {k: v.numel() for k, v in _checkpoint_state(load_training_state(path), str(path)).items()}
     sizes: dict[str, int] = {}
-    try:
-        for weights in _weight_files(path) if path.is_dir() else [path]:
-            with safe_open(str(weights), "pt") as f:
-                sizes.update({k: _numel(f.get_slice(k).get_shape()) for k in f.keys()})
-        return sizes
-    except (SafetensorError, OSError) as e:
-        raise ModelLoadError(f"cannot read saved model {str(path)!r} (corrupted?): {first_line(e)}") from e
+    for _, header in _headers(path, str(path)):
+        sizes.update({k: _numel(e.shape) for k, e in header.tensors.items()})
+    return sizes
 
 
-def _numel(shape: list[int]) -> int:
+def _numel(shape: Sequence[int]) -> int:
     n = 1
     for d in shape:
         n *= d
@@ -361,17 +525,21 @@ def _numel(shape: list[int]) -> int:
 
 
 def read_weights(saved: SavedModel) -> dict[str, torch.Tensor]:
-    """The weights of a save or checkpoint :func:`read_save` read (on the CPU).
+    """The weights of a save or checkpoint :func:`read_save` read (on the CPU); each file's
+    header is checked (:func:`retrofit.readfile.read_safetensors_header`) before it is loaded.
 
     Raises:
-        ModelLoadError: the weights file is corrupted.
+        ModelLoadError: a weights file is missing, over a limit or corrupted.
     """
     if saved.checkpoint is not None:
-        return {k: v.cpu() for k, v in saved.checkpoint["model"].items()}
-    try:
-        state: dict[str, torch.Tensor] = {}
-        for file in _weight_files(saved.path) if saved.kind == "folder" else [saved.path]:
+        return {k: v.cpu() for k, v in _checkpoint_state(saved.checkpoint, str(saved.path)).items()}
+    state: dict[str, torch.Tensor] = {}
+    for file, _ in _headers(saved.path, str(saved.path)):
+        try:
             state.update(load_file(str(file)))
-        return state
-    except (SafetensorError, OSError) as e:
-        raise ModelLoadError(f"cannot read saved model {str(saved.path)!r} (corrupted?): {first_line(e)}") from e
+        except (SafetensorError, OSError, KeyError, ValueError) as e:
+            raise ModelLoadError(f"cannot read saved model {str(saved.path)!r} (corrupted?): {first_line(e)}") from e
+        except MemoryError as e:
+            raise ModelLoadError(f"cannot read saved model {str(saved.path)!r}: its weights do not fit in "
+                                 "memory") from e
+    return state

@@ -205,6 +205,8 @@ def trainer(attn: str | None = "se", *, rules: str | Path | RuleSet | None = Non
 def save_checkpoint(model: nn.Module, path: str | Path, *, force: bool = False) -> Path:
     """Write ``model`` (an Ultralytics model retrofit built) as an Ultralytics checkpoint that
     ``YOLO(path)`` loads and that :func:`trainer` trains on from (its attention weights load).
+    Written with :func:`retrofit.atomic.write_file_atomic`: without ``force`` the name is
+    claimed atomically; an interrupted write leaves the previous file as it was.
 
     Raises:
         OptionError: ``model`` is not an Ultralytics model.
@@ -214,6 +216,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, *, force: bool = False) 
     import os
     from datetime import datetime
 
+    from .atomic import write_file_atomic
     from .errors import SaveError
 
     path = Path(path)
@@ -222,7 +225,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, *, force: bool = False) 
         raise OptionError(f"{type(model).__name__} is not an Ultralytics model; save it with retrofit.save")
     if path.suffix != ".pt":
         raise SaveError(f"an Ultralytics checkpoint is a .pt file, not {str(path)!r}")
-    if path.exists() and not force:
+    if os.path.lexists(path) and not force:  # before the copy; write_file_atomic claims the name
         raise SaveError(f"{str(path)!r} exists; not overwriting it (pass --force / force=True to replace it)")
     with offline():
         from ultralytics import __version__ as ultralytics_version
@@ -235,14 +238,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, *, force: bool = False) 
     ckpt = {"epoch": -1, "best_fitness": None, "model": snapshot, "ema": None, "updates": None, "optimizer": None,
             "train_args": {k: v for k, v in args.items() if isinstance(v, (str, int, float, bool, type(None)))},
             "date": datetime.now().isoformat(), "version": ultralytics_version}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise SaveError(f"cannot write {str(path)!r}: {e.strerror or e}") from e
-    return path
+    return write_file_atomic(path, lambda t: torch.save(ckpt, t), replace=force)
 
 
 def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> nn.Module:

@@ -7,6 +7,7 @@ is how a model is built.)
 
 from __future__ import annotations
 
+import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError, first_line
+from .readfile import current_limits, open_regular
 
 __all__ = ["read_state_dict", "load_checkpoint", "assign_weights"]
 
@@ -36,25 +38,35 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     A dict that nests the weights under ``state_dict`` / ``model`` is unwrapped, and the
     ``module.`` prefix DistributedDataParallel adds is removed.
 
+    Only a regular file under ``Limits.weights_bytes`` is read (a FIFO or a device is
+    refused at once; :mod:`retrofit.readfile`).
+
     Raises:
-        ModelLoadError: the file is missing, has another suffix, or is corrupted.
+        ModelLoadError: the file is missing, has another suffix, is not a regular file, or
+            is corrupted.
     """
     path = Path(path)
     if path.suffix not in _SUFFIXES:
         raise ModelLoadError(f"checkpoint {str(path)!r}: unknown suffix {path.suffix!r} "
                              f"(valid: {', '.join(_SUFFIXES)})")
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ModelLoadError(f"checkpoint {str(path)!r} not found")
     from safetensors import SafetensorError
 
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        with open_regular(path, f"checkpoint {str(path)!r}", current_limits().weights_bytes, "weights_bytes") as (f, _):
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
 
-            obj: object = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+                obj: object = load_file(str(path))
+            else:
+                obj = torch.load(f, map_location="cpu", weights_only=True)
+    except ModelLoadError:  # not a regular file, over the cap: said already
+        raise
+    except MemoryError as e:
+        raise ModelLoadError(f"cannot read checkpoint {str(path)!r}: it does not fit in memory") from e
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, KeyError,
+            UnicodeDecodeError) as e:
         hint = ""
         if isinstance(e, SafetensorError) and _is_torch_save(path):
             hint = "; it is a torch.save file: name it .pt to read it that way"
@@ -66,7 +78,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if inner is None:
             break
         obj = inner
-    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, Mapping) else {}
+    sd = ({k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+          if isinstance(obj, Mapping) else {})
     if not sd:
         raise ModelLoadError(f"checkpoint {str(path)!r} holds no state dict (no tensors in its {type(obj).__name__})")
     if sd and all(k.startswith("module.") for k in sd):

@@ -166,5 +166,6 @@ def test_gates_cli_on_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture
     (tmp_path / "empty").mkdir()
     assert main(["gates", str(tmp_path / "run" / "last.pt"), "--data", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"retrofit gates: error: --data {tmp_path / 'empty'}: Couldn't find any class folder")
+    assert err.startswith(f"retrofit gates: error: {tmp_path / 'empty'} is not an ImageFolder: Couldn't find any "
+                          "class folder")
     assert err.count("\n") == 1
