@@ -216,7 +216,7 @@ def save(
                         "build it on a real device (or load its weights) first")
     check_save_path(path, force)
     _check_rebuilds(model, recipe)
-    return write_save(model, path, recipe)
+    return write_save(model, path, recipe, force=force)
 
 
 _T = TypeVar("_T")

@@ -98,7 +98,7 @@ def test_torchvision_and_file_models(tmp_path: Path) -> None:
         (["resnet18", "--input-size", "64", "--out", "/nonexistent/dir/m.safetensors"],
          r"retrofit: error: cannot write '/nonexistent/dir/m.safetensors': folder '/nonexistent/dir' does not exist"),
         (["resnet18", "--input-size", "32", "--out", "/proc/m.safetensors"],  # safetensors' own I/O error
-         r"retrofit: error: cannot write '/proc/m.safetensors': Error while serializing: I/O error"),
+         r"retrofit: error: cannot write '/proc/m.safetensors': No such file or directory; check that its folder is writable"),
         (["resnet18", "--bogus"], r"retrofit: error: unrecognized arguments: --bogus \(see retrofit --help\)"),
         (["diff", "a.safetensors"], r"retrofit diff: error: the following arguments are required: b"),
     ],
