@@ -97,11 +97,7 @@ def write_file_atomic(dest: str | Path, write: WriteFn, *, replace: bool) -> Pat
         SaveError: ``dest`` exists (without ``replace``), or an ``OSError`` while writing
             (``write``'s other exceptions pass through; nothing is left behind either way).
     """
-    dest = Path(dest)
-    parent = _parent(dest)
-    clean_stale(parent)
-    if not replace and os.path.lexists(dest):
-        raise _exists(dest)
+    dest, parent = _claimable(dest, replace)
     try:
         with _staging(parent) as stage:
             tmp = stage / dest.name
@@ -154,11 +150,7 @@ def new_folder(dest: str | Path, *, replace: bool) -> Iterator[Path]:
         >>> with new_folder("out/run3", replace=False) as stage:
         ...     (stage / "notes.txt").write_text("hello")
     """
-    dest = Path(dest)
-    parent = _parent(dest)
-    clean_stale(parent)
-    if not replace and os.path.lexists(dest):
-        raise _exists(dest)
+    dest, parent = _claimable(dest, replace)
     try:
         with _staging(parent) as stage:
             yield stage
@@ -258,6 +250,17 @@ def _alive(pid: int) -> bool:
     except OSError:  # another user's process
         return True
     return True
+
+
+def _claimable(dest: str | Path, replace: bool) -> tuple[Path, Path]:
+    """``dest`` and its folder, the folder's stale temps removed; refuses an existing
+    ``dest`` (a symbolic link included) unless ``replace``."""
+    dest = Path(dest)
+    parent = _parent(dest)
+    clean_stale(parent)
+    if not replace and os.path.lexists(dest):
+        raise _exists(dest)
+    return dest, parent
 
 
 @contextlib.contextmanager
