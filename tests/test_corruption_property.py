@@ -13,10 +13,8 @@ import contextlib
 import io
 import json
 import shutil
-import signal
 import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,25 +30,9 @@ from retrofit import RetrofitError
 from retrofit.cli import main
 from retrofit.saving import save_training_state
 
+from .timeouts import Hang, deadline
+
 SECONDS_PER_EXAMPLE = 30
-
-
-class Hang(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def deadline(seconds: int) -> Iterator[None]:
-    def ring(signum: int, frame: Any) -> None:
-        raise Hang(f"still running after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, ring)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ would; where code could run, a canary file proves it did not.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
@@ -17,12 +16,11 @@ import os
 import py_compile
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import types
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,27 +37,9 @@ from retrofit.readfile import Limits, read_safetensors_header
 from retrofit.saving import read_save, save_training_state, tensor_sizes
 
 from .hub_cache import lay_out_folder
+from .timeouts import deadline
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class Hang(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def deadline(seconds: int) -> Iterator[None]:
-    """Fail instead of hanging: SIGALRM after ``seconds``."""
-    def ring(signum: int, frame: Any) -> None:
-        raise Hang(f"still running after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, ring)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture(scope="module")
