@@ -26,6 +26,7 @@ from .errors import (
 from .models import create_model
 from .options import RetrofitOptions
 from .publish import push_to_hub
+from .readfile import Limits
 from .recipe import Recipe, get_recipe
 from .report import Report
 from .rulefile import RuleSet, list_builtin_rules, load_rules
@@ -42,6 +43,7 @@ __all__ = [
     "SiteScores",
     "save",
     "load",
+    "Limits",
     "push_to_hub",
     "create_model",
     "Recipe",

@@ -10,6 +10,7 @@ loads the weights.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import warnings
 from collections.abc import Callable, Mapping
@@ -128,18 +129,6 @@ def _check_rebuilds(model: nn.Module, recipe: Recipe) -> None:
             "(e.g. {'num_classes': 10, 'in_chans': 1}) to save(), or build the model with retrofit.create_model()"
         )
 
-    def build(step: Callable[[], nn.Module]) -> nn.Module:
-        try:
-            try:
-                with torch.device("meta"):
-                    return step()
-            except Exception:  # a constructor that needs real values (`.item()`): build it for real
-                return step()
-        except RetrofitError as e:
-            raise explain(f"cannot build the model again ({first_line(e)})") from e
-        except Exception as e:
-            raise explain(f"cannot build the model again ({type(e).__name__}: {first_line(e)})") from e
-
     def compare(got: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...]], extra_ok: bool) -> None:
         missing = [k for k in got if k not in want]
         extra = [] if extra_ok else [k for k in want if k not in got]
@@ -149,14 +138,40 @@ def _check_rebuilds(model: nn.Module, recipe: Recipe) -> None:
                      if missing else []) + \
                     ([f"lacks {len(extra)} of its tensors (e.g. {', '.join(extra[:2])})"] if extra else []) + \
                     ([f"has {len(shape)} of another shape (e.g. {'; '.join(shape[:2])})"] if shape else [])
-            raise explain(f"builds a model that {', '.join(parts)}")
+            raise _Differs(explain(f"builds a model that {', '.join(parts)}"))
 
     want = _state_shapes(model)
-    base = build(lambda: build_base(recipe))
-    # The base model first: a wrong guess of its arguments shows here, named, rather than
-    # as a failure somewhere in the rewrite.
-    compare(_state_shapes(base), want, extra_ok=True)
-    compare(_state_shapes(build(lambda: apply_recipe(recipe, base))), want, extra_ok=False)
+
+    def rebuild(device: torch.device | None) -> None:
+        with device or contextlib.nullcontext():
+            base = build_base(recipe)
+        # The base model first: a wrong guess of its arguments shows here, named, rather than
+        # as a failure somewhere in the rewrite.
+        compare(_state_shapes(base), want, extra_ok=True)
+        with device or contextlib.nullcontext():
+            compare(_state_shapes(apply_recipe(recipe, base)), want, extra_ok=False)
+
+    try:
+        try:
+            rebuild(torch.device("meta"))
+        except _Differs:
+            raise
+        except Exception:  # a constructor or rewrite that needs real values (`.item()`): for real
+            rebuild(None)
+    except _Differs as e:
+        raise e.error from None
+    except RetrofitError as e:
+        raise explain(f"cannot build the model again ({first_line(e)})") from e
+    except Exception as e:
+        raise explain(f"cannot build the model again ({type(e).__name__}: {first_line(e)})") from e
+
+
+class _Differs(Exception):
+    """The rebuilt model differs from the one to save (carries the error to raise)."""
+
+    def __init__(self, error: OptionError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _short_repr(value: Any, width: int = 60) -> str:

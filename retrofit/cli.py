@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError, OptionError, RetrofitError, SaveError, first_line
+from .readfile import Limits
 from .text import printable, printable_lines
 
 __all__ = ["main", "build_parser", "OneLineParser"]
@@ -44,7 +45,7 @@ EXIT_INTERRUPTED = 130
 # (--input-size 100000 asked for a 240 GB input, --num-classes 10000000000 a 20 TB layer).
 MAX_INPUT_SIDE = 8192  # pixels, height and width each
 MAX_INPUT_CHANNELS = 4096
-MAX_NUM_CLASSES = 1_000_000
+MAX_NUM_CLASSES = Limits().classes
 
 
 class _Progress:
@@ -295,8 +296,9 @@ def _retrofit_model(args: argparse.Namespace) -> tuple[int, Sequence[str]]:
 
     if args.out is not None:
         _check_out_name("--out", args.out)
-    if args.out and os.path.exists(args.out) and not args.force and not args.dry_run:
-        raise SaveError(f"{args.out!r} exists; not overwriting it (pass --force to replace it)")
+    if args.out and os.path.lexists(args.out) and not args.force and not args.dry_run:  # early: before the build
+        what = " (a symbolic link)" if os.path.islink(args.out) else ""
+        raise SaveError(f"{args.out!r} exists{what}; not overwriting it (pass --force to replace it)")
     progress = _Progress(not args.quiet and sys.stderr.isatty())
     model = _build(args, progress)
     options: dict[str, Any] = dict(rules=args.rules, gate=args.gate, input_size=args.input_size,

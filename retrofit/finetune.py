@@ -38,7 +38,7 @@ from .distributed import DistContext, ShardSampler, init_distributed
 from .errors import OptionError
 from .modes import eval_mode
 from .recipe import get_recipe
-from .saving import buffer_names, load_training_state, package_versions, save_training_state
+from .saving import buffer_names, load_training_state, package_versions, save_training_state, write_model_files
 
 __all__ = [
     "FinetuneConfig",
@@ -338,7 +338,13 @@ def fit(
 
     out = Path(config.out) if config.out is not None and ctx.is_main else None
     recipe = get_recipe(model)
-    recipe_data = None if recipe is None or out is None else recipe.located(out).to_dict()
+    recipe_data = None
+    if recipe is not None and out is not None:
+        located, carried = recipe.located(out)
+        recipe_data = located.to_dict()
+        if carried:  # beside the checkpoints, which name it (a run's folder is its own: replaced)
+            out.mkdir(parents=True, exist_ok=True)
+            write_model_files(out, carried, force=True)
     log = _JsonLines(out / "metrics.jsonl" if out else None, fresh=resume is None)
     show = ctx.is_main and config.progress
     if start.rng is not None:

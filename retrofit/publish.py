@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,7 +22,7 @@ from .build import build_model, save
 from .errors import OptionError, SaveError, first_line
 from .frameworks import framework_of_spec
 from .hub import HUB_PREFIX, parse_hub_name
-from .recipe import TRUST_HINT, Recipe, get_recipe
+from .recipe import TRUST_HINT, Recipe
 from .report import Report, report_of
 from .saving import RECIPE_FILE, WEIGHTS_FILE, read_save
 from .specs import is_file_spec, split_file_spec
@@ -180,25 +179,13 @@ def save_for_hub(
     repo_id, _ = parse_hub_name(repo_id)
     if os.path.lexists(folder) and not force:
         raise SaveError(f"{str(folder)!r} exists; not overwriting it (pass force=True to replace its files)")
-    recipe = get_recipe(model)
-    if recipe is not None and (model_spec is not None or model_kwargs is not None):
-        recipe = recipe.with_model(model_spec, model_kwargs)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SaveError(f"cannot create folder {str(folder.parent)!r}: {e.strerror or first_line(e)}") from e
     with new_folder(folder, replace=force) as stage:  # becomes `folder` when complete
-        spec = recipe.innermost().model if recipe is not None else None
-        if spec is not None and is_file_spec(spec):
-            # The repository carries the model file beside recipe.json (the recipe then names
-            # it by its file name); a file elsewhere would not travel with the save.
-            file, factory = split_file_spec(spec)
-            source = Path(file)
-            if not source.is_file():
-                raise SaveError(f"model file {file!r} not found; a save records the file's hash, so the file must "
-                                "exist when the model is saved")
-            shutil.copyfile(source, stage / source.name)
-            model_spec = f"{stage / source.name}:{factory}"
+        # The save carries the model file into the folder (Recipe.located): the repository
+        # holds it beside recipe.json, which names it by its file name.
         save(model, stage, model_spec=model_spec, model_kwargs=model_kwargs, force=True)
         card = model_card(model, stage, repo_id, license=license)
         (stage / CARD_FILE).write_text(card, encoding="utf-8")

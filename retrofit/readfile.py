@@ -68,17 +68,21 @@ class Limits:
     # bounds what building the model may allocate beyond the file's own size.
     unsaved_elements: int = 1 << 26
     input_elements: int = 1 << 28  # C x H x W of a recipe's input size
-    # A trusted recipe's model file may lie outside the save's folder ('../net.py', as a
-    # save of a model built from a file elsewhere records it), its sha256 checked all the
-    # same; False confines it to the save's folder (Hub saves always are).
-    model_file_outside_save: bool = True
+    # A recipe's class count where a library builds per-class data before any tensor (an
+    # Ultralytics yaml's nc: a dict of 5,000,000 class names costs 1.4 GB); the command
+    # line's --num-classes has the same cap.
+    classes: int = 1_000_000
+    # A trusted recipe's model file must lie in the save's folder (a save carries it there);
+    # True also runs one elsewhere ('../net.py', as saves before 0.2.1 recorded it), its
+    # sha256 checked all the same. Hub saves are always confined to their repository.
+    model_file_outside_save: bool = False
     # A zip training checkpoint may expand to at most this many times its size (torch.save
     # stores its records uncompressed: 1 is enough for every checkpoint it writes).
     checkpoint_expansion: float = field(default=2.0)
 
     def __post_init__(self) -> None:
         for name in ("json_bytes", "header_bytes", "weights_bytes", "model_file_bytes", "json_depth", "base_chain",
-                     "unsaved_elements", "input_elements"):
+                     "unsaved_elements", "input_elements", "classes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise OptionError(f"Limits({name}={value!r}) is not valid: a limit is an integer >= 1")

@@ -242,33 +242,48 @@ class Recipe:
         relative to the save in a recipe read from one."""
         return [split_file_spec(r.model)[0] for r in self.chain() if r.model is not None and is_file_spec(r.model)]
 
-    def located(self, folder: Path) -> Recipe:
-        """This recipe as a file in ``folder`` records it: a model file's path relative to
-        ``folder`` and its sha256, so that loading runs the file that was saved.
+    def located(self, folder: Path) -> tuple[Recipe, dict[str, bytes]]:
+        """This recipe as a file in ``folder`` records it, and the model files to write there.
+
+        A model file inside ``folder`` is named by its path relative to it. One elsewhere
+        travels with the save, as Hugging Face's ``save_pretrained`` copies a model's own
+        code: the recipe names it by its file name and it is returned (``{name: bytes}``) to
+        be written into ``folder``, since a load runs only model files inside the save. Each
+        records the sha256 of its bytes, so that loading runs the file that was saved.
 
         Raises:
-            SaveError: the model file is gone.
+            SaveError: the model file is gone, or two model files of a stacked recipe
+                share a name.
         """
-        base = None if self.base is None else self.base.located(folder)
+        base, carried = (None, {}) if self.base is None else self.base.located(folder)
         if self.model is None or not is_file_spec(self.model):
-            return replace(self, base=base)
+            return replace(self, base=base), carried
         path, factory = self._file(None)
         if not path.is_file():
             raise SaveError(f"model file {str(path)!r} not found; a save records the file's hash, so the file "
                             "must exist when the model is saved")
-        rel = os.path.relpath(_real(path), Path(folder).resolve())
-        return replace(self, base=base, model=f"{Path(rel).as_posix()}:{factory}", model_sha256=_sha256(path))
+        rel = Path(os.path.relpath(_real(path), Path(folder).resolve()))
+        source = path.read_bytes()
+        if ".." in rel.parts:
+            rel = Path(path.name)
+            if carried.get(path.name, source) != source:
+                raise SaveError(f"the recipe names two model files called {path.name!r}; a save carries both "
+                                "beside it: rename one")
+            carried[path.name] = source
+        sha = hashlib.sha256(source).hexdigest()
+        return replace(self, base=base, model=f"{rel.as_posix()}:{factory}", model_sha256=sha), carried
 
     def resolved(self, base_dir: Path | None, where: str = "the recipe") -> Recipe:
         """The inverse of :meth:`located`: a model file's path made absolute (relative to
         ``base_dir``, the save's folder). A recipe read from a file must record the model
         file's sha256 and name it by a relative path; the hash is checked against the
         bytes that run, when they are read to be run (:func:`retrofit.build.build_base`).
-        With ``Limits.model_file_outside_save`` False the file must lie in ``base_dir``.
+        The file must lie in ``base_dir`` (its folders' symbolic links resolved), unless
+        ``Limits.model_file_outside_save``.
 
         Raises:
             ModelLoadError: the file is missing, named by an absolute path, outside the save
-                (when confined), or its hash is not recorded.
+                (unless allowed), or its hash is not recorded.
         """
         base = None if self.base is None else self.base.resolved(base_dir, where)
         if self.model is None or not is_file_spec(self.model):
@@ -277,10 +292,12 @@ class Recipe:
         if Path(file).is_absolute() or PureWindowsPath(file).is_absolute():
             raise ModelLoadError(f"{where}: the recipe names the model file by an absolute path ({file!r}); a save "
                                  "names it relative to itself. Not running it")
-        if ".." in Path(file).parts and not current_limits().model_file_outside_save:
-            raise ModelLoadError(f"{where}: the recipe names the model file {file!r}, outside the save's folder "
-                                 "(Limits.model_file_outside_save is False). Not running it")
         path, factory = self._file(base_dir)
+        inside = not os.path.relpath(_real(path), (base_dir or Path.cwd()).resolve()).startswith("..")
+        if not inside and not current_limits().model_file_outside_save:
+            raise ModelLoadError(f"{where}: the recipe names the model file {file!r}, outside the save's folder; a "
+                                 "save carries its model file. Not running it (a file of your own elsewhere: "
+                                 "Limits(model_file_outside_save=True), its sha256 still checked)")
         if not path.is_file():
             raise ModelLoadError(f"model file {str(path)!r} not found (the recipe names {self.model!r}, relative "
                                  "to the save); put the model's file there")

@@ -21,7 +21,6 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
@@ -31,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from .atomic import write_file_atomic, write_folder_atomic
+from .atomic import WriteFn, write_file_atomic, write_folder_atomic
 from .errors import ModelLoadError, SaveError, first_line
 from .readfile import (
     SafetensorsHeader,
@@ -59,6 +58,7 @@ __all__ = [
     "tensor_shapes",
     "package_versions",
     "buffer_names",
+    "write_model_files",
     "save_training_state",
     "load_training_state",
 ]
@@ -95,12 +95,6 @@ def buffer_names(model: nn.Module) -> list[str]:
     return sorted(n for n, b in model.state_dict(keep_vars=True).items() if id(b) not in params)
 
 
-# What the last check_save_path of this thread allowed: write_save(force=None) claims the
-# name exclusively unless that check was of the same path with force (build.save checks,
-# then writes, and does not pass force on).
-_checked: ContextVar[tuple[Path, bool] | None] = ContextVar("retrofit_checked_save", default=None)
-
-
 def check_save_path(path: Path, force: bool) -> tuple[Path, bool]:
     """Where a save goes (its folder must exist) and whether it is one file. A symbolic
     link at ``path``, even a dangling one, exists; ``force`` replaces the link, not its target.
@@ -120,30 +114,26 @@ def check_save_path(path: Path, force: bool) -> tuple[Path, bool]:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise SaveError(f"cannot write {str(path)!r}: folder {str(parent)!r} does not exist")
-    _checked.set((path, force))
     return parent, is_file
 
 
-def write_save(model: nn.Module, path: Path, recipe: Recipe, *, force: bool | None = None) -> Path:
+def write_save(model: nn.Module, path: Path, recipe: Recipe, *, force: bool = False) -> Path:
     """Write ``model``'s weights and ``recipe`` as a save at ``path`` (checked by
     :func:`check_save_path`) with :mod:`retrofit.atomic`: a failed or interrupted write
     leaves the previous save as it was, and without ``force`` the name is claimed
     atomically (of two saves racing for it, one fails with "exists"). A folder save is
     written as a new folder and swapped in; with ``force`` it keeps the old folder's other
-    files. ``force=None``: what the last :func:`check_save_path` of ``path`` allowed
-    (without one, no replacing).
+    files. A model file the recipe names from elsewhere travels with the save: into the
+    folder, or beside a one-file save (:func:`write_model_files`).
 
     Raises:
         SaveError: the path exists (without ``force``) or cannot be written.
     """
-    if force is None:
-        checked = _checked.get()
-        force = checked is not None and checked == (path, True)
     parent, is_file = check_save_path(path, force)
-    _checked.set(None)  # one check allows one write
+    located, carried = recipe.located(parent if is_file else path)
     header = {
         "format": FORMAT,
-        "recipe": recipe.located(parent if is_file else path).to_dict(),
+        "recipe": located.to_dict(),
         "versions": package_versions(),
         # Names of the saved tensors that are buffers, so `retrofit diff` can count
         # parameters from the file alone.
@@ -156,15 +146,40 @@ def write_save(model: nn.Module, path: Path, recipe: Recipe, *, force: bool | No
 
     try:
         if is_file:
+            write_model_files(parent, carried, force=force)
             write_file_atomic(path, weights, replace=force)
         else:
             write_folder_atomic(path, {
+                **{name: _writer(data) for name, data in carried.items()},
                 WEIGHTS_FILE: weights,
                 RECIPE_FILE: lambda t: t.write_text(json.dumps(header, indent=2) + "\n"),
             }, replace=force)
     except SafetensorError as e:  # safetensors reports its own I/O errors
         raise SaveError(f"cannot write {str(path)!r}: {first_line(e)}") from e
     return path
+
+
+def _writer(data: bytes) -> WriteFn:
+    return lambda t: t.write_bytes(data)
+
+
+def write_model_files(folder: Path, files: Mapping[str, bytes], *, force: bool) -> None:
+    """Write the model files a save carries (:meth:`Recipe.located`) into ``folder``: beside
+    a one-file save, or into a training run's folder. A file already there with the same
+    bytes is kept; another one is replaced only with ``force``.
+
+    Raises:
+        SaveError: a file of that name is there (without ``force``) or cannot be written.
+    """
+    for name, data in files.items():
+        target = folder / name
+        if target.is_file() and not target.is_symlink() and target.read_bytes() == data:
+            continue
+        if os.path.lexists(target) and not force:
+            raise SaveError(f"cannot carry the model file into the save: {str(target)!r} exists and holds other "
+                            "bytes; not overwriting it (pass --force / force=True to replace it, or save into a "
+                            "folder of its own)")
+        write_file_atomic(target, _writer(data), replace=force)
 
 
 def save_training_state(path: str | Path, payload: Mapping[str, Any]) -> Path:

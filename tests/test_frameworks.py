@@ -155,6 +155,39 @@ def test_a_yolo_yaml_that_runs_code_is_refused(yolov8n: nn.Module, tmp_path: Pat
     assert not (tmp_path / "CANARY").exists()
 
 
+@pytest.mark.parametrize("nc,message", [
+    (81, r"/yolo': its recipe builds tensor 'model.22.cv3.0.0.conv.weight' of shape \[81, 64, 3, 3\], its weights "
+         r"hold \[64, 64, 3, 3\]; the file does not match its own recipe .*nothing was built$"),
+    (5_000_000, r"^ultralytics:yolov8n.yaml: 5000000 classes \(nc\) is over the limit of 1000000 \(Limits.classes\); "
+                r"nothing was built$"),
+])
+def test_an_edited_yolo_recipe_is_refused_before_it_is_built(yolov8n: nn.Module, tmp_path: Path, nc: int,
+                                                             message: str) -> None:
+    """Ultralytics models build on the meta device too, so an edited class count is compared
+    with the weights file's header before anything real is allocated; a count whose names
+    alone would take gigabytes is over Limits.classes."""
+    out = _quiet_retrofit(yolov8n, "se", input_size=64)
+    retrofit.save(out, tmp_path / "yolo")
+    path = tmp_path / "yolo" / "recipe.json"
+    header = json.loads(path.read_text())
+    (header["recipe"].get("base") or header["recipe"])["model_kwargs"]["cfg"]["nc"] = nc
+    path.write_text(json.dumps(header))
+    built: list[str] = []
+    from ultralytics.nn.modules import Detect
+
+    original = Detect.__init__
+
+    def spy(self: nn.Module, *args: object, **kwargs: object) -> None:
+        built.append(str(torch.get_default_device()))
+        original(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Detect, "__init__", spy)
+        with pytest.raises(retrofit.ModelLoadError, match=message):
+            retrofit.load(tmp_path / "yolo")
+    assert built == ([] if nc > 1_000_000 else ["meta"])  # never built for real
+
+
 def test_a_yolo_checkpoint_spec_needs_trust(tmp_path: Path) -> None:
     ckpt = tmp_path / "best.pt"
     ckpt.write_bytes(b"not read")

@@ -31,7 +31,7 @@ from safetensors.torch import save_model
 from torch import nn
 
 import retrofit
-from retrofit import ModelLoadError, OptionError
+from retrofit import ModelLoadError, OptionError, SaveError
 from retrofit.cli import main
 from retrofit.readfile import Limits, read_safetensors_header
 from retrofit.saving import read_save, save_training_state, tensor_sizes
@@ -148,8 +148,12 @@ def test_a_pyc_in_a_hub_snapshot_never_runs(tmp_path: Path, monkeypatch: pytest.
 
 
 @pytest.mark.parametrize("model,sha,message", [
-    ("../elsewhere/evil.py:build", None, r"names the model file '../elsewhere/evil.py' without its sha256 "
-                                         r"\(field 'model_sha256'\); not running a file that cannot be checked"),
+    ("evil.py:build", None, r"names the model file 'evil.py' without its sha256 \(field 'model_sha256'\); not "
+                            r"running a file that cannot be checked"),
+    ("../elsewhere/evil.py:build", None, r"names the model file '../elsewhere/evil.py', outside the save's folder; "
+                                         r"a save carries its model file. Not running it"),
+    ("../elsewhere/evil.py:build", "hash", r"names the model file '../elsewhere/evil.py', outside the save's "
+                                           r"folder; a save carries its model file. Not running it"),
     ("{abs}:build", "hash", r"names the model file by an absolute path \('/.*evil.py'\); a save names it relative "
                             r"to itself. Not running it"),
 ])
@@ -167,39 +171,76 @@ def test_a_trusted_recipe_needs_a_hash_and_a_relative_path(tmp_path: Path, saved
         header["recipe"]["model_sha256"] = digest if sha else None
 
     path = folder_copy(saved, tmp_path / "save", edit)
+    shutil.copy(evil, path / "evil.py")
     with pytest.raises(ModelLoadError, match=message):
         retrofit.load(path, trust_code=True)
     cli_fails(["gates", str(path), "--trust-code", "--data", str(tmp_path), "--out", str(tmp_path / "g.png")], capsys,
-              "Not running it" if sha else "without its sha256")
+              "Not running it" if "Not running it" in message else "without its sha256")
     assert not canary.exists()
 
 
-def test_outside_the_save_the_hash_decides_and_a_limit_confines(tmp_path: Path) -> None:
-    """A save of a model built from a file elsewhere names it '../net.py' with its hash: the
-    bytes read are hashed, then run. Limits(model_file_outside_save=False) refuses it."""
+def test_a_save_carries_its_model_file_and_a_load_runs_none_outside(tmp_path: Path) -> None:
+    """A model built from a file elsewhere: the save carries the file (named by its file name,
+    with the sha256 of the bytes written). A recipe edited to name a file outside the save is
+    refused before it runs, whatever its hash, unless Limits(model_file_outside_save=True)."""
     canary = tmp_path / "canary"
     (tmp_path / "net.py").write_text(NET.format(canary=str(canary)))
     torch.manual_seed(0)
     gm = retrofit.retrofit(retrofit.create_model(f"{tmp_path / 'net.py'}:build", num_classes=3), "eca", input_size=32)
     (tmp_path / "runs").mkdir()
     path = retrofit.save(gm, tmp_path / "runs" / "m")
-    assert read_save(path).recipe.model == "../../net.py:build"
+    assert sorted(p.name for p in path.iterdir()) == ["model.safetensors", "net.py", "recipe.json"]
+    assert (path / "net.py").read_bytes() == (tmp_path / "net.py").read_bytes()
+    recipe = read_save(path).recipe
+    assert recipe.model == "net.py:build"
+    assert recipe.model_sha256 == hashlib.sha256((tmp_path / "net.py").read_bytes()).hexdigest()
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(retrofit.load(path, trust_code=True).eval()(x), gm.eval()(x))
     canary.unlink()
-    with pytest.raises(ModelLoadError, match=r"names the model file '../../net.py', outside the save's folder "
-                                             r"\(Limits.model_file_outside_save is False\). Not running it"):
-        retrofit.load(path, trust_code=True, limits=Limits(model_file_outside_save=False))
+
+    header = json.loads((path / "recipe.json").read_text())
+    header["recipe"]["model"] = "../../net.py:build"  # the same bytes, outside the save
+    (path / "recipe.json").write_text(json.dumps(header))
+    with pytest.raises(ModelLoadError, match=r"names the model file '../../net.py', outside the save's folder; a save "
+                                             r"carries its model file. Not running it"):
+        retrofit.load(path, trust_code=True)
     assert not canary.exists()
-    # a link to another file: the bytes read are what is checked
+    assert torch.equal(retrofit.load(path, trust_code=True, limits=Limits(model_file_outside_save=True)).eval()(x),
+                       gm.eval()(x))
+    header["recipe"]["model"] = "net.py:build"
+    (path / "recipe.json").write_text(json.dumps(header))
+    canary.unlink()
+    # a link in the save to another file: the bytes read are what is checked
     (tmp_path / "other.py").write_text(EVIL.format(canary=str(canary)))
-    (tmp_path / "net.py").rename(tmp_path / "net_saved.py")
-    (tmp_path / "net.py").symlink_to(tmp_path / "other.py")
+    (path / "net.py").unlink()
+    (path / "net.py").symlink_to(tmp_path / "other.py")
     with pytest.raises(ModelLoadError, match=r"net.py' is not the file this model was saved with"):
         retrofit.load(path, trust_code=True)
     assert not canary.exists()
-    (tmp_path / "net.py").unlink()
-    (tmp_path / "net.py").symlink_to(tmp_path / "net_saved.py")  # a link to the saved bytes loads
+
+
+def test_a_one_file_save_carries_its_model_file_beside_it(tmp_path: Path) -> None:
+    """Beside a one-file save: the model file is written once, kept when it is the same, and
+    another file of that name is not overwritten without force."""
+    canary = tmp_path / "canary"
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "net.py").write_text(NET.format(canary=str(canary)))
+    gm = retrofit.retrofit(retrofit.create_model(f"{tmp_path / 'src' / 'net.py'}:build", num_classes=3), "eca",
+                           input_size=32)
+    (tmp_path / "runs").mkdir()
+    retrofit.save(gm, tmp_path / "runs" / "a.safetensors")
+    retrofit.save(gm, tmp_path / "runs" / "b.safetensors")  # the same file: kept
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["a.safetensors", "b.safetensors", "net.py"]
+    assert read_save(tmp_path / "runs" / "b.safetensors").recipe.model == "net.py:build"
+    (tmp_path / "runs" / "net.py").write_text("# the user's own file\n")
+    with pytest.raises(SaveError, match=r"cannot carry the model file into the save: '.*runs/net.py' exists and holds "
+                                        r"other bytes; not overwriting it"):
+        retrofit.save(gm, tmp_path / "runs" / "c.safetensors")
+    assert not (tmp_path / "runs" / "c.safetensors").exists()
+    retrofit.save(gm, tmp_path / "runs" / "c.safetensors", force=True)
+    assert (tmp_path / "runs" / "net.py").read_bytes() == (tmp_path / "src" / "net.py").read_bytes()
     x = torch.randn(1, 3, 32, 32)
-    assert torch.equal(retrofit.load(path, trust_code=True).eval()(x), gm.eval()(x))
+    assert torch.equal(retrofit.load(tmp_path / "runs" / "a.safetensors", trust_code=True).eval()(x), gm.eval()(x))
 
 
 def test_create_model_from_a_file_needs_no_hash(tmp_path: Path) -> None:

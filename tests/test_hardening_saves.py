@@ -26,6 +26,7 @@ import retrofit.atomic as atomic
 import retrofit.build
 from retrofit import SaveError
 from retrofit.atomic import TEMP_PREFIX, clean_stale, write_file_atomic
+from retrofit.cli import main
 from retrofit.saving import load_training_state, save_training_state
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -364,11 +365,14 @@ def test_stale_temps_of_live_processes_and_other_machines_are_kept(tmp_path: Pat
 
 
 @pytest.mark.parametrize("name", ["m.safetensors", "folder"])
-def test_a_dangling_link_exists(tmp_path: Path, gm: nn.Module, name: str) -> None:
+def test_a_dangling_link_exists(tmp_path: Path, gm: nn.Module, name: str, capsys: pytest.CaptureFixture[str]) -> None:
     link, nowhere = tmp_path / name, tmp_path / "nowhere"
     link.symlink_to(nowhere)
     with pytest.raises(SaveError, match=rf"^'{link}' exists \(a symbolic link\); not overwriting it \(pass --force "):
         retrofit.save(gm, link)
+    assert main(["test_resnet", "--attn", "se", "--out", str(link)]) == 2  # the CLI says so before building
+    assert capsys.readouterr().err.strip() == (f"retrofit: error: {str(link)!r} exists (a symbolic link); not "
+                                               "overwriting it (pass --force to replace it)")
     assert link.is_symlink() and not os.path.lexists(nowhere)
     retrofit.save(gm, link, force=True)  # the link itself is replaced, never its target
     assert not link.is_symlink() and (link.is_file() if name.endswith(".safetensors") else link.is_dir())

@@ -154,15 +154,16 @@ def test_trusted_model_file_loads_bit_identically_and_a_changed_one_is_refused(t
     (tmp_path / "save").mkdir()
     path = retrofit.save(gm, tmp_path / "save" / "m.safetensors")
     recipe = retrofit.saving.read_save(path).recipe
-    assert recipe.model == "../net.py:build"  # relative to the save, with the file's hash
+    assert recipe.model == "net.py:build"  # carried beside the save, with the file's hash
     assert recipe.model_sha256 == hashlib.sha256((tmp_path / "net.py").read_bytes()).hexdigest()
+    assert (tmp_path / "save" / "net.py").read_bytes() == (tmp_path / "net.py").read_bytes()
     loaded = retrofit.load(path, trust_code=True)
     x = torch.randn(2, 3, 64, 64)
     assert torch.equal(gm.eval()(x), loaded.eval()(x))
     old = recipe.model_sha256
-    with (tmp_path / "net.py").open("a") as f:
+    with (tmp_path / "save" / "net.py").open("a") as f:
         f.write("# changed\n")
-    new = hashlib.sha256((tmp_path / "net.py").read_bytes()).hexdigest()
+    new = hashlib.sha256((tmp_path / "save" / "net.py").read_bytes()).hexdigest()
     with pytest.raises(ModelLoadError, match=rf"is not the file this model was saved with \(sha256 {new} now, "
                                              rf"{old} when saved\); not running it"):
         retrofit.load(path, trust_code=True)

@@ -22,9 +22,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..errors import ModelLoadError, UntrustedCodeError, first_line
+from ..readfile import current_limits
 from ._base import Framework, register_framework
 
 __all__ = ["Ultralytics", "MODEL_CLASSES", "layer_problems"]
@@ -131,6 +134,19 @@ def _yaml_name(cfg: Mapping[str, Any], cls: str) -> str:
     return Path(file).name if isinstance(file, str) and file else f"{cls}.yaml"
 
 
+class _MetaScalars(TorchFunctionMode):
+    """Reading a number from a meta tensor gives 1.0. Ultralytics' constructor reads one
+    value, the head's strides, to initialise the class biases (``Detect.bias_init``): only a
+    value, never a shape. With this a model builds on the meta device, so a load compares
+    its shapes with the weights file before anything real is allocated."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: Mapping[str, Any] | None = None) -> Any:
+        if func in (torch.Tensor.item, torch.Tensor.__float__) and args and args[0].device.type == "meta":
+            return 1.0
+        return func(*args, **(kwargs or {}))
+
+
 @register_framework
 class Ultralytics(Framework):
     prefix = "ultralytics"
@@ -180,6 +196,10 @@ class Ultralytics(Framework):
             raise UntrustedCodeError(f"ultralytics:{name}: {problems[0]}. Nothing was built; load it only if you "
                                      "trust where it came from: trust_code=True in Python, --trust-code on the "
                                      "command line")
+        classes, cap = nc if nc is not None else cfg.get("nc"), current_limits().classes
+        if isinstance(classes, int) and classes > cap:
+            raise ModelLoadError(f"ultralytics:{name}: {classes} classes (nc) is over the limit of {cap} "
+                                 "(Limits.classes); nothing was built")
         from ultralytics.nn import tasks
 
         model_class = model_class or self._class_for(cfg)
@@ -191,7 +211,8 @@ class Ultralytics(Framework):
             raise ModelLoadError(f"ultralytics:{name}: this Ultralytics has no {model_class}")
         cfg = copy.deepcopy(dict(cfg))
         try:
-            with offline():
+            meta = torch.get_default_device().type == "meta"
+            with offline(), _MetaScalars() if meta else contextlib.nullcontext():
                 model = cls(cfg=cfg, ch=ch or cfg.get("channels", 3), nc=nc, verbose=False)
         except Exception as e:  # noqa: BLE001 (parse_model raises KeyError, TypeError, ... on a bad yaml)
             raise ModelLoadError(f"cannot build ultralytics:{name}: {type(e).__name__}: {first_line(e)}") from e
