@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -142,6 +143,18 @@ def record_inputs(model: nn.Module, input_size: tuple[int, int, int], batch_size
     return probe(model, input_size, batch_size)[0]
 
 
+@contextlib.contextmanager
+def _fake_tensor_log_off() -> Iterator[None]:
+    """FakeTensorMode logs a traceback for every kernel that raises; a fake probe that fails
+    is run for real (or says what to fix), so on the user's terminal those lines are noise."""
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    disabled, log.disabled = log.disabled, True
+    try:
+        yield
+    finally:
+        log.disabled = disabled
+
+
 def probe(model: nn.Module, input_size: tuple[int, int, int],
           batch_size: int = 2) -> tuple[dict[str, list[Call]], Flow]:
     """The inputs every submodule receives in one forward of a ``(batch, *input_size)`` probe,
@@ -162,7 +175,7 @@ def probe(model: nn.Module, input_size: tuple[int, int, int],
             state: dict[str, torch.Tensor] = {
                 n: mode.from_tensor(t) for n, t in [*model.named_parameters(), *model.named_buffers()]
             }
-            with _recording(model) as (calls, flow), mode:
+            with _recording(model) as (calls, flow), mode, _fake_tensor_log_off():
                 torch.func.functional_call(model, state, (torch.empty(shape, dtype=dtype, device=device),),
                                            tie_weights=False, strict=False)
             return calls, flow
@@ -176,7 +189,7 @@ def probe(model: nn.Module, input_size: tuple[int, int, int],
             reason = first_line(e)
             raise TraceError(
                 f"{type(model).__name__} does not run on a {tuple(shape)} probe input ({reason}); "
-                "check input_size"
+                "pass an input_size it runs on (a multiple of its largest stride, as 64 for a P6 YOLO)"
             ) from e
 
 
@@ -497,12 +510,7 @@ def partition(
         whole = Partition((root,), (), root.analysis, {s.node: (0, s) for s in root.analysis.sites},
                           tuple(root.gm.meta.get("retrofit_trace_notes", ())))
         return _with_flow(model, whole, probe(model, input_size)[1]) if flow else whole
-    try:
-        calls, flows = probe(model, input_size)
-    except TraceError:
-        if root_error is None:
-            raise
-        raise root_error from None  # the model's own trace failure is the one to act on
+    calls, flows = probe(model, input_size)  # a model that does not run on the input: that is what to fix
     if root is not None:
         left = [("", f"the forward of {type(model).__name__} stays Python code (keep_class)")]
         # Stages and blocks as in the whole-model rewrite: the root's own numbering.

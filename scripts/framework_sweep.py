@@ -91,8 +91,9 @@ def _input(model: Any, framework: str) -> tuple[int, int, int]:
     if isinstance(size, (list, tuple)):
         size = size[-1]
     chans = getattr(config, "num_channels", 3) if framework == "transformers" else 3
-    return (chans if isinstance(chans, int) else 3, size if isinstance(size, int) and size <= 512 else 224,
-            size if isinstance(size, int) and size <= 512 else 224)
+    # A YOLO's input is a multiple of its largest stride: 64 for the P6 models.
+    side = size if isinstance(size, int) and size <= 512 else 256 if framework == "ultralytics" else 224
+    return chans if isinstance(chans, int) else 3, side, side
 
 
 def check(framework: str, name: str, spec: str, kwargs: dict[str, Any]) -> list[dict[str, Any]]:

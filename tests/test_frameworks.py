@@ -188,6 +188,21 @@ def test_an_edited_yolo_recipe_is_refused_before_it_is_built(yolov8n: nn.Module,
     assert built == ([] if nc > 1_000_000 else ["meta"])  # never built for real
 
 
+def test_a_yolo_world_save_keeps_its_class_embeddings(tmp_path: Path) -> None:
+    """YOLO-World keeps its classes' text embeddings in a plain attribute (set_classes
+    writes it); the save holds them and the load predicts with them, not random ones."""
+    torch.manual_seed(0)
+    model = retrofit.create_model("ultralytics:yolov8n-world.yaml").eval()
+    model.txt_feats = torch.linspace(-1, 1, 80 * 512).reshape(1, 80, 512)  # as set_classes would
+    out = _quiet_retrofit(model, "se", input_size=64)
+    retrofit.save(out, tmp_path / "world")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = retrofit.load(tmp_path / "world")
+    assert torch.equal(back.txt_feats, model.txt_feats) and "txt_feats" in dict(back.named_buffers())
+    assert _equal_outputs(back, out, torch.randn(1, 3, 64, 64))
+
+
 def test_a_yolo_checkpoint_spec_needs_trust(tmp_path: Path) -> None:
     ckpt = tmp_path / "best.pt"
     ckpt.write_bytes(b"not read")

@@ -220,6 +220,16 @@ class Ultralytics(Framework):
             model.names = {int(k): str(v) for k, v in names.items()}
         return model
 
+    def on_result(self, result: nn.Module, recipe: Any) -> None:
+        # A YOLO-World model keeps its classes' text embeddings (set_classes) in a plain tensor
+        # attribute, outside the state dict: a save would drop them and its load would predict
+        # with the constructor's random ones. As a buffer they are saved and loaded, and
+        # Ultralytics' own code reads and assigns the attribute as before.
+        feats = getattr(result, "txt_feats", None)
+        if isinstance(feats, torch.Tensor) and "txt_feats" not in result._buffers:
+            delattr(result, "txt_feats")
+            result.register_buffer("txt_feats", feats)
+
     def _read_yaml(self, name: str) -> dict[str, Any]:
         """A model yaml Ultralytics ships (``yolov8n.yaml``: scale from the name) or a local file."""
         from ultralytics.nn.tasks import yaml_model_load
