@@ -210,9 +210,14 @@ def _placeholder_inputs(gm: torch.fx.GraphModule, mod: nn.Module, call: Call) ->
             raise TraceError(f"{len(leaves)} recorded input value(s) for {len(placeholders)} graph input(s)")
         return tuple(leaves)
     values: list[Any] = []
+    named = {str(n.target).lstrip("*") for n in placeholders}
     for i, node in enumerate(placeholders):
         name = str(node.target).lstrip("*")
-        if i < len(args):
+        if str(node.target).startswith("**"):  # forward(x, **kwargs): the keywords no other input took
+            values.append({k: v for k, v in kwargs.items() if k not in named})
+        elif str(node.target).startswith("*"):
+            values.append(tuple(args[i:]))
+        elif i < len(args):
             values.append(args[i])
         elif name in kwargs:
             values.append(kwargs[name])

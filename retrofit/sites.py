@@ -168,23 +168,41 @@ def _has_params(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     return node.op == "get_attr"
 
 
+def _module_role(mod: nn.Module) -> str | None:
+    """'norm', 'act', 'pool' or 'pass' for a layer module that may follow a conv in a block."""
+    if isinstance(mod, _NORM_MODULES):
+        return "norm"
+    if isinstance(mod, _POOL_MODULES):
+        return "pool"
+    if isinstance(mod, _PASS_MODULES) or type(mod).__name__ in ("DropPath", "DropBlock2d", "StochasticDepth"):
+        return "pass"
+    if isinstance(mod, _NOT_ACTIVATIONS):
+        return None
+    if type(mod).__module__ in ("torch.nn.modules.activation",) or type(mod).__module__.startswith(
+        "timm.layers.activations"
+    ):
+        return "act"
+    return None
+
+
+def _is_conv_layer(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """A leaf module that is one 2-D convolution with its norm and activation, and nothing
+    else: a library's conv layer whose own forward does not trace (transformers' MobileNetV1
+    layers compute TensorFlow-style padding from the input's shape), called whole. Its
+    output is a conv block's output as much as the three layers' would be."""
+    mod = _module(gm, node)
+    if mod is None or isinstance(mod, nn.modules.conv._ConvNd):
+        return False
+    layers = [m for m in mod.modules() if m is not mod and next(m.children(), None) is None]
+    convs = [m for m in layers if isinstance(m, nn.Conv2d)]
+    return len(convs) == 1 and all(m is convs[0] or _module_role(m) in ("norm", "act", "pass") for m in layers)
+
+
 def _layer_role(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
     """'norm', 'act', 'pool' or 'pass' for a layer that may follow a conv in a block."""
     mod = _module(gm, node)
     if mod is not None:
-        if isinstance(mod, _NORM_MODULES):
-            return "norm"
-        if isinstance(mod, _POOL_MODULES):
-            return "pool"
-        if isinstance(mod, _PASS_MODULES) or type(mod).__name__ in ("DropPath", "DropBlock2d", "StochasticDepth"):
-            return "pass"
-        if isinstance(mod, _NOT_ACTIVATIONS):
-            return None
-        if type(mod).__module__ in ("torch.nn.modules.activation",) or type(mod).__module__.startswith(
-            "timm.layers.activations"
-        ):
-            return "act"
-        return None
+        return _module_role(mod)
     if node.op == "call_function":
         if node.target in _NORM_FUNCTIONS:
             return "norm"
@@ -384,7 +402,7 @@ class _Analyzer:
         return False
 
     def conv_block(self, node: torch.fx.Node) -> Site | None:
-        if not _is_conv(self.gm, node):
+        if not (_is_conv(self.gm, node) or _is_conv_layer(self.gm, node)):
             return None
         info = self.shapes.get(node.name)
         if info is None or not info.is_nchw:

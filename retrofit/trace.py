@@ -11,6 +11,7 @@ e.g. ``layer1.0.iadd``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import math
 import operator
@@ -136,6 +137,14 @@ class RetrofitTracer(torch.fx.Tracer):
             raise
         finally:
             self._module_path = outer
+
+    def create_arg(self, a: Any) -> Any:
+        # A dict that is also a dataclass (transformers' ModelOutput) is built again as its
+        # class: torch.fx makes every dict a plain one, and the caller that reads
+        # `outputs.pooler_output` of a traced module would break.
+        if isinstance(a, dict) and type(a) is not dict and dataclasses.is_dataclass(a):
+            return self.create_node("call_function", type(a), (), {k: self.create_arg(v) for k, v in a.items()})
+        return super().create_arg(a)
 
     def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
                     type_expr: Any | None = None) -> torch.fx.Node:

@@ -43,6 +43,13 @@ def test_readme_is_short() -> None:
     assert len(lines) <= 200, f"README.md has {len(lines)} lines; at most 200 (move the rest to a page under docs/)"
 
 
+def test_readme_frameworks_table_is_the_measured_one() -> None:
+    """The README's frameworks table is the one scripts/framework_table.py wrote, row for row."""
+    measured = (ROOT / "docs" / "frameworks" / "table.md").read_text().split("\n\n")[0].strip().splitlines()
+    readme = (ROOT / "README.md").read_text().splitlines()
+    assert len(measured) == 5 and all(row in readme for row in measured)
+
+
 def test_every_page_of_the_nav_exists() -> None:
     pages = [p for p in _nav_pages(CONFIG["nav"]) if not re.match(r"[a-z]+://", p)]
     assert pages and all(p.endswith(".md") for p in pages), pages

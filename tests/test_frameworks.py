@@ -225,7 +225,10 @@ def test_yolo_command_line_prints_the_diff_per_layer(capsys) -> None:
 def _tiny_hf(name: str) -> nn.Module:
     sizes = {"ResNetForImageClassification": dict(embedding_size=16, hidden_sizes=[16, 32, 64, 128],
                                                   depths=[1, 1, 1, 1]),
-             "ConvNextForImageClassification": dict(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 2, 1])}[name]
+             "ConvNextForImageClassification": dict(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 2, 1]),
+             # every conv in a TF-padding layer whose forward does not trace: each layer,
+             # called whole, is a conv block (its default dropout, 0.999, would leave no gradient)
+             "MobileNetV1ForImageClassification": dict(depth_multiplier=0.25, classifier_dropout_prob=0.0)}[name]
     return retrofit.create_model(f"transformers:{name}", num_labels=3, **sizes).eval()
 
 
@@ -235,7 +238,9 @@ HF_SITES = {"ResNetForImageClassification": ["resnet.encoder.stages.0.layers.0",
                                                "convnext.encoder.stages.1.layers.0",
                                                "convnext.encoder.stages.2.layers.0",
                                                "convnext.encoder.stages.2.layers.1",
-                                               "convnext.encoder.stages.3.layers.0"]}
+                                               "convnext.encoder.stages.3.layers.0"],
+            "MobileNetV1ForImageClassification": ["mobilenet_v1.conv_stem",
+                                                  *(f"mobilenet_v1.layer.{i}" for i in range(26))]}
 
 
 @pytest.mark.parametrize("name", sorted(HF_SITES))
@@ -252,7 +257,8 @@ def test_transformers_model_output_loss_and_train_step(name: str, keep_class: bo
     assert type(got) is type(want) and torch.equal(got.logits, want.logits) and torch.equal(got.loss, want.loss)
     out.train()
     out(x, labels=labels).loss.backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in out.named_parameters() if ".se." in n)
+    inserted = [p for n, p in out.named_parameters() if any(n.startswith(f"{r.module}.") for r in report.rows)]
+    assert inserted and any(p.grad is not None and p.grad.abs().sum() > 0 for p in inserted)
 
 
 def test_transformers_save_and_save_pretrained_bring_the_attention_back(tmp_path: Path) -> None:
