@@ -207,6 +207,30 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
+def _reading(summary: dict[str, dict[str, list[float]]], base: dict[str, Any] | None) -> list[str]:
+    """What the table says, from its own numbers."""
+    lines = []
+    if base and "cbam-identity" in summary:
+        exact = all(v == base["map_val"] for v in summary["cbam-identity"]["map_at_insertion"])
+        lines.append(f"- At insertion, identity-initialised CBAM {'equals' if exact else 'differs from'} the base on "
+                     f"every seed (val mAP50-95 {base['map_val']:.4f}).")
+    if base and "cbam-sigmoid" in summary:
+        start = statistics.mean(summary["cbam-sigmoid"]["map_at_insertion"])
+        lines.append(f"- Sigmoid gates, as a hand edit inserts them, start at {start:.4f}: "
+                     f"{base['map_val'] - start:.4f} below the base the user had trained.")
+    for variant in ("cbam-identity", "cbam-sigmoid"):
+        d = summary.get(variant, {}).get("delta_test_vs_plain", [])
+        sd = statistics.stdev(summary["plain"]["map_test"]) if len(summary.get("plain", {}).get("map_test", [])) > 1 \
+            else None
+        if d and sd is not None:
+            lines.append(f"- After training, {VARIANTS[variant]} ends {statistics.mean(d):+.4f} test mAP50-95 from "
+                         f"(a), against a seed-to-seed spread of (a) of {sd:.4f}: "
+                         + ("within the noise." if abs(statistics.mean(d)) < sd else "beyond the noise."))
+    lines.append("- s / epoch is wall time on a 2-core machine that ran other jobs during some units: not a speed "
+                 "comparison ((a), with the least compute, has the largest figure); benchmarks/ measures speed.")
+    return lines + [""]
+
+
 def report(out: Path, args: argparse.Namespace, base: dict[str, Any] | None) -> None:
     units = [json.loads(p.read_text()) for p in sorted((out / "units").glob("*.json"))]
     seeds = sorted({u["seed"] for u in units})
@@ -240,6 +264,7 @@ def report(out: Path, args: argparse.Namespace, base: dict[str, Any] | None) -> 
             f"imgsz {args.imgsz}, CPU, {len(seeds)} seed(s); mAP50-95 of the last epoch's weights. At insertion: "
             "the variant's model before any training step ((c): a sigmoid-gate draw with the run's seed, not the "
             "very draw its trainer made).", "", table, ""]
+    text += _reading(summary, base)
     out.joinpath("results.md").write_text("\n".join(text))
     out.joinpath("results.json").write_text(json.dumps({"base": base, "units": units, "summary": summary,
                                                         "settings": {k: v for k, v in vars(args).items()
