@@ -280,6 +280,20 @@ def test_transformers_save_and_save_pretrained_bring_the_attention_back(tmp_path
     assert not _equal_outputs(plain, out, x)
 
 
+def test_a_transformers_model_that_needs_another_package_says_which(capsys: pytest.CaptureFixture[str]) -> None:
+    """Dinat needs natten, which the test extra does not install: one line, exit 2."""
+    import importlib.util
+
+    from retrofit.cli import main
+
+    if importlib.util.find_spec("natten") is not None:
+        pytest.skip("natten is installed here")
+    assert main(["transformers:DinatForImageClassification", "--attn", "se"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("retrofit: error: cannot build transformers:DinatForImageClassification: "
+                          "DinatForImageClassification requires the natten library") and len(err.splitlines()) == 1
+
+
 def test_a_transformers_config_that_names_remote_code_is_refused(tmp_path: Path) -> None:
     out = _quiet_retrofit(_tiny_hf("ResNetForImageClassification"), "se", input_size=64)
     retrofit.save(out, tmp_path / "save")

@@ -141,6 +141,10 @@ class Transformers(Framework):
         try:
             with _quiet():
                 return cls(cls.config_class.from_dict(dict(config or {}), **kwargs))
+        except ImportError as e:  # a model that needs another package (Dinat: natten)
+            text = " ".join(str(e).split())
+            text = text if len(text) <= 300 else text[:text.rfind(". ", 0, 300) + 1]  # whole sentences
+            raise ModelLoadError(f"cannot build transformers:{name}: {text}") from e
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             got = f" with {', '.join(f'{k}={v!r}' for k, v in kwargs.items())}" if kwargs else ""
             raise ModelLoadError(f"cannot build transformers:{name}{got}: {type(e).__name__}: {first_line(e)}") from e
