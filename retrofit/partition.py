@@ -506,6 +506,7 @@ def partition(
     leaf_modules = tuple(leaf_modules)
     root: Unit | None = None
     root_error: TraceError | None = None
+    gm: torch.fx.GraphModule | None = None
     try:
         gm = trace(model, leaf_modules)
         root = Unit("", gm, find_sites(gm, propagate_shapes(gm, input_size)))
@@ -515,7 +516,12 @@ def partition(
         whole = Partition((root,), (), root.analysis, {s.node: (0, s) for s in root.analysis.sites},
                           tuple(root.gm.meta.get("retrofit_trace_notes", ())))
         return _with_flow(model, whole, probe(model, input_size)[1]) if flow else whole
-    calls, flows = probe(model, input_size)  # a model that does not run on the input: that is what to fix
+    try:
+        calls, flows = probe(model, input_size)
+    except TraceError:
+        if gm is not None and root_error is not None:
+            raise root_error from None  # it traced, its shapes failed: the node named is what to fix
+        raise  # it does not run on the input at all (whatever else stops its trace)
     if root is not None:
         left = [("", f"the forward of {type(model).__name__} stays Python code (keep_class)")]
         # Stages and blocks as in the whole-model rewrite: the root's own numbering.

@@ -188,6 +188,15 @@ def test_an_edited_yolo_recipe_is_refused_before_it_is_built(yolov8n: nn.Module,
     assert built == ([] if nc > 1_000_000 else ["meta"])  # never built for real
 
 
+def test_a_p6_yolo_at_an_input_it_cannot_run_says_so() -> None:
+    """A P6 YOLO needs a multiple of 64: the error is about the input, not about tracing."""
+    model = retrofit.create_model("ultralytics:yolov8n-p6.yaml").eval()
+    with pytest.raises(retrofit.TraceError, match=r"^DetectionModel does not run on a \(2, 3, 96, 96\) probe input "
+                                                  r"\(Sizes of tensors must match.*\); pass an input_size it runs on"):
+        retrofit.retrofit(model, "se", input_size=96)
+    assert retrofit.get_report(_quiet_retrofit(model, "se", input_size=128)).max_abs_diff == 0.0
+
+
 def test_a_yolo_world_save_keeps_its_class_embeddings(tmp_path: Path) -> None:
     """YOLO-World keeps its classes' text embeddings in a plain attribute (set_classes
     writes it); the save holds them and the load predicts with them, not random ones."""

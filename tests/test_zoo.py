@@ -28,6 +28,7 @@ SLICE = [
 ]
 
 
+@pytest.mark.examples  # the sweep script on a slice, as CI's examples run (keeps the default run short)
 @pytest.mark.parametrize("keep_class", [False, True], ids=["graph-module", "keep-class"])
 @pytest.mark.parametrize("source,name", SLICE)
 def test_sweep_slice(source: str, name: str, keep_class: bool) -> None:
