@@ -343,7 +343,8 @@ def load(
     as they are; a model file, a ``module:Class`` attention or an unimported leaf-module
     class is refused with :class:`~retrofit.errors.UntrustedCodeError` before anything is
     imported. With trust, a model file is found relative to the save (not the current
-    folder) and must be the file the model was saved with (same sha256). A Hub save is
+    folder), must lie inside it (unless ``Limits.model_file_outside_save``; a save carries
+    its model file) and must be the file the model was saved with (same sha256). A Hub save is
     fetched through ``huggingface_hub`` (its cache, ``HF_HUB_OFFLINE``, your login) into the
     cache's snapshot folder and then read as a local folder under the same rules: a model
     file it names comes from the same repository and commit.

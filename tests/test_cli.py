@@ -380,3 +380,12 @@ def test_progress_only_on_a_terminal_and_not_quiet() -> None:
     text = _stderr_on_a_terminal("resnet18", "--input-size", "64", "--attn", "eca")
     assert "building resnet18" in text and "tracing, inserting attention, checking identity" in text
     assert _stderr_on_a_terminal("resnet18", "--input-size", "64", "--attn", "eca", "-q") == ""
+
+
+def test_python_dash_m_runs_the_command_line_and_importing_it_runs_nothing() -> None:
+    r = subprocess.run([sys.executable, "-m", "retrofit", "--version"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("torch-retrofit "), r.stderr
+    r = subprocess.run([sys.executable, "-c", "import retrofit.__main__; print('imported')"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and r.stdout == "imported\n", r.stderr
