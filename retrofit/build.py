@@ -129,49 +129,42 @@ def _check_rebuilds(model: nn.Module, recipe: Recipe) -> None:
             "(e.g. {'num_classes': 10, 'in_chans': 1}) to save(), or build the model with retrofit.create_model()"
         )
 
-    def compare(got: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...]], extra_ok: bool) -> None:
+    def differs(got: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...]], extra_ok: bool) -> str | None:
         missing = [k for k in got if k not in want]
         extra = [] if extra_ok else [k for k in want if k not in got]
         shape = [f"{k} {list(got[k])} instead of {list(want[k])}" for k in got if k in want and got[k] != want[k]]
-        if missing or extra or shape:
-            parts = ([f"has {len(missing)} tensors this one lacks (e.g. {', '.join(missing[:2])})"]
-                     if missing else []) + \
-                    ([f"lacks {len(extra)} of its tensors (e.g. {', '.join(extra[:2])})"] if extra else []) + \
-                    ([f"has {len(shape)} of another shape (e.g. {'; '.join(shape[:2])})"] if shape else [])
-            raise _Differs(explain(f"builds a model that {', '.join(parts)}"))
+        if not (missing or extra or shape):
+            return None
+        parts = ([f"has {len(missing)} tensors this one lacks (e.g. {', '.join(missing[:2])})"] if missing else []) + \
+                ([f"lacks {len(extra)} of its tensors (e.g. {', '.join(extra[:2])})"] if extra else []) + \
+                ([f"has {len(shape)} of another shape (e.g. {'; '.join(shape[:2])})"] if shape else [])
+        return ", ".join(parts)
 
     want = _state_shapes(model)
 
-    def rebuild(device: torch.device | None) -> None:
+    def rebuild(device: torch.device | None) -> str | None:
+        """How the rebuilt model differs from the one to save, or None."""
         with device or contextlib.nullcontext():
             base = build_base(recipe)
         # The base model first: a wrong guess of its arguments shows here, named, rather than
         # as a failure somewhere in the rewrite.
-        compare(_state_shapes(base), want, extra_ok=True)
+        found = differs(_state_shapes(base), want, extra_ok=True)
+        if found is not None:
+            return found
         with device or contextlib.nullcontext():
-            compare(_state_shapes(apply_recipe(recipe, base)), want, extra_ok=False)
+            return differs(_state_shapes(apply_recipe(recipe, base)), want, extra_ok=False)
 
     try:
         try:
-            rebuild(torch.device("meta"))
-        except _Differs:
-            raise
+            found = rebuild(torch.device("meta"))
         except Exception:  # a constructor or rewrite that needs real values (`.item()`): for real
-            rebuild(None)
-    except _Differs as e:
-        raise e.error from None
+            found = rebuild(None)
     except RetrofitError as e:
         raise explain(f"cannot build the model again ({first_line(e)})") from e
     except Exception as e:
         raise explain(f"cannot build the model again ({type(e).__name__}: {first_line(e)})") from e
-
-
-class _Differs(Exception):
-    """The rebuilt model differs from the one to save (carries the error to raise)."""
-
-    def __init__(self, error: OptionError) -> None:
-        super().__init__(str(error))
-        self.error = error
+    if found is not None:
+        raise explain(f"builds a model that {found}")
 
 
 def _short_repr(value: Any, width: int = 60) -> str:

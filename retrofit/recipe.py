@@ -59,10 +59,6 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _check_input_size(size: Any, where: str) -> None:
     """A recipe's input size: 1 to 3 integers >= 1 (S, (H, W) or (C, H, W)) whose product is
     within ``Limits.input_elements``."""
