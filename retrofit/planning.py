@@ -227,6 +227,22 @@ def _glob_warnings(rule: Rule, sites: tuple[Site, ...]) -> list[str]:
     return out
 
 
+def _site_problem(p: Placement) -> str | None:
+    """Why the attention type cannot sit at this placement's site (its channels or size break
+    a constraint of the type: groups that must divide the channels, a minimum width), or
+    None. An attention class declares its constraints in an optional classmethod
+    ``site_problem(channels, size, **args) -> str | None``; a site it refuses is skipped with
+    that reason in the plan, never an error in the middle of a rewrite."""
+    check = getattr(get_attention(p.attn), "site_problem", None)
+    if check is None:
+        return None
+    try:
+        why = check(p.channels, p.size, **p.args)
+    except TypeError:  # an argument the type does not take: _check_modules names it
+        return None
+    return None if why is None else f"{p.attn}: {why}"
+
+
 def _check_modules(placements: tuple[Placement, ...], attn_args: Mapping[str, Any] | None) -> None:
     """Build each distinct module of the plan once on the meta device (no memory, no random
     numbers), so that arguments an attention type rejects are reported with the rule that
@@ -363,6 +379,10 @@ def make_plan(
             placement = Placement(site=site, rule=rule, attn=rule.attn,
                                   args=MappingProxyType({**rule.args, **(attn_args or {})}), gate=gate or rule.gate,
                                   position=rule.position, score=None if scored is None else scored.score)
+            unfit = _site_problem(placement)
+            if unfit is not None:
+                skipped.setdefault(site.node, (site, f"{unfit} ({rule.source})"))
+                continue
             if _claim(claimed, placement):
                 skipped.pop(site.node, None)
     warns += _collapsed_stages(rules, analysis)

@@ -313,3 +313,32 @@ def test_an_input_too_small_to_tell_stages_apart_is_said(tmp_path: Path) -> None
         warnings.simplefilter("error")
         usual = retrofit.plan(cached("resnet18"), rules=path, input_size=64)
     assert [p.site.path for p in usual.placements] == ["layer3.0", "layer3.1", "layer4.0", "layer4.1"]
+
+
+def test_a_site_the_attention_cannot_take_is_skipped_with_its_reason() -> None:
+    from torch import nn
+
+    @retrofit.register_attention("test_wide_gate")
+    class WideGate(nn.Module):
+        def __init__(self, channels: int, min_width: int = 128, gate: str = "identity", device=None,
+                     dtype=None) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(channels, device=device, dtype=dtype))
+
+        @classmethod
+        def site_problem(cls, channels: int, size: tuple[int, int], min_width: int = 128, **_: object) -> str | None:
+            return f"{channels} channels < {min_width}" if channels < min_width else None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * (1 + self.w.view(1, -1, 1, 1))
+
+    try:
+        plan = retrofit.plan(cached("resnet18"), "test_wide_gate", input_size=64)
+        assert [p.site.path for p in plan.placements] == ["layer2.0", "layer2.1", "layer3.0", "layer3.1",
+                                                           "layer4.0", "layer4.1"]
+        assert [(s.path, why.split(" (")[0]) for s, why in plan.skipped] == [
+            ("layer1.0", "test_wide_gate: 64 channels < 128"), ("layer1.1", "test_wide_gate: 64 channels < 128")]
+        report = get_report(retrofit.retrofit(cached("resnet18"), "test_wide_gate", input_size=64))
+        assert len(report.rows) == 6 and report.max_abs_diff == 0.0
+    finally:
+        retrofit.unregister_attention("test_wide_gate")
