@@ -30,23 +30,25 @@ from .recipe import Recipe, attach_recipe, get_recipe
 from .rulefile import parse_rules
 from .saving import check_save_path, package_versions, read_save, read_weights, tensor_shapes, write_save
 from .specs import is_file_spec, split_file_spec
+from .text import shorten
 from .weights import assign_weights
 
 __all__ = ["build_base", "build_model", "apply_recipe", "save", "load", "local_save"]
 
 
-def build_base(recipe: Recipe, *, pretrained: bool = False) -> nn.Module:
+def build_base(recipe: Recipe, *, pretrained: bool = False, trust_code: bool = False) -> nn.Module:
     """The model a recipe's rules are applied to (fresh weights unless ``pretrained``): the
     base model it names, or, for a stacked recipe, its base recipe built.
 
     Call :meth:`Recipe.check_trust` and :meth:`Recipe.resolved` first for a recipe read
-    from a file.
+    from a file, and pass the trust the user gave: the builders check what they build
+    against it again (an Ultralytics yaml's layers, a checkpoint).
 
     Raises:
         ModelLoadError: the recipe names no model, or the model cannot be built.
     """
     if recipe.base is not None:
-        return build_model(recipe.base, pretrained=pretrained)
+        return build_model(recipe.base, pretrained=pretrained, trust_code=trust_code)
     if recipe.model is None:
         raise ModelLoadError(
             "the recipe does not say which model to build (retrofit() got a model object it could not "
@@ -59,14 +61,14 @@ def build_base(recipe: Recipe, *, pretrained: bool = False) -> nn.Module:
         model = model_from_file(spec, recipe.model_kwargs, sha256=recipe.model_sha256)
         attach_recipe(model, Recipe().with_model(spec, recipe.model_kwargs))
         return model
-    # check_trust has run: what the recipe names may be built.
-    return create_model(recipe.model, pretrained=pretrained, trust_code=True, **recipe.model_kwargs)
+    return create_model(recipe.model, pretrained=pretrained, trust_code=trust_code, **recipe.model_kwargs)
 
 
-def build_model(recipe: Recipe, *, pretrained: bool = False, verify: bool = False) -> nn.Module:
+def build_model(recipe: Recipe, *, pretrained: bool = False, verify: bool = False,
+                trust_code: bool = False) -> nn.Module:
     """The base model, then the recipe's rules and options applied (fresh weights, or the
     base model's pretrained ones); :func:`load` loads saved weights into it."""
-    return apply_recipe(recipe, build_base(recipe, pretrained=pretrained), verify=verify)
+    return apply_recipe(recipe, build_base(recipe, pretrained=pretrained, trust_code=trust_code), verify=verify)
 
 
 def apply_recipe(recipe: Recipe, model: nn.Module, *, verify: bool = False) -> nn.Module:
@@ -145,7 +147,9 @@ def _check_rebuilds(model: nn.Module, recipe: Recipe) -> None:
     def rebuild(device: torch.device | None) -> str | None:
         """How the rebuilt model differs from the one to save, or None."""
         with device or contextlib.nullcontext():
-            base = build_base(recipe)
+            # The recipe of a model in this process: what it names was built here already
+            # (by the user, or by a load that checked its trust).
+            base = build_base(recipe, trust_code=True)
         # The base model first: a wrong guess of its arguments shows here, named, rather than
         # as a failure somewhere in the rewrite.
         found = differs(_state_shapes(base), want, extra_ok=True)
@@ -246,7 +250,7 @@ def _building(step: Callable[[], _T], where: str, doing: str = "build the model 
                              "is not one retrofit wrote") from e
     except Exception as e:
         raise ModelLoadError(f"{where!r}: cannot {doing} ({type(e).__name__}: "
-                             f"{first_line(e)[:300]}); was the file edited, or written by another program or "
+                             f"{shorten(first_line(e), 300)}); was the file edited, or written by another program or "
                              "version?") from e
 
 
@@ -294,7 +298,7 @@ def _check_against_file(model: nn.Module, shapes: Mapping[str, tuple[int, ...]],
                              f"its weights do not hold, over the limit of {cap} (Limits.unsaved_elements); {hint}")
 
 
-def _checked_on_meta(recipe: Recipe, shapes: Mapping[str, tuple[int, ...]], where: str) -> bool:
+def _checked_on_meta(recipe: Recipe, shapes: Mapping[str, tuple[int, ...]], where: str, trust_code: bool) -> bool:
     """Build ``recipe`` on the meta device (no memory, no init) and compare it with the
     weights file; False where the model cannot be built on the meta device (a constructor
     that needs real values, as Ultralytics' does): it is then compared once built.
@@ -305,7 +309,7 @@ def _checked_on_meta(recipe: Recipe, shapes: Mapping[str, tuple[int, ...]], wher
     meta = _on_meta(recipe)
     try:
         with torch.device("meta"):
-            base = build_base(meta)
+            base = build_base(meta, trust_code=trust_code)
     except Exception:  # noqa: BLE001 - needs real values; a real error shows again in the real build
         return False
     _check_against_file(base, shapes, where, whole=False)  # a base model's arguments, named, before the rewrite
@@ -389,8 +393,8 @@ def load(
             for level in recipe.chain():  # first: its hash checked, its import's errors its own
                 if level.model is not None and is_file_spec(level.model) and level.model_sha256 is not None:
                     run_model_file(split_file_spec(level.model.removeprefix("timm:"))[0], level.model_sha256)
-            _checked_on_meta(recipe, shapes, where)
-            model = _building(lambda: build_model(recipe), where)
+            _checked_on_meta(recipe, shapes, where, trust_code)
+            model = _building(lambda: build_model(recipe, trust_code=trust_code), where)
         weights = read_weights(saved)
     _building(lambda: assign_weights(model, weights, f"weights in {where!r}", "the file does not match its own "
                                      "recipe (was it edited, or written by another program?)", keep_dtype=True), where,

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError, OptionError, RetrofitError, SaveError, first_line
-from .readfile import Limits
-from .text import printable, printable_lines
+from .readfile import Limits, json_depth
+from .text import excerpt, printable, printable_lines
 
 __all__ = ["main", "build_parser", "OneLineParser"]
 
@@ -130,8 +130,17 @@ def _model_arg(text: str) -> tuple[str, Any]:
     if not sep or not key.isidentifier():
         raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. encoder_name=resnet34, in_chans=1)")
     try:
-        return key, json.loads(value)
-    except ValueError:
+        parsed = json.loads(value)
+        if json_depth(parsed, 32) > 32:
+            raise RecursionError
+        return key, parsed
+    except RecursionError:
+        raise argparse.ArgumentTypeError(f"--model-arg {key}: its JSON value nests too deeply to read (a model "
+                                         "argument is a number, a string, or a short list or table)") from None
+    except ValueError:  # not JSON: the text itself ("resnet34"); also an integer too long to convert
+        if value[:1] in "[{" or value.lstrip("-")[:1].isdigit() and len(value) > 4300:
+            raise argparse.ArgumentTypeError(f"--model-arg {key}: {excerpt(value, 40)} is not valid JSON (write a "
+                                             "list or table as JSON: in_chans=1, img_size=[224,224])") from None
         return key, value
 
 

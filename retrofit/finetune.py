@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .checkpoint import TrainingCheckpoint
 from .distributed import DistContext, ShardSampler, init_distributed
 from .errors import OptionError
 from .modes import eval_mode
@@ -333,7 +334,8 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(*schedule_args, config.min_lr_ratio))
     start = _Start(0, 0, [], (-1.0, 0), None)
     if resume is not None:
-        start = _restore(resume, model, optimizer, scheduler, schedule_args, config, ctx)
+        start = _restore(resume, model, optimizer, scheduler, schedule_args, config, ctx,
+                         max(steps_per_epoch, len(cast(Sized, train_set))))
     step, history, best = start.step, start.history, start.best
 
     out = Path(config.out) if config.out is not None and ctx.is_main else None
@@ -379,15 +381,14 @@ def fit(
         rngs = ctx.all_gather_object(rng_state())
         if out is not None:
             log.write(record)
-            payload = {
-                "recipe": recipe_data, "versions": package_versions(), "buffers": buffer_names(model),
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step, "rng": rngs,
-                "config": asdict(config), "history": history, "best_val_acc": best[0], "best_epoch": best[1],
-            }
-            last_path = save_training_state(out / "last.pt", payload)
+            ckpt = TrainingCheckpoint(
+                recipe=recipe_data, versions=package_versions(), buffers=tuple(buffer_names(model)),
+                model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                epoch=epoch + 1, step=step, rng=tuple(cast(list[dict[str, Any]], rngs)), config=asdict(config),
+                history=tuple(history), best_val_acc=best[0], best_epoch=best[1])
+            last_path = save_training_state(out / "last.pt", ckpt.to_dict())
             if best[1] == epoch + 1:
-                save_training_state(out / "best.pt", {**payload, "optimizer": None, "scheduler": None})
+                save_training_state(out / "best.pt", {**ckpt.to_dict(), "optimizer": None, "scheduler": None})
         if show:
             from tqdm.auto import tqdm
 
@@ -435,20 +436,23 @@ class _Start:
 
 def _restore(resume: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
              scheduler: torch.optim.lr_scheduler.LambdaLR, schedule_args: tuple[int, int], config: FinetuneConfig,
-             ctx: DistContext) -> _Start:
-    """Load a ``last.pt`` into the model, optimizer and scheduler; where to go on from."""
-    ckpt = load_training_state(resume)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
+             ctx: DistContext, max_steps_per_epoch: int) -> _Start:
+    """Load a ``last.pt`` into the model, optimizer and scheduler; where to go on from. The
+    checkpoint is checked whole (:class:`~retrofit.checkpoint.TrainingCheckpoint`) before
+    anything is loaded: a bad one leaves the model and optimizer as they were."""
+    where = f"training checkpoint {str(resume)!r}"
+    ckpt = TrainingCheckpoint.from_dict(load_training_state(resume), where)
+    ckpt.check_resume(model, optimizer, scheduler, epochs=config.epochs, max_steps_per_epoch=max_steps_per_epoch,
+                      where=where)
+    ckpt.restore(model, optimizer, scheduler, where)
     # The schedule is this config's (the same for the same recipe; a larger `epochs`
     # stretches the cosine from where the run stopped).
     schedule = WarmupCosine(schedule_args[0], schedule_args[1], config.min_lr_ratio)
     scheduler.lr_lambdas = [schedule] * len(optimizer.param_groups)
     for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
         group["lr"] = base_lr * schedule(scheduler.last_epoch)
-    rngs = ckpt["rng"]
-    return _Start(ckpt["epoch"], ckpt["step"], list(ckpt["history"]), (ckpt["best_val_acc"], ckpt["best_epoch"]),
+    rngs = ckpt.rng
+    return _Start(ckpt.epoch, ckpt.step, [dict(h) for h in ckpt.history], (ckpt.best_val_acc, ckpt.best_epoch),
                   rngs[ctx.rank] if len(rngs) == ctx.world_size else rngs[0])
 
 

@@ -25,6 +25,7 @@ from .frameworks import framework_of_spec
 from .readfile import current_limits, read_regular
 from .recipe import Recipe, attach_recipe, get_recipe
 from .specs import is_file_spec, split_file_spec
+from .text import excerpt
 
 __all__ = ["create_model", "model_from_file", "run_model_file", "model_files_run_once", "check_device"]
 
@@ -73,6 +74,12 @@ def _timm(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
         with offline, contextlib.redirect_stdout(sys.stderr):  # download messages are not results
             return timm.create_model(name, pretrained=pretrained, **kwargs)
     except OSError as e:  # first: some of Hugging Face's errors are also ValueErrors
+        if "checkpoint_path" in kwargs and not why:
+            path = kwargs["checkpoint_path"]
+            problem = "not found" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {first_line(e)}"
+            raise ModelLoadError(f"cannot build timm model {name!r}: its checkpoint_path {excerpt(path, 80)} cannot be "
+                                 f"read ({problem}); give the path of a weights file timm reads (.pth, .safetensors), "
+                                 "or leave checkpoint_path out") from e
         if why:
             thing = "pretrained weights" if pretrained else "the model's config"
             raise _offline_error(repr(name), why, "the Hugging Face cache", thing) from e
@@ -139,7 +146,7 @@ def check_device(value: Any, what: str, error: type[RetrofitError] = OptionError
     try:
         device = torch.device(value)
     except (RuntimeError, TypeError, ValueError) as e:
-        raise error(f"{what} = {value!r:.60} is not a device ({first_line(e)}); use cpu, cuda or cuda:N") from e
+        raise error(f"{what} = {excerpt(value, 60)} is not a device ({first_line(e)}); use cpu, cuda or cuda:N") from e
     if device.type in ("cpu", "meta"):
         return device
     if device.type == "cuda":

@@ -62,7 +62,7 @@ def _identity_check(model: nn.Module, recipe: Recipe, folder: Path) -> tuple[Rep
         return report, "when retrofit() inserted the modules, on the base model's weights as they were then"
     if recipe.rules is None:
         return report, ""  # a base model alone (retrofit.create_model): no attention, no check
-    rebuilt = build_model(recipe.resolved(folder), verify=True)
+    rebuilt = build_model(recipe.resolved(folder), verify=True, trust_code=True)
     return (report_of(rebuilt), "before the upload, on a fresh build of the recipe (the model was loaded from a "
             "save, which does not keep the check retrofit() ran)")
 

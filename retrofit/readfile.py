@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import ModelLoadError, OptionError, first_line
+from .text import excerpt
 
 __all__ = [
     "Limits",
@@ -38,6 +39,9 @@ __all__ = [
     "read_regular",
     "parse_json",
     "read_json",
+    "parse_yaml",
+    "read_yaml",
+    "file_in_folder",
     "json_depth",
     "TensorEntry",
     "SafetensorsHeader",
@@ -72,6 +76,10 @@ class Limits:
     # Ultralytics yaml's nc: a dict of 5,000,000 class names costs 1.4 GB); the command
     # line's --num-classes has the same cap.
     classes: int = 1_000_000
+    # Layers a library's model config may ask for once its repeats are expanded (an
+    # Ultralytics yaml's layers x their repeat counts x the depth multiple): the largest
+    # YOLO builds a few hundred; a scale of 100000 would build modules for hours.
+    model_layers: int = 4096
     # A trusted recipe's model file must lie in the save's folder (a save carries it there);
     # True also runs one elsewhere ('../net.py', as saves before 0.2.1 recorded it), its
     # sha256 checked all the same. Hub saves are always confined to their repository.
@@ -82,7 +90,7 @@ class Limits:
 
     def __post_init__(self) -> None:
         for name in ("json_bytes", "header_bytes", "weights_bytes", "model_file_bytes", "json_depth", "base_chain",
-                     "unsaved_elements", "input_elements", "classes"):
+                     "unsaved_elements", "input_elements", "classes", "model_layers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise OptionError(f"Limits({name}={value!r}) is not valid: a limit is an integer >= 1")
@@ -154,7 +162,7 @@ def open_regular(path: str | Path, what: str, cap: int, limit: str) -> Iterator[
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ModelLoadError(f"cannot read {what}: not a regular file (a {_kind(st.st_mode)}: {str(path)!r}); "
-                                 "a save is made of regular files")
+                                 "retrofit reads regular files only")
         if st.st_size > cap:
             raise _over(what, st.st_size, cap, limit)
         if hasattr(os, "set_blocking"):
@@ -241,6 +249,102 @@ def read_json(path: str | Path, what: str) -> Any:
     return parse_json(read_regular(path, what, current_limits().json_bytes, "json_bytes"), what)
 
 
+def file_in_folder(folder: Path, name: str, what: str, where: str) -> Path:
+    """Where a file a save's recipe names (relative to the save, as retrofit writes it) lies:
+    inside ``folder``, its folders' symbolic links resolved, unless
+    ``Limits.model_file_outside_save``. Whether it exists is the caller's question.
+
+    Raises:
+        ModelLoadError: an absolute path, or (not allowed) a path that leads out of the save.
+    """
+    from pathlib import PureWindowsPath
+
+    if Path(name).is_absolute() or PureWindowsPath(name).is_absolute():
+        raise ModelLoadError(f"{where}: the recipe names {what} by an absolute path ({name!r}); a save names the files "
+                             "it carries relative to itself. Not reading it")
+    path = Path(folder) / name
+    real = path.parent.resolve() / path.name
+    if not real.is_relative_to(Path(folder).resolve()) and not current_limits().model_file_outside_save:
+        raise ModelLoadError(f"{where}: the recipe names {what} {name!r}, outside the save's folder; a save carries "
+                             "the files it needs. Not reading it (a file of your own elsewhere: "
+                             "Limits(model_file_outside_save=True))")
+    return real
+
+
+def _yaml_loader() -> type:
+    """A safe yaml loader (PyYAML's pure-Python one) that refuses aliases and counts nesting
+    as it composes: an alias makes a small file expand into a huge object ("billion
+    laughs": every model copy or JSON dump walks each shared list again), and the C loader
+    recurses once per level, so a deeply nested file kills the interpreter."""
+    import yaml
+
+    class BoundedLoader(yaml.SafeLoader):
+        depth = 0
+        what = "the yaml"
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise ModelLoadError(f"cannot read {self.what}: it uses a yaml alias (*{self.peek_event().anchor}, "
+                                     f"line {mark.line + 1}); retrofit reads model yamls without aliases, which can "
+                                     "make a small file expand without bound. Write the values out in full")
+            self.depth += 1
+            limit = current_limits().json_depth
+            if self.depth > limit:
+                mark = self.peek_event().start_mark
+                raise ModelLoadError(f"cannot read {self.what}: it nests deeper than the limit of {limit} "
+                                     f"(Limits.json_depth) at line {mark.line + 1}; a model yaml nests a few levels")
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return BoundedLoader
+
+
+def parse_yaml(data: bytes | str, what: str) -> Any:
+    """A yaml document from a file, under :func:`current_limits` (size and nesting as for
+    JSON); aliases are refused.
+
+    Raises:
+        ModelLoadError: not UTF-8, not yaml, an alias, nested too deeply, or over the size cap.
+    """
+    import yaml
+
+    limits = current_limits()
+    if len(data) > limits.json_bytes:
+        raise _over(what, len(data), limits.json_bytes, "json_bytes")
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+    except UnicodeDecodeError as e:
+        raise ModelLoadError(f"cannot read {what}: not UTF-8 text ({first_line(e)})") from e
+    loader = _yaml_loader()(text)
+    loader.what = what
+    try:
+        return loader.get_single_data()
+    except ModelLoadError:
+        raise
+    except yaml.YAMLError as e:
+        raise ModelLoadError(f"cannot read {what}: not valid yaml ({' '.join(str(e).split())})") from e
+    except RecursionError as e:
+        raise ModelLoadError(f"cannot read {what}: it nests too deeply to read") from e
+    except MemoryError as e:
+        raise ModelLoadError(f"cannot read {what}: it does not fit in memory; is it corrupted?") from e
+    except ValueError as e:  # a number too long to convert ("Exceeds the limit for integer string conversion")
+        raise ModelLoadError(f"cannot read {what}: {first_line(e)}") from e
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """A yaml file (an Ultralytics model yaml) under the limits, as :func:`parse_yaml`.
+
+    Raises:
+        ModelLoadError: see :func:`read_regular` and :func:`parse_yaml`.
+    """
+    return parse_yaml(read_regular(path, what, current_limits().json_bytes, "json_bytes"), what)
+
+
 # --------------------------------------------------------------------------- safetensors
 
 # Bits per element of the dtypes safetensors' torch loader reads (safetensors.torch._TYPES).
@@ -291,10 +395,11 @@ def read_safetensors_header(path: str | Path, what: str) -> SafetensorsHeader:
             if len(head) < 8:
                 raise corrupted(f"{size} bytes, shorter than a safetensors header")
             n = int.from_bytes(head, "little")
+            if 8 + n > size:  # first: a length no file of this size can hold is damage, not a large header
+                raise corrupted(f"its header claims to be {n} bytes long, but the whole file has {size} bytes "
+                                "(truncated, or not a safetensors file)")
             if n > limits.header_bytes:
                 raise _over(f"the header of {what}", n, limits.header_bytes, "header_bytes")
-            if 8 + n > size:
-                raise corrupted(f"its header claims {n} bytes but the file has {size} (truncated?)")
             raw = f.read(n)
         except OSError as e:
             raise ModelLoadError(f"cannot read {what}: {e.strerror or first_line(e)}") from e
@@ -318,10 +423,10 @@ def read_safetensors_header(path: str | Path, what: str) -> SafetensorsHeader:
         if dtype not in _DTYPE_BITS:
             raise corrupted(f"tensor {name!r}: unknown dtype {dtype!r} (valid: {', '.join(_DTYPE_BITS)})")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise corrupted(f"tensor {name!r}: shape {shape!r:.60} is not a list of integers >= 0")
+            raise corrupted(f"tensor {name!r}: shape {excerpt(shape, 60)} is not a list of integers >= 0")
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
                 or not 0 <= offsets[0] <= offsets[1] <= data_bytes):
-            raise corrupted(f"tensor {name!r}: data_offsets {offsets!r:.60} do not lie in the file's "
+            raise corrupted(f"tensor {name!r}: data_offsets {excerpt(offsets, 60)} do not lie in the file's "
                             f"{data_bytes} bytes of data (truncated?)")
         numel = 1
         for d in shape:

@@ -38,6 +38,7 @@ from .options import RetrofitOptions, leaf_name, plain_data
 from .readfile import current_limits
 from .scores import SiteScores
 from .specs import is_file_spec, split_file_spec
+from .text import excerpt
 
 __all__ = ["Recipe", "get_recipe", "attach_recipe", "recipe_of_result", "TRUST_HINT"]
 
@@ -65,8 +66,8 @@ def _check_input_size(size: Any, where: str) -> None:
     if size is None:
         return
     if not (1 <= len(size) <= 3 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)):
-        raise ModelLoadError(f"{where}: recipe field 'input_size' is {list(size)!r:.60}; valid: 1 to 3 integers >= 1 "
-                             "(S, [H, W] or [C, H, W])")
+        raise ModelLoadError(f"{where}: recipe field 'input_size' is {excerpt(list(size), 60)}; valid: 1 to 3 "
+                             "integers >= 1 (S, [H, W] or [C, H, W])")
     elements = 1
     for v in size:
         elements *= v
@@ -146,12 +147,13 @@ class Recipe:
         known = (set(_TYPES) | set(RetrofitOptions.names())) - {"options"}
         unknown = sorted(set(d) - known, key=str)
         if unknown:
-            raise ModelLoadError(f"{where}: unknown recipe field(s) {', '.join(f'{u!r:.40}' for u in unknown[:5])} "
+            raise ModelLoadError(f"{where}: unknown recipe field(s) {', '.join(excerpt(u, 40) for u in unknown[:5])} "
                                  f"(valid: {', '.join(sorted(known))}); was it written by a newer retrofit?")
         values: dict[str, Any] = {}
         for name, value in d.items():
             if not isinstance(value, _TYPES[name]):
-                raise ModelLoadError(f"{where}: recipe field {name!r} is a {type(value).__name__} ({value!r:.60})")
+                raise ModelLoadError(f"{where}: recipe field {name!r} is a {type(value).__name__} "
+                                     f"({excerpt(value, 60)})")
             values[name] = value
         for name in ("model_kwargs", "attn_args"):
             if not all(isinstance(k, str) for k in values.get(name, {})):
@@ -160,7 +162,8 @@ class Recipe:
             raise ModelLoadError(f"{where}: recipe field 'leaf_modules' must be a list of strings")
         sha = values.get("model_sha256")
         if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", sha):
-            raise ModelLoadError(f"{where}: recipe field 'model_sha256' is {sha!r:.80}, not a sha256 (64 hex digits)")
+            raise ModelLoadError(f"{where}: recipe field 'model_sha256' is {excerpt(sha, 80)}, not a sha256 (64 hex "
+                                 "digits)")
         _check_input_size(values.get("input_size"), where)
         values["base"] = base
         opts = {k: values.pop(k) for k in RetrofitOptions.names() if k in values}
@@ -198,6 +201,8 @@ class Recipe:
                 found.append(f"the model file {file!r} (its function {factory!r} builds the model)")
             elif r.model is not None and (framework := framework_of_spec(r.model)) is not None:
                 found += framework[0].foreign_code(framework[1], r.model_kwargs)
+            if r.model is not None and r.model.removeprefix("timm:").startswith("local-dir:"):
+                found.append(f"the timm model folder {r.model!r}, whose config.json timm would read from this machine")
             for key in _LOADING_KWARGS:
                 if key in r.model_kwargs:
                     found.append(f"the model argument {key}={r.model_kwargs[key]!r}, which loads a file")
@@ -271,7 +276,9 @@ class Recipe:
 
     def resolved(self, base_dir: Path | None, where: str = "the recipe") -> Recipe:
         """The inverse of :meth:`located`: a model file's path made absolute (relative to
-        ``base_dir``, the save's folder). A recipe read from a file must record the model
+        ``base_dir``, the save's folder); a library's config or yaml the recipe names by path
+        read from inside the save as data (:meth:`Framework.resolve
+        <retrofit.frameworks.Framework.resolve>`). A recipe read from a file must record the model
         file's sha256 and name it by a relative path; the hash is checked against the
         bytes that run, when they are read to be run (:func:`retrofit.build.build_base`).
         The file must lie in ``base_dir`` (its folders' symbolic links resolved), unless
@@ -282,6 +289,10 @@ class Recipe:
                 (unless allowed), or its hash is not recorded.
         """
         base = None if self.base is None else self.base.resolved(base_dir, where)
+        framework = None if self.model is None else framework_of_spec(self.model)
+        if framework is not None:  # a library's config or yaml the recipe names: read as data from the save
+            name, kwargs = framework[0].resolve(framework[1], self.model_kwargs, base_dir or Path.cwd(), where)
+            return replace(self, base=base, model=f"{framework[0].prefix}:{name}", model_kwargs=kwargs)
         if self.model is None or not is_file_spec(self.model):
             return replace(self, base=base)
         file, factory = split_file_spec(self.model)

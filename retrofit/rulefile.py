@@ -16,8 +16,9 @@ from types import MappingProxyType
 from typing import Any
 
 from .attention import GATES, check_reduction_args, get_attention, list_attention
-from .errors import RetrofitError, RuleError
+from .errors import ModelLoadError, RetrofitError, RuleError
 from .options import ON_EXISTING
+from .readfile import open_regular
 from .sites import SITE_KINDS
 
 __all__ = ["Rule", "RuleSet", "load_rules", "parse_rules", "builtin_rules_dir", "list_builtin_rules", "resolve_rules",
@@ -305,8 +306,12 @@ def load_rules(path: str | Path, name: str | None = None) -> RuleSet:
     """
     path = Path(path)
     try:
-        with path.open("rb") as f:  # not read_bytes(): a FIFO or /dev/zero has no size to stop at
+        # The reader every file from others goes through: a FIFO is refused at once (never
+        # waited on), a device or socket too; the size is capped here, read by read.
+        with open_regular(path, f"rule file {str(path)!r}", 1 << 62, "json_bytes") as (f, _):
             data = f.read(MAX_RULE_FILE_BYTES + 1)
+    except ModelLoadError as e:
+        raise RuleError(str(e)) from e
     except OSError as e:
         raise RuleError(f"cannot read rule file {str(path)!r}: {e.strerror or e}") from e
     if len(data) > MAX_RULE_FILE_BYTES:

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from .atomic import WriteFn, write_file_atomic, write_folder_atomic
+from .checkpoint import OLD_TRAIN_FORMAT, TRAIN_FORMAT
 from .errors import ModelLoadError, SaveError, first_line
 from .readfile import (
     SafetensorsHeader,
@@ -43,6 +44,7 @@ from .readfile import (
     read_safetensors_header,
 )
 from .recipe import Recipe
+from .text import excerpt, shorten
 
 __all__ = [
     "FORMAT",
@@ -64,8 +66,7 @@ __all__ = [
 ]
 
 FORMAT = "retrofit/2"
-TRAIN_FORMAT = "retrofit-train/2"
-_OLD_FORMAT, _OLD_TRAIN_FORMAT = "retrofit/1", "retrofit-train/1"
+_OLD_FORMAT = "retrofit/1"
 _META_KEY = "retrofit_recipe"
 WEIGHTS_FILE, RECIPE_FILE = "model.safetensors", "recipe.json"  # a folder save's two files
 # A folder written by transformers' or smp's save_pretrained: the recipe is in its config.
@@ -257,10 +258,10 @@ def load_training_state(path: str | Path, map_location: str | torch.device | Non
             raise ModelLoadError(f"cannot read {what}: it does not fit in memory; is it corrupted?") from e
         except Exception as e:
             raise ModelLoadError(
-                f"cannot read {what} ({type(e).__name__} in torch.load: {first_line(e)[:200]}); "
+                f"cannot read {what} ({type(e).__name__} in torch.load: {shorten(first_line(e), 200)}); "
                 "expected a last.pt or best.pt written by retrofit.finetune.fit"
             ) from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") not in (TRAIN_FORMAT, _OLD_TRAIN_FORMAT):
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in (TRAIN_FORMAT, OLD_TRAIN_FORMAT):
         raise ModelLoadError(
             f"{str(path)!r} is not a retrofit training checkpoint (expected format {TRAIN_FORMAT!r}); "
             "it must come from retrofit.finetune.fit (last.pt or best.pt)"
@@ -277,7 +278,7 @@ def _checkpoint_state(ckpt: Mapping[str, Any], where: str) -> dict[str, torch.Te
                              "it was not written by retrofit.finetune.fit")
     for k, v in state.items():
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
-            raise ModelLoadError(f"{where!r}: the checkpoint's 'model' entry {k!r:.60} is a {type(v).__name__}, "
+            raise ModelLoadError(f"{where!r}: the checkpoint's 'model' entry {excerpt(k, 60)} is a {type(v).__name__}, "
                                  "not a tensor; it was not written by retrofit.finetune.fit")
     return dict(state)
 
@@ -286,12 +287,12 @@ def _versions(value: Any, where: str) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise ModelLoadError(f"{where!r}: field 'versions' is a {type(value).__name__} ({value!r:.60}), not a "
+        raise ModelLoadError(f"{where!r}: field 'versions' is a {type(value).__name__} ({excerpt(value, 60)}), not a "
                              "table of package versions ({\"torch\": \"2.4.0\", ...})")
     bad = next(((k, v) for k, v in value.items() if not isinstance(k, str) or not isinstance(v, str)), None)
     if bad is not None:
-        raise ModelLoadError(f"{where!r}: field 'versions' gives {bad[0]!r:.40} the {type(bad[1]).__name__} "
-                             f"{bad[1]!r:.40}, not a version string")
+        raise ModelLoadError(f"{where!r}: field 'versions' gives {excerpt(bad[0], 40)} the {type(bad[1]).__name__} "
+                             f"{excerpt(bad[1], 40)}, not a version string")
     return dict(value)
 
 
@@ -299,12 +300,12 @@ def _buffers(value: Any, where: str) -> tuple[str, ...]:
     if value is None:
         return ()
     if not isinstance(value, (list, tuple)):
-        raise ModelLoadError(f"{where!r}: field 'buffers' is a {type(value).__name__} ({value!r:.60}), not a "
+        raise ModelLoadError(f"{where!r}: field 'buffers' is a {type(value).__name__} ({excerpt(value, 60)}), not a "
                              "list of tensor names")
     bad = next((v for v in value if not isinstance(v, str)), None)
     if bad is not None:
-        raise ModelLoadError(f"{where!r}: field 'buffers' holds the {type(bad).__name__} {bad!r:.40}, not a tensor "
-                             "name")
+        raise ModelLoadError(f"{where!r}: field 'buffers' holds the {type(bad).__name__} {excerpt(bad, 40)}, not a "
+                             "tensor name")
     return tuple(value)
 
 
@@ -341,7 +342,7 @@ def _old_rule_file(name: Any, folder: Path, where: str) -> Any:
     import tomllib
 
     if not isinstance(name, str):
-        raise ModelLoadError(f"{where}: its rule file {name!r:.60} is not a file name")
+        raise ModelLoadError(f"{where}: its rule file {excerpt(name, 60)} is not a file name")
     rel = PurePath(name)
     if rel.is_absolute() or ".." in rel.parts:
         raise ModelLoadError(f"{where}: its rule file {name!r} lies outside the checkpoint's folder; an old "
@@ -388,7 +389,7 @@ def _recipe_of_old_checkpoint(spec: Any, where: str, folder: Path) -> Recipe:
             "fuse": spec.get("fuse", True), "keep_class": spec.get("keep_class", False),
         }, where)
     except (TypeError, AttributeError) as e:
-        raise ModelLoadError(f"{where}: its {_OLD_TRAIN_FORMAT} model spec is malformed ({first_line(e)})") from e
+        raise ModelLoadError(f"{where}: its {OLD_TRAIN_FORMAT} model spec is malformed ({first_line(e)})") from e
 
 
 def read_save(path: str | Path, where: str | None = None) -> SavedModel:
@@ -421,7 +422,7 @@ def _read_save(path: Path, where: str) -> SavedModel:
     if path.suffix in _TRAIN_SUFFIXES:
         ckpt = load_training_state(path)
         _checkpoint_state(ckpt, where)
-        if ckpt["format"] == _OLD_TRAIN_FORMAT:
+        if ckpt["format"] == OLD_TRAIN_FORMAT:
             if ckpt.get("spec") is None:
                 raise ModelLoadError(f"{where!r} has no model spec; it cannot be rebuilt")
             recipe = _recipe_of_old_checkpoint(ckpt["spec"], where, path.parent)
@@ -458,7 +459,7 @@ def _read_save(path: Path, where: str) -> SavedModel:
     elif fmt == FORMAT:
         recipe = _recipe_of(header.get("recipe"), where)
     else:
-        raise ModelLoadError(f"{where!r}: unknown recipe format {fmt!r:.60} (this retrofit reads {FORMAT!r})")
+        raise ModelLoadError(f"{where!r}: unknown recipe format {excerpt(fmt, 60)} (this retrofit reads {FORMAT!r})")
     return SavedModel(path, "folder" if path.is_dir() else "file", recipe, path if path.is_dir() else path.parent,
                       _versions(header.get("versions"), where), _buffers(header.get("buffers"), where))
 
@@ -479,7 +480,7 @@ def _weight_files(folder: Path, where: str | None = None) -> list[Path]:
     names = list(dict.fromkeys(weight_map.values()))
     for n in names:
         if not isinstance(n, str) or not n or n in (".", "..") or "/" in n or "\\" in n or "\0" in n:
-            raise ModelLoadError(f"cannot read {what}: its weight_map names {n!r:.60}, not a file in the folder")
+            raise ModelLoadError(f"cannot read {what}: its weight_map names {excerpt(n, 60)}, not a file in the folder")
     return [folder / n for n in names]
 
 

@@ -14,7 +14,7 @@ This module imports nothing from retrofit: every layer may use it.
 
 from __future__ import annotations
 
-__all__ = ["printable", "printable_lines"]
+__all__ = ["printable", "printable_lines", "shorten", "excerpt"]
 
 
 _SHORT = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}  # as repr() writes them
@@ -55,3 +55,31 @@ def printable_lines(text: str) -> str:
     """:func:`printable` on each line of ``text``, keeping its ``"\\n"`` line breaks (for
     tables and multi-line output; a ``"\\r"`` is still escaped)."""
     return "\n".join(printable(line) for line in text.split("\n"))
+
+
+def shorten(text: str, width: int) -> str:
+    """``text`` in at most about ``width`` characters, cut where a sentence or a clause ends
+    (after ``.``, ``;``, ``:`` or ``,``), else between words, and marked with ``" ..."``:
+    never in the middle of a word. Text that fits is returned as it is.
+
+    Example:
+        >>> shorten("first part; second part that is long", 20)
+        'first part; ...'
+    """
+    text = " ".join(text.split())
+    if len(text) <= width:
+        return text
+    head = text[:width + 1]
+    for marks in ((". ", "; ", ": "), (", ",)):
+        cut = max(head.rfind(m) for m in marks)
+        if cut >= width // 3:
+            return text[:cut + 1] + " ..."
+    cut = head.rfind(" ")
+    return (text[:cut] if cut > 0 else text[:width]) + " ..."
+
+
+def excerpt(value: object, width: int = 60) -> str:
+    """``repr(value)`` in at most ``width`` characters; a longer one is cut and ends in ``...``
+    (for a value from a file quoted in a message: its start says what it is)."""
+    text = repr(value)
+    return text if len(text) <= width else text[:max(width - 3, 1)] + "..."

@@ -105,3 +105,12 @@ def run_cli(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None,
         os.environ.clear()
         os.environ.update(environ)  # `-q` quiets huggingface_hub through the environment
     return subprocess.CompletedProcess(["retrofit", *args], code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="module")
+def yolo_save(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder save of a five-layer YOLO with SE (tests/hostile_yolo.py); tests edit copies."""
+    pytest.importorskip("ultralytics")
+    from .hostile_yolo import make_yolo_save
+
+    return make_yolo_save(tmp_path_factory.mktemp("yolo"))

@@ -134,7 +134,7 @@ def test_yolo_save_holds_no_code_and_loads_without_trust(yolov8n: nn.Module, kee
 
 @pytest.mark.parametrize("field,value,what", [
     ("activation", "__import__('pathlib').Path('CANARY').touch() or nn.SiLU()", "activation"),
-    ("layer", "torch_safe_load", "not an Ultralytics, torch.nn or torchvision.ops layer class"),
+    ("layer", "torch_safe_load", "not a layer class of Ultralytics, torch.nn or torchvision.ops"),
 ])
 def test_a_yolo_yaml_that_runs_code_is_refused(yolov8n: nn.Module, tmp_path: Path, monkeypatch, field: str,
                                                value: str, what: str) -> None:

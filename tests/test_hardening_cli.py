@@ -108,9 +108,15 @@ def test_a_rule_file_nested_too_deeply(tmp_path: Path) -> None:
 
 
 def test_a_rule_file_that_never_ends(tmp_path: Path) -> None:
-    """/dev/zero (or a huge file) is read up to the cap, not until memory runs out."""
-    with pytest.raises(RuleError, match=r"^/dev/zero: longer than 1 MiB; not a rule file"):
+    """/dev/zero is not a regular file (refused unread, as every file from others is); a huge
+    file is read up to the cap, not until memory runs out."""
+    with pytest.raises(RuleError, match=r"^cannot read rule file '/dev/zero': not a regular file \(a character "
+                                        r"device"):
         load_rules("/dev/zero")
+    big = tmp_path / "big.toml"
+    big.write_bytes(b"#" * (2 << 20))
+    with pytest.raises(RuleError, match=r"big.toml: longer than 1 MiB; not a rule file"):
+        load_rules(big)
 
 
 # --------------------------------------------------------------------------- --out names

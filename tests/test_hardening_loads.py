@@ -298,13 +298,17 @@ def test_size_caps(tmp_path: Path, saved: dict[str, Any]) -> None:
         retrofit.load(path, limits=Limits(json_bytes=1000))
     with pytest.raises(ModelLoadError, match=r"over the limit of 1000 bytes \(Limits.weights_bytes\)"):
         retrofit.load(saved["file"], limits=Limits(weights_bytes=1000))
-    # a header length of 2**40 bytes: refused from its first 8 bytes
+    # a header length of 2**40 bytes in a file of 10: damage, refused from its first 8 bytes
     big = tmp_path / "big.safetensors"
     big.write_bytes((1 << 40).to_bytes(8, "little") + b"{}")
-    with pytest.raises(ModelLoadError, match=r"the header of saved model '.*big.safetensors': 1048576.0 MiB, over "
-                                             r"the limit of 64.0 MiB "
-                                             r"\(Limits.header_bytes\)"):
+    with pytest.raises(ModelLoadError, match=r"cannot read saved model '.*big.safetensors' \(corrupted\?\): its "
+                                             r"header claims to be 1099511627776 bytes long, but the whole file has "
+                                             r"10 bytes \(truncated, or not a safetensors file\)"):
         retrofit.load(big)
+    # a header longer than the cap, in a file that holds it: over the limit
+    with pytest.raises(ModelLoadError, match=r"the header of saved model '.*m.safetensors': .* over the limit of 100 "
+                                             r"bytes \(Limits.header_bytes\)"):
+        retrofit.load(saved["file"], limits=Limits(header_bytes=100))
     # the default limits hold what a save needs
     assert isinstance(retrofit.load(path), nn.Module)
 

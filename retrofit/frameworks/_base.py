@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -54,6 +55,17 @@ class Framework:
         """What building ``name`` with ``kwargs`` would import or run beyond the library's
         own classes (empty: nothing)."""
         return []
+
+    def resolve(self, name: str, kwargs: Mapping[str, Any], folder: Path, where: str) -> tuple[str, dict[str, Any]]:
+        """The spec name and arguments of a recipe read from a save in ``folder``, where what
+        they name on disk (a library's config or yaml) is read here, as data, from inside the
+        save (:func:`retrofit.readfile.file_in_folder`), so that the build reads no file.
+        Called after the recipe's trust was checked.
+
+        Raises:
+            ModelLoadError: the file lies outside the save, is missing or over a limit.
+        """
+        return name, dict(kwargs)
 
     def title(self, name: str, kwargs: Mapping[str, Any]) -> str:
         """How a model card names a model of this library built from ``name`` and ``kwargs``."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
@@ -45,6 +46,14 @@ class SegmentationModels(Framework):
             return None  # an argument that is an object (an activation class): not plain data
         kwargs["encoder_weights"] = None  # the weights are the model's own, saved beside the recipe
         return f"smp:{cls.__name__}", kwargs
+
+    def foreign_code(self, name: str, kwargs: Mapping[str, Any]) -> list[str]:
+        # smp builds a "tu-NAME" encoder with timm.create_model(NAME): a NAME of the form
+        # local-dir:PATH makes timm read PATH/config.json from this machine.
+        encoder = kwargs.get("encoder_name")
+        if isinstance(encoder, str) and encoder.startswith("tu-local-dir:"):
+            return [f"the encoder {encoder!r}, a timm model folder read from this machine"]
+        return []
 
     def _class(self, name: str) -> type[nn.Module]:
         smp = self.require()

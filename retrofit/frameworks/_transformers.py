@@ -23,6 +23,8 @@ from typing import Any, Protocol, cast
 from torch import nn
 
 from ..errors import ModelLoadError, first_line
+from ..readfile import file_in_folder, json_depth, read_json
+from ..text import shorten
 from ._base import Framework, register_framework
 
 __all__ = ["Transformers", "CONFIG_KEY"]
@@ -56,13 +58,31 @@ def _quiet() -> Iterator[None]:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read {str(path)!r}: {first_line(e)}") from e
+    """A ``config.json`` read as retrofit reads every file from others: a regular file, under
+    ``Limits.json_bytes``, nesting capped (:func:`retrofit.readfile.read_json`)."""
+    config = read_json(path, f"the transformers config {str(path)!r}")
     if not isinstance(config, dict):
         raise ModelLoadError(f"{str(path)!r} is not a JSON object")
     return config
+
+
+def _remote_keys(config: Any) -> list[str]:
+    """The keys naming remote code (``auto_map``, ``trust_remote_code``) anywhere in a config,
+    sub-configs (a backbone's, a text model's) included, and a timm backbone named as a
+    folder of this machine (``local-dir:``, whose config.json timm reads); walked without
+    recursion."""
+    found: list[str] = []
+    todo = [config]
+    while todo:
+        value = todo.pop()
+        if isinstance(value, Mapping):
+            found += [k for k in _REMOTE if value.get(k)]
+            todo.extend(value.values())
+        elif isinstance(value, list):
+            todo.extend(value)
+        elif isinstance(value, str) and value.startswith("local-dir:"):
+            found.append(f"a timm model folder {value!r}")
+    return sorted(set(found))
 
 
 def _architecture(config: Mapping[str, Any], where: str) -> str:
@@ -110,11 +130,25 @@ class Transformers(Framework):
 
     def foreign_code(self, name: str, kwargs: Mapping[str, Any]) -> list[str]:
         config = kwargs.get("config")
-        if isinstance(config, Mapping):
-            named = [k for k in _REMOTE if config.get(k)]
+        if isinstance(config, Mapping) and json_depth(config, 256) <= 256:
+            named = _remote_keys(config)
             if named:
                 return [f"the remote code its transformers config names ({', '.join(named)})"]
         return []
+
+    def resolve(self, name: str, kwargs: Mapping[str, Any], folder: Path, where: str) -> tuple[str, dict[str, Any]]:
+        # A save carries its config (retrofit.save's recipe, save_pretrained's config.json); a
+        # recipe naming a folder reads that folder's config.json from inside the save, capped,
+        # and nothing is fetched from the Hub or read from elsewhere on this machine.
+        if "config" in kwargs:
+            return name, dict(kwargs)
+        file = file_in_folder(folder, f"{name}/config.json", "the transformers config", where)
+        if not file.is_file():
+            raise ModelLoadError(f"{where}: the recipe names transformers:{name} without its config, and the save "
+                                 f"holds no {name}/config.json; a save carries the config of the model it holds "
+                                 "(retrofit.save and save_pretrained write it)")
+        config = _read_config(file)
+        return _architecture(config, f"{where} ({name}/config.json)"), {**kwargs, "config": config}
 
     def build(self, name: str, *, pretrained: bool = False, trust_code: bool = False, **kwargs: Any) -> nn.Module:
         config = kwargs.pop("config", None)
@@ -142,9 +176,7 @@ class Transformers(Framework):
             with _quiet():
                 return cls(cls.config_class.from_dict(dict(config or {}), **kwargs))
         except ImportError as e:  # a model that needs another package (Dinat: natten)
-            text = " ".join(str(e).split())
-            text = text if len(text) <= 300 else text[:text.rfind(". ", 0, 300) + 1]  # whole sentences
-            raise ModelLoadError(f"cannot build transformers:{name}: {text}") from e
+            raise ModelLoadError(f"cannot build transformers:{name}: {shorten(str(e), 300)}") from e
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             got = f" with {', '.join(f'{k}={v!r}' for k, v in kwargs.items())}" if kwargs else ""
             raise ModelLoadError(f"cannot build transformers:{name}{got}: {type(e).__name__}: {first_line(e)}") from e

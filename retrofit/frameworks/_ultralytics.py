@@ -3,12 +3,20 @@
 An Ultralytics model keeps the yaml it was built from (``model.yaml``: layers, scale, class
 count); a recipe holds that dict and the model class (``ultralytics:yolov8n.yaml`` +
 ``{"cfg": {...}, "model_class": "DetectionModel"}``). Building it again parses the dict
-with Ultralytics' own ``parse_model``, after checking that every layer it names is a model
-layer (an ``nn.Module`` class of Ultralytics, ``torch.nn`` or ``torchvision.ops``) and that
-the activation is a ``torch.nn`` call with literal arguments: Ultralytics ``eval``s the
-activation string and calls whatever a layer name resolves to, so a yaml from someone else
-is otherwise code. An Ultralytics checkpoint (``.pt``) is a pickle: reading one runs code
-and needs ``trust_code``.
+with Ultralytics' own ``parse_model``, which ``eval``s the activation string, looks every
+layer name up in its module's globals and calls what it finds, and turns string arguments
+into local variables or literals. So before Ultralytics sees a yaml, trusted or not, every
+field it evaluates or looks up is checked against an allow-list (:func:`layer_problems`):
+layer names must be layer classes of Ultralytics' own modules, ``torch.nn`` or
+``torchvision.ops`` (never a whole-model class, which reads yaml files of its own);
+the activation an element-wise ``torch.nn`` activation called with literals; arguments
+literals, or the two names Ultralytics' yamls use (``nc``, ``kpt_shape``); the scales and the
+number of layers they expand to within :class:`~retrofit.readfile.Limits`. A yaml file is
+read by :func:`retrofit.readfile.read_yaml` (size and nesting capped, aliases refused),
+never by Ultralytics' own reader. A recipe read from a save must carry its yaml as ``cfg``;
+one that names a yaml file instead is refused without ``trust_code`` (and with it, the file
+must lie inside the save). An Ultralytics checkpoint (``.pt``) is a pickle: reading one
+runs code and needs ``trust_code``.
 """
 
 from __future__ import annotations
@@ -27,10 +35,11 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import ModelLoadError, UntrustedCodeError, first_line
-from ..readfile import current_limits
+from ..readfile import current_limits, file_in_folder, read_yaml
+from ..text import excerpt
 from ._base import Framework, register_framework
 
-__all__ = ["Ultralytics", "MODEL_CLASSES", "layer_problems"]
+__all__ = ["Ultralytics", "MODEL_CLASSES", "layer_problems", "code_problems"]
 
 # The model classes a recipe may name (ultralytics.nn.tasks), by the head that makes them.
 MODEL_CLASSES = ("DetectionModel", "SegmentationModel", "ClassificationModel", "PoseModel", "OBBModel",
@@ -59,33 +68,61 @@ def offline() -> Iterator[None]:
             os.environ["YOLO_OFFLINE"] = saved
 
 
-def _module_class(name: str) -> type[nn.Module] | None:
-    """The nn.Module class a yaml layer name resolves to in Ultralytics' parse_model, or None."""
+def _module_class(name: str, trusted: bool = False) -> type[nn.Module] | None:
+    """The layer class a yaml layer name resolves to in Ultralytics' parse_model, if it is one
+    a yaml may name: a layer of Ultralytics' own modules (``ultralytics.nn.modules``), of
+    ``torch.nn`` or of ``torchvision.ops``. With ``trusted``, also another ``nn.Module``
+    class found where parse_model looks (a layer the user added to Ultralytics' namespace),
+    but never a whole-model class (those read yaml files of their own)."""
     import torch
     import torchvision
     from ultralytics.nn import tasks
 
     if name.startswith("nn."):
-        obj = getattr(torch.nn, name[3:], None)
+        obj, home = getattr(torch.nn, name[3:], None), "torch.nn.modules."
     elif name.startswith("torchvision.ops."):
-        obj = getattr(torchvision.ops, name[16:], None)
+        obj, home = getattr(torchvision.ops, name[16:], None), "torchvision.ops."
     else:
-        obj = vars(tasks).get(name)
-    return obj if isinstance(obj, type) and issubclass(obj, nn.Module) else None
+        obj, home = vars(tasks).get(name), "ultralytics.nn.modules."
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        return None
+    if obj.__module__.startswith(home):
+        return obj
+    return obj if trusted and home.startswith("ultralytics") and not issubclass(obj, tasks.BaseModel) else None
 
 
-def _literal(node: ast.AST) -> bool:
+# The activations a yaml may set (``activation: nn.SiLU()``): element-wise torch.nn layers,
+# called with literal numbers, booleans or strings (``nn.LeakyReLU(0.1)``, ``nn.GELU(approximate="tanh")``).
+_ACTIVATIONS = frozenset({"ReLU", "ReLU6", "LeakyReLU", "SiLU", "GELU", "Hardswish", "Hardsigmoid", "Sigmoid",
+                          "Tanh", "Mish", "ELU", "SELU", "CELU", "Softplus", "Hardtanh", "Identity", "Tanhshrink",
+                          "Softsign", "LogSigmoid"})
+# String arguments parse_model replaces by its local variable of that name: the two that
+# Ultralytics' own yamls use. Any other local (the whole config, the layer list, ...) is refused.
+_ARG_NAMES = frozenset({"nc", "kpt_shape"})
+_MAX_ARG_TEXT = 256  # characters of a string argument (Ultralytics' are a word: "nearest", "None")
+_MAX_ARG_DEPTH = 4  # nesting of an argument (lists of lists of ints at most, in Ultralytics' yamls)
+_MAX_NUMBER = 1 << 20  # magnitude of a number in an argument or activation (channels, kernel sizes, ...)
+_MAX_MULTIPLE = 16.0  # a depth or width multiple (Ultralytics' largest scales use 1.33 and 1.25)
+_MAX_CHANNELS = 1 << 16  # a scale's max_channels (Ultralytics' use 512 to 2048)
+_MAX_REPEATS = 64  # a layer's repeat count before the depth multiple (Ultralytics' use at most 9)
+
+
+def _literal_number(node: ast.AST) -> bool:
+    """A literal number, boolean, string or None, of a sane magnitude (``-1``, ``0.1``, ``True``)."""
     try:
-        ast.literal_eval(node)
-        return True
+        value = ast.literal_eval(node)
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         return False
+    if isinstance(value, str):
+        return len(value) <= _MAX_ARG_TEXT
+    return value is None or (isinstance(value, (int, float)) and abs(value) <= _MAX_NUMBER)
 
 
 def _safe_activation(text: str) -> bool:
-    """``nn.SiLU()``, ``torch.nn.LeakyReLU(0.1)``: a torch.nn layer called with literals."""
-    import torch
-
+    """``nn.SiLU()``, ``torch.nn.LeakyReLU(0.1)``: an element-wise torch.nn activation
+    called with literals, nothing else (Ultralytics ``eval``s this text)."""
+    if len(text) > _MAX_ARG_TEXT:
+        return False
     try:
         tree = ast.parse(text, mode="eval").body
     except (SyntaxError, ValueError, RecursionError, MemoryError):
@@ -96,15 +133,108 @@ def _safe_activation(text: str) -> bool:
     named = (isinstance(base, ast.Name) and base.id == "nn") or (
         isinstance(base, ast.Attribute) and base.attr == "nn" and isinstance(base.value, ast.Name)
         and base.value.id == "torch")
-    obj = getattr(torch.nn, tree.func.attr, None)
-    return (named and isinstance(obj, type) and issubclass(obj, nn.Module)
-            and all(_literal(a) for a in tree.args) and all(_literal(k.value) for k in tree.keywords))
+    return (named and tree.func.attr in _ACTIVATIONS and all(_literal_number(a) for a in tree.args)
+            and all(k.arg is not None and _literal_number(k.value) for k in tree.keywords))
 
 
-def layer_problems(cfg: Any) -> list[str]:
-    """What in an Ultralytics model yaml (a dict) is not plain model data: layer names that
-    are not model layers, an activation that is not a ``torch.nn`` call with literals, a
-    malformed layer list. Empty: building it runs no code but Ultralytics' layers."""
+def _arg_problem(value: Any, depth: int = 0) -> str | None:
+    """Why a layer argument is not plain data parse_model may take, or None."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return None if abs(value) <= _MAX_NUMBER else f"the number {excerpt(value, 40)} is out of range"
+    if isinstance(value, str):
+        if len(value) > _MAX_ARG_TEXT:
+            return f"a string argument of {len(value)} characters (at most {_MAX_ARG_TEXT})"
+        if value in _ARG_NAMES:
+            return None
+        from ultralytics.nn.tasks import parse_model
+
+        if value in parse_model.__code__.co_varnames:  # parse_model would pass its own variable
+            return f"the string {value!r}, which Ultralytics replaces by its internal variable of that name"
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            return None  # stays a string ("nearest")
+        return None if isinstance(parsed, str) else _arg_problem(parsed, depth)
+    if isinstance(value, (list, tuple)):
+        if depth >= _MAX_ARG_DEPTH:
+            return f"an argument nested more than {_MAX_ARG_DEPTH} levels"
+        return next((p for v in value if (p := _arg_problem(v, depth + 1)) is not None), None)
+    return f"a {type(value).__name__} argument ({excerpt(value, 40)})"
+
+
+def _number(cfg: Mapping[str, Any], key: str, low: float, high: float, integer: bool = False) -> str | None:
+    value = cfg.get(key)
+    kind = int if integer else (int, float)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, kind) or not low < value <= high:
+        return f"its {key} {excerpt(value, 40)} is not a number in ({low:g}, {high:g}]"
+    return None
+
+
+def _scale_problems(cfg: Mapping[str, Any]) -> tuple[list[str], float]:
+    """What is wrong with a yaml's scales and multiples, and the depth multiple it builds with."""
+    out = [p for key in ("depth_multiple", "width_multiple") if (p := _number(cfg, key, 0, _MAX_MULTIPLE))]
+    depth = cfg.get("depth_multiple", 1.0)
+    scales = cfg.get("scales")
+    if scales is None:
+        return out, depth if isinstance(depth, (int, float)) and not out else 1.0
+    if not isinstance(scales, Mapping) or not scales:
+        return [*out, f"its scales {excerpt(scales, 60)} are not a table of [depth, width, max_channels]"], 1.0
+    for name, row in scales.items():
+        if not (isinstance(row, list) and len(row) == 3 and all(isinstance(v, (int, float))
+                                                                and not isinstance(v, bool) for v in row)):
+            out.append(f"its scale {excerpt(name, 20)} is {excerpt(row, 60)}, not [depth, width, max_channels]")
+        elif not (0 < row[0] <= _MAX_MULTIPLE and 0 < row[1] <= _MAX_MULTIPLE and 0 < row[2] <= _MAX_CHANNELS):
+            out.append(f"its scale {excerpt(name, 20)} is {excerpt(row, 60)}: depth and width multiples must lie "
+                       f"in (0, {_MAX_MULTIPLE:g}] and max_channels in (0, {_MAX_CHANNELS}]")
+    scale = cfg.get("scale") or next(iter(scales))
+    row = scales.get(scale) if isinstance(scale, str) else None
+    if row is None:
+        out.append(f"its scale {excerpt(scale, 20)} is not one of its scales ({', '.join(map(str, scales))})")
+    return out, row[0] if not out and row is not None else 1.0
+
+
+def layer_problems(cfg: Any, trusted: bool = False) -> list[str]:
+    """What in an Ultralytics model yaml (a dict) is not plain model data: what
+    :func:`code_problems` finds, then scales out of range and more layers than
+    ``Limits.model_layers`` (a model that would take hours to build). Empty: building it
+    runs no code but Ultralytics' layers, in bounded time."""
+    out = code_problems(cfg, trusted)
+    if out or not isinstance(cfg, Mapping):
+        return out
+    scale_problems, depth = _scale_problems(cfg)
+    out += scale_problems
+    out += [p for key in ("reg_max", "channels") if (p := _number(cfg, key, 0, 1024, integer=True))]
+    for i, layer in enumerate(_layers(cfg)):
+        if layer[1] > _MAX_REPEATS:
+            out.append(f"layer {i} repeats {layer[1]} times, not 1 to {_MAX_REPEATS}")
+    if out:
+        return out
+    built = sum((max(round(layer[1] * depth), 1) if layer[1] > 1 else layer[1]) for layer in _layers(cfg))
+    cap = current_limits().model_layers
+    if built > cap:
+        out.append(f"its layers expand to {built} modules with its depth multiple {depth:g}, over the limit of {cap} "
+                   "(Limits.model_layers)")
+    kpt = cfg.get("kpt_shape")
+    if kpt is not None and not (isinstance(kpt, list) and len(kpt) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 4096 for v in kpt)):
+        out.append(f"its kpt_shape {excerpt(kpt, 40)} is not [keypoints, dims]")
+    return out
+
+
+def _layers(cfg: Mapping[str, Any]) -> list[list[Any]]:
+    return [layer for part in ("backbone", "head") if isinstance(cfg.get(part), list) for layer in cfg[part]]
+
+
+def code_problems(cfg: Any, trusted: bool = False) -> list[str]:
+    """What in an Ultralytics model yaml would make Ultralytics run more than its layers:
+    layer names that are not layer classes, an activation that is not an element-wise
+    ``torch.nn`` call with literals, arguments that are not literals, a malformed layer list.
+    ``trusted`` (the user passed ``trust_code``) admits layer classes added to Ultralytics'
+    namespace; nothing else changes."""
     if not isinstance(cfg, Mapping):
         return [f"the model yaml is a {type(cfg).__name__}, not a table"]
     out: list[str] = []
@@ -118,15 +248,63 @@ def layer_problems(cfg: Any) -> list[str]:
     if not layers:
         out.append("it has no layers (backbone, head)")
     for part, i, layer in layers:
-        if not (isinstance(layer, list) and len(layer) == 4 and isinstance(layer[2], str)):
-            out.append(f"{part} layer {i} is not [from, repeats, module, args]: {layer!r:.80}")
-        elif _module_class(layer[2]) is None:
-            out.append(f"{part} layer {i} names {layer[2]!r:.60}, which is not an Ultralytics, torch.nn or "
-                       "torchvision.ops layer class (Ultralytics would call it)")
+        if not (isinstance(layer, list) and len(layer) == 4 and isinstance(layer[2], str)
+                and isinstance(layer[3], list)):
+            out.append(f"{part} layer {i} is not [from, repeats, module, [args]]: {excerpt(layer, 80)}")
+            continue
+        frm, n, name, args = layer
+        if not (isinstance(frm, int) or (isinstance(frm, list) and frm and all(isinstance(f, int) for f in frm))) \
+                or isinstance(frm, bool):
+            out.append(f"{part} layer {i} takes its input from {excerpt(frm, 40)}, not a layer index or a list of them")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            out.append(f"{part} layer {i} repeats {excerpt(n, 40)} times, not a count >= 1")
+        if _module_class(name, trusted) is None:
+            out.append(f"{part} layer {i} names {excerpt(name, 60)}, which is not a layer class of Ultralytics, "
+                       "torch.nn or torchvision.ops (Ultralytics would call it)")
+        problem = _arg_problem(args)
+        if problem is not None:
+            out.append(f"{part} layer {i} ({name:.40}) has {problem}; arguments are literals, nc or kpt_shape")
     act = cfg.get("activation")
     if act is not None and not (isinstance(act, str) and _safe_activation(act)):
-        out.append(f"its activation {act!r:.60} is not a torch.nn layer called with literals (Ultralytics evals it)")
+        out.append(f"its activation {excerpt(act, 60)} is not an element-wise torch.nn activation called with literals "
+                   f"({', '.join(f'nn.{a}()' for a in sorted(_ACTIVATIONS)[:4])}, ...; Ultralytics evals it)")
     return out
+
+
+def _is_checkpoint(name: str) -> bool:
+    return Path(name).suffix in (".pt", ".pth")
+
+
+def _shipped_yaml(name: str) -> Path | None:
+    """The model yaml Ultralytics ships for ``name`` (``yolov8n.yaml`` is ``yolov8.yaml`` at
+    scale n; a P6 name is renamed as Ultralytics renames it), looked up in the installed
+    package's ``cfg`` folder only: never a file of that name in the current folder."""
+    import re
+
+    import ultralytics
+
+    stem = Path(name).stem
+    if Path(name).name != name or not re.fullmatch(r"[\w.-]+", stem):
+        return None
+    if stem in (f"yolov{d}{x}6" for x in "nsmlx" for d in (5, 8)):
+        stem = re.sub(r"(\d+)([nslmx])6(.+)?$", r"\1\2-p6\3", stem)
+    root = Path(ultralytics.__file__).parent / "cfg"
+    for candidate in (stem, re.sub(r"(\d+)([nslmx])(.+)?$", r"\1\3", stem)):
+        found = sorted(root.rglob(f"{candidate}{Path(name).suffix}"))
+        if found:
+            return found[0]
+    return None
+
+
+def _yaml_cfg(path: Path, name: str) -> dict[str, Any]:
+    """A model yaml read as data, with what Ultralytics' ``yaml_model_load`` adds: the scale
+    its name gives (``yolov8n`` is n) and the name it was read as."""
+    from ultralytics.nn.tasks import guess_model_scale
+
+    cfg = read_yaml(path, f"the Ultralytics model yaml {name!r}")
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"the Ultralytics model yaml {name!r} is a {type(cfg).__name__}, not a table of layers")
+    return {**cfg, "scale": guess_model_scale(name), "yaml_file": name}
 
 
 def _yaml_name(cfg: Mapping[str, Any], cls: str) -> str:
@@ -168,16 +346,34 @@ class Ultralytics(Framework):
         return f"ultralytics:{_yaml_name(cfg, cls.__name__)}", kwargs
 
     def foreign_code(self, name: str, kwargs: Mapping[str, Any]) -> list[str]:
-        if Path(name).suffix in (".pt", ".pth") and "cfg" not in kwargs:
+        if _is_checkpoint(name) and "cfg" not in kwargs:
             return [f"the Ultralytics checkpoint {name!r} (a pickle: reading it runs code)"]
         cfg = kwargs.get("cfg")
         if cfg is None:
-            return []
-        return [f"the Ultralytics model yaml: {p}" for p in layer_problems(cfg)]
+            return [f"the Ultralytics model yaml {name!r}, read from a file the recipe names rather than carried in "
+                    "it (a save carries its yaml as cfg)"]
+        return [f"the Ultralytics model yaml: {p}" for p in code_problems(cfg)]
+
+    def resolve(self, name: str, kwargs: Mapping[str, Any], folder: Path, where: str) -> tuple[str, dict[str, Any]]:
+        # Reached for a recipe that names a file only with trust (foreign_code): the file must
+        # lie in the save, and a yaml is read here, as data, never by Ultralytics.
+        if "cfg" in kwargs:
+            return name, dict(kwargs)
+        if _is_checkpoint(name):
+            return str(file_in_folder(folder, name, "the Ultralytics checkpoint", where)), dict(kwargs)
+        path = file_in_folder(folder, name, "the Ultralytics model yaml", where)
+        if path.is_file():
+            cfg = _yaml_cfg(path, name)
+        elif (shipped := _shipped_yaml(name)) is not None:
+            cfg = _yaml_cfg(shipped, name)
+        else:
+            raise ModelLoadError(f"{where}: the recipe names the Ultralytics model yaml {name!r}, which is neither in "
+                                 "the save nor a yaml Ultralytics ships; a save carries its yaml as cfg")
+        return Path(name).name, {**kwargs, "cfg": cfg}
 
     def build(self, name: str, *, pretrained: bool = False, trust_code: bool = False, **kwargs: Any) -> nn.Module:
         self.require()
-        if Path(name).suffix in (".pt", ".pth") and "cfg" not in kwargs:
+        if _is_checkpoint(name) and "cfg" not in kwargs:
             return self._checkpoint(name, trust_code, kwargs)
         if pretrained:
             raise ModelLoadError(f"ultralytics:{name}: pretrained weights come in a .pt checkpoint; name it "
@@ -191,11 +387,12 @@ class Ultralytics(Framework):
             raise ModelLoadError(f"ultralytics:{name} takes no argument {next(iter(kwargs))!r} (valid: nc, ch)")
         if cfg is None:
             cfg = self._read_yaml(name)
-        problems = layer_problems(cfg)
-        if problems and not trust_code:
-            raise UntrustedCodeError(f"ultralytics:{name}: {problems[0]}. Nothing was built; load it only if you "
-                                     "trust where it came from: trust_code=True in Python, --trust-code on the "
-                                     "command line")
+        # Checked whatever the trust: Ultralytics evals the activation and calls what a layer
+        # name resolves to, so an expression in a yaml is code even in a file the user trusts.
+        problems = layer_problems(cfg, trusted=trust_code)
+        if problems:
+            raise ModelLoadError(f"ultralytics:{name}: {problems[0]}. Nothing was built (a model yaml holds layers of "
+                                 "Ultralytics, torch.nn or torchvision.ops with literal arguments)")
         classes, cap = nc if nc is not None else cfg.get("nc"), current_limits().classes
         if isinstance(classes, int) and classes > cap:
             raise ModelLoadError(f"ultralytics:{name}: {classes} classes (nc) is over the limit of {cap} "
@@ -231,21 +428,19 @@ class Ultralytics(Framework):
             result.register_buffer("txt_feats", feats)
 
     def _read_yaml(self, name: str) -> dict[str, Any]:
-        """A model yaml Ultralytics ships (``yolov8n.yaml``: scale from the name) or a local file."""
-        from ultralytics.nn.tasks import yaml_model_load
-
+        """A model yaml Ultralytics ships (``yolov8n.yaml``: scale from the name) or a local
+        file, read as data (:func:`retrofit.readfile.read_yaml`), never by Ultralytics."""
         if Path(name).suffix not in (".yaml", ".yml"):
             raise ModelLoadError(f"ultralytics:{name}: expected a model yaml (ultralytics:yolov8n.yaml) or a "
                                  "checkpoint (ultralytics:yolov8n.pt)")
-        try:
-            with offline():
-                cfg = yaml_model_load(name)
-        except Exception as e:  # noqa: BLE001 (FileNotFoundError, yaml errors, ...)
-            raise ModelLoadError(f"cannot read the Ultralytics model yaml {name!r}: {type(e).__name__}: "
-                                 f"{first_line(e)} (a yaml Ultralytics ships, such as yolov8n.yaml or "
-                                 "yolo11n-seg.yaml, "
-                                 "or a path to one)") from e
-        return dict(cfg)
+        if "://" in name:
+            raise ModelLoadError(f"ultralytics:{name}: a model yaml is read from this machine, not downloaded; give a "
+                                 "local path or a yaml Ultralytics ships (yolov8n.yaml)")
+        path = Path(name) if Path(name).is_file() else _shipped_yaml(name)
+        if path is None:
+            raise ModelLoadError(f"cannot read the Ultralytics model yaml {name!r}: no such file, and not a yaml "
+                                 "Ultralytics ships (such as yolov8n.yaml or yolo11n-seg.yaml)")
+        return _yaml_cfg(path, name)
 
     def _class_for(self, cfg: Mapping[str, Any]) -> str:
         from ultralytics.nn.tasks import guess_model_task
