@@ -1,7 +1,9 @@
-"""Convolutional Block Attention Module, and timm's light variant (``lcbam``).
+"""Convolutional Block Attention Module.
 
 Woo, Park, Lee, Kweon: "CBAM: Convolutional Block Attention Module", ECCV 2018,
 arXiv:1807.06521.
+
+Also timm's light variant, which is not in the paper: ``lcbam`` (each gate pools once).
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
-"""Coordinate Attention, and timm's simplified variant (``scoord``).
+"""Coordinate Attention.
 
 Hou, Zhou, Feng: "Coordinate Attention for Efficient Mobile Network Design", CVPR 2021,
 arXiv:2103.02907.
+
+Also timm's simplified variant, which is not in the paper: ``scoord`` (linear layers, one
+gate of the two directions' logits summed).
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
-"""Efficient Channel Attention, and timm's two variants of it (``ecam``, ``ceca``).
+"""Efficient Channel Attention.
 
 Wang, Wu, Zhu, Li, Zuo, Hu: "ECA-Net: Efficient Channel Attention for Deep Convolutional
 Neural Networks", CVPR 2020, arXiv:1910.03151.
+
+Also timm's two variants of it, which are not in the paper: ``ecam`` (a channel MLP) and
+``ceca`` (circular padding across channels).
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
-"""Global Context block, in retrofit's form (``gc``) and timm's add-fusion form (``gca``).
+"""Global Context block.
 
 Cao, Xu, Lin, Wei, Hu: "GCNet: Non-local Networks Meet Squeeze-Excitation Networks and
 Beyond", ICCV Workshops 2019, arXiv:1904.11492.
+
+Two types: ``gc`` as GCNet's official code builds it, and ``gca``, the add fusion as timm
+builds it (so timm's weights load).
 """
 
 from __future__ import annotations
