@@ -185,9 +185,10 @@ def record_gates(
     Returns:
         A :class:`GateRecord`. The gate of a module is the first method its class names in
         ``fused_gates`` (see :func:`retrofit.attention.gate_methods`) whose value has one
-        entry per channel: ``scale()`` for SE, ECA, coordinate attention, GE, SimAM and GC
-        with scale fusion alone, ``channel_scale()`` for CBAM. A module without one (non-local,
-        PSA, channel self-attention, GC with add fusion) is listed in ``skipped`` with why.
+        entry per channel: ``scale()`` for SE, ECA, coordinate attention, GE, SimAM, GC
+        with scale fusion alone and timm's names but ``gca`` and ``lcbam``,
+        ``channel_scale()`` for CBAM and light CBAM. A module without one (non-local, PSA,
+        channel self-attention, GC with add fusion, ``gca``) is listed in ``skipped`` with why.
 
     Raises:
         ValueError: ``model`` did not come from :func:`retrofit.retrofit`.

@@ -80,8 +80,11 @@ def test_module_without_a_gate_method_is_skipped() -> None:
 
 # Every built-in type: where its gate comes from, or that it has none.
 GATE_OF = {"se": "scale", "eca": "scale", "cbam": "channel_scale", "coord": "scale", "ge": "scale",
-           "simam": "scale", "gc": None, "nonlocal": None, "chsa": None, "psa": None}
-NO_GATE = {"gc": "GlobalContext", "nonlocal": "NonLocal", "chsa": "ChannelSelfAttn", "psa": "PointwiseSpatialAttn"}
+           "simam": "scale", "gc": None, "nonlocal": None, "chsa": None, "psa": None,
+           "ese": "scale", "ecam": "scale", "ceca": "scale", "gca": None, "lcbam": "channel_scale", "scoord": "scale",
+           "ela": "scale", "strip": "scale"}
+NO_GATE = {"gc": "GlobalContext", "nonlocal": "NonLocal", "chsa": "ChannelSelfAttn", "psa": "PointwiseSpatialAttn",
+           "gca": "GlobalContextAdd"}
 
 
 def test_every_builtin_type_is_covered() -> None:

@@ -12,16 +12,19 @@ from ._registry import (
     registered_types,
     unregister_attention,
 )
-from .cbam import Cbam
+from .cbam import Cbam, LightCbam
 from .chsa import ChannelSelfAttn
-from .coord import CoordAttn
-from .eca import EfficientChannelAttn, eca_kernel_size
-from .gc import GlobalContext
+from .coord import CoordAttn, SimpleCoordAttn
+from .eca import CircularEfficientChannelAttn, EfficientChannelAttn, EfficientChannelAttnMlp, eca_kernel_size
+from .ela import EfficientLocalAttn
+from .ese import EffectiveSqueezeExcite
+from .gc import GlobalContext, GlobalContextAdd
 from .ge import GatherExcite
 from .nonlocal_ import NonLocal
 from .psa import PointwiseSpatialAttn
 from .se import SqueezeExcite
 from .simam import SimAM
+from .strip import StripAttn
 
 __all__ = [
     "GATES",
@@ -47,4 +50,12 @@ __all__ = [
     "NonLocal",
     "ChannelSelfAttn",
     "PointwiseSpatialAttn",
+    "EffectiveSqueezeExcite",
+    "EfficientChannelAttnMlp",
+    "CircularEfficientChannelAttn",
+    "GlobalContextAdd",
+    "LightCbam",
+    "SimpleCoordAttn",
+    "EfficientLocalAttn",
+    "StripAttn",
 ]

@@ -6,6 +6,8 @@
 bit unchanged, while the gradient of the gate at ``z == 0`` is 0.5, so training moves it
 at once. A zero last layer passes no gradient to the layers before it, but the first
 optimizer step makes it non-zero, so every parameter is learning from the second step on.
+A paper whose gate is another function that is 0.5 at zero (effective SE's hard sigmoid)
+gets that function doubled instead.
 
 Which methods compute a module's gates is declared once, by its class:
 ``fused_gates = ("scale",)`` says ``forward(x)`` is exactly ``x * self.scale(x)``;

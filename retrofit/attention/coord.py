@@ -2,6 +2,9 @@
 
 Hou, Zhou, Feng: "Coordinate Attention for Efficient Mobile Network Design", CVPR 2021,
 arXiv:2103.02907.
+
+Also timm's simplified variant, which is not in the paper: ``scoord`` (linear layers, one
+gate of the two directions' logits summed).
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ from ..errors import AttentionError
 from ._act import get_act_layer
 from ._factory import FactoryKwargs
 from ._gate import apply_gate, check_gate, zero_init_
-from ._reduction import check_reduction_args
+from ._reduction import check_reduction_args, make_divisible
 from ._registry import register_attention
 
-__all__ = ["CoordAttn"]
+__all__ = ["CoordAttn", "SimpleCoordAttn"]
 
 
 def _width(channels: int, rd_ratio: float = 1.0 / 32, rd_divisor: int = 1, min_rd_channels: int = 8) -> int:
@@ -114,6 +117,83 @@ class CoordAttn(nn.Module):
         """The combined gate ``a_h * a_w``, shape ``(N, C, H, W)``."""
         a_h, a_w = self.gates(x)
         return a_h * a_w
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale(x)
+
+
+@register_attention("scoord")
+class SimpleCoordAttn(nn.Module):
+    """Simple coordinate attention (timm's ``scoord``): average-pool along W and along H, a
+    shared linear bottleneck on both strips, one linear head per direction, and a single
+    gate of their sum, ``x * gate(a_h + a_w)``.
+
+    Not in the paper: timm's ``SimpleCoordAttn`` (linear layers, no norm, the two directions
+    added before one gate instead of two gates multiplied), whose arguments, defaults and
+    state-dict keys this module has (``fc1``, ``fc_h``, ``fc_w``, biased ``nn.Linear``;
+    width ``make_divisible(channels * rd_ratio * se_factor, rd_divisor)``), so its weights
+    load into it; ``gate="sigmoid"`` is timm's module exactly. The identity form starts
+    ``fc_h`` and ``fc_w`` at zero under a ``2 * sigmoid`` gate, so the gate is exactly 1.0
+    at init; the heads learn from the first step, ``fc1`` from the second. Where it
+    differs: no ``has_skip`` (timm's option to add the input back, off by default: it would
+    double the input at identity), and the gate form.
+
+    Args:
+        channels: input (and output) channels.
+        rd_ratio: bottleneck width as a fraction of ``channels`` (before ``se_factor``).
+        rd_channels: bottleneck width; overrides ``rd_ratio``.
+        rd_divisor: round the bottleneck width to a multiple of this.
+        se_factor: a further factor on ``rd_ratio`` (timm's, keeping the parameters near SE's).
+        bias: biases in the three linear layers.
+        act_layer: activation after the shared layer (class or timm name).
+        gate: ``"identity"`` (output equals input at init) or ``"sigmoid"`` (timm's module).
+        device: where to create the parameters.
+        dtype: dtype of the parameters.
+    """
+
+    fused_gates = ("scale",)  # forward is x * scale(x): the rewrite may fuse it into a residual add
+
+    def __init__(
+        self,
+        channels: int,
+        rd_ratio: float = 0.25,
+        rd_channels: int | None = None,
+        rd_divisor: int = 8,
+        se_factor: float = 2 / 3,
+        bias: bool = True,
+        act_layer: type[nn.Module] | str = nn.SiLU,
+        gate: str = "identity",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.gate = check_gate(gate)
+        check_reduction_args("scoord", {"rd_ratio": rd_ratio, "rd_channels": rd_channels, "rd_divisor": rd_divisor})
+        if isinstance(se_factor, bool) or not isinstance(se_factor, (int, float)) or not se_factor > 0:
+            raise AttentionError(f"scoord: se_factor = {se_factor!r} is not valid: a number > 0 (timm's 2/3)")
+        if rd_channels is None:
+            rd_channels = make_divisible(channels * rd_ratio * se_factor, rd_divisor, round_limit=0.0)
+        dd: FactoryKwargs = {"device": device, "dtype": dtype}
+        self.fc1 = nn.Linear(channels, rd_channels, bias=bias, **dd)
+        self.act = get_act_layer("scoord", act_layer)()
+        self.fc_h = nn.Linear(rd_channels, channels, bias=bias, **dd)
+        self.fc_w = nn.Linear(rd_channels, channels, bias=bias, **dd)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """PyTorch's default init; with the identity gate both heads start at zero."""
+        for fc in (self.fc1, self.fc_h, self.fc_w):
+            fc.reset_parameters()
+        if self.gate == "identity":
+            zero_init_(self.fc_h, self.fc_w)
+
+    def scale(self, x: Tensor) -> Tensor:
+        """The gate of both directions' logits summed, shape ``(N, C, H, W)``."""
+        y_h = self.act(self.fc1(x.mean(3).transpose(1, 2)))  # (N, H, rd)
+        y_w = self.act(self.fc1(x.mean(2).transpose(1, 2)))  # (N, W, rd)
+        a_h = self.fc_h(y_h).transpose(1, 2).unsqueeze(-1)  # (N, C, H, 1)
+        a_w = self.fc_w(y_w).transpose(1, 2).unsqueeze(-2)  # (N, C, 1, W)
+        return apply_gate(a_h + a_w, self.gate)
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.scale(x)

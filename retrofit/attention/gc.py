@@ -2,6 +2,9 @@
 
 Cao, Xu, Lin, Wei, Hu: "GCNet: Non-local Networks Meet Squeeze-Excitation Networks and
 Beyond", ICCV Workshops 2019, arXiv:1904.11492.
+
+Two types: ``gc`` as GCNet's official code builds it, and ``gca``, the add fusion as timm
+builds it (so timm's weights load).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from ._gate import apply_gate, check_gate, zero_init_
 from ._reduction import reduced_channels
 from ._registry import register_attention
 
-__all__ = ["GlobalContext"]
+__all__ = ["GlobalContext", "GlobalContextAdd"]
 
 
 def _transform(channels: int, rd_channels: int, act_layer: type[nn.Module], dd: FactoryKwargs) -> nn.Sequential:
@@ -138,3 +141,97 @@ class GlobalContext(nn.Module):
         if self.mlp_add is not None:
             x = x + self.mlp_add(ctx)[:, :, None, None]
         return x
+
+
+class _ConvMlp(nn.Module):
+    """timm's ``ConvMlp`` with ``LayerNorm2d`` on a pooled ``(N, C, 1, 1)`` context: 1x1
+    convolution, LayerNorm over the hidden channels (eps 1e-6), activation, 1x1 convolution;
+    the state-dict keys are timm's (``fc1``, ``norm``, ``fc2``)."""
+
+    def __init__(self, channels: int, rd_channels: int, act_layer: type[nn.Module], dd: FactoryKwargs) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, rd_channels, 1, **dd)
+        self.norm = nn.LayerNorm(rd_channels, eps=1e-6, **dd)
+        self.act = act_layer()
+        self.fc2 = nn.Conv2d(rd_channels, channels, 1, **dd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.norm(self.fc1(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # LayerNorm over channels
+        return self.fc2(self.act(x))
+
+
+@register_attention("gca")
+class GlobalContextAdd(nn.Module):
+    """Global Context with add fusion, as timm builds it (timm's ``gca``): softmax-weighted
+    pooling into one context vector, a 1x1-convolution bottleneck with LayerNorm, added to
+    every position, ``x + transform(context)``.
+
+    Arguments, defaults and state-dict keys are timm's ``GlobalContext(fuse_add=True,
+    fuse_scale=False)`` (bottleneck ratio 1/8; ``conv_attn``, ``mlp_add.fc1``,
+    ``mlp_add.norm``, ``mlp_add.fc2``), so its weights load into it and, with the same
+    weights, the output is timm's. There is one form, additive: it is an identity at init
+    because ``mlp_add.fc2`` starts at zero, weight and bias (timm zeroes only the weight,
+    so timm's module at init adds ``fc2``'s random bias); ``fc2`` learns from the first step,
+    the layers before it from the second. ``gate="sigmoid"`` raises. Where it differs from
+    retrofit's ``gc`` (GCNet's official code): timm's bottleneck width (1/8, not 1/16),
+    1x1 convolutions and LayerNorm eps (1e-6), and ``use_attn=False`` to pool by the mean.
+    ``delta(x)`` returns the added term.
+
+    Args:
+        channels: input (and output) channels.
+        use_attn: pool by a softmax over positions scored by a 1x1 convolution (the
+            paper's); ``False``: the plain mean.
+        rd_ratio: bottleneck width as a fraction of ``channels``.
+        rd_channels: bottleneck width; overrides ``rd_ratio``.
+        rd_divisor: round the bottleneck width to a multiple of this.
+        act_layer: activation in the bottleneck (class or timm name).
+        gate: ``"identity"``, the only form.
+        device: where to create the parameters.
+        dtype: dtype of the parameters.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        use_attn: bool = True,
+        rd_ratio: float = 1.0 / 8,
+        rd_channels: int | None = None,
+        rd_divisor: int = 1,
+        act_layer: type[nn.Module] | str = nn.ReLU,
+        gate: str = "identity",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.gate = check_additive_gate("gca", gate, ", or attn='gc' with fuse_scale=True for a scale fusion")
+        rd_channels = reduced_channels("gca", channels, rd_ratio, rd_channels, rd_divisor)
+        dd: FactoryKwargs = {"device": device, "dtype": dtype}
+        self.conv_attn = nn.Conv2d(channels, 1, 1, **dd) if use_attn else None
+        self.mlp_add = _ConvMlp(channels, rd_channels, get_act_layer("gca", act_layer), dd)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """timm's init (Kaiming fan-in scores; the bias, which the softmax ignores, at zero);
+        the bottleneck's last layer at zero, weight and bias."""
+        if self.conv_attn is not None:
+            nn.init.kaiming_normal_(self.conv_attn.weight, mode="fan_in", nonlinearity="relu")
+            if self.conv_attn.bias is not None:  # always: the scoring convolution is built with a bias
+                nn.init.zeros_(self.conv_attn.bias)
+        self.mlp_add.fc1.reset_parameters()
+        self.mlp_add.norm.reset_parameters()
+        zero_init_(self.mlp_add.fc2)
+
+    def context(self, x: Tensor) -> Tensor:
+        """The pooled context, shape ``(N, C, 1, 1)``."""
+        if self.conv_attn is None:
+            return x.mean((2, 3), keepdim=True)
+        n, c, h, w = x.shape
+        attn = self.conv_attn(x).reshape(n, 1, h * w).softmax(dim=-1)  # (N, 1, HW)
+        return torch.bmm(x.reshape(n, c, h * w), attn.transpose(1, 2)).reshape(n, c, 1, 1)
+
+    def delta(self, x: Tensor) -> Tensor:
+        """The added term, shape ``(N, C, 1, 1)``."""
+        return self.mlp_add(self.context(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.delta(x)
