@@ -267,3 +267,16 @@ def test_timm_folders_named_inside_library_configs_need_trust() -> None:
         "config": {"backbone_config": {"backbone": "local-dir:/etc", "use_timm_backbone": True}}}})
     assert hf.foreign_code() == ["the remote code its transformers config names (a timm model folder "
                                  "'local-dir:/etc')"]
+
+
+def test_every_yaml_ultralytics_ships_passes_the_allow_list() -> None:
+    """The allow-list refuses expressions, not models: each of Ultralytics' own yamls, read by
+    retrofit's bounded reader as a shipped name, is plain data."""
+    import ultralytics
+
+    from retrofit.frameworks._ultralytics import _yaml_cfg, layer_problems
+
+    root = Path(ultralytics.__file__).parent / "cfg" / "models"
+    yamls = sorted(root.rglob("*.yaml"))
+    assert len(yamls) > 40
+    assert {p.name: layer_problems(_yaml_cfg(p, p.name)) for p in yamls} == {p.name: [] for p in yamls}
