@@ -56,6 +56,7 @@ from retrofit.rulefile import RuleSet, parse_rules, resolve_rules
 from fashion_setup import accuracy, logits_of, residual_cnn, stack  # noqa: E402
 from jobs import Units, continue_args, file_digest  # noqa: E402
 from transfer_data import task_datasets  # noqa: E402
+from transfer_runs import collect, seed_plan, unit_key  # noqa: E402
 from transfer_stats import gate_movement  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,25 +254,10 @@ def load_source(weights: Path) -> nn.Module:
 # --------------------------------------------------------------------------- the run
 
 
-def unit_key(size: int, name: str, mult: float | None, seed: int) -> str:
-    return f"target{size}/{name}/{'default' if mult is None else f'attn-lr-x{mult:g}'}/seed{seed}"
-
-
-def chosen_mult(records: dict[str, dict[str, Any]], size: int, name: str, s: Settings) -> float | None:
-    """The attention lr multiplier with the best final val accuracy on the first seed (ties:
-    the earlier in the grid); None until every grid point of the first seed is done."""
-    scores = []
-    for m in s.attn_lr_mults:
-        r = records.get(unit_key(size, name, m, s.seeds[0]))
-        if r is None:
-            return None
-        scores.append((r["val_acc"], -s.attn_lr_mults.index(m), m))
-    return max(scores)[2]
-
-
 class Runner:
     """Runs the units that do not exist yet, in order: the source model, then per target size
-    the first seed at every grid point, then the other seeds at the chosen one."""
+    the first seed at every grid point, then the other seeds at the chosen one
+    (``transfer_runs``)."""
 
     def __init__(self, s: Settings, out: Path, work: Path, data_root: str | None,
                  on_unit: Callable[[], None] = lambda: None) -> None:
@@ -298,23 +284,6 @@ class Runner:
         self.units.run("source", lambda: train_source(self.s, self.data("source", None), weights), self.on_unit)
         return load_source(weights)
 
-    def plan(self, size: int, seed: int) -> list[tuple[Variant, float | None]]:
-        """(variant, attention lr multiplier) of one size and seed: every grid point on the
-        first seed, the chosen one on the others; plain has none."""
-        s = self.s
-        plan: list[tuple[Variant, float | None]] = []
-        for v in map(variant, s.variants):
-            if v.plain:
-                plan.append((v, None))
-            elif seed == s.seeds[0]:
-                plan += [(v, m) for m in s.attn_lr_mults]
-            else:
-                m = chosen_mult(self.units.all(), size, v.name, s)
-                if m is None:
-                    raise RuntimeError(f"{v.name}, {size} per class: the first seed's selection is not done")
-                plan.append((v, m))
-        return plan
-
     def run(self) -> None:
         s = self.s
         source = self.source()
@@ -322,7 +291,8 @@ class Runner:
             data = self.data("target", size)
             budget = Budget(s.epochs_for(size), s.lr, s.batch_size, s.weight_decay, s.warmup_epochs)
             for seed in s.seeds:
-                for v, m in self.plan(size, seed):
+                variants = [variant(n) for n in s.variants]
+                for v, m in seed_plan(self.units.all(), size, seed, variants, s.attn_lr_mults, s.seeds, "val_acc"):
                     make = functools.partial(_target_unit, source, v, seed, m, data, budget, size)
                     self.units.run(unit_key(size, v.name, m, seed), make, self.on_unit)
 
@@ -332,30 +302,25 @@ def _target_unit(source: nn.Module, v: Variant, seed: int, mult: float | None, d
     return {"size": size, **finetune_unit(source, v, seed, 1.0 if mult is None else mult, data, budget)}
 
 
-def collect(s: Settings, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The runs that count (plain, and each variant at its chosen multiplier), per size."""
-    out: dict[str, Any] = {"source": records.get("source"), "sizes": {}}
-    for size in s.sizes:
-        rows = {}
-        for name in s.variants:
-            v = variant(name)
-            m = None if v.plain else chosen_mult(records, size, name, s)
-            if not v.plain and m is None:
-                rows[name] = {"label": v.label, "units": [], "pending_selection": True}
-                continue
-            units = [records[k] for k in (unit_key(size, name, m, seed) for seed in s.seeds) if k in records]
-            selection = None if v.plain else {f"x{g:g}": records[unit_key(size, name, g, s.seeds[0])]["val_acc"]
-                                              for g in s.attn_lr_mults}
-            rows[name] = {"label": v.label, "attn_lr_mult": m, "selection": selection, "units": units}
-        out["sizes"][str(size)] = {"epochs": s.epochs_for(size), "rows": rows}
-    return out
+def results_of(s: Settings, records: dict[str, dict[str, Any]], command: str) -> dict[str, Any]:
+    """The settings and the units that count (``transfer_runs.collect``), per target size."""
+    variants = [variant(n) for n in s.variants]
+    return {"experiment": "classification", "metric": "test_acc", "command": command, "settings": settings_dict(s),
+            "variants": {v.name: v.label for v in variants}, "left_out": {}, "source": records.get("source"),
+            "sizes": collect(records, sizes=s.sizes, epochs=s.epochs, seeds=s.seeds, mults=s.attn_lr_mults,
+                             variants=variants, score="val_acc")}
+
+
+def results_from(out: Path) -> dict[str, Any]:
+    """:func:`results_of` a run folder (its settings.json and units), for the report."""
+    saved = json.loads((out / "settings.json").read_text())
+    s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+    return results_of(s, Units(out).all(), "python examples/transfer.py --resume")
 
 
 def write_results(out: Path, s: Settings, records: dict[str, dict[str, Any]], command: str) -> None:
-    """results.json: the settings and the units that count, for examples/transfer_report.py."""
-    res = {"experiment": "classification", "command": command, "settings": settings_dict(s),
-           "variants": {v.name: v.label for v in VARIANTS if v.name in s.variants}, **collect(s, records)}
-    (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+    """results.json, rewritten after every unit."""
+    (out / "results.json").write_text(json.dumps(results_of(s, records, command), indent=1) + "\n")
 
 
 def settings_dict(s: Settings) -> dict[str, Any]:
