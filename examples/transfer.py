@@ -147,11 +147,13 @@ class Budget:
     batch_size: int
     weight_decay: float
     warmup_epochs: float
+    num_workers: int = 0  # data loader processes (image folders on a GPU machine want several)
 
     def config(self, seed: int, attn_lr_mult: float) -> FinetuneConfig:
         return FinetuneConfig(epochs=self.epochs, lr=self.lr, attn_lr=attn_lr_mult * self.lr,
                               batch_size=self.batch_size, weight_decay=self.weight_decay,
-                              warmup_epochs=self.warmup_epochs, seed=seed, progress=False)
+                              warmup_epochs=self.warmup_epochs, seed=seed, progress=False,
+                              num_workers=self.num_workers)
 
 
 def with_new_head(source: nn.Module, num_classes: int, seed: int) -> nn.Module:
@@ -173,48 +175,78 @@ def insert(model: nn.Module, v: Variant, seed: int, input_size: tuple[int, int, 
 
 
 def finetune_unit(source: nn.Module, v: Variant, seed: int, attn_lr_mult: float, data: DataSplits,
-                  budget: Budget, test_images: int | None = None) -> dict[str, Any]:
+                  budget: Budget, gate_images: int | None = None) -> dict[str, Any]:
     """Fine-tune one variant on ``data`` from ``source`` and measure it: accuracy at insertion
     (and whether it equals plain fine-tuning's start bit for bit), after training on val and
-    test, and how far the inserted modules moved from identity on the test images."""
-    assert data.test is not None  # both data sets used here have one
-    (test_x, test_y), (val_x, val_y) = stack_or_load(data.test, test_images), stack_or_load(data.val, None)
+    test, and how far the inserted modules moved from identity on the (first
+    ``gate_images``) test images."""
+    if data.test is None:
+        raise ValueError("finetune_unit needs a data set with a test split")
     start = with_new_head(source, len(data.classes), seed)
-    plain_logits = logits_of(start, test_x)
+    test_y, val_y = labels_of(data.test), labels_of(data.val)
+    plain_logits = logits(start, data.test)
     model, added = insert(start, v, seed, data.input_size)
-    at_insertion = logits_of(model, test_x)
-    gates_before = None if v.plain else gate_movement(model, test_x)
+    at_insertion = logits(model, data.test)
+    probe = first_images(data.test, gate_images)
+    gates_before = None if v.plain else gate_movement(model, probe)
     hist = list(fit(model, data.train, data.val, budget.config(seed, attn_lr_mult)).history)
     return {
         "variant": v.name, "attn": v.attn, "rules": v.rules and v.rules["description"], "gate": v.gate,
         "seed": seed, "attn_lr_mult": None if v.plain else attn_lr_mult, "params_added": added,
-        "train_images": len(data.train), "test_images": len(test_y), "epochs": budget.epochs,
+        "train_images": len(data.train), "test_images": len(test_y), "epochs": budget.epochs,  # type: ignore[arg-type]
         "acc_at_insertion": accuracy(at_insertion, test_y),
-        "equal_to_plain_at_insertion": bool(torch.equal(at_insertion, plain_logits)),
-        "max_abs_diff_at_insertion": float((at_insertion - plain_logits).abs().max()),
-        "val_acc_at_insertion": accuracy(logits_of(model, val_x), val_y),
-        "val_acc": hist[-1]["val_acc"], "test_acc": accuracy(logits_of(model, test_x), test_y),
+        "equal_to_plain_at_insertion": None if v.plain else bool(torch.equal(at_insertion, plain_logits)),
+        "max_abs_diff_at_insertion": None if v.plain else float((at_insertion - plain_logits).abs().max()),
+        "val_acc_at_insertion": accuracy(logits(model, data.val), val_y),
+        "val_acc": hist[-1]["val_acc"], "test_acc": accuracy(logits(model, data.test), test_y),
         "val_curve": [h["val_acc"] for h in hist], "train_loss": [h["train_loss"] for h in hist],
         "epoch_s": [round(h["time_s"], 2) for h in hist],
-        "gates_at_insertion": gates_before, "gates": None if v.plain else gate_movement(model, test_x),
+        "gates_at_insertion": gates_before, "gates": None if v.plain else gate_movement(model, probe.to(_device(model))),
     }
 
 
-def stack_or_load(dataset: Any, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """All (or the first ``limit``) images and labels of an unaugmented data set, as tensors."""
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _is_tensor_set(dataset: Any) -> bool:
+    inner = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    return isinstance(inner, torch.utils.data.TensorDataset)
+
+
+def labels_of(dataset: Any) -> torch.Tensor:
+    """Every label of an unaugmented data set (a TensorDataset, an ImageFolder, or a Subset of either)."""
+    if _is_tensor_set(dataset):
+        return stack(dataset)[1]
+    if isinstance(dataset, torch.utils.data.Subset):
+        return labels_of(dataset.dataset)[torch.as_tensor(dataset.indices)]
+    return torch.as_tensor(dataset.targets)
+
+
+@torch.no_grad()
+def logits(model: nn.Module, dataset: Any, batch: int = 1000) -> torch.Tensor:
+    """The model's logits on every image of ``dataset``, in order, on the CPU; the model is
+    run in eval mode on its own device and left as it was."""
+    was, device = model.training, _device(model)
+    model.eval()
     try:
-        x, y = stack(dataset)
-    except AttributeError:  # not a TensorDataset (an ImageFolder): load it
-        loader = torch.utils.data.DataLoader(dataset, batch_size=256)
-        xs, ys, n = [], [], 0
-        for bx, by in loader:
-            xs.append(bx)
-            ys.append(by)
-            n += len(bx)
-            if limit is not None and n >= limit:
-                break
-        x, y = torch.cat(xs), torch.cat(ys)
-    return (x, y) if limit is None else (x[:limit], y[:limit])
+        if _is_tensor_set(dataset):
+            x = stack(dataset)[0]
+            return torch.cat([model(x[i:i + batch].to(device)).cpu() for i in range(0, len(x), batch)])
+        loader = torch.utils.data.DataLoader(dataset, batch_size=min(batch, 128),
+                                             num_workers=4 if device.type == "cuda" else 0)
+        return torch.cat([model(bx.to(device)).cpu() for bx, _ in loader])
+    finally:
+        model.train(was)
+
+
+def first_images(dataset: Any, limit: int | None) -> torch.Tensor:
+    """The first ``limit`` images (all with None) of an unaugmented data set, as one tensor."""
+    if _is_tensor_set(dataset):
+        x = stack(dataset)[0]
+        return x if limit is None else x[:limit]
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    return torch.stack([dataset[i][0] for i in range(n)])
 
 
 # --------------------------------------------------------------------------- the source model
@@ -236,7 +268,7 @@ def train_source(s: Settings, data: DataSplits, weights: Path) -> dict[str, Any]
     hist = list(fit(model, data.train, data.val, cfg).history)
     weights.parent.mkdir(parents=True, exist_ok=True)
     save_model(model, str(weights))
-    assert data.test is not None
+    assert data.test is not None  # task_datasets always has one
     test_x, test_y = stack(data.test)
     return {"task": "source", "classes": list(data.classes), "train_images": len(data.train),
             "epochs": s.source_epochs, "params": sum(p.numel() for p in model.parameters()),

@@ -64,7 +64,9 @@ class Paired:
         return "noise"
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "n": self.n, "verdict": self.verdict}
+        """JSON-ready (NaN as None)."""
+        d = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(self).items()}
+        return {**d, "n": self.n, "verdict": self.verdict}
 
 
 def _t_quantile(p: float, df: int) -> float:

@@ -24,8 +24,8 @@ augmentation (both tasks have 5 classes, so Ultralytics copies the source's clas
 it copies every layer whose shape matches). The attention learning rate (x1 or x10 of
 ``lr0``) is chosen per variant and size on the validation canvases with seed 0, never on
 the test canvases. The model each run starts from is captured inside Ultralytics' trainer
-before its first step: its outputs are compared with the source model's, bit for bit, and
-its mAP50-95 is measured (at insertion).
+before its first step: its outputs are compared, bit for bit, with those of plain
+fine-tuning's start of the same seed, and its mAP50-95 is measured (at insertion).
 
 Each run is a unit, ``units/<key>.json`` under ``--out``; ``--resume`` skips the units that
 exist. The report, ``docs/experiments/transfer.md``, is written by
@@ -120,7 +120,7 @@ class DetSettings:
 
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     sizes: tuple[int, ...] = (300, 2000)  # target training canvases
-    epochs: tuple[int, ...] = (50, 15)  # fine-tuning epochs, one per size (500 and 945 steps of 32)
+    epochs: tuple[int, ...] = (50, 20)  # fine-tuning epochs, one per size (500 and 1,260 steps of 32)
     val: int = 500  # target validation canvases
     test: int = 1000  # target test canvases
     source_train: int = 3000
@@ -133,6 +133,8 @@ class DetSettings:
     lr0: float = 0.001  # AdamW, Ultralytics' warm-up (1 epoch) and linear decay
     attn_lr_mults: tuple[float, ...] = (1.0, 10.0)  # chosen on val, seed 0 (ties: the earlier)
     gate_images: int = 500  # test canvases the gate movement is measured on
+    device: str = "cpu"  # Ultralytics' device ("0": the first GPU)
+    workers: int = 0  # data loader processes
 
     def epochs_for(self, size: int) -> int:
         return self.epochs[self.sizes.index(size)]
@@ -144,14 +146,14 @@ class DetSettings:
 def train_args(s: DetSettings, seed: int, epochs: int, project: Path, name: str) -> dict[str, Any]:
     """YOLO.train's arguments, the same for every variant. No validation during training
     (Ultralytics still validates the last epoch); the units measure last.pt themselves."""
-    return dict(epochs=epochs, imgsz=s.imgsz, batch=s.batch, seed=seed, deterministic=True, workers=0, amp=False,
-                plots=False, device="cpu", optimizer="AdamW", lr0=s.lr0, warmup_epochs=1, project=str(project),
-                name=name, exist_ok=True, verbose=False, val=False)
+    return dict(epochs=epochs, imgsz=s.imgsz, batch=s.batch, seed=seed, deterministic=True, workers=s.workers,
+                amp=False, plots=False, device=s.device, optimizer="AdamW", lr0=s.lr0, warmup_epochs=1,
+                project=str(project), name=name, exist_ok=True, verbose=False, val=False)
 
 
 def map50_95(model: Any, data: Path, s: DetSettings, split: str) -> float:
-    metrics = model.val(data=str(data), imgsz=s.imgsz, batch=s.batch, split=split, device="cpu", plots=False,
-                        verbose=False, workers=0)
+    metrics = model.val(data=str(data), imgsz=s.imgsz, batch=s.batch, split=split, device=s.device, plots=False,
+                        verbose=False, workers=s.workers)
     return float(metrics.box.map)
 
 
@@ -178,7 +180,8 @@ def split_images(data: Path, split: str, size: int, limit: int) -> torch.Tensor:
 def _outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     model.eval()
     with torch.no_grad():
-        return [t for t in torch.utils._pytree.tree_leaves(model(x)) if isinstance(t, torch.Tensor)]
+        out = model(x.to(next(model.parameters()).device))
+    return [t.cpu() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 def _seconds_per_epoch(run: Path) -> float:
@@ -187,16 +190,28 @@ def _seconds_per_epoch(run: Path) -> float:
     return float(rows[-1]["time"]) / len(rows)
 
 
+def _compare(outputs: list[torch.Tensor], reference: Path) -> tuple[bool, float]:
+    """Whether ``outputs`` equal plain fine-tuning's start (saved by its unit), bit for bit,
+    and the largest difference."""
+    if not reference.is_file():
+        raise RuntimeError(f"{reference} is missing: plain fine-tuning of this seed runs first and saves its start")
+    want = torch.load(reference, weights_only=True)
+    if len(want) != len(outputs) or any(a.shape != b.shape for a, b in zip(outputs, want, strict=False)):
+        return False, float("inf")
+    return (all(torch.equal(a, b) for a, b in zip(outputs, want, strict=True)),
+            max(float((a - b).abs().max()) for a, b in zip(outputs, want, strict=True)))
+
+
 def detection_unit(source_pt: Path, v: DetVariant, seed: int, mult: float, data: Path, s: DetSettings,
-                   epochs: int, runs: Path, name: str, test_split: str = "test") -> dict[str, Any]:
+                   epochs: int, runs: Path, name: str, plain_start: Path, test_split: str = "test") -> dict[str, Any]:
     """``YOLO(source_pt).train(data, trainer=...)`` for one variant and seed, measured: the
-    model the trainer starts from (captured before its first step: equal to the source model
-    bit for bit? its val mAP50-95), and last.pt on val and test, with the gate movement on
-    the first test images."""
+    model the trainer starts from (captured before its first step; its outputs on 8
+    validation images against plain fine-tuning's start of the same seed, which the plain
+    unit saves to ``plain_start``; its val mAP50-95), and last.pt on val and test, with the
+    gate movement on the first test images."""
     from ultralytics import YOLO
 
     probe = split_images(data, "val", s.imgsz, 8)
-    plain = _outputs(YOLO(str(source_pt)).model.float(), probe)
     seen: dict[str, Any] = {}
 
     def at_start(trainer: Any) -> None:  # after get_model and the weights, before any step
@@ -209,8 +224,12 @@ def detection_unit(source_pt: Path, v: DetVariant, seed: int, mult: float, data:
     wall = time.perf_counter() - t0
     start = seen["start"]
     outputs = _outputs(start, probe)
-    equal = len(outputs) == len(plain) and all(torch.equal(a, b) for a, b in zip(outputs, plain, strict=True))
-    diff = max(float((a - b).abs().max()) for a, b in zip(outputs, plain, strict=True))
+    if v.plain:
+        plain_start.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(outputs, plain_start)
+        equal, diff = None, None
+    else:
+        equal, diff = _compare(outputs, plain_start)
     at_insertion = YOLO(str(source_pt))
     at_insertion.model = start
     images = split_images(data, test_split, s.imgsz, s.gate_images)
@@ -266,9 +285,10 @@ class DetectionRun:
                     self.units.run(key, make, self.on_unit)
 
     def _unit(self, size: int, v: DetVariant, mult: float | None, seed: int, name: str) -> dict[str, Any]:
+        plain_start = self.runs / "units" / f"target{size}-seed{seed}-plain-start.pt"
         return {"size": size, **detection_unit(self.source_pt, v, seed, 1.0 if mult is None else mult,
                                                self.data[size], self.s, self.s.epochs_for(size),
-                                               self.runs / "units", name, self.test_split)}
+                                               self.runs / "units", name, plain_start, self.test_split)}
 
 
 def results_of(settings: dict[str, Any], records: dict[str, dict[str, Any]], command: str,

@@ -141,6 +141,26 @@ def test_training_from_a_plain_checkpoint_starts_at_exact_identity(detect_run: d
     assert {id(p) for n, p in attention.items() if n.endswith("bias")} <= groups["bias"] and decay["bias"] == 0
 
 
+def test_a_new_class_count_starts_where_plain_training_starts(work: Path, detect_data: Path) -> None:
+    """From a checkpoint with 80 classes (COCO's yolov8n.pt) to 3, model.load rebuilds the
+    class branch from the random generator: the attention's init must not shift those draws,
+    so an identity run starts bit for bit where plain fine-tuning of the same seed starts."""
+    from ultralytics import YOLO
+
+    torch.manual_seed(0)
+    coco = retrofit.ultralytics.save_checkpoint(retrofit.create_model("ultralytics:yolov8n.yaml"),
+                                                work / "eighty-classes.pt")
+    x = torch.rand(1, 3, SIZE, SIZE)
+    starts = []
+    for name, factory in (("plain80", None), ("gc80", retrofit.ultralytics.trainer("yolo-gc-backbone"))):
+        seen: dict[str, Any] = {}
+        yolo = YOLO(str(coco))
+        yolo.add_callback("on_pretrain_routine_end", lambda t, seen=seen: seen.update(out=_out(t.model, x)))
+        yolo.train(data=str(detect_data), trainer=factory, **train_args(work, name))
+        starts.append(seen["out"])
+    assert all(torch.equal(a, b) for a, b in zip(*starts, strict=True))
+
+
 def test_checkpoints_hold_the_attention(detect_run: dict[str, Any]) -> None:
     for name in ("last.pt", "best.pt"):
         ckpt = torch.load(detect_run["run"] / "weights" / name, weights_only=False)
