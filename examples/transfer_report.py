@@ -137,7 +137,7 @@ def table(res: dict[str, Any], size: str) -> list[str]:
         s = summ[name]
         units = row["units"]
         if not units:
-            head.append(f"| {row['label']} | – | pending | – | – | – | – | – | – | – |")
+            head.append(f"| {row['label']} | – | – | – | – | – | – | not run yet | – | – |")
             continue
         p = s["paired"]
         eq = s["equal_at_insertion"]
@@ -243,23 +243,23 @@ def progress(res: dict[str, Any]) -> tuple[int, int]:
 def plot_gates(res: dict[str, Any], path: Path, size_label: Any) -> bool:
     """Mean movement from identity per site (mean over seeds), one panel per size, one line
     per variant; False when there is nothing to draw."""
-    sizes = list(res["sizes"])
-    data = {size: {row["label"]: per_site(row["units"]) for name, row in res["sizes"][size]["rows"].items()
-                   if name != "plain"} for size in sizes}
-    if not any(v for d in data.values() for v in d.values()):
+    data = {size: {row["label"]: sites for name, row in block["rows"].items()
+                   if name != "plain" and (sites := per_site(row["units"]))}
+            for size, block in res["sizes"].items()}
+    sizes = [size for size, lines in data.items() if lines]
+    if not sizes:
         return False
-    fig, axes = plt.subplots(1, len(sizes), figsize=(6.5 * len(sizes), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(sizes), figsize=(max(9.0, 6.5 * len(sizes)), 4.6), squeeze=False)
     for ax, size in zip(axes[0], sizes, strict=True):
         for label, sites in data[size].items():
-            if sites:
-                ax.plot(range(len(sites)), [max(v, 1e-7) for _, v in sites], marker="o", ms=3, lw=1.2, label=label)
+            ax.plot(range(len(sites)), [max(v, 1e-7) for _, v in sites], marker="o", ms=3, lw=1.2, label=label)
         ax.set_yscale("log")
         ax.axhline(STILL, color="gray", ls=":", lw=0.8)
         ax.set(title=f"{size_label(size)}", xlabel="site, in graph order (input → output)",
                ylabel="mean |g − 1| (gates) or ‖Δ‖/‖x‖ (added)")
         ax.legend(fontsize=7)
-    fig.suptitle(f"{res['experiment']}: how far the inserted modules moved from identity after fine-tuning "
-                 "(test images; mean over seeds; dotted: the 'still' line)", fontsize=9)
+    fig.suptitle(f"{res['experiment']}: how far the inserted modules moved from identity after fine-tuning\n"
+                 f"(test images; mean over seeds; dotted: {STILL}, below which a gate counts as not moved)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -338,6 +338,26 @@ def summary_line(results: Sequence[dict[str, Any]]) -> str:
             "excludes zero): " + "; ".join(parts) + ". [Transfer experiments](docs/experiments/transfer.md).")
 
 
+REAL_SCALE = [
+    "## At real scale", "",
+    "The same variants, seeds, attention-lr choice, statistics and page, on a machine with a GPU, the weights and "
+    "the data (`examples/transfer_real.py`; nothing is downloaded: a missing `yolov8n.pt` or ImageNet weights stop "
+    "it at once with one line):", "",
+    "```bash",
+    "python examples/transfer_real.py detect --weights yolov8n.pt --data VOC.yaml --sizes 500 5000 --epochs 50 20 \\",
+    "    --imgsz 640 --batch 32 --device 0 --workers 8 --out runs/transfer-real/detection",
+    "python examples/transfer_real.py classify --model resnet50 --pretrained --data DIR --sizes 10 100 \\",
+    "    --epochs 30 15 --workers 8 --out runs/transfer-real/classification     # DIR/train, DIR/val, DIR/test",
+    "python examples/transfer_real.py report --detection runs/transfer-real/detection \\",
+    "    --classification runs/transfer-real/classification --page runs/transfer-real/transfer.md",
+    "```", "",
+    "Detection takes any Ultralytics data yaml (its images and labels on disk); the validation split the attention "
+    "lr is chosen on is carved out of its training images, and its test split (its val where it has none) is the "
+    "test split. `--resume` continues a stopped run. The examples test marker runs the script end to end on a few "
+    "images with random weights.", "",
+]
+
+
 def write_page(results: dict[str, dict[str, Any]], page: Path, figures: Path) -> str:
     """The page from the runs (``{"classification": res, "detection": res}``, either may be
     missing); returns the README's summary line."""
@@ -361,7 +381,7 @@ def write_page(results: dict[str, dict[str, Any]], page: Path, figures: Path) ->
                     "2-core machine shared with other work. The CPU s / run column is the CPU time of one "
                     "fine-tuning run, measurement included.")
     summary = summary_line(list(results.values()))
-    text += ["", "## In one paragraph", "", summary, ""]
+    text += ["", "## In one paragraph", "", summary, "", *REAL_SCALE]
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text("\n".join(text))
     return summary

@@ -8,10 +8,11 @@ degrees of freedom; a variant *pays* when the whole interval is above zero, *hur
 is below, and is *noise* when it holds zero. The sign count says on how many seeds the
 variant was better.
 
-Gate movement: a gating module (forward ``x * g(x)``; SE, ECA, CBAM's channel gate,
-coordinate attention) is read with :func:`retrofit.gates.record_gates`: ``|g - 1|`` per
-image and channel (spatial gates averaged over the map), its mean and 95th percentile over
-the images. An additive module (forward ``x + delta(x)``; GC with add fusion, non-local) has
+Gate movement: a gating module (forward ``x * g(x)``; SE, ECA, CBAM, coordinate attention)
+is read with :func:`retrofit.gates.record_gates`: ``|g - 1|`` per image and channel (spatial
+gates averaged over the map), its mean and 95th percentile over the images; and, since that
+averages a spatial gate away and sees only CBAM's channel gate, every gate of the module's
+chain at full resolution too. The larger is the module's movement. An additive module (forward ``x + delta(x)``; GC with add fusion, non-local) has
 no gate: the ratio ``||delta(x)|| / ||x||`` per image says how much it changes the
 features, its mean and 95th percentile over the images. Identity insertion makes both 0.
 
@@ -100,17 +101,13 @@ def _summary(values: Tensor) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def _added_ratios(model: nn.Module, modules: Mapping[str, nn.Module], batches: Iterable[Tensor]) -> dict[str, Tensor]:
-    """Per additive module: ``||delta(x)|| / ||x||`` of each image."""
-    ratios: dict[str, list[Tensor]] = {name: [] for name in modules}
-    handles = []
-    for name, mod in modules.items():
-        def hook(m: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-            x = args[0]
-            d = m.delta(x)  # type: ignore[operator]
-            ratios[name].append((d.expand_as(x).flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1).clamp_min(1e-12))
-                                .double().cpu())
-        handles.append(mod.register_forward_pre_hook(hook))
+def _per_module(model: nn.Module, modules: Mapping[str, nn.Module], measure: Any,
+                batches: Iterable[Tensor]) -> dict[str, Any]:
+    """Run ``model`` on ``batches`` (eval mode, left as found) with a pre-hook on each of
+    ``modules`` that calls ``measure(module, input)``; per module, what the calls returned, concatenated."""
+    got: dict[str, list[Any]] = {name: [] for name in modules}
+    handles = [mod.register_forward_pre_hook(lambda m, args, name=name: got[name].append(measure(m, args[0])))
+               for name, mod in modules.items()]
     was = model.training
     model.eval()
     try:
@@ -121,14 +118,37 @@ def _added_ratios(model: nn.Module, modules: Mapping[str, nn.Module], batches: I
         model.train(was)
         for h in handles:
             h.remove()
-    return {name: torch.cat(v) for name, v in ratios.items() if v}
+    return got
+
+
+def _added_ratio(m: nn.Module, x: Tensor) -> Tensor:
+    """``||delta(x)|| / ||x||`` of each image."""
+    d = m.delta(x)  # type: ignore[operator]
+    return (d.expand_as(x).flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1).clamp_min(1e-12)).double().cpu()
+
+
+def _gate_distances(m: nn.Module, x: Tensor) -> dict[str, Tensor]:
+    """``|g - 1|`` of every gate of the module's chain, every element (image, channel,
+    position), each gate computed on what the gates before it left, as the forward does."""
+    from retrofit.attention import gate_methods
+
+    out, y = {}, x
+    for method in gate_methods(m) or ():
+        g = getattr(m, method)(y)
+        out[method] = (g.float() - 1).abs().flatten().cpu()
+        y = y * g
+    return out
 
 
 def gate_movement(model: nn.Module, images: Tensor, batch_size: int = 256) -> list[dict[str, Any]]:
     """How far every module retrofit inserted in ``model`` has moved from identity, on
-    ``images`` (N, C, H, W): one record per module, in graph order, with ``kind`` ``gate``
-    (``|g - 1|`` per image and channel) or ``added`` (``||delta(x)|| / ||x||`` per image), its
-    ``mean`` and ``p95``; ``kind`` ``none`` for a module with neither.
+    ``images`` (N, C, H, W): one record per module, in graph order.
+
+    ``kind`` ``gate``: ``channel`` is :func:`retrofit.gates.record_gates`' channel gate
+    (|g - 1| per image and channel, a spatial gate averaged over the map), ``per_gate`` every
+    gate of the module's chain at full resolution (CBAM's channel and spatial gates;
+    coordinate attention's gate at every position); ``mean`` and ``p95`` are the largest of
+    these. ``kind`` ``added``: ``||delta(x)|| / ||x||`` per image. ``kind`` ``none``: neither.
 
     Read-only: the model is run in eval mode and left as it was found.
     """
@@ -141,14 +161,24 @@ def gate_movement(model: nn.Module, images: Tensor, batch_size: int = 256) -> li
     named = dict(model.named_modules())
     additive = {r.module: named[r.module] for r in rows
                 if r.module not in gated and callable(getattr(named.get(r.module), "delta", None))}
-    batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
-    added = _added_ratios(model, additive, batches) if additive else {}
+
+    def batches() -> Iterable[Tensor]:
+        return (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+
+    added = {k: torch.cat(v) for k, v in _per_module(model, additive, _added_ratio, batches()).items() if v}
+    chains = _per_module(model, {k: named[k] for k in gated}, _gate_distances, batches()) if gated else {}
     out = []
     for r in rows:
         base = {"module": r.module, "path": r.path, "attn": r.attn, "gate": r.gate, "channels": r.channels}
         if r.module in gated:
-            mean, p95 = _summary((gated[r.module].values - 1).abs())
-            out.append({**base, "kind": "gate", "method": gated[r.module].method, "mean": mean, "p95": p95})
+            channel = _summary((gated[r.module].values - 1).abs())
+            per_gate = {method: _summary(torch.cat([call[method] for call in chains[r.module]]))
+                        for method in (chains[r.module][0] if chains.get(r.module) else {})}
+            mean = max([channel[0], *(v[0] for v in per_gate.values())])
+            p95 = max([channel[1], *(v[1] for v in per_gate.values())])
+            out.append({**base, "kind": "gate", "method": gated[r.module].method, "mean": mean, "p95": p95,
+                        "channel": {"mean": channel[0], "p95": channel[1]},
+                        "per_gate": {k: {"mean": v[0], "p95": v[1]} for k, v in per_gate.items()}})
         elif r.module in added:
             mean, p95 = _summary(added[r.module])
             out.append({**base, "kind": "added", "mean": mean, "p95": p95})

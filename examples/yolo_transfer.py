@@ -250,12 +250,16 @@ def detection_unit(source_pt: Path, v: DetVariant, seed: int, mult: float, data:
 
 
 def train_source(s: DetSettings, data: Path, runs: Path) -> dict[str, Any]:
-    """YOLOv8n from scratch on the source canvases (seed 0); its last.pt under ``runs/source``."""
+    """YOLOv8n from scratch on the source canvases (seed 0); its last.pt under ``runs/source``
+    (a run stopped part-way is resumed; ``train_seconds`` then counts this process only)."""
     from ultralytics import YOLO
 
     t0 = time.perf_counter()
-    YOLO("yolov8n.yaml").train(data=str(data), **train_args(s, 0, s.source_epochs, runs, "source"))
     weights = runs / "source" / "weights" / "last.pt"
+    if weights.is_file():  # a stopped run: Ultralytics continues it from its last epoch
+        YOLO(str(weights)).train(resume=True)
+    else:
+        YOLO("yolov8n.yaml").train(data=str(data), **train_args(s, 0, s.source_epochs, runs, "source"))
     model = YOLO(str(weights))
     return {"task": "source", "epochs": s.source_epochs, "train_canvases": s.source_train,
             "map_val": map50_95(model, data, s, "val"), "map_test": map50_95(model, data, s, "test"),
