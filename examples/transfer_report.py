@@ -335,7 +335,7 @@ def summary_line(results: Sequence[dict[str, Any]]) -> str:
             parts[-1] += f" ({done} of {total} runs so far)"
     return ("In transfer (a network pretrained on other classes, fine-tuned on new ones; "
             f"a variant pays only when the {LEVEL:.0%} interval of its paired difference to plain fine-tuning "
-            "excludes zero): " + "; ".join(parts) + ". [Transfer experiments](docs/experiments/transfer.md).")
+            "excludes zero): " + "; ".join(parts) + ".")
 
 
 REAL_SCALE = [
@@ -443,7 +443,8 @@ def update_readme(readme: Path, summary: str) -> bool:
         return False
     head, rest = text.split(README_BEGIN, 1)
     _, tail = rest.split(README_END, 1)
-    readme.write_text(f"{head}{README_BEGIN}{summary}{README_END}{tail}")  # one line: the README is kept short
+    link = " Details: [transfer experiments](docs/experiments/transfer.md)."
+    readme.write_text(f"{head}{README_BEGIN}{summary}{link}{README_END}{tail}")  # one line: the README is kept short
     return True
 
 
