@@ -187,6 +187,7 @@ def finetune_unit(source: nn.Module, v: Variant, seed: int, attn_lr_mult: float,
     plain_logits = logits(start, data.test)
     model, added = insert(start, v, seed, data.input_size)
     at_insertion = logits(model, data.test)
+    val_at_insertion = accuracy(logits(model, data.val), val_y)
     probe = first_images(data.test, gate_images)
     gates_before = None if v.plain else gate_movement(model, probe)
     hist = list(fit(model, data.train, data.val, budget.config(seed, attn_lr_mult)).history)
@@ -197,7 +198,7 @@ def finetune_unit(source: nn.Module, v: Variant, seed: int, attn_lr_mult: float,
         "acc_at_insertion": accuracy(at_insertion, test_y),
         "equal_to_plain_at_insertion": None if v.plain else bool(torch.equal(at_insertion, plain_logits)),
         "max_abs_diff_at_insertion": None if v.plain else float((at_insertion - plain_logits).abs().max()),
-        "val_acc_at_insertion": accuracy(logits(model, data.val), val_y),
+        "val_acc_at_insertion": val_at_insertion,
         "val_acc": hist[-1]["val_acc"], "test_acc": accuracy(logits(model, data.test), test_y),
         "val_curve": [h["val_acc"] for h in hist], "train_loss": [h["train_loss"] for h in hist],
         "epoch_s": [round(h["time_s"], 2) for h in hist],

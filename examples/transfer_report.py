@@ -203,6 +203,15 @@ def reading(res: dict[str, Any], size: str, size_label: str) -> list[str]:
     if eq:
         lines.append(f"- {size_label}: identity insertion equals plain fine-tuning's start, bit for bit, in "
                      f"{sum(eq)} of {len(eq)} runs" + ("." if all(eq) else ": **not in every run**."))
+    key = "val_acc_at_insertion" if res["metric"] == "test_acc" else "map_val_at_insertion"
+    start = [u[key] for u in rows.get("plain", {}).get("units", []) if u.get(key) is not None]
+    for name, row in rows.items():
+        if name != "plain" and row["units"] and not _is_identity(name, row) and start:
+            theirs = [u[key] for u in row["units"] if u.get(key) is not None]
+            if theirs:
+                lines.append(f"- {size_label}: {row['label']} at insertion, before any step: validation "
+                             f"{statistics.fmean(theirs) * scale:.{digits}f} against plain fine-tuning's start "
+                             f"{statistics.fmean(start) * scale:.{digits}f} (mean over seeds).")
     still = [rows[n]["label"] for n in identity if summ[n]["movement"] is not None and summ[n]["movement"][0] < STILL]
     if still:
         lines.append(f"- {size_label}: gates still within {STILL} of identity after training (carried along, not "

@@ -16,6 +16,7 @@ import torch
 import transfer
 import transfer_report
 from fashion_setup import residual_cnn
+from transfer_data import task_datasets
 from transfer_runs import chosen_mult, collect, seed_plan, unit_key
 from transfer_stats import gate_movement, paired
 
@@ -195,6 +196,11 @@ def test_classification_transfer_end_to_end(tmp_path: Path) -> None:
         assert rows["se"]["attn_lr_mult"] in (1.0, 10.0) and set(rows["se"]["selection"]) == {"x1", "x10"}
         assert all(u["attn_lr_mult"] == rows["se"]["attn_lr_mult"] for u in se)
         assert all(g["kind"] == "gate" and g["mean"] == 0.0 for u in se for g in u["gates_at_insertion"])
+    # at insertion means before any step: the source model with the seed's new head
+    data = task_datasets("target", per_class=4, val_per_class=4, root=root, augment=False)
+    for u in res["sizes"]["4"]["rows"]["plain"]["units"]:
+        start = transfer.with_new_head(transfer.load_source(tmp_path / "work" / "source.safetensors"), 5, u["seed"])
+        assert u["val_acc_at_insertion"] == transfer.accuracy(transfer.logits(start, data.val), data.val.tensors[1])
     r = _run(cmd)
     assert r.returncode == 2 and "pass --resume" in r.stderr
     r = _run([*cmd, "--resume"])
