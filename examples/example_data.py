@@ -35,12 +35,15 @@ __all__ = [
     "fashion_mnist_datasets",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_ROOT",
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_STD",
+    "RandomShift",
 ]
 
 DIGITS_CLASSES: tuple[str, ...] = tuple(str(i) for i in range(10))
 
 
-class _RandomShift(Dataset):
+class RandomShift(Dataset):
     """Shift each image by up to ``pixels`` in x and y (filled with ``fill``), and mirror it
     left-right with probability 0.5 if ``flip``; from torch's global RNG."""
 
@@ -109,7 +112,7 @@ def digits_datasets(
     train: Dataset = TensorDataset(images[idx_train], labels[idx_train])
     val = TensorDataset(images[idx_val], labels[idx_val])
     if augment:
-        train = _RandomShift(train, size // 16 if shift is None else shift)
+        train = RandomShift(train, size // 16 if shift is None else shift)
     config = {"input_size": (in_chans, size, size), "mean": (0.5,) * in_chans, "std": (0.5,) * in_chans,
               "source": "sklearn.datasets.load_digits", "split_seed": split_seed, "val_fraction": val_fraction}
     return DataSplits(train, val, DIGITS_CLASSES, (in_chans, size, size), config)
@@ -264,7 +267,7 @@ def fashion_mnist_datasets(
     x = normalise(images)
     train: Dataset = TensorDataset(x[train_idx], labels[train_idx])
     if augment:
-        train = _RandomShift(train, shift, flip, fill=-FASHION_MNIST_MEAN / FASHION_MNIST_STD)
+        train = RandomShift(train, shift, flip, fill=-FASHION_MNIST_MEAN / FASHION_MNIST_STD)
     val = TensorDataset(x[is_val], labels[is_val])
     test = TensorDataset(normalise(test_images), test_labels)
     config = {"input_size": (1, 28, 28), "mean": (FASHION_MNIST_MEAN,), "std": (FASHION_MNIST_STD,),

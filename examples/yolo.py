@@ -38,6 +38,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,15 +97,21 @@ def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
 
 
 def make_dataset(root: Path, sizes: dict[str, int], canvas: int, seed: int = 1234,
-                 source: Path | None = None) -> Path:
+                 source: Path | None = None, classes: Sequence[int] | None = None) -> Path:
     """Write the canvases and their YOLO labels under ``root``; return the data yaml.
     Deterministic: the same arguments give the same files. ``source``: the Fashion-MNIST
-    IDX files (default: Debian's)."""
+    IDX files (default: Debian's). ``classes``: paste only items of these Fashion-MNIST
+    classes, labelled 0, 1, ... in this order (default: all 10, labelled as they are)."""
     from PIL import Image
 
     from example_data import load_fashion_mnist  # isort: skip  (examples/example_data.py)
 
-    spec = {"sizes": sizes, "canvas": canvas, "seed": seed, "source": str(source)}
+    spec: dict[str, Any] = {"sizes": sizes, "canvas": canvas, "seed": seed, "source": str(source)}
+    if classes is not None:  # only then: the stamps of the 10-class sets stay valid
+        spec["classes"] = list(classes)
+    kept = list(range(len(CLASSES))) if classes is None else list(classes)
+    relabel = np.full(len(CLASSES), -1)
+    relabel[kept] = np.arange(len(kept))
     stamp = root / "dataset.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == spec:
         return root / "data.yaml"
@@ -117,15 +124,16 @@ def make_dataset(root: Path, sizes: dict[str, int], canvas: int, seed: int = 123
     rng = np.random.default_rng(seed)
     for split, n in sizes.items():
         images, labels = sources[split]
-        items, classes = images.numpy().astype(np.uint8), labels.numpy()
+        keep = np.isin(labels.numpy(), kept)
+        items, kinds = images.numpy()[keep].astype(np.uint8), relabel[labels.numpy()[keep]]
         (root / "images" / split).mkdir(parents=True)
         (root / "labels" / split).mkdir(parents=True)
         for k in range(n):
-            pixels, boxes = _canvas(rng, items, classes, canvas)
+            pixels, boxes = _canvas(rng, items, kinds, canvas)
             Image.fromarray(pixels).convert("RGB").save(root / "images" / split / f"{k:05d}.png")
             (root / "labels" / split / f"{k:05d}.txt").write_text(
                 "".join(f"{c} {x:.6f} {y:.6f} {w:.6f} {h:.6f}\n" for c, x, y, w, h in boxes))
-    names = "".join(f"  {i}: {n}\n" for i, n in enumerate(CLASSES))
+    names = "".join(f"  {i}: {CLASSES[c]}\n" for i, c in enumerate(kept))
     (root / "data.yaml").write_text(f"path: {root}\ntrain: images/train\nval: images/val\ntest: images/test\n"
                                     f"names:\n{names}")
     stamp.write_text(json.dumps(spec))

@@ -90,7 +90,11 @@ class RetrofitTrainer:
         saved = get_recipe(source) if isinstance(source, nn.Module) else None
         imgsz = self.args.imgsz  # type: ignore[attr-defined]
         size = imgsz if isinstance(imgsz, int) else max(imgsz)
-        with _quiet():
+        # The insertion's random draws (the attention's init) are taken on a forked generator:
+        # what Ultralytics draws afterwards (the new class layers model.load builds when the
+        # class count changes, ...) is what it draws without attention, so a run with identity
+        # gates starts exactly where plain fine-tuning of the same seed starts.
+        with _quiet(), torch.random.fork_rng(devices=[]):
             if saved is not None and saved.rules is not None:
                 # A retrofitted checkpoint: the same modules again (the levels of its recipe on
                 # this fresh model), so that its attention weights have somewhere to load.

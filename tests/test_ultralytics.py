@@ -141,6 +141,26 @@ def test_training_from_a_plain_checkpoint_starts_at_exact_identity(detect_run: d
     assert {id(p) for n, p in attention.items() if n.endswith("bias")} <= groups["bias"] and decay["bias"] == 0
 
 
+def test_a_new_class_count_starts_where_plain_training_starts(work: Path, detect_data: Path) -> None:
+    """From a checkpoint with 80 classes (COCO's yolov8n.pt) to 3, model.load rebuilds the
+    class branch from the random generator: the attention's init must not shift those draws,
+    so an identity run starts bit for bit where plain fine-tuning of the same seed starts."""
+    from ultralytics import YOLO
+
+    torch.manual_seed(0)
+    coco = retrofit.ultralytics.save_checkpoint(retrofit.create_model("ultralytics:yolov8n.yaml"),
+                                                work / "eighty-classes.pt")
+    x = torch.rand(1, 3, SIZE, SIZE)
+    starts = []
+    for name, factory in (("plain80", None), ("gc80", retrofit.ultralytics.trainer("yolo-gc-backbone"))):
+        seen: dict[str, Any] = {}
+        yolo = YOLO(str(coco))
+        yolo.add_callback("on_pretrain_routine_end", lambda t, seen=seen: seen.update(out=_out(t.model, x)))
+        yolo.train(data=str(detect_data), trainer=factory, **train_args(work, name))
+        starts.append(seen["out"])
+    assert all(torch.equal(a, b) for a, b in zip(*starts, strict=True))
+
+
 def test_checkpoints_hold_the_attention(detect_run: dict[str, Any]) -> None:
     for name in ("last.pt", "best.pt"):
         ckpt = torch.load(detect_run["run"] / "weights" / name, weights_only=False)
@@ -297,3 +317,18 @@ def test_built_in_yolo_placements(work: Path) -> None:
     site = plan.placements[0].site
     assert "model.9 (SPPF)" in site.input_of and "model.8 (C2f)" in site.output_of
     assert {"yolo-cbam-backbone", "yolo-cbam-sppf"} <= set(retrofit.list_builtin_rules())
+
+
+# GC on C channels, bottleneck r = C / 16: 2 C r + 2 C + 3 r + 1 (scoring conv, two linears,
+# LayerNorm); coordinate attention, width m = max(8, C // 32): 3 C m + m + 2 C. C = 32, 64, 128, 256.
+@pytest.mark.parametrize(("rules", "attn", "params"), [("yolo-gc-backbone", "gc", 199 + 653 + 2_329 + 8_753),
+                                                       ("yolo-coord-backbone", "coord", 840 + 1_672 + 3_336 + 6_664)])
+def test_attention_after_the_backbone_stages(rules: str, attn: str, params: int) -> None:
+    """GCNet's placement (and coordinate attention's) for detectors: after each backbone stage."""
+    model = retrofit.create_model("ultralytics:yolov8n.yaml", nc=3)
+    report = retrofit.get_report(retrofit.retrofit(model, rules, input_size=SIZE))
+    assert [(r.path, r.attn, r.channels, r.size) for r in report.rows] == [
+        ("model.2.cv2.conv", attn, 32, (16, 16)), ("model.4.cv2.conv", attn, 64, (8, 8)),
+        ("model.6.cv2.conv", attn, 128, (4, 4)), ("model.8.cv2.conv", attn, 256, (2, 2))]
+    assert report.params_added == params and report.max_abs_diff == 0.0
+    assert rules in retrofit.list_builtin_rules()
