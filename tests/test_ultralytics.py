@@ -374,3 +374,13 @@ def test_the_declared_ultralytics_floor(monkeypatch: pytest.MonkeyPatch) -> None
     with pytest.raises(retrofit.ModelLoadError, match=r"needs ultralytics >= 8\.4\.140 \(found 8\.4\.139\).*"
                                                      r"pip install -U 'ultralytics>=8\.4\.140'"):
         retrofit.ultralytics.trainer("se")
+
+
+def test_diff_on_an_ultralytics_checkpoint_says_what_it_is(plain_pt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One line that names the file's kind and how to read it; torch's colour codes gone."""
+    assert cli_main(["diff", str(plain_pt), str(plain_pt)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\x1b" not in err and "\\x1b" not in err and "\\n" not in err
+    assert err.startswith(f"retrofit diff: error: cannot read training checkpoint '{plain_pt}': it is an Ultralytics "
+                          "checkpoint (a pickle of ultralytics.nn.tasks.DetectionModel, which runs code when read)")
+    assert "retrofit.ultralytics.load_checkpoint(PATH, trust_code=True)" in err
