@@ -9,7 +9,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .modes import eval_mode
+from .modes import eval_mode, plain_attributes_kept
 
 __all__ = ["Comparison", "Reference", "compare", "compare_to", "count_params", "input_dtype_device", "reference_run"]
 
@@ -60,9 +60,11 @@ class Reference:
 
 def reference_run(model: nn.Module, input_size: tuple[int, int, int], batch_size: int = 1,
                   seed: int = 0) -> Reference | None:
-    """Run ``model`` on one seeded random probe input, in eval mode without gradients (each
-    submodule's mode restored afterwards), keeping its outputs and FLOPs: taken before an
-    in-place rewrite, it is the original the result is compared with.
+    """Run ``model`` on one seeded random probe input, in eval mode without gradients, keeping
+    its outputs and FLOPs: taken before a rewrite (an in-place one changes the model itself),
+    it is the original the result is compared with. The model is left as it was: each
+    submodule's mode, and the caches a forward fills (LeViT's attention biases), which a
+    trace that follows must not find filled.
 
     Returns:
         The run, or None for a model on the ``meta`` device (nothing to run).
@@ -70,7 +72,7 @@ def reference_run(model: nn.Module, input_size: tuple[int, int, int], batch_size
     x = _probe(model, input_size, batch_size, seed)
     if x is None:
         return None
-    with torch.no_grad(), eval_mode(model):
+    with torch.no_grad(), eval_mode(model), plain_attributes_kept(model):
         outputs, flops = _run(model, x)
     return Reference(x, tuple(outputs), flops)
 
