@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -37,6 +38,14 @@ from example_data import digits_datasets  # examples/example_data.py (examples/ 
 
 def _size(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.lower().replace("x", ",").split(",") if v)
+
+
+def default_workers(most: int = 4) -> int:
+    """DataLoader workers per process: ``most``, or the CPUs this process may use divided
+    among the processes torchrun started on this machine, when there are fewer (more
+    workers than CPUs only wait for each other, and PyTorch warns of it)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(most, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--data", metavar="PATH", help="ImageFolder root with train/ and val/")
     src.add_argument("--digits", action="store_true", help="scikit-learn's digits (1x32x32, offline)")
     d.add_argument("--batch-size", type=int, default=64, help="per process")
-    d.add_argument("--workers", type=int, default=4, help="DataLoader workers per process")
+    d.add_argument("--workers", type=int, default=default_workers(),
+                   help="DataLoader workers per process (default: 4, or fewer to fit this machine's CPUs: "
+                        f"{default_workers()} here)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--lr", type=float, default=0.01, help="peak lr of the model's own parameters")

@@ -24,6 +24,7 @@ from .errors import (
     UntrustedCodeError,
 )
 from .models import create_model
+from .optim import param_groups
 from .options import RetrofitOptions
 from .publish import push_to_hub
 from .readfile import Limits
@@ -40,6 +41,7 @@ __all__ = [
     "plan",
     "get_report",
     "score_sites",
+    "param_groups",
     "SiteScores",
     "save",
     "load",

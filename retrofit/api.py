@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Any
@@ -27,22 +29,33 @@ from .rulefile import RuleSet, resolve_rules
 from .scores import SiteScores
 from .shapes import resolve_input_size
 from .sites import SiteAnalysis, holds_conv
-from .verify import compare, count_params
+from .verify import Reference, compare_to, count_params, reference_run
 
 __all__ = ["retrofit", "retrofit_with", "analyze", "plan", "get_report"]
 
-
-def _stage_of(name: str, prefixes: list[str]) -> str:
-    best = ""
-    for p in prefixes:
-        if (name == p or name.startswith(p + ".")) and len(p) > len(best):
-            best = p
-    return best or name.split(".", 1)[0]
+_log = logging.getLogger("retrofit")
 
 
-def _stage_rows(model: nn.Module, gm: nn.Module) -> tuple[StageRow, ...]:
-    """Parameters per part of the model: its library's stages (a YOLO model's layers),
-    timm's feature stages, else top-level modules."""
+@dataclass(frozen=True)
+class _Before:
+    """The model as it was before the rewrite, measured before anything changes: an
+    in-place rewrite (``inplace``, the Ultralytics trainer) changes the model itself."""
+
+    params: int  # parameters of the input model
+    prefixes: tuple[str, ...]  # the stages the per-stage diff is keyed by
+    stages: dict[str, int]  # parameters per stage
+    reference: Reference | None  # its output on the probe input (verify), else None
+
+    @classmethod
+    def of(cls, model: nn.Module, size: tuple[int, int, int], verify: bool) -> _Before:
+        prefixes = _stage_prefixes(model)
+        return cls(params=count_params(model), prefixes=prefixes, stages=_per_stage(model, prefixes),
+                   reference=reference_run(model, size) if verify else None)
+
+
+def _stage_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """The parts of the model the per-stage diff counts: its library's stages (a YOLO
+    model's layers), timm's feature stages, else top-level modules."""
     framework = framework_of(model)
     declared = None if framework is None else framework.stages(model)
     prefixes = [name for name, _ in model.named_children()] + (declared or [])
@@ -59,16 +72,30 @@ def _stage_rows(model: nn.Module, gm: nn.Module) -> tuple[StageRow, ...]:
                 prefixes += [f"{parent}.{name}" for name, _ in modules[parent].named_children()]
             elif path in modules and path:
                 prefixes.append(path)
-    before: dict[str, int] = {}
-    after: dict[str, int] = {}
+    return tuple(prefixes)
+
+
+def _stage_of(name: str, prefixes: tuple[str, ...]) -> str:
+    best = ""
+    for p in prefixes:
+        if (name == p or name.startswith(p + ".")) and len(p) > len(best):
+            best = p
+    return best or name.split(".", 1)[0]
+
+
+def _per_stage(model: nn.Module, prefixes: tuple[str, ...]) -> dict[str, int]:
+    counts: dict[str, int] = {}
     for name, p in model.named_parameters():
         key = _stage_of(name, prefixes)
-        before[key] = before.get(key, 0) + p.numel()
-    for name, p in gm.named_parameters():
-        key = _stage_of(name, prefixes)
-        after[key] = after.get(key, 0) + p.numel()
-    order = list(dict.fromkeys([*before, *after]))
-    return tuple(StageRow(k, before.get(k, 0), after.get(k, 0)) for k in order)
+        counts[key] = counts.get(key, 0) + p.numel()
+    return counts
+
+
+def _stage_rows(before: _Before, result: nn.Module) -> tuple[StageRow, ...]:
+    """Parameters per stage before and after."""
+    after = _per_stage(result, before.prefixes)
+    order = list(dict.fromkeys([*before.stages, *after]))
+    return tuple(StageRow(k, before.stages.get(k, 0), after.get(k, 0)) for k in order)
 
 
 def _copy_model(model: nn.Module) -> nn.Module:
@@ -266,6 +293,7 @@ def retrofit_with(model: nn.Module, ruleset: RuleSet, options: RetrofitOptions, 
     if not parts.analysis.sites:
         raise _no_sites(model, size, parts)
     the_plan = make_plan(parts.analysis, ruleset, options, parts.whole_analysis)
+    before = _Before.of(work, size, verify)  # before the rewrite, which changes `work` in place on the partial path
     if not the_plan.placements:
         warnings.warn(f"rules {ruleset.name!r} selected no site of {type(model).__name__}; nothing inserted",
                       stacklevel=stacklevel)
@@ -274,7 +302,13 @@ def retrofit_with(model: nn.Module, ruleset: RuleSet, options: RetrofitOptions, 
     result, inserted = rewrite(work, parts, the_plan.placements, options.fuse, check_identity)
     notes = list(parts.notes)
     traced = sorted({parts.local(i.placement.site)[0].path for i in inserted} - {""})
-    if parts.root_error is not None:
+    framework = framework_of(model)
+    if parts.root_error is not None and framework is not None and framework.traces_in_parts:
+        # The normal path for this library's models: one short line at the INFO level (the
+        # details are in report.left_alone), no warning.
+        _log.info("%s: attention in %d traced submodule(s); the model's own forward stays Python (as expected)",
+                  type(model).__name__, len(traced))
+    elif parts.root_error is not None:
         msg = (f"{type(model).__name__} does not trace as a whole; attention went into {len(traced)} traced "
                f"submodule(s) and {len(parts.left_alone)} part(s) were left alone (report.left_alone). "
                f"First failure: {parts.root_error.where}")
@@ -284,12 +318,12 @@ def retrofit_with(model: nn.Module, ruleset: RuleSet, options: RetrofitOptions, 
     if missed:
         notes.append(f"keep_class: {len(missed)} site(s) the rules select are in forward code kept as "
                      f"Python, out of reach: {', '.join(missed[:4])}{', ...' if len(missed) > 4 else ''}")
-    comparison = compare(model, result, size) if verify else None
-    report = _report(model, result, size, parts, the_plan, inserted, comparison, notes, traced, missed, inlined)
+    comparison = None if before.reference is None else compare_to(before.reference, result)
+    report = _report(model, result, size, parts, the_plan, inserted, before, comparison, notes, traced, missed,
+                     inlined)
     retrofit_meta(result, create=True)[REPORT_KEY] = report
     recipe = recipe_of_result(model, ruleset.doc, ruleset.name, options.replace(input_size=size))
     attach_recipe(result, recipe)
-    framework = framework_of(model)
     if framework is not None:
         framework.on_result(result, recipe)
     return result
@@ -320,8 +354,8 @@ def _in_reach(model: nn.Module, parts: Partition, the_plan: Plan) -> tuple[Parti
 
 
 def _report(model: nn.Module, result: nn.Module, size: tuple[int, int, int], parts: Partition, the_plan: Plan,
-            inserted: tuple[Any, ...], comparison: Any, notes: list[str], traced: list[str], missed: list[str],
-            inlined: tuple[tuple[str, str], ...]) -> Report:
+            inserted: tuple[Any, ...], before: _Before, comparison: Any, notes: list[str], traced: list[str],
+            missed: list[str], inlined: tuple[tuple[str, str], ...]) -> Report:
     rows = tuple(
         SiteRow(path=i.placement.site.path, kind=i.placement.site.kind, channels=i.placement.channels,
                 size=i.placement.size, attn=i.placement.attn, gate=i.placement.gate, position=i.placement.position,
@@ -330,12 +364,12 @@ def _report(model: nn.Module, result: nn.Module, size: tuple[int, int, int], par
     )
     return Report(
         model=type(model).__name__, input_size=size, rows=rows, sites_found=len(parts.analysis.sites),
-        skipped=tuple((s.path, why) for s, why in the_plan.skipped), params_before=count_params(model),
+        skipped=tuple((s.path, why) for s, why in the_plan.skipped), params_before=before.params,
         params_after=count_params(result), max_abs_diff=None if comparison is None else comparison.max_abs_diff,
         identity_expected=all(i.placement.gate == "identity" for i in inserted), notes=the_plan.notes,
         warnings=the_plan.warnings + tuple(notes),
         flops_before=None if comparison is None else comparison.flops_before,
-        flops_after=None if comparison is None else comparison.flops_after, stages=_stage_rows(model, result),
+        flops_after=None if comparison is None else comparison.flops_after, stages=_stage_rows(before, result),
         left_alone=parts.left_alone, traced=tuple(traced), out_of_reach=tuple(missed), inlined=inlined,
     )
 

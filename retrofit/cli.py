@@ -30,7 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError, OptionError, RetrofitError, SaveError, first_line
+from .errors import DataError, OptionError, RetrofitError, RuleError, SaveError, first_line
 from .readfile import Limits, json_depth
 from .text import excerpt, printable, printable_lines
 
@@ -201,12 +201,24 @@ def _budget(text: str) -> tuple[str, float]:
                                      "model's, at most 100%) or top=4")
 
 
+_COMMANDS_HELP = """\
+Add identity-initialized attention to a CNN and print the before/after diff.
+
+commands:
+  retrofit MODEL [options]     retrofit a model, print the diff (the options below)
+  retrofit list                attention types and built-in rule sets
+  retrofit diff A B            compare the parameter counts of two saved models
+  retrofit gates CKPT --data   plot what a fine-tuned model's gates learned
+  retrofit COMMAND --help      the options of one command"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="retrofit",
-        description="Add identity-initialized attention to a CNN and print the before/after diff. "
-        "Other commands: `retrofit list`, `retrofit diff A B`, `retrofit gates ...`.",
+        usage="%(prog)s MODEL [--attn NAME | --rules FILE] [options]\n       %(prog)s {list,diff,gates} ...",
+        description=_COMMANDS_HELP,
         epilog="example: retrofit resnet50 --attn cbam",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help="timm model name, hf-hub:ORG/NAME (a timm model on the Hugging Face Hub), "
                    "torchvision:NAME, path/to/file.py:factory, ultralytics:yolov8n.yaml (a model yaml Ultralytics "
@@ -232,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--leaf-module", action="append", default=[], metavar="NAME",
                    help="class name or module path not to trace into (repeatable)")
     p.add_argument("--strict", action="store_true", help="a rule glob that matches no site is an error")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="let rules that select no site of the model pass (exit 0, nothing inserted); without it "
+                        "that is an error")
     p.add_argument("--keep-class", action="store_true",
                    help="keep the model's class: rewrite traced submodules in place, not its own forward")
     p.add_argument("--no-fuse", action="store_true", help="call gating modules instead of fusing them into adds")
@@ -250,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sites", action="store_true", help="add a row per inserted module")
     p.add_argument("--format", choices=("table", "json"), default="table", help="output format")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, no table (errors and --format json only)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also say what is expected on the way (a YOLO or transformers model rewritten in its blocks)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--version", action="store_true", help="print the distribution's name and version, and exit")
     return p
@@ -323,8 +340,11 @@ def _retrofit_model(args: argparse.Namespace) -> tuple[int, Sequence[str]]:
             print(printable_lines(the_plan.table()))
         return EXIT_OK, the_plan.warnings
     progress("tracing, inserting attention, checking identity")
-    gm = retrofit(model, args.attn, fuse=not args.no_fuse, **options)
+    with _verbose(args.verbose and not args.quiet):
+        gm = retrofit(model, args.attn, fuse=not args.no_fuse, **options)
     report = get_report(gm)
+    if not report.rows and not args.allow_empty:
+        raise RuleError(_nothing_inserted(report, args.rules or args.attn))
     if args.format == "json":
         print(json.dumps({**report.to_dict(), **extra}, indent=2))
     elif not args.quiet:
@@ -337,6 +357,35 @@ def _retrofit_model(args: argparse.Namespace) -> tuple[int, Sequence[str]]:
         progress(f"saving {args.out}")
         _save(gm, args)
     return EXIT_OK, report.warnings
+
+
+@contextlib.contextmanager
+def _verbose(enabled: bool) -> Iterator[None]:
+    """With -v, retrofit's INFO lines (what is expected on the way) on stderr."""
+    import logging
+
+    if not enabled:
+        yield
+        return
+    logger = logging.getLogger("retrofit")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("retrofit: %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _nothing_inserted(report: Any, rules: str) -> str:
+    """Why rules that selected no site of the model are an error, and what to try."""
+    why = f" ({report.skipped[0][1]})" if report.skipped else ""
+    return (f"rules {rules!r} selected no site of {report.model} ({report.sites_found} sites found, "
+            f"{len(report.skipped)} left alone{why}); nothing was inserted. They were written for other models? "
+            f"See `retrofit list`, or `--dry-run` for why each site was left; pass --allow-empty to accept it")
 
 
 def _build(args: argparse.Namespace, progress: _Progress) -> Any:
@@ -615,7 +664,8 @@ def _run_gates(args: argparse.Namespace, device: Any) -> int:
     except OSError as e:
         raise SaveError(f"cannot write {e.filename or args.out!r}: {e.strerror or first_line(e)}") from e
     print(printable_lines(record.summary()))
-    print(printable(f"\nwrote {out}"))
+    print()
+    print(printable(f"wrote {out}"))
     if args.json:
         print(printable(f"wrote {args.json}"))
     sys.stdout.flush()  # the output, then the warnings

@@ -38,14 +38,13 @@ from .checkpoint import TrainingCheckpoint
 from .distributed import DistContext, ShardSampler, init_distributed
 from .errors import OptionError
 from .modes import eval_mode
+from .optim import attention_modules, attention_parameter_names, param_groups
 from .recipe import get_recipe
 from .saving import buffer_names, load_training_state, package_versions, save_training_state, write_model_files
 
 __all__ = [
     "FinetuneConfig",
     "FitResult",
-    "attention_parameter_names",
-    "param_groups",
     "WarmupCosine",
     "evaluate",
     "fit",
@@ -84,6 +83,9 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise OptionError(f"unknown optimizer {self.optimizer!r} (valid: {', '.join(OPTIMIZERS)})")
+        if not self.lr > 0 or (self.attn_lr is not None and not self.attn_lr > 0):
+            raise OptionError(f"lr and attn_lr must be positive (got {self.lr}, {self.attn_lr}); to train only the "
+                              "attention, set attn_only_epochs=epochs")
         if self.epochs < 1 or self.batch_size < 1:
             raise OptionError(f"epochs and batch_size must be positive (got {self.epochs}, {self.batch_size})")
         if not 0 <= self.attn_only_epochs <= self.epochs:
@@ -128,46 +130,6 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def _attention_modules(model: nn.Module) -> tuple[str, ...]:
-    """Qualified names of the modules :func:`retrofit.retrofit` inserted (none for other models)."""
-    from .report import get_report
-
-    try:
-        return tuple(r.module for r in get_report(model).rows)
-    except ValueError:
-        return ()
-
-
-def attention_parameter_names(model: nn.Module) -> set[str]:
-    """Names of the parameters :func:`retrofit.retrofit` added (empty for other models)."""
-    prefixes = tuple(f"{m}." for m in _attention_modules(model))
-    return {n for n, _ in model.named_parameters() if prefixes and n.startswith(prefixes)}
-
-
-def param_groups(model: nn.Module, lr: float, attn_lr: float, weight_decay: float) -> list[dict[str, Any]]:
-    """Optimizer groups: the model's own parameters and the new attention parameters, each
-    split into decayed (weights) and undecayed (1-d: biases, norm scales) tensors.
-
-    Every group carries a ``name`` ("base", "base_no_wd", "attn", "attn_no_wd"); empty
-    groups are left out.
-    """
-    attn = attention_parameter_names(model)
-    buckets: dict[str, list[nn.Parameter]] = {"base": [], "base_no_wd": [], "attn": [], "attn_no_wd": []}
-    for name, p in model.named_parameters():
-        key = ("attn" if name in attn else "base") + ("_no_wd" if p.ndim <= 1 else "")
-        buckets[key].append(p)
-    groups = []
-    for key, params in buckets.items():
-        if params:
-            groups.append({
-                "name": key,
-                "params": params,
-                "lr": attn_lr if key.startswith("attn") else lr,
-                "weight_decay": 0.0 if key.endswith("_no_wd") else weight_decay,
-            })
-    return groups
 
 
 class WarmupCosine:
@@ -245,7 +207,7 @@ def _set_phase(model: nn.Module, attn: set[str], attn_only: bool) -> None:
 
 def _freeze_norm_stats(model: nn.Module) -> None:
     """Eval mode for the model's own norm layers, so their running statistics stay put."""
-    prefixes = tuple(f"{m}." for m in _attention_modules(model))
+    prefixes = tuple(f"{m}." for m in attention_modules(model))
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._NormBase) and not (prefixes and f"{name}.".startswith(prefixes)):
             m.eval()
@@ -329,7 +291,9 @@ def fit(
     torch.manual_seed(config.seed + ctx.rank)
     train_sampler, loader_gen, train_loader, val_loader = _loaders(train_set, val_set, config, ctx)
     steps_per_epoch = max(len(train_loader), 1)
-    optimizer = _make_optimizer(param_groups(model, config.lr, config.peak_attn_lr, config.weight_decay), config)
+    groups = param_groups(model, config.lr, attention_lr_mult=config.peak_attn_lr / config.lr,
+                          weight_decay=config.weight_decay)
+    optimizer = _make_optimizer(groups, config)
     schedule_args = (round(config.warmup_epochs * steps_per_epoch), config.epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(*schedule_args, config.min_lr_ratio))
     start = _Start(0, 0, [], (-1.0, 0), None)

@@ -349,6 +349,16 @@ def list_builtin_rules() -> dict[str, str]:
     return out
 
 
+def _known_name(name: str) -> str:
+    """``name`` as a built-in rule set or attention type is spelled, where it differs only in
+    case and only one is meant (``"SE"``: ``"se"``); else ``name`` as given."""
+    known = {p.stem for p in builtin_rules_dir().glob("*.toml")} | set(list_attention())
+    if name in known:
+        return name
+    same = [k for k in known if k.lower() == name.lower()]
+    return same[0] if len(same) == 1 else name
+
+
 def _is_attention(name: str) -> bool:
     try:
         get_attention(name)
@@ -381,6 +391,7 @@ def resolve_rules(attn: str | None = None, rules: str | Path | RuleSet | None = 
         return load_rules(rules)
     if attn is None:
         raise RuleError("give attn='se' (a built-in rule set) or rules='file.toml'")
+    attn = _known_name(attn)
     path = builtin_rules_dir() / f"{attn}.toml"
     if not path.is_file() and _is_attention(attn):
         # A registered type without a rule file of its own: the default placement.

@@ -239,6 +239,19 @@ def _check_zip_expansion(f: Any, size: int, what: str) -> None:
                              "them uncompressed, so it is not a checkpoint retrofit wrote")
 
 
+def _unreadable_checkpoint(what: str, e: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file: an Ultralytics checkpoint (a
+    pickle of the model, which runs code when read) is named as such, with the way to read it."""
+    pickled = re.search(r"GLOBAL (ultralytics\.[\w.]+)", str(e))
+    if pickled:
+        return (f"cannot read {what}: it is an Ultralytics checkpoint (a pickle of {pickled[1]}, which runs code "
+                "when read), not a retrofit save or fine-tuning checkpoint; read it with trust: "
+                "retrofit.ultralytics.load_checkpoint(PATH, trust_code=True), then retrofit.get_report(model) gives "
+                "its diff, and retrofit.save(model, 'NAME.safetensors') a save this command reads")
+    return (f"cannot read {what} ({type(e).__name__} in torch.load: {shorten(first_line(e), 200)}); "
+            "expected a last.pt or best.pt written by retrofit.finetune.fit")
+
+
 def load_training_state(path: str | Path, map_location: str | torch.device | None = None) -> dict[str, Any]:
     """Read a training checkpoint written by :func:`save_training_state` (``weights_only=True``):
     a regular file under ``Limits.weights_bytes``.
@@ -257,10 +270,7 @@ def load_training_state(path: str | Path, map_location: str | torch.device | Non
         except MemoryError as e:
             raise ModelLoadError(f"cannot read {what}: it does not fit in memory; is it corrupted?") from e
         except Exception as e:
-            raise ModelLoadError(
-                f"cannot read {what} ({type(e).__name__} in torch.load: {shorten(first_line(e), 200)}); "
-                "expected a last.pt or best.pt written by retrofit.finetune.fit"
-            ) from e
+            raise ModelLoadError(_unreadable_checkpoint(what, e)) from e
     if not isinstance(ckpt, dict) or ckpt.get("format") not in (TRAIN_FORMAT, OLD_TRAIN_FORMAT):
         raise ModelLoadError(
             f"{str(path)!r} is not a retrofit training checkpoint (expected format {TRAIN_FORMAT!r}); "

@@ -9,12 +9,21 @@ letters, digits, punctuation and symbols of any script stay as they are. Lone su
 (how Python holds the bytes of a file name that is not UTF-8) are escaped too, so the line
 can always be encoded.
 
+Colour and bold codes (ANSI "select graphic rendition", ``"\\x1b[1m"``), which other
+libraries put in their messages (torch's ``weights_only`` error) and which only style the
+text, are removed instead: escaped, they would be noise in the one line a user reads.
+
 This module imports nothing from retrofit: every layer may use it.
 """
 
 from __future__ import annotations
 
+import re
+
 __all__ = ["printable", "printable_lines", "shorten", "excerpt"]
+
+# ESC [ (or the one-character CSI, U+009B), numbers separated by ";", then "m".
+_SGR = re.compile("(?:\x1b\\[|\x9b)[0-9;]*m")
 
 
 _SHORT = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}  # as repr() writes them
@@ -38,7 +47,8 @@ def printable(text: str) -> str:
     (``\\n``, ``\\t``, ``\\x1b``, ``\\x7f``, ``\\x9b``), format characters (bidirectional
     overrides, zero-width spaces), separators other than the ASCII space (``\\u2028``,
     ``\\xa0``), surrogates and unassigned code points. A backslash already in ``text`` is
-    left alone: the point is a safe terminal, not a reversible encoding.
+    left alone: the point is a safe terminal, not a reversible encoding. Colour and bold
+    codes (``"\\x1b[1m"``, ``"\\x1b[0m"``) are removed.
 
     Example:
         >>> printable("layer1\\x1b[2J.weight")
@@ -48,6 +58,7 @@ def printable(text: str) -> str:
     """
     if text.isprintable():
         return text
+    text = _SGR.sub("", text)
     return "".join(c if c.isprintable() else _escape(c) for c in text)
 
 

@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -47,11 +48,19 @@ from .api import retrofit
 from .build import apply_recipe
 from .errors import ModelLoadError, OptionError
 from .frameworks._ultralytics import offline
+from .optim import split_groups
 from .recipe import Recipe, get_recipe
-from .report import get_report
+from .report import report_of
 from .rulefile import RuleSet, resolve_rules
 
-__all__ = ["trainer", "RetrofitTrainer", "TRAINERS", "save_checkpoint", "load_checkpoint"]
+__all__ = ["trainer", "RetrofitTrainer", "TRAINERS", "FIRST_VERSION", "save_checkpoint", "load_checkpoint"]
+
+# The first Ultralytics release whose multi-GPU training hands its workers the trainer's class
+# and model pickled (ultralytics/utils/dist.py, generate_ddp_file). Earlier releases write
+# `from MODULE import NAME` into the worker's script, which cannot import a class that
+# trainer() makes at run time. pyproject.toml's `ultralytics` extra declares the same floor.
+FIRST_VERSION = (8, 4, 140)
+"""The oldest Ultralytics release :func:`trainer` works with (multi-GPU runs included)."""
 
 # The task -> trainer class of Ultralytics (module, class), imported when used.
 TRAINERS: dict[str, tuple[str, str]] = {
@@ -63,14 +72,13 @@ TRAINERS: dict[str, tuple[str, str]] = {
     "semantic": ("ultralytics.models.yolo.semantic", "SemanticSegmentationTrainer"),
     "depth": ("ultralytics.models.yolo.depth", "DepthTrainer"),
 }
+"""Each Ultralytics task and its trainer class (module, name), which :func:`trainer` extends."""
 
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     with warnings.catch_warnings():
-        # "does not trace as a whole": a YOLO model's forward loops over its layers in
-        # Python, so its blocks are rewritten in place; that is expected here.
-        warnings.filterwarnings("ignore", message=".*does not trace as a whole.*")
+        # A rule set that selects nothing in this model is said by the log line instead.
         warnings.filterwarnings("ignore", message=".*selected no site.*")
         yield
 
@@ -94,31 +102,29 @@ class RetrofitTrainer:
         # what Ultralytics draws afterwards (the new class layers model.load builds when the
         # class count changes, ...) is what it draws without attention, so a run with identity
         # gates starts exactly where plain fine-tuning of the same seed starts.
+        how = "inserted"
         with _quiet(), torch.random.fork_rng(devices=[]):
             if saved is not None and saved.rules is not None:
                 # A retrofitted checkpoint: the same modules again (the levels of its recipe on
                 # this fresh model), so that its attention weights have somewhere to load.
                 for level in saved.chain():
                     model = apply_recipe(level, model)
+                how = "rebuilt from the checkpoint"
             if saved is None or saved.rules != self.retrofit_rules.doc or _options(saved) != _wanted(self):
                 model = retrofit(model, rules=self.retrofit_rules, input_size=size, inplace=True,
                                  **self.retrofit_options)
+                how = "inserted"
         if weights:
             model.load(weights)
+        if verbose:
+            _log(_inserted_line(model, how))
         return model
 
     def build_optimizer(self, model: nn.Module, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         optimizer = super().build_optimizer(model, *args, **kwargs)  # type: ignore[misc]
         if self.retrofit_lr_mult == 1.0:
             return optimizer
-        attention = {id(p) for p in _attention_parameters(model)}
-        groups = []
-        for group in optimizer.param_groups:
-            mine = [p for p in group["params"] if id(p) in attention]
-            rest = [p for p in group["params"] if id(p) not in attention]
-            groups.append({**group, "params": rest})
-            if mine:
-                groups.append({**group, "params": mine, "lr": group["lr"] * self.retrofit_lr_mult})
+        groups = split_groups(optimizer.param_groups, model, self.retrofit_lr_mult)
         optimizer.param_groups.clear()
         optimizer.state.clear()
         for g in groups:
@@ -126,14 +132,22 @@ class RetrofitTrainer:
         return optimizer
 
 
-def _attention_parameters(model: nn.Module) -> list[nn.Parameter]:
-    inner = getattr(model, "module", model)  # DistributedDataParallel
-    try:
-        rows = get_report(inner).rows
-    except ValueError:
-        return []
-    prefixes = tuple(f"{r.module}." for r in rows)
-    return [p for n, p in inner.named_parameters() if n.startswith(prefixes)]
+def _log(line: str) -> None:
+    from ultralytics.utils import LOGGER
+
+    LOGGER.info(line)
+
+
+def _inserted_line(model: nn.Module, how: str) -> str:
+    """The one line the training log gets: what attention went in, and what it costs (the
+    summary Ultralytics prints before it counts the model without it)."""
+    report = report_of(model)
+    if report is None:
+        return "retrofit: no attention in this model"
+    kinds = ", ".join(dict.fromkeys(r.attn for r in report.rows)) or "no"
+    pct = 100.0 * report.params_added / report.params_before if report.params_before else 0.0
+    return (f"retrofit: {kinds} attention {how} at {len(report.rows)} sites; parameters "
+            f"{report.params_before:,} -> {report.params_after:,} (+{report.params_added:,}, +{pct:.2f}%)")
 
 
 def _options(recipe: Recipe) -> dict[str, Any]:
@@ -198,12 +212,37 @@ def trainer(attn: str | None = "se", *, rules: str | Path | RuleSet | None = Non
     Example:
         >>> YOLO("yolov8n.pt").train(data="coco8.yaml", trainer=retrofit.ultralytics.trainer("cbam"))
     """
+    _check_version()
     bad = sorted(set(options) & {"inplace", "input_size", "keep_class", "verify", "scores"})
     if bad:
         raise OptionError(f"retrofit.ultralytics.trainer sets {', '.join(bad)} itself; leave them out")
     if not (isinstance(lr_mult, (int, float)) and lr_mult > 0):
         raise OptionError(f"lr_mult = {lr_mult!r} is not valid: a positive number (1 keeps Ultralytics' lr0)")
     return _Factory(resolve_rules(attn, rules), options, float(lr_mult))
+
+
+def _check_version() -> None:
+    """Refuse an Ultralytics older than :data:`FIRST_VERSION`, whose multi-GPU workers
+    could not rebuild the trainer.
+
+    Raises:
+        ModelLoadError: Ultralytics is missing or older.
+    """
+    from importlib import metadata
+
+    floor = ".".join(map(str, FIRST_VERSION))
+    try:
+        found = metadata.version("ultralytics")
+    except metadata.PackageNotFoundError:
+        found = None
+    if found is None:
+        raise ModelLoadError(f"retrofit.ultralytics needs the package 'ultralytics' (>= {floor}), which is not "
+                             "installed; pip install 'torch-retrofit[ultralytics]'")
+    parts = tuple(int(m.group()) if (m := re.match(r"\d+", x)) else 0 for x in found.split(".")[:3])
+    if parts < FIRST_VERSION:
+        raise ModelLoadError(f"retrofit.ultralytics.trainer needs ultralytics >= {floor} (found {found}): older "
+                             "releases rebuild the trainer of a multi-GPU run by importing its class by name, which "
+                             f"a trainer made at run time cannot be; pip install -U 'ultralytics>={floor}'")
 
 
 def save_checkpoint(model: nn.Module, path: str | Path, *, force: bool = False) -> Path:

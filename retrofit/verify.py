@@ -9,9 +9,9 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .modes import eval_mode
+from .modes import eval_mode, plain_attributes_kept
 
-__all__ = ["Comparison", "compare", "count_params", "input_dtype_device"]
+__all__ = ["Comparison", "Reference", "compare", "compare_to", "count_params", "input_dtype_device", "reference_run"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -49,6 +49,48 @@ def _run(model: nn.Module, x: torch.Tensor) -> tuple[list[object], int]:
     return pytree.tree_leaves(out), counter.get_total_flops() // x.shape[0]
 
 
+@dataclass(frozen=True)
+class Reference:
+    """One run of the model before a rewrite: what a rewritten model is compared with."""
+
+    inputs: torch.Tensor  # the seeded probe input
+    outputs: tuple[object, ...]  # the output's leaves (tuple and dict outputs flattened)
+    flops: int  # FLOPs of the forward, per sample
+
+
+def reference_run(model: nn.Module, input_size: tuple[int, int, int], batch_size: int = 1,
+                  seed: int = 0) -> Reference | None:
+    """Run ``model`` on one seeded random probe input, in eval mode without gradients, keeping
+    its outputs and FLOPs: taken before a rewrite (an in-place one changes the model itself),
+    it is the original the result is compared with. The model is left as it was: each
+    submodule's mode, and the caches a forward fills (LeViT's attention biases), which a
+    trace that follows must not find filled.
+
+    Returns:
+        The run, or None for a model on the ``meta`` device (nothing to run).
+    """
+    x = _probe(model, input_size, batch_size, seed)
+    if x is None:
+        return None
+    with torch.no_grad(), eval_mode(model), plain_attributes_kept(model):
+        outputs, flops = _run(model, x)
+    return Reference(x, tuple(outputs), flops)
+
+
+def compare_to(reference: Reference, candidate: nn.Module) -> Comparison:
+    """Run ``candidate`` on the reference's input and compare outputs, leaf by leaf."""
+    with torch.no_grad(), eval_mode(candidate):
+        got, flops_after = _run(candidate, reference.inputs)
+    diff = 0.0
+    for w, g in zip(reference.outputs, got, strict=True):
+        if isinstance(w, torch.Tensor) and isinstance(g, torch.Tensor):
+            if w.shape != g.shape:
+                diff = float("inf")
+            elif w.numel():
+                diff = max(diff, (w.double() - g.double()).abs().max().item())
+    return Comparison(diff, reference.flops, flops_after)
+
+
 def compare(
     reference: nn.Module,
     candidate: nn.Module,
@@ -66,17 +108,5 @@ def compare(
     Returns:
         The comparison, or None for models on the ``meta`` device (nothing to run).
     """
-    x = _probe(reference, input_size, batch_size, seed)
-    if x is None:
-        return None
-    with torch.no_grad(), eval_mode(reference, candidate):
-        want, flops_before = _run(reference, x)
-        got, flops_after = _run(candidate, x)
-    diff = 0.0
-    for w, g in zip(want, got, strict=True):
-        if isinstance(w, torch.Tensor) and isinstance(g, torch.Tensor):
-            if w.shape != g.shape:
-                diff = float("inf")
-            elif w.numel():
-                diff = max(diff, (w.double() - g.double()).abs().max().item())
-    return Comparison(diff, flops_before, flops_after)
+    ref = reference_run(reference, input_size, batch_size, seed)
+    return None if ref is None else compare_to(ref, candidate)

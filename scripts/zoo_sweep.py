@@ -395,7 +395,9 @@ def _pct(n: int, d: int) -> str:
 
 def write_summary(rows: list[dict[str, Any]], out: Path, command: str, seconds: float | None = None) -> None:
     with_sites = [r for r in rows if r.get("status") != "no sites"]
-    lines = ["# Zoo sweep", "", f"Command: `{command}`", ""]
+    in_place = any(r.get("status") == "ok" and str(r.get("kc_units", "")) != "" for r in rows)
+    title = "# Zoo sweep, keep_class form" if in_place else "# Zoo sweep, GraphModule form"
+    lines = [title, "", f"Command: `{command}`", ""]
     if seconds is not None:
         lines += [f"Wall time of the last invocation: {seconds / 60:.1f} min.", ""]
     lines += [

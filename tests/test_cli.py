@@ -259,9 +259,10 @@ def test_warnings_print_once(tmp_path: Path) -> None:
     assert r.returncode == 0 and r.stderr == "", r.stderr  # the warning is in the JSON
     assert json.loads(r.stdout)["warnings"] == [want.removeprefix("warning: ")]
     (tmp_path / "none.toml").write_text('[[rule]]\nat = "residual-add"\nattn = "se"\ninclude = ["layer9.*"]\n')
-    r = run("resnet18", "--input-size", "32", "--rules", str(tmp_path / "none.toml"), "-q")
+    r = run("resnet18", "--input-size", "32", "--rules", str(tmp_path / "none.toml"), "-q", "--allow-empty")
     assert r.returncode == 0 and r.stderr == "" and r.stdout == ""
-    r = run("resnet18", "--input-size", "32", "--rules", str(tmp_path / "none.toml"), "--format", "json")
+    r = run("resnet18", "--input-size", "32", "--rules", str(tmp_path / "none.toml"), "--format", "json",
+            "--allow-empty")
     assert r.stderr.splitlines() == ["warning: rules '" + str(tmp_path / "none.toml") + "' selected no site of "
                                      "ResNet; nothing inserted"], r.stderr
 
@@ -389,3 +390,37 @@ def test_python_dash_m_runs_the_command_line_and_importing_it_runs_nothing() -> 
     r = subprocess.run([sys.executable, "-c", "import retrofit.__main__; print('imported')"], capture_output=True,
                        text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0 and r.stdout == "imported\n", r.stderr
+
+
+def test_rules_that_select_nothing_are_an_error_unless_allowed() -> None:
+    """A rule set for another kind of model (YOLO's blocks on a ResNet) inserts nothing: that
+    is a mistake, said in one line, unless --allow-empty says it is expected."""
+    one_line(run("resnet18", "--input-size", "32", "--attn", "yolo-cbam-backbone"), 2,
+             r"retrofit: error: rules 'yolo-cbam-backbone' selected no site of ResNet \(\d+ sites found, \d+ left "
+             r"alone.*\); nothing was inserted\..*pass --allow-empty to accept it$")
+    r = run("resnet18", "--input-size", "32", "--attn", "yolo-cbam-backbone", "--allow-empty", "--format", "json")
+    assert r.returncode == 0 and json.loads(r.stdout)["sites_changed"] == 0
+
+
+def test_attention_names_ignore_case_where_unambiguous() -> None:
+    r = run("resnet18", "--input-size", "32", "--attn", "SE", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    assert {s["attn"] for s in json.loads(r.stdout)["sites"]} == {"se"}
+    assert retrofit.rulefile.resolve_rules("CBAM").name == retrofit.rulefile.resolve_rules("cbam").name
+
+
+def test_help_lists_every_command() -> None:
+    r = run("--help")
+    assert r.returncode == 0
+    listed = re.findall(r"^  retrofit (\w+)", r.stdout, flags=re.M)
+    assert {"MODEL", "list", "diff", "gates", "COMMAND"} <= set(listed), r.stdout
+    assert "--allow-empty" in r.stdout and "--verbose" in r.stdout
+
+
+def test_colour_codes_of_other_libraries_are_removed_and_file_text_escaped() -> None:
+    from retrofit.text import printable
+
+    # torch's weights_only error, as it reaches an error line
+    assert printable("\x1b[1mWeightsUnpickler error: \x1b[0mUnsupported global") == \
+        "WeightsUnpickler error: Unsupported global"
+    assert printable("layer\x1b[2J\x1b[31m.weight\nnext") == "layer\\x1b[2J.weight\\nnext"

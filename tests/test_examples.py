@@ -47,3 +47,21 @@ def test_yolo_example_end_to_end(tmp_path: Path) -> None:
     r = subprocess.run([*args, "--resume"], capture_output=True, text=True, cwd=ROOT, timeout=300,
                        env={**os.environ, "YOLO_OFFLINE": "1"})
     assert r.returncode == 0 and json.loads((out / "results.json").read_text())["units"] == result["units"]
+
+
+@pytest.mark.examples
+def test_hf_trainer_example(tmp_path: Path) -> None:
+    """examples/hf_trainer.py: a small ConvNeXt retrofitted, trained one epoch by transformers'
+    Trainer with the attention's own learning rate, saved by save_model, reloaded by
+    retrofit.load with the same outputs."""
+    from .test_snippets import _images
+
+    images = _images(tmp_path / "images")
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "examples/hf_trainer.py", "--model-class", "ConvNextForImageClassification",
+                        "--tiny", "--data", str(images), "--out", str(out), "--epochs", "1", "--batch-size", "8",
+                        "--workers", "0"], capture_output=True, text=True, cwd=ROOT, timeout=900,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "reloaded with retrofit.load: same outputs" in r.stdout
+    assert "retrofit" in json.loads((out / "config.json").read_text())

@@ -17,7 +17,8 @@ import torch
 import retrofit
 from retrofit import get_report
 from retrofit.errors import ModelLoadError, OptionError
-from retrofit.finetune import FinetuneConfig, WarmupCosine, attention_parameter_names, fit, param_groups
+from retrofit.finetune import FinetuneConfig, WarmupCosine, fit
+from retrofit.optim import attention_parameter_names, param_groups
 from retrofit.saving import load_training_state, save_training_state
 
 from .finetune_helpers import NARROW, build, one_thread, tiny_digits  # noqa: F401
@@ -115,10 +116,10 @@ def test_attention_only_epochs_then_unfreeze() -> None:
 
 def test_param_groups_have_their_learning_rates() -> None:
     gm = build("eca")
-    groups = param_groups(gm, lr=0.01, attn_lr=0.3, weight_decay=5e-4)
+    groups = param_groups(gm, lr=0.01, attention_lr_mult=30, weight_decay=5e-4)
     by_name = {g["name"]: g for g in groups}
     assert by_name["base"]["lr"] == by_name["base_no_wd"]["lr"] == 0.01
-    assert by_name["attn"]["lr"] == 0.3
+    assert by_name["attn"]["lr"] == pytest.approx(0.3)
     assert by_name["base"]["weight_decay"] == 5e-4 and by_name["base_no_wd"]["weight_decay"] == 0.0
     prefixes = tuple(f"{r.module}." for r in get_report(gm).rows)
     expected = {id(p) for n, p in gm.named_parameters() if n.startswith(prefixes)}
@@ -127,7 +128,7 @@ def test_param_groups_have_their_learning_rates() -> None:
     assert sum(len(g["params"]) for g in groups) == len(list(gm.parameters()))
     # a model retrofit did not touch has no attention group
     plain = timm.create_model("resnet18", **NARROW)
-    assert {g["name"] for g in param_groups(plain, 0.01, 0.1, 1e-4)} == {"base", "base_no_wd"}
+    assert {g["name"] for g in param_groups(plain, 0.01, weight_decay=1e-4)} == {"base", "base_no_wd"}
 
 
 def test_fit_uses_the_attention_lr() -> None:

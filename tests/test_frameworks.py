@@ -370,3 +370,21 @@ def test_a_hub_save_of_a_framework_model_loads_without_trust(spec: str, kwargs: 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     lay_out_folder(tmp_path / "cache", "me/x", folder)
     assert _equal_outputs(retrofit.load("hf-hub:me/x"), out, torch.randn(2, 3, 64, 64))
+
+
+@pytest.mark.parametrize("spec", ["ultralytics:yolov8n.yaml", "transformers:ResNetForImageClassification"])
+def test_the_normal_path_of_a_framework_model_is_quiet(spec: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A YOLO or transformers model does not trace as a whole, as expected: no warning, one
+    short INFO line (shown by `retrofit -v`), the details in report.left_alone."""
+    import logging
+
+    model = (retrofit.create_model(spec, nc=3) if spec.startswith("ultralytics") else _tiny_hf(spec.partition(":")[2]))
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO, logger="retrofit"):
+        warnings.simplefilter("always")
+        out = retrofit.retrofit(model, "se", input_size=64)
+    assert [str(w.message) for w in caught] == []
+    lines = [r.getMessage() for r in caplog.records if r.name == "retrofit"]
+    assert len(lines) == 1 and len(lines[0]) <= 120 and "traced submodule" in lines[0], lines
+    report = retrofit.get_report(out)
+    assert report.left_alone[0][0] == "" and report.left_alone[0][1]  # the top-level forward, and why
+    assert not any("does not trace" in w for w in report.warnings)

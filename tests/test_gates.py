@@ -158,7 +158,10 @@ def test_gates_cli_on_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture
     assert (tmp_path / "g.png").read_bytes()[:8] == PNG
     d = json.loads((tmp_path / "g.json").read_text())
     assert d["num_images"] == 50 and len(d["sites"]) == 8
-    assert "layer4.1.se" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "layer4.1.se" in out
+    # printed as lines, escaped once: no literal "\n" before the last line
+    assert out.endswith(f"\n\nwrote {tmp_path / 'g.png'}\nwrote {tmp_path / 'g.json'}\n") and "\\n" not in out
     # Errors go through the command line's one place: exit 2 and one line.
     assert main(["gates", str(tmp_path / "missing.pt"), "--data", data]) == 2
     err = capsys.readouterr().err

@@ -332,3 +332,90 @@ def test_attention_after_the_backbone_stages(rules: str, attn: str, params: int)
         ("model.6.cv2.conv", attn, 128, (4, 4)), ("model.8.cv2.conv", attn, 256, (2, 2))]
     assert report.params_added == params and report.max_abs_diff == 0.0
     assert rules in retrofit.list_builtin_rules()
+
+
+def test_the_checkpoints_report_the_attention_they_hold(detect_run: dict[str, Any], plain_pt: Path) -> None:
+    """The trainer rewrites its model in place: the report still counts the model as it was."""
+    plain = sum(p.numel() for p in torch.load(plain_pt, weights_only=False)["model"].parameters())
+    for name in ("last.pt", "best.pt"):
+        ckpt = torch.load(detect_run["run"] / "weights" / name, weights_only=False)
+        model = ckpt.get("ema") or ckpt["model"]
+        report = retrofit.get_report(model)
+        cbam = sum(p.numel() for n, p in model.named_parameters() if ".cbam." in n)
+        assert (report.params_before, report.params_after) == (plain, plain + cbam), name
+        assert report.params_added == cbam == sum(r.params for r in report.rows) > 0
+
+
+_WORKER_PROBE = """
+    import json
+    trainer.setup_model()  # what a worker's _setup_train does first
+    model = trainer.model
+    attention = {id(p) for n, p in model.named_parameters() if ".cbam." in n}
+    optimizer = trainer.build_optimizer(model, name="SGD", lr=0.01, momentum=0.9, decay=5e-4)
+    lrs = sorted({g["lr"] for g in optimizer.param_groups if {id(p) for p in g["params"]} & attention})
+    print(json.dumps({"trainer": type(trainer).__name__, "attention": len(attention), "lrs": lrs,
+                      "added": __import__("retrofit").get_report(model).params_added}))
+"""
+
+
+def test_a_multi_gpu_worker_rebuilds_the_trainer_with_its_attention(work: Path, detect_data: Path, plain_pt: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Multi-GPU ``YOLO.train`` starts its workers from a file Ultralytics writes: the file
+    written by Ultralytics' own function, run in a fresh process up to the training loop
+    (on the CPU: its DDP set-up needs GPUs), builds our trainer with its attention and
+    learning-rate groups."""
+    import logging
+
+    from ultralytics import YOLO
+    from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
+
+    yolo = YOLO(str(plain_pt))
+    factory = retrofit.ultralytics.trainer("cbam", lr_mult=10)
+    overrides = {**train_args(work, "ddp", data=str(detect_data), model=str(plain_pt)), "mode": "train",
+                 "task": "detect"}
+    trainer = factory(overrides=overrides)
+    with caplog.at_level(logging.INFO, logger="ultralytics"):
+        trainer.model = trainer.get_model(weights=yolo.model, cfg=yolo.model.yaml)  # as YOLO.train does
+    # The training log says what went in, in one line.
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("retrofit:")]
+    added = retrofit.get_report(trainer.model).params_added
+    assert said == [f"retrofit: cbam attention inserted at 6 sites; parameters 3,011,433 -> {3_011_433 + added:,} "
+                    f"(+{added:,}, +{100 * added / 3_011_433:.2f}%)"]
+    file = generate_ddp_file(trainer)
+    try:
+        script = Path(file).read_text()
+        assert script.count("trainer.train()") == 1
+        probe = work / "ddp_probe.py"
+        probe.write_text(script.replace("    trainer.train()", _WORKER_PROBE))
+        r = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "YOLO_OFFLINE": "1"})
+    finally:
+        ddp_cleanup(trainer, file)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got == {"trainer": "RetrofitDetectionTrainer", "attention": 24, "lrs": [0.1], "added": added}
+
+
+def test_the_declared_ultralytics_floor(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tomllib
+    from importlib import metadata
+
+    extra = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    floor = ".".join(map(str, retrofit.ultralytics.FIRST_VERSION))
+    assert extra["project"]["optional-dependencies"]["ultralytics"] == [f"ultralytics>={floor}"]
+    monkeypatch.setattr(metadata, "version", lambda name: "8.4.139")
+    with pytest.raises(retrofit.ModelLoadError, match=r"needs ultralytics >= 8\.4\.140 \(found 8\.4\.139\).*"
+                                                     r"pip install -U 'ultralytics>=8\.4\.140'"):
+        retrofit.ultralytics.trainer("se")
+
+
+def test_diff_on_an_ultralytics_checkpoint_says_what_it_is(plain_pt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One line that names the file's kind and how to read it; torch's colour codes gone."""
+    assert cli_main(["diff", str(plain_pt), str(plain_pt)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\x1b" not in err and "\\x1b" not in err and "\\n" not in err
+    assert err.startswith(f"retrofit diff: error: cannot read training checkpoint '{plain_pt}': it is an Ultralytics "
+                          "checkpoint (a pickle of ultralytics.nn.tasks.DetectionModel, which runs code when read)")
+    assert "retrofit.ultralytics.load_checkpoint(PATH, trust_code=True)" in err

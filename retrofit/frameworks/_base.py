@@ -20,6 +20,10 @@ class Framework:
     package: str = ""  # the import name; a model whose class comes from it belongs here
     distribution: str = ""  # what `pip install` takes
     num_classes_arg: str = "num_classes"  # the constructor argument --num-classes sets
+    # The library's models are not expected to trace as a whole (YOLO's forward loops over
+    # its layers in Python; transformers' handle their keyword options in Python): that
+    # their blocks are rewritten in place is the normal path, said at the INFO level only.
+    traces_in_parts: bool = False
 
     def owns(self, model: nn.Module) -> bool:
         """Whether ``model``'s class comes from this library (its class module is checked,

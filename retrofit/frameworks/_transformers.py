@@ -105,6 +105,7 @@ class Transformers(Framework):
     package = "transformers"
     distribution = "transformers"
     num_classes_arg = "num_labels"
+    traces_in_parts = True
 
     def describe(self, model: nn.Module) -> tuple[str, dict[str, Any]] | None:
         cls = getattr(type(model), "_retrofit_original", type(model))

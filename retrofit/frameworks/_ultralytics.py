@@ -331,6 +331,7 @@ class Ultralytics(Framework):
     package = "ultralytics"
     distribution = "ultralytics"
     num_classes_arg = "nc"
+    traces_in_parts = True
 
     def describe(self, model: nn.Module) -> tuple[str, dict[str, Any]] | None:
         cls = getattr(type(model), "_retrofit_original", type(model))
