@@ -12,16 +12,26 @@ from ._registry import (
     registered_types,
     unregister_attention,
 )
+from .bam import Bam
 from .cbam import Cbam
 from .chsa import ChannelSelfAttn
 from .coord import CoordAttn
 from .eca import EfficientChannelAttn, eca_kernel_size
+from .ema import EfficientMultiScaleAttn
+from .gam import GlobalAttnMechanism
 from .gc import GlobalContext
 from .ge import GatherExcite
+from .lska import LSKA_KERNELS, LargeSeparableKernelAttn
+from .mlca import MixedLocalChannelAttn, mlca_kernel_size
 from .nonlocal_ import NonLocal
+from .polarized import PolarizedSelfAttn
 from .psa import PointwiseSpatialAttn
+from .scse import ConcurrentSqueezeExcite
 from .se import SqueezeExcite
+from .sge import SpatialGroupEnhance
+from .shuffle import ShuffleAttn
 from .simam import SimAM
+from .triplet import TripletAttn
 
 __all__ = [
     "GATES",
@@ -47,4 +57,16 @@ __all__ = [
     "NonLocal",
     "ChannelSelfAttn",
     "PointwiseSpatialAttn",
+    "EfficientMultiScaleAttn",
+    "GlobalAttnMechanism",
+    "ShuffleAttn",
+    "TripletAttn",
+    "Bam",
+    "ConcurrentSqueezeExcite",
+    "LargeSeparableKernelAttn",
+    "LSKA_KERNELS",
+    "MixedLocalChannelAttn",
+    "mlca_kernel_size",
+    "SpatialGroupEnhance",
+    "PolarizedSelfAttn",
 ]
