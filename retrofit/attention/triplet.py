@@ -42,7 +42,8 @@ class TripletAttn(nn.Module):
     each plane, this module pools along the plane's axis and broadcasts the gate (the same
     numbers, no copies). With ``gate="identity"`` the three convolutions start at zero and
     each gate is ``2 * sigma(0) = 1.0``; the mean of three ones divides three by three, 1.0
-    exactly. ``scale(x)`` returns the mean gate, shape ``(N, C, H, W)``.
+    exactly; all three learn from the first step. ``scale(x)`` returns the mean gate, shape
+    ``(N, C, H, W)``.
 
     Args:
         channels: input (and output) channels.
