@@ -520,14 +520,22 @@ def _list(argv: Sequence[str]) -> int:
         return re.split(r"(?<=\.)\s", text.replace("``", ""), maxsplit=1)[0]
 
     attns = {name: description(get_attention(name)) for name in list_attention()}
+    # A type's constraints (groups that must divide the channels, ...): the class says them in
+    # one sentence; a site that breaks one is skipped, with the reason in the plan.
+    constraints = {name: getattr(get_attention(name), "constraints", None) or None for name in list_attention()}
     rules = list_builtin_rules()
     if args.format == "json":
-        print(json.dumps({"attention": attns, "rules": rules}, indent=2))
+        print(json.dumps({"attention": attns, "constraints": constraints, "rules": rules}, indent=2))
     else:
         short = {name: first_sentence(text) for name, text in attns.items()}
         print(printable_lines(_wrapped_table(short, ["attention (--rules attn=)",
                                                      "description (retrofit.get_attention(NAME))"])))
         print()
+        limited = {name: str(text) for name, text in constraints.items() if text}
+        if limited:
+            print(printable_lines(_wrapped_table(limited, ["attention", "constraints (a site that breaks one is "
+                                                           "skipped; --dry-run says which and why)"])))
+            print()
         print(printable_lines(_wrapped_table(rules, ["rule set (--attn)", "description (rules/NAME.toml)"])))
     return EXIT_OK
 

@@ -186,9 +186,12 @@ def record_gates(
         A :class:`GateRecord`. The gate of a module is the first method its class names in
         ``fused_gates`` (see :func:`retrofit.attention.gate_methods`) whose value has one
         entry per channel: ``scale()`` for SE, ECA, coordinate attention, GE, SimAM, GC
-        with scale fusion alone and timm's names but ``gca`` and ``lcbam``,
-        ``channel_scale()`` for CBAM and light CBAM. A module without one (non-local, PSA,
-        channel self-attention, GC with add fusion, ``gca``) is listed in ``skipped`` with why.
+        with scale fusion alone, timm's names but ``gca`` and ``lcbam``, EMA, shuffle
+        attention (unshuffled), triplet attention, BAM, scSE, LSKA, MLCA, SGE and polarized
+        self-attention (spatial gates averaged over H and W), ``channel_scale()`` for CBAM,
+        light CBAM and GAM. A module without one (non-local, PSA, channel self-attention, GC
+        with add fusion, ``gca``, shuffle attention with its shuffle) is listed in ``skipped``
+        with why.
 
     Raises:
         ValueError: ``model`` did not come from :func:`retrofit.retrofit`.
@@ -293,7 +296,8 @@ def plot_gates(record: GateRecord, path: str | Path, *, title: str | None = None
         raise AttentionError(
             "no gates to plot: the record has no sites"
             + (f" (skipped: {', '.join(m for m, _ in record.skipped)}; their attention has no channel gate: "
-               "plot models with se, eca, cbam, coord, ge, simam or gc with fuse_scale)" if record.skipped else ""))
+               "plot models of a gating type, such as se, eca, cbam, coord, ge, simam, ema or gam, or gc with "
+               "fuse_scale)" if record.skipped else ""))
     ncols = max(len(sites) for _, sites in stages)
     fig, axes = plt.subplots(len(stages), ncols, figsize=(3.4 * ncols, 2.5 * len(stages)), squeeze=False)
     cmap = plt.get_cmap("tab10")

@@ -144,8 +144,8 @@ def test_reset_parameters_restores_identity() -> None:
 
 
 def test_unknown_attention_lists_valid_and_closest() -> None:
-    with pytest.raises(AttentionError, match=r"unknown attention 'sse'; did you mean 'se'\? \(valid: .*cbam.*eca.*se"):
-        create_attention("sse", 8)
+    with pytest.raises(AttentionError, match=r"unknown attention 'cbma'; did you mean 'cbam'\? \(valid: .*cbam.*eca.*se"):
+        create_attention("cbma", 8)
 
 
 def test_unknown_gate() -> None:

@@ -347,12 +347,18 @@ def test_list_command() -> None:
     assert {"se", "eca", "cbam"} <= set(listing["attention"])
     assert {"se", "eca", "cbam", "se-mid", "cbam-conv"} <= set(listing["rules"])
     assert listing["attention"]["se"].startswith("Squeeze-and-Excitation")
+    # every type's constraints: one sentence, or none
+    assert listing["constraints"].keys() == listing["attention"].keys()
+    assert listing["constraints"]["se"] is None
+    assert listing["constraints"]["ema"] == "channels divisible by factor (32 by default)"
     r = run("list")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert max(map(len, lines)) <= 100, max(lines, key=len)
     assert "se                           Squeeze-and-Excitation: global average pool, a two-layer bottleneck, a" in lines
     assert set(retrofit.list_attention()) <= {line.split(" ", 1)[0] for line in lines}
+    constrained = lines.index(next(line for line in lines if line.startswith("attention    constraints")))
+    assert "sge          channels divisible by groups (64 by default)" in lines[constrained:]
 
 
 def _stderr_on_a_terminal(*args: str) -> str:

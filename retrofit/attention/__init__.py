@@ -12,19 +12,29 @@ from ._registry import (
     registered_types,
     unregister_attention,
 )
+from .bam import Bam
 from .cbam import Cbam, LightCbam
 from .chsa import ChannelSelfAttn
 from .coord import CoordAttn, SimpleCoordAttn
 from .eca import CircularEfficientChannelAttn, EfficientChannelAttn, EfficientChannelAttnMlp, eca_kernel_size
 from .ela import EfficientLocalAttn
+from .ema import EfficientMultiScaleAttn
 from .ese import EffectiveSqueezeExcite
+from .gam import GlobalAttnMechanism
 from .gc import GlobalContext, GlobalContextAdd
 from .ge import GatherExcite
+from .lska import LSKA_KERNELS, LargeSeparableKernelAttn
+from .mlca import MixedLocalChannelAttn, mlca_kernel_size
 from .nonlocal_ import NonLocal
+from .polarized import PolarizedSelfAttn
 from .psa import PointwiseSpatialAttn
+from .scse import ConcurrentSqueezeExcite
 from .se import SqueezeExcite
+from .sge import SpatialGroupEnhance
+from .shuffle import ShuffleAttn
 from .simam import SimAM
 from .strip import StripAttn
+from .triplet import TripletAttn
 
 __all__ = [
     "GATES",
@@ -58,4 +68,16 @@ __all__ = [
     "SimpleCoordAttn",
     "EfficientLocalAttn",
     "StripAttn",
+    "EfficientMultiScaleAttn",
+    "GlobalAttnMechanism",
+    "ShuffleAttn",
+    "TripletAttn",
+    "Bam",
+    "ConcurrentSqueezeExcite",
+    "LargeSeparableKernelAttn",
+    "LSKA_KERNELS",
+    "MixedLocalChannelAttn",
+    "mlca_kernel_size",
+    "SpatialGroupEnhance",
+    "PolarizedSelfAttn",
 ]

@@ -11,13 +11,14 @@ are read, modules when they are built.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from numbers import Real
 from typing import Any, TypeGuard
 
 from ..errors import AttentionError
 
-__all__ = ["make_divisible", "reduced_channels", "check_reduction_args", "REDUCTION_ARGS"]
+__all__ = ["make_divisible", "reduced_channels", "floored_channels", "check_reduction_args", "REDUCTION_ARGS"]
 
 REDUCTION_ARGS: tuple[str, ...] = ("rd_ratio", "rd_channels", "rd_divisor")
 
@@ -85,3 +86,16 @@ def reduced_channels(attn: str, channels: int, rd_ratio: float, rd_channels: int
     if rd_channels is not None:
         return rd_channels
     return make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
+
+
+def floored_channels(channels: int, rd_ratio: float, rd_divisor: int = 1) -> int:
+    """The bottleneck width as the official code of GAM, BAM and scSE computes it,
+    ``channels // reduction``, in timm's terms: ``floor(channels * rd_ratio)`` rounded down
+    to a multiple of ``rd_divisor``; 0 when the channels are too few (the caller decides).
+
+    Example:
+        >>> floored_channels(40, 1 / 16), floored_channels(96, 1 / 3)
+        (2, 32)
+    """
+    # round() first: a ratio such as 1/3 is not exact in binary, and 96 * (1/3) must floor to 32.
+    return math.floor(round(channels * rd_ratio, 9)) // rd_divisor * rd_divisor
