@@ -342,3 +342,10 @@ def test_a_site_the_attention_cannot_take_is_skipped_with_its_reason() -> None:
         assert len(report.rows) == 6 and report.max_abs_diff == 0.0
     finally:
         retrofit.unregister_attention("test_wide_gate")
+
+
+def test_attention_name_in_a_rule_file_ignores_case(tmp_path: Path) -> None:
+    path = write(tmp_path, '[[rule]]\nat = "residual-add"\nattn = "SE"\ninclude = ["layer4.*"]\n')
+    report = get_report(retrofit.retrofit(cached("resnet18"), rules=path, input_size=64))
+    assert [r.module for r in report.rows] == ["layer4.0.se", "layer4.1.se"]
+    assert report.max_abs_diff == 0.0

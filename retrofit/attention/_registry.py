@@ -104,7 +104,8 @@ def get_attention(name: str) -> type[nn.Module]:
     """The class registered as ``name``, or imported from ``"package.module:ClassName"``.
 
     A name with a ``:`` is imported on first use and registered under that name, so rule
-    files can name a user's class without registering it first.
+    files can name a user's class without registering it first. Other names match ignoring
+    case where only one registered name does (``"SE"`` is ``"se"``).
 
     Raises:
         AttentionError: an unknown name (the message lists the valid ones), or a module or
@@ -115,6 +116,10 @@ def get_attention(name: str) -> type[nn.Module]:
         return _ATTENTION[name]
     if ":" in name:
         return _import_attention(name)
+    # "SE" in a rule file means "se" as it does on the command line; only where one name matches
+    same = [k for k in _ATTENTION if ":" not in k and k.lower() == name.lower()]
+    if len(same) == 1:
+        return _ATTENTION[same[0]]
     close = difflib.get_close_matches(name, _ATTENTION, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise AttentionError(
