@@ -14,7 +14,7 @@ Every model is built from its config with random weights (nothing downloads):
 
 For each model, in a worker process with a time limit, and in both forms (the default, and
 ``keep_class=True``; a model whose forward does not trace as a whole gives the model's class
-either way, and is checked once): retrofit ``se``, count the sites reached, require exact
+either way, and is checked once): retrofit ``se`` (or ``--attn NAME``), count the sites reached, require exact
 identity (max |Δoutput| == 0 on a probe), run a train step (forward in train mode and
 backward reaching every inserted parameter that is used), and save then load again without
 ``trust_code`` (outputs equal bit for bit).
@@ -24,6 +24,7 @@ up an interrupted sweep) and ``summary.md``.
 
     python scripts/framework_sweep.py                    # everything (~1 h on 2 cores)
     python scripts/framework_sweep.py --filter 'yolov8*'  # a slice
+    python scripts/framework_sweep.py --attn ema          # another type: docs/frameworks/ema/
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def _input(model: Any, framework: str) -> tuple[int, int, int]:
     return chans if isinstance(chans, int) else 3, side, side
 
 
-def check(framework: str, name: str, spec: str, kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+def check(framework: str, name: str, spec: str, kwargs: dict[str, Any], attn: str = "se") -> list[dict[str, Any]]:
     """Every check of one model, in this process; one row per form."""
     import warnings
 
@@ -133,7 +134,7 @@ def check(framework: str, name: str, spec: str, kwargs: dict[str, Any]) -> list[
         t0 = time.perf_counter()
         row = {**base, "form": "keep_class" if keep_class else "default", "input_size": "x".join(map(str, size))}
         try:
-            out = retrofit.retrofit(model, "se", input_size=size, keep_class=keep_class)
+            out = retrofit.retrofit(model, attn, input_size=size, keep_class=keep_class)
             report = retrofit.get_report(out)
             analysis = retrofit.analyze(model, size, keep_class=keep_class)
             row.update(residual_adds=len(analysis.of_kind("residual-add")),
@@ -176,12 +177,12 @@ def check(framework: str, name: str, spec: str, kwargs: dict[str, Any]) -> list[
     return rows
 
 
-def run_one(case: tuple[str, str, str, dict[str, Any]], timeout: float) -> list[dict[str, Any]]:
+def run_one(case: tuple[str, str, str, dict[str, Any]], timeout: float, attn: str) -> list[dict[str, Any]]:
     """One model in a fresh process (a crash or a timeout is that model's failure)."""
     framework, name, spec, kwargs = case
     env = {**os.environ, "YOLO_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     try:
-        r = subprocess.run([sys.executable, __file__, "--one", json.dumps(case)], capture_output=True, text=True,
+        r = subprocess.run([sys.executable, __file__, "--one", json.dumps(case), "--attn", attn], capture_output=True, text=True,
                            timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return [{"framework": framework, "model": name, "spec": spec, "status": "fail",
@@ -198,7 +199,7 @@ def _counted(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r["status"] not in (NOT_A_CNN, REFUSED)]
 
 
-def write_summary(rows: list[dict[str, Any]], out: Path, command: str) -> None:
+def write_summary(rows: list[dict[str, Any]], out: Path, command: str, attn: str) -> None:
     import segmentation_models_pytorch
     import transformers
     import ultralytics
@@ -211,7 +212,7 @@ def write_summary(rows: list[dict[str, Any]], out: Path, command: str) -> None:
     lines = ["# Framework sweep", "", f"Command: `{command}`", "",
              f"retrofit {retrofit.__version__}, ultralytics {ultralytics.__version__}, transformers "
              f"{transformers.__version__}, segmentation-models-pytorch {segmentation_models_pytorch.__version__}; "
-             "random weights, built from configs; `se` rules.", "",
+             f"random weights, built from configs; `{attn}` rules.", "",
              "Each row is one model in one form (`default`, `keep_class`; `both` when the model does not trace as a "
              "whole and both forms give its class). Checks: exact identity at init (max |Δoutput| == 0), a train "
              "step (backward reaches the inserted parameters; `k/n` of them get a gradient), and save then load "
@@ -244,7 +245,8 @@ def write_summary(rows: list[dict[str, Any]], out: Path, command: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("docs/frameworks"))
+    p.add_argument("--attn", default="se", help="attention type or built-in rule set (default: se)")
+    p.add_argument("--out", type=Path, help="default: docs/frameworks, or docs/frameworks/ATTN for another type")
     p.add_argument("--filter", default="*", help="fnmatch glob on the model name")
     p.add_argument("--resume", action="store_true", help="keep rows already in results.csv")
     p.add_argument("--workers", type=int, default=2)
@@ -253,9 +255,10 @@ def main() -> None:
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        for row in check(*json.loads(args.one)):
+        for row in check(*json.loads(args.one), attn=args.attn):
             print("ROW " + json.dumps(row), flush=True)
         return
+    args.out = args.out or Path("docs/frameworks") / ("" if args.attn == "se" else args.attn)
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.csv"
     done: list[dict[str, Any]] = []
@@ -270,7 +273,7 @@ def main() -> None:
                 csv.DictWriter(f, FIELDS).writeheader()
             done = []
         with ThreadPoolExecutor(args.workers) as pool:
-            for rows in pool.map(lambda c: run_one(c, args.timeout), todo):
+            for rows in pool.map(lambda c: run_one(c, args.timeout, args.attn), todo):
                 with results.open("a", newline="") as f:
                     csv.DictWriter(f, FIELDS, extrasaction="ignore").writerows(rows)
                 done += rows
@@ -279,8 +282,9 @@ def main() -> None:
                           f"{r.get('reason') or ''}"[:200], flush=True)
     order = {c[1]: i for i, c in enumerate(cases())}
     done.sort(key=lambda r: order.get(r["model"], 0))
-    command = "python scripts/framework_sweep.py" + (f" --filter '{args.filter}'" if args.filter != "*" else "")
-    write_summary(done, args.out / "summary.md", command)
+    command = "python scripts/framework_sweep.py" + (f" --attn {args.attn}" if args.attn != "se" else "")
+    command += f" --filter '{args.filter}'" if args.filter != "*" else ""
+    write_summary(done, args.out / "summary.md", command, args.attn)
 
 
 if __name__ == "__main__":
