@@ -357,21 +357,21 @@ def rewrite(
         The rewritten model, and one record per placement, in order; ``name`` is the
         module's path in the model.
     """
-    by_unit: dict[int, list[tuple[int, Placement]]] = {}
+    by_unit: dict[str, list[tuple[int, Placement]]] = {}
     for k, p in enumerate(placements):
-        by_unit.setdefault(partition.origin[p.site.node][0], []).append((k, p))
+        by_unit.setdefault(partition.origin[p.site.ref].unit, []).append((k, p))
     records: dict[int, Inserted] = {}
-    for index, items in by_unit.items():
-        unit = partition.units[index]
+    for path, items in by_unit.items():
+        unit = partition.units[path]
         local = tuple(replace(p, site=partition.local(p.site)[1]) for _, p in items)
         for (k, p), done in zip(items, insert_attention(unit.gm, local, fuse, check_identity), strict=True):
             records[k] = replace(done, placement=p, name=f"{unit.path}.{done.name}" if unit.path else done.name)
-    if partition.whole:
-        result: nn.Module = partition.units[0].gm
+    if partition.is_whole:
+        result: nn.Module = partition.units[""].gm
     else:
         result = model
-        for index, items in by_unit.items():
-            unit = partition.units[index]
+        for path, items in by_unit.items():
+            unit = partition.units[path]
             target = model.get_submodule(unit.path)
             for k, _ in items:
                 local_name = records[k].name[len(unit.path) + 1:]
