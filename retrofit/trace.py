@@ -132,7 +132,7 @@ class RetrofitTracer(torch.fx.Tracer):
             if not hasattr(e, "_retrofit_module"):
                 try:
                     e._retrofit_module = (path, type(m).__name__)  # type: ignore[attr-defined]
-                except AttributeError:
+                except AttributeError:  # an exception type that takes no attributes: the message names the model
                     pass
             raise
         finally:
