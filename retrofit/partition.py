@@ -270,7 +270,8 @@ def _trace_unit(model: nn.Module, path: str, call: Call, leaf_modules: Sequence[
             except TraceError:
                 raise first from None  # the error of the plain trace says where the forward breaks
     else:
-        raise TraceError(f"{type(mod).__name__} at {path!r}: more than {_MAX_RETRACES} submodules do not trace")
+        raise TraceError(f"{type(mod).__name__} at {path!r} does not trace in {_MAX_RETRACES} tries, each calling "
+                         f"whole one more submodule that does not trace ({', '.join(opaque[:3])}, ...)")
     analysis = find_sites(gm, propagate_shapes(gm, None, inputs=_placeholder_inputs(gm, mod, call)), unit=path)
     return Unit(path, gm, analysis, tuple(opaque))
 

@@ -15,7 +15,7 @@ from torch import nn
 import retrofit
 from retrofit import SiteError, TraceError
 from retrofit.fuse import gated_residual
-from retrofit.partition import Partition, partition, record_inputs
+from retrofit.partition import _MAX_RETRACES, Partition, partition, record_inputs
 from retrofit.rewrite import rewritten_in_place
 from retrofit.rulefile import parse_rules
 from retrofit.sites import SiteRef
@@ -442,6 +442,39 @@ def test_partition_is_built_by_keyword() -> None:
                                                                    "(keep_class)"),)
     # Records built by keyword only: no field can be passed by position.
     assert {p.kind for p in inspect.signature(Partition).parameters.values()} == {inspect.Parameter.KEYWORD_ONLY}
+
+
+class _Skip(nn.Module):
+    """A conv skipped on positive input: its forward does not trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.sum() > 0 else self.conv(x)
+
+
+class _Skips(nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.skips = nn.ModuleList(_Skip() for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for s in self.skips:
+            x = s(x)
+        return x
+
+
+def test_retraces_of_a_unit_are_capped() -> None:
+    """Each trace of a unit calls one more submodule whole that does not trace; after the
+    cap the unit is left alone with why, and its children are tried."""
+    parts = partition(nn.Sequential(_Skips(_MAX_RETRACES)), (4, 8, 8))
+    assert not parts.units
+    why = dict(parts.left_alone)["0"]
+    assert why.startswith(f"_Skips at '0' does not trace in {_MAX_RETRACES} tries, each calling whole one more "
+                          "submodule that does not trace (skips.0, skips.1, skips.2, ...)")
+    assert dict(parts.left_alone)["0.skips.0"].startswith("cannot trace _Skip: the top-level forward of _Skip")
 
 
 def test_cli_keep_class(tmp_path: Path) -> None:
