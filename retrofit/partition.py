@@ -11,9 +11,11 @@ Submodule units are as small as they can be: the module whose forward holds a si
 insertion point (a residual block for the add at its end, a container for a chain of
 layers it calls), found from the largest pieces that trace (the root, or else the largest
 traceable submodules) by tracing each such module alone with the inputs a probe forward
-recorded for it. A unit whose own trace does not give the same sites moves up to its
-parent. Sites of all units are planned together, with paths and stages in the model's own
-namespace, so rules read exactly as for a whole-model rewrite.
+(:mod:`retrofit.probe`) recorded for it. A unit whose own trace does not give the same
+sites moves up to its parent. Sites of all units are planned together, with paths and stages in the model's own
+namespace, so rules read exactly as for a whole-model rewrite. A site is named across the
+passes by its :class:`~retrofit.sites.SiteRef` (the unit's module path and the node in its
+graph); units are keyed by module path.
 
 Analysis here reads only; :mod:`retrofit.rewrite` still does every change.
 """
