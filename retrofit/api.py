@@ -347,9 +347,9 @@ def _in_reach(model: nn.Module, parts: Partition, the_plan: Plan) -> tuple[Parti
     parts, unreachable = refine(model, parts, [p.site for p in the_plan.placements])
     if not unreachable:
         return parts, the_plan
-    lost = {s.node for s in unreachable}
+    lost = {s.ref for s in unreachable}
     why = "its module traces only as part of the model's forward, which keep_class keeps as Python code"
-    return parts, dc_replace(the_plan, placements=tuple(p for p in the_plan.placements if p.site.node not in lost),
+    return parts, dc_replace(the_plan, placements=tuple(p for p in the_plan.placements if p.site.ref not in lost),
                              skipped=the_plan.skipped + tuple((s, why) for s in unreachable))
 
 

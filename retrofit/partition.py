@@ -11,40 +11,38 @@ Submodule units are as small as they can be: the module whose forward holds a si
 insertion point (a residual block for the add at its end, a container for a chain of
 layers it calls), found from the largest pieces that trace (the root, or else the largest
 traceable submodules) by tracing each such module alone with the inputs a probe forward
-recorded for it. A unit whose own trace does not give the same sites moves up to its
-parent. Sites of all units are planned together, with paths and stages in the model's own
-namespace, so rules read exactly as for a whole-model rewrite.
+(:mod:`retrofit.probe`) recorded for it. A unit whose own trace does not give the same
+sites moves up to its parent. Sites of all units are planned together, with paths and stages in the model's own
+namespace, so rules read exactly as for a whole-model rewrite. A site is named across the
+passes by its :class:`~retrofit.sites.SiteRef` (the unit's module path and the node in its
+graph); units are keyed by module path.
 
 Analysis here reads only; :mod:`retrofit.rewrite` still does every change.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import logging
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .errors import TraceError, first_line
-from .modes import eval_mode, plain_attributes_kept
-from .shapes import TensorInfo, propagate_shapes
-from .sites import Site, SiteAnalysis, SkippedCandidate, find_sites, holds_conv, number_stages
+from .probe import Call, Flow, Probe, TensorId, one_call, probe, record_inputs
+from .shapes import propagate_shapes
+from .sites import Site, SiteAnalysis, SiteRef, SkippedCandidate, find_sites, holds_conv, number_stages
 from .trace import LeafSpec, RetrofitTracer, flattens_inputs, optional_defaults, relative_leaves, trace
-from .verify import input_dtype_device
 
 __all__ = ["Unit", "Partition", "Flow", "partition", "refine", "slim", "record_inputs", "probe"]
 
-# One recorded call: positional and keyword inputs, tensors as TensorInfo.
-Call = tuple[tuple[Any, ...], dict[str, Any]]
-_MAX_OPAQUE = 64  # submodules a unit may call whole because they do not trace
+# Traces of one module, at most, while finding which of its submodules to call whole (they
+# do not trace) or to trace into (its code needs their results as Python values).
+_MAX_RETRACES = 64
 
 
 @dataclass(frozen=True)
@@ -53,144 +51,63 @@ class Unit:
 
     path: str  # module path in the model; "" is the root (the whole model traced)
     gm: torch.fx.GraphModule  # the traced module (shares the model's submodules)
-    analysis: SiteAnalysis  # sites with paths relative to the unit
+    analysis: SiteAnalysis  # sites with paths relative to the unit (each site's `unit` is `path`)
     opaque: tuple[str, ...] = ()  # submodules (paths relative to it) called whole: their own forward does not trace
 
 
-@dataclass(frozen=True)
-class Partition:
-    """The model split into traced units and code left as it is."""
+def _unit_notes(units: Collection[Unit]) -> tuple[str, ...]:
+    """The tracer notes of the units (train/eval-dependent code), each named by its unit."""
+    return tuple(f"{u.path}: {n}" if u.path else n for u in units for n in u.gm.meta.get("retrofit_trace_notes", ()))
 
-    units: tuple[Unit, ...]  # traced modules, in module-tree order; (root,) when the model traced whole
-    left_alone: tuple[tuple[str, str], ...]  # (module path, why it was not traced); "" is the top level
+
+@dataclass(frozen=True, kw_only=True)
+class Partition:
+    """The model split into traced units and code left as it is.
+
+    Built by :meth:`whole` (the model traced as one unit) or :meth:`split` (units are
+    submodules, the model's own forward stays Python code).
+    """
+
+    units: Mapping[str, Unit]  # traced modules by module path, in module-tree order; {"": root} when whole
     analysis: SiteAnalysis  # every unit's sites, paths in the model's namespace, stages over the model
-    origin: dict[str, tuple[int, Site]]  # site node (in `analysis`) -> (unit index, unit-local site)
+    origin: Mapping[SiteRef, Site]  # site (as `analysis` names it) -> the same site in its unit's namespace
     notes: tuple[str, ...] = ()  # tracer notes of the units (train/eval-dependent code)
     root_error: TraceError | None = None  # why the model's own forward did not trace, if it did not
     whole_analysis: SiteAnalysis | None = None  # keep_class: the whole model's sites, out-of-reach ones included
     calls: dict[str, list[Call]] | None = None  # inputs each submodule got in the probe forward (not whole)
     leaf_modules: tuple[LeafSpec, ...] = ()  # what the units were traced with
+    probe_fallback: str | None = None  # why the probe forward ran on zeros, not fake tensors (it failed on them)
+
+    @classmethod
+    def whole(cls, root: Unit) -> Partition:
+        """The model traced as a whole: one root unit, rewritten into a GraphModule."""
+        return cls(units={"": root}, analysis=root.analysis, origin={s.ref: s for s in root.analysis.sites},
+                   notes=_unit_notes([root]))
+
+    @classmethod
+    def split(cls, *, units: Sequence[Unit], analysis: SiteAnalysis, origin: Mapping[SiteRef, Site], seen: Probe,
+              leaf_modules: tuple[LeafSpec, ...], root_error: TraceError | None = None,
+              whole_analysis: SiteAnalysis | None = None) -> Partition:
+        """Units that are submodules (or, with ``keep_class``, the root kept as Python code),
+        each rewritten in place; ``seen`` is the probe forward their inputs came from."""
+        return cls(units={u.path: u for u in units}, analysis=analysis, origin=dict(origin),
+                   notes=_unit_notes(units), root_error=root_error, whole_analysis=whole_analysis,
+                   calls=seen.calls, leaf_modules=leaf_modules, probe_fallback=seen.fake_failure)
 
     @property
-    def whole(self) -> bool:
+    def is_whole(self) -> bool:
         """The model traced as a whole: one root unit, rewritten into a GraphModule."""
         return self.calls is None
 
+    @property
+    def left_alone(self) -> tuple[tuple[str, str], ...]:
+        """``(module path, why it was not traced)``; ``""`` is the top level."""
+        return self.analysis.left_alone
+
     def local(self, site: Site) -> tuple[Unit, Site]:
         """The unit holding ``site`` and the site in that unit's namespace (stage kept)."""
-        index, orig = self.origin[site.node]
-        return self.units[index], replace(orig, stage=site.stage, block=site.block)
-
-
-def _info(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return TensorInfo(tuple(value.shape), value.dtype, value.device)
-    return value
-
-
-@dataclass
-class Flow:
-    """Which tensors each module took and returned in a probe forward, by object identity
-    (the tensors are kept alive, so identities stay unique)."""
-
-    inputs: dict[str, list[set[tuple[int, int]]]]  # module path -> per call, (id, version) of its tensor inputs
-    outputs: dict[str, list[set[tuple[int, int]]]]  # module path -> per call, (id, version) of its tensor outputs
-    keep: list[Any]  # the tensors themselves
-
-
-def _ids(value: Any, keep: list[Any]) -> set[tuple[int, int]]:
-    """The tensors in ``value`` as (identity, version): an in-place op (``x += shortcut``,
-    ``relu_``) keeps the object and bumps its version, and makes another value."""
-    tensors = [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
-    keep += tensors
-    return {(id(t), t._version) for t in tensors}
-
-
-@contextlib.contextmanager
-def _recording(model: nn.Module) -> Iterator[tuple[dict[str, list[Call]], Flow]]:
-    calls: dict[str, list[Call]] = {}
-    flow = Flow({}, {}, [])
-    handles = []
-
-    def hook(path: str) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
-        def record(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            calls.setdefault(path, []).append(
-                (tuple(pytree.tree_map(_info, list(args))), dict(pytree.tree_map(_info, dict(kwargs))))
-            )
-            flow.inputs.setdefault(path, []).append(_ids((args, kwargs), flow.keep))
-
-        return record
-
-    def after(path: str) -> Callable[[nn.Module, Any, Any], None]:
-        def record(_mod: nn.Module, _args: Any, out: Any) -> None:
-            flow.outputs.setdefault(path, []).append(_ids(out, flow.keep))
-
-        return record
-
-    for path, mod in model.named_modules():
-        handles.append(mod.register_forward_pre_hook(hook(path), with_kwargs=True))
-        handles.append(mod.register_forward_hook(after(path)))
-    try:
-        yield calls, flow
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def record_inputs(model: nn.Module, input_size: tuple[int, int, int], batch_size: int = 2) -> dict[str, list[Call]]:
-    """The inputs every submodule receives in one forward of a ``(batch, *input_size)`` probe
-    (see :func:`probe`)."""
-    return probe(model, input_size, batch_size)[0]
-
-
-@contextlib.contextmanager
-def _fake_tensor_log_off() -> Iterator[None]:
-    """FakeTensorMode logs a traceback for every kernel that raises; a fake probe that fails
-    is run for real (or says what to fix), so on the user's terminal those lines are noise."""
-    log = logging.getLogger("torch._subclasses.fake_tensor")
-    disabled, log.disabled = log.disabled, True
-    try:
-        yield
-    finally:
-        log.disabled = disabled
-
-
-def probe(model: nn.Module, input_size: tuple[int, int, int],
-          batch_size: int = 2) -> tuple[dict[str, list[Call]], Flow]:
-    """The inputs every submodule receives in one forward of a ``(batch, *input_size)`` probe,
-    and which tensors each module took and returned.
-
-    The probe runs on fake tensors (nothing computed, nothing of the model written); a
-    forward whose control flow needs real values runs once for real on zeros, in eval mode
-    without gradients. Every submodule's train/eval mode is restored afterwards.
-
-    Raises:
-        TraceError: the model does not run on the probe input.
-    """
-    dtype, device = input_dtype_device(model)
-    shape = (batch_size, *input_size)
-    with eval_mode(model), torch.no_grad(), plain_attributes_kept(model):
-        try:
-            mode = FakeTensorMode(allow_non_fake_inputs=True)
-            state: dict[str, torch.Tensor] = {
-                n: mode.from_tensor(t) for n, t in [*model.named_parameters(), *model.named_buffers()]
-            }
-            with _recording(model) as (calls, flow), mode, _fake_tensor_log_off():
-                torch.func.functional_call(model, state, (torch.empty(shape, dtype=dtype, device=device),),
-                                           tie_weights=False, strict=False)
-            return calls, flow
-        except Exception:  # control flow that reads values: run it for real below
-            pass
-        try:
-            with _recording(model) as (calls, flow):
-                model(torch.zeros(shape, dtype=dtype, device=device))
-            return calls, flow
-        except Exception as e:
-            reason = first_line(e)
-            raise TraceError(
-                f"{type(model).__name__} does not run on a {tuple(shape)} probe input ({reason}); "
-                "pass an input_size it runs on (a multiple of its largest stride, as 64 for a P6 YOLO)"
-            ) from e
+        orig = self.origin[site.ref]
+        return self.units[orig.unit], replace(orig, stage=site.stage, block=site.block)
 
 
 def _placeholder_inputs(gm: torch.fx.GraphModule, mod: nn.Module, call: Call) -> tuple[Any, ...]:
@@ -271,14 +188,14 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
-def _prefixed(site: Site, prefix: str, index: int) -> Site:
+def _prefixed(site: Site, prefix: str) -> Site:
+    """A unit's site with its paths in the model's namespace (its nodes stay the unit's)."""
     return replace(
         site,
         path=_join(prefix, site.path),
         module_path=_join(prefix, site.module_path),
         qualname=_join(prefix, site.qualname),
         layers=tuple(_join(prefix, q) for q in site.layers),
-        node=f"{index}:{site.node}",
     )
 
 
@@ -310,17 +227,19 @@ def _anchor(site: Site, gm: torch.fx.GraphModule) -> str:
     return site.module_path
 
 
-def _key(site: Site, prefix: str) -> tuple[str, str, int, tuple[int, int]]:
-    """What identifies a site across traces of nested modules: its kind, its node's
-    qualified name in the model, its channels and size (torch.fx names nodes the same way
-    whichever module the trace starts from)."""
-    return site.kind, _join(prefix, site.qualname), site.channels, site.size
+class _SameSite(NamedTuple):
+    """What identifies a site across traces of nested modules (torch.fx names nodes the same
+    way whichever module the trace starts from), where node names differ."""
+
+    kind: str  # the site's kind
+    qualname: str  # its node's readable name in the model
+    channels: int  # channels attention sees
+    size: tuple[int, int]  # and their spatial size
 
 
-def _one_call(path: str, calls: dict[str, list[Call]]) -> Call | None:
-    """The inputs a module was called with, if it was called, and always with the same ones."""
-    recorded = calls.get(path, [])
-    return recorded[0] if recorded and all(c == recorded[0] for c in recorded[1:]) else None
+def _same(site: Site) -> _SameSite:
+    """The identity across traces of a site in its unit's namespace."""
+    return _SameSite(site.kind, _join(site.unit, site.qualname), site.channels, site.size)
 
 
 def _trace_unit(model: nn.Module, path: str, call: Call, leaf_modules: Sequence[LeafSpec],
@@ -334,7 +253,7 @@ def _trace_unit(model: nn.Module, path: str, call: Call, leaf_modules: Sequence[
     mod = model.get_submodule(path)
     leaves, concrete = relative_leaves(leaf_modules, path), _concrete(mod, call)
     opaque: list[str] = []
-    for _ in range(_MAX_OPAQUE):
+    for _ in range(_MAX_RETRACES):
         try:
             gm = trace(mod, (*leaves, *opaque), concrete, into)
             break
@@ -353,9 +272,30 @@ def _trace_unit(model: nn.Module, path: str, call: Call, leaf_modules: Sequence[
             except TraceError:
                 raise first from None  # the error of the plain trace says where the forward breaks
     else:
-        raise TraceError(f"{type(mod).__name__} at {path!r}: more than {_MAX_OPAQUE} submodules do not trace")
-    analysis = find_sites(gm, propagate_shapes(gm, None, inputs=_placeholder_inputs(gm, mod, call)))
+        raise TraceError(f"{type(mod).__name__} at {path!r} does not trace in {_MAX_RETRACES} tries, each calling "
+                         f"whole one more submodule that does not trace ({', '.join(opaque[:3])}, ...)")
+    analysis = find_sites(gm, propagate_shapes(gm, None, inputs=_placeholder_inputs(gm, mod, call)), unit=path)
     return Unit(path, gm, analysis, tuple(opaque))
+
+
+def _called_as_unit(model: nn.Module, mod: nn.Module, path: str, calls: dict[str, list[Call]],
+                    leaf_modules: Sequence[LeafSpec]) -> tuple[Unit | None, str | None, bool]:
+    """Whether the submodule at ``path`` (never the root) is a unit: ``(the unit, or None;
+    why it is left alone, or None; whether its children are to be tried)``."""
+    recorded = calls.get(path, [])
+    if not recorded:
+        # A container the forward iterates (an nn.Sequential or ModuleList run in a Python
+        # loop, as YOLO's and ConvNeXt's stages are) is never called itself; the modules in
+        # it are.
+        called_inside = any(calls.get(_join(path, sub)) for sub, _ in mod.named_modules() if sub)
+        return None, None if called_inside else "not called on the probe input", called_inside
+    call = one_call(calls, path)
+    if call is None:
+        return None, f"called {len(recorded)} times with different inputs; its children are tried", True
+    try:
+        return _trace_unit(model, path, call, leaf_modules), None, False
+    except TraceError as e:
+        return None, first_line(e), True
 
 
 def _largest_units(model: nn.Module, calls: dict[str, list[Call]], leaf_modules: Sequence[LeafSpec],
@@ -364,51 +304,86 @@ def _largest_units(model: nn.Module, calls: dict[str, list[Call]], leaf_modules:
     as Python code while its children are tried. The root is never one."""
     tracer = RetrofitTracer(leaf_modules)
     units: list[Unit] = []
-    left: list[tuple[str, str]] = []
+    left: list[tuple[str, str]] = [("", root_reason)]
 
     def visit(mod: nn.Module, path: str) -> None:
-        if path and not holds_conv(mod):
+        if not holds_conv(mod):
             return  # no convolution, no site
         # torch.fx counts ModuleList and ModuleDict as built-in leaves; they are never
         # called, and the modules in them are the ones to reach.
-        if path and not isinstance(mod, (nn.ModuleList, nn.ModuleDict)) and tracer.is_leaf_module(mod, path):
+        if not isinstance(mod, (nn.ModuleList, nn.ModuleDict)) and tracer.is_leaf_module(mod, path):
             # Built-in layers hold no sites of their own; other leaves are opaque by request.
             if not type(mod).__module__.startswith("torch.nn"):
                 left.append((path, f"leaf module ({type(mod).__name__}); not traced into"))
             return
-        recorded = calls.get(path, [])
-        if not path:
-            left.append(("", root_reason))
-        elif not recorded:
-            # A container the forward iterates (an nn.Sequential or ModuleList run in a
-            # Python loop, as YOLO's and ConvNeXt's stages are) is never called itself; the
-            # modules in it are.
-            if not any(calls.get(_join(path, sub)) for sub, _ in mod.named_modules() if sub):
-                if holds_conv(mod):
-                    left.append((path, "not called on the probe input"))
-                return
-        elif (call := _one_call(path, calls)) is None:
-            left.append((path, f"called {len(recorded)} times with different inputs; its children are tried"))
-        else:
-            try:
-                unit = _trace_unit(model, path, call, leaf_modules)
-            except TraceError as e:
-                left.append((path, first_line(e)))
-            else:
-                units.append(unit)
-                for sub in unit.opaque:  # called whole by the unit; what is inside may trace alone
-                    visit(model.get_submodule(_join(path, sub)), _join(path, sub))
-                return
-        for name, child in mod.named_children():
-            visit(child, _join(path, name))
+        unit, why, descend = _called_as_unit(model, mod, path, calls, leaf_modules)
+        if why is not None:
+            left.append((path, why))
+        if unit is not None:
+            units.append(unit)
+            for sub in unit.opaque:  # called whole by the unit; what is inside may trace alone
+                visit(model.get_submodule(_join(path, sub)), _join(path, sub))
+        if descend:
+            for name, child in mod.named_children():
+                visit(child, _join(path, name))
 
-    visit(model, "")
+    for name, child in model.named_children():
+        visit(child, name)
     return units, left
 
 
+def _try_anchors(model: nn.Module, anchors: Collection[str], calls: dict[str, list[Call]],
+                 leaf_modules: Sequence[LeafSpec], tried: dict[str, Unit | None]) -> None:
+    """Trace each module of ``anchors`` not tried yet alone, into ``tried``: None for one
+    that was not called once with the same inputs, or does not trace alone (its sites then
+    move to its parent)."""
+    for a in sorted(anchors):
+        if a in tried:
+            continue
+        call = one_call(calls, a)
+        try:
+            tried[a] = None if call is None else _trace_unit(model, a, call, leaf_modules)
+        except TraceError:
+            tried[a] = None
+
+
+def _outermost(at: dict[str, str], top: str, tried: dict[str, Unit | None]) -> dict[str, str]:
+    """Sites (by node) whose anchor lies inside another anchor that traced, moved to the
+    outermost such anchor: it is rewritten with the others inside it. The root's forward is
+    never a unit."""
+    traced = {a for a in at.values() if a == top or tried[a] is not None} - {""}
+    moved: dict[str, str] = {}
+    for n, a in at.items():
+        outer = [b for b in traced if b != a and _within(a, b)]
+        if outer:
+            moved[n] = min(outer, key=len)
+    return moved
+
+
+def _hand_up(sites: Sequence[Site], at: dict[str, str], lost: set[str], top: str,
+             tried: dict[str, Unit | None]) -> bool:
+    """Move each site whose anchor did not trace, or whose own trace did not give the site,
+    to the anchor's parent (at most the coarse unit ``top``); a site at the root is out of
+    reach (into ``lost``). Whether any site moved."""
+    found: dict[str, set[_SameSite]] = {}
+    changed = False
+    for s in sites:
+        a = at[s.node]
+        if s.node in lost or a == top:
+            if a == top == "":
+                lost.add(s.node)
+            continue
+        unit = tried[a]
+        if unit is not None and a not in found:
+            found[a] = {_same(x) for x in unit.analysis.sites}
+        if unit is None or _same(s) not in found[a]:
+            at[s.node] = _parent(a) if _within(_parent(a), top) else top
+            changed = True
+    return changed
+
+
 def _refine(model: nn.Module, coarse: Unit, sites: Sequence[Site], calls: dict[str, list[Call]],
-            leaf_modules: Sequence[LeafSpec], tried: dict[str, Unit | None]) -> tuple[list[tuple[Site, Unit, Site]],
-                                                                                   list[Site]]:
+            leaf_modules: Sequence[LeafSpec], tried: dict[str, Unit | None]) -> tuple[dict[SiteRef, Site], list[Site]]:
     """Split a traced unit into the smallest units that hold ``sites`` (its own, local).
 
     Each site starts at its anchor module (:func:`_anchor`). A module that does not trace
@@ -421,56 +396,65 @@ def _refine(model: nn.Module, coarse: Unit, sites: Sequence[Site], calls: dict[s
     reach.
 
     Returns:
-        ``(coarse-local site, unit, unit-local site)`` per site in the coarse unit's graph
-        order, and the coarse-local sites out of reach.
+        The coarse-local site's reference -> the site in the namespace of the unit it moved
+        to (its ``unit``; the unit is ``coarse`` or one of ``tried``), and the coarse-local
+        sites out of reach.
     """
     top = coarse.path
     at: dict[str, str] = {s.node: _join(top, _anchor(s, coarse.gm)) for s in sites}
-    out_of_reach: set[str] = set()
+    lost: set[str] = set()
     while True:
-        live = {n: a for n, a in at.items() if n not in out_of_reach}
-        for a in sorted(set(live.values())):
-            if a != top and a not in tried:
-                call = _one_call(a, calls)
-                try:
-                    tried[a] = None if call is None else _trace_unit(model, a, call, leaf_modules)
-                except TraceError:
-                    tried[a] = None
-        # The root's forward is never a unit; below it, a traced anchor inside another
-        # traced anchor is part of it.
-        traced = {a for a in live.values() if a == top or tried[a] is not None} - {""}
-        for n, a in live.items():
-            outer = [b for b in traced if b != a and _within(a, b)]
-            if outer:
-                at[n] = min(outer, key=len)  # the outermost: it holds the others
-        found = {a: {_key(x, a) for x in u.analysis.sites} for a in traced if a != top and (u := tried[a]) is not None}
-        changed = False
-        for s in sites:
-            if s.node in out_of_reach:
-                continue
-            a = at[s.node]
-            if a == top:
-                if top == "":
-                    out_of_reach.add(s.node)
-                continue
-            if a not in found or _key(s, top) not in found[a]:
-                at[s.node] = _parent(a) if _within(_parent(a), top) else top
-                changed = True
-        if not changed:
+        live = {n: a for n, a in at.items() if n not in lost}
+        _try_anchors(model, set(live.values()) - {top}, calls, leaf_modules, tried)
+        at.update(_outermost(live, top, tried))
+        if not _hand_up(sites, at, lost, top, tried):
             break
-    placed: list[tuple[Site, Unit, Site]] = []
+    placed: dict[SiteRef, Site] = {}
     for s in sites:
-        if s.node in out_of_reach:
+        if s.node in lost:
             continue
-        a = at[s.node]
-        if a == top:
-            placed.append((s, coarse, s))
-        else:
-            unit = tried[a]
-            assert unit is not None  # only anchors that traced and gave the site keep it
-            local = next(x for x in unit.analysis.sites if _key(x, a) == _key(s, top))
-            placed.append((s, unit, local))
-    return placed, [s for s in sites if s.node in out_of_reach]
+        unit = coarse if at[s.node] == top else tried[at[s.node]]
+        assert unit is not None  # only anchors that traced and gave the site keep it
+        placed[s.ref] = s if unit is coarse else next(x for x in unit.analysis.sites if _same(x) == _same(s))
+    return placed, [s for s in sites if s.node in lost]
+
+
+def _root_unit(model: nn.Module, input_size: tuple[int, int, int],
+               leaf_modules: tuple[LeafSpec, ...]) -> tuple[Unit | None, TraceError | None, bool]:
+    """The model traced whole as the root unit, or why it did not trace; and whether it
+    traced (its shapes may still have failed)."""
+    try:
+        gm = trace(model, leaf_modules)
+    except TraceError as e:
+        return None, e, False
+    try:
+        return Unit("", gm, find_sites(gm, propagate_shapes(gm, input_size))), None, True
+    except TraceError as e:
+        return None, e, True
+
+
+def _kept_root(model: nn.Module, root: Unit, seen: Probe, leaf_modules: tuple[LeafSpec, ...]) -> Partition:
+    """``keep_class`` on a model that traces: the root's graph is the unit the sites are
+    found in, but its forward stays Python code, so a site written in it is out of reach."""
+    left = (("", f"the forward of {type(model).__name__} stays Python code (keep_class)"),)
+    # Stages and blocks as in the whole-model rewrite: the root's own numbering.
+    reachable = tuple(s for s in root.analysis.sites if _anchor(s, root.gm) != "")
+    return Partition.split(units=[root], analysis=SiteAnalysis(reachable, root.analysis.skipped, left),
+                           origin={s.ref: s for s in reachable}, seen=seen, leaf_modules=leaf_modules,
+                           whole_analysis=root.analysis)
+
+
+def _submodule_units(model: nn.Module, seen: Probe, leaf_modules: tuple[LeafSpec, ...],
+                     root_error: TraceError | None) -> Partition:
+    """The largest submodules that trace as units; the model's own forward stays Python code."""
+    why = f"does not trace: {root_error.where}" if root_error is not None else "kept as Python code"
+    units, left = _largest_units(model, seen.calls, leaf_modules, why)
+    origin = {s.ref: s for u in units for s in u.analysis.sites}
+    sites = number_stages([_prefixed(s, u.path) for u in units for s in u.analysis.sites])
+    skipped: list[SkippedCandidate] = [replace(c, qualname=_join(u.path, c.qualname))
+                                       for u in units for c in u.analysis.skipped]
+    return Partition.split(units=units, analysis=SiteAnalysis(sites, tuple(skipped), tuple(left)), origin=origin,
+                           seen=seen, leaf_modules=leaf_modules, root_error=root_error)
 
 
 def partition(
@@ -504,51 +488,50 @@ def partition(
         TraceError: the model does not run on the probe input.
     """
     leaf_modules = tuple(leaf_modules)
-    root: Unit | None = None
-    root_error: TraceError | None = None
-    gm: torch.fx.GraphModule | None = None
-    try:
-        gm = trace(model, leaf_modules)
-        root = Unit("", gm, find_sites(gm, propagate_shapes(gm, input_size)))
-    except TraceError as e:
-        root_error = e
+    root, root_error, traced = _root_unit(model, input_size, leaf_modules)
     if root is not None and not keep_class:
-        whole = Partition((root,), (), root.analysis, {s.node: (0, s) for s in root.analysis.sites},
-                          tuple(root.gm.meta.get("retrofit_trace_notes", ())))
-        return _with_flow(model, whole, probe(model, input_size)[1]) if flow else whole
+        whole = Partition.whole(root)
+        return _with_flow(model, whole, probe(model, input_size).flow) if flow else whole
     try:
-        calls, flows = probe(model, input_size)
+        seen = probe(model, input_size)
     except TraceError:
-        if gm is not None and root_error is not None:
+        if traced and root_error is not None:
             raise root_error from None  # it traced, its shapes failed: the node named is what to fix
         raise  # it does not run on the input at all (whatever else stops its trace)
     if root is not None:
-        left = [("", f"the forward of {type(model).__name__} stays Python code (keep_class)")]
-        # Stages and blocks as in the whole-model rewrite: the root's own numbering.
-        reachable = tuple(s for s in root.analysis.sites if _anchor(s, root.gm) != "")
-        kept = Partition((root,), tuple(left), SiteAnalysis(reachable, root.analysis.skipped, tuple(left)),
-                         {s.node: (0, s) for s in reachable}, (), None, root.analysis, calls, leaf_modules)
-        return _with_flow(model, kept, flows) if flow else kept
-    why = f"does not trace: {root_error.where}" if root_error is not None else "kept as Python code"
-    units, left = _largest_units(model, calls, leaf_modules, why)
-    sites: list[Site] = []
-    skipped: list[SkippedCandidate] = []
-    origin: dict[str, tuple[int, Site]] = {}
-    for i, unit in enumerate(units):
-        for s in unit.analysis.sites:
-            p = _prefixed(s, unit.path, i)
-            origin[p.node] = (i, s)
-            sites.append(p)
-        skipped += [replace(c, qualname=_join(unit.path, c.qualname)) for c in unit.analysis.skipped]
-    notes = tuple(f"{u.path}: {n}" for u in units for n in u.gm.meta.get("retrofit_trace_notes", ()))
-    parts = Partition(tuple(units), tuple(left), SiteAnalysis(number_stages(sites), tuple(skipped), tuple(left)),
-                      origin, notes, root_error, None, calls, leaf_modules)
-    return _with_flow(model, parts, flows) if flow else parts
+        parts = _kept_root(model, root, seen, leaf_modules)
+    else:
+        parts = _submodule_units(model, seen, leaf_modules, root_error)
+    return _with_flow(model, parts, seen.flow) if flow else parts
 
 
 def _returned(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     output = next(n for n in gm.graph.nodes if n.op == "output")
     return node in pytree.tree_leaves(output.args[0])
+
+
+def _by_tensor(per_module: dict[str, list[set[TensorId]]]) -> dict[TensorId, list[str]]:
+    """Module paths by the tensors they took (or returned) in the probe."""
+    out: dict[TensorId, list[str]] = {}
+    for path, per_call in per_module.items():
+        for call_ids in per_call:
+            for i in call_ids:
+                out.setdefault(i, []).append(path)
+    return out
+
+
+def _site_tensor(unit: Unit, local: Site, flow: Flow) -> set[TensorId]:
+    """The probe's tensor at a site (in its unit's namespace), when known: the output of a
+    module called once that its node calls, or what its unit returns."""
+    node = next((n for n in unit.gm.graph.nodes if n.name == local.node), None)
+    ids: set[TensorId] = set()
+    if node is not None and node.op == "call_module":
+        calls = flow.outputs.get(_join(unit.path, str(node.target)), [])
+        ids = calls[0] if len(calls) == 1 else set()
+    if not ids and node is not None and _returned(unit.gm, node):
+        calls = flow.outputs.get(unit.path, [])
+        ids = calls[0] if len(calls) == 1 else set()
+    return ids
 
 
 def _with_flow(model: nn.Module, parts: Partition, flow: Flow) -> Partition:
@@ -559,16 +542,7 @@ def _with_flow(model: nn.Module, parts: Partition, flow: Flow) -> Partition:
     classes: dict[str, str] = {}
     for path, mod in model.named_modules(remove_duplicate=False):
         classes.setdefault(path, getattr(type(mod), "_retrofit_original", type(mod)).__name__)
-    made_by: dict[tuple[int, int], list[str]] = {}
-    taken_by: dict[tuple[int, int], list[str]] = {}
-    for path, per_call in flow.outputs.items():
-        for call_ids in per_call:
-            for i in call_ids:
-                made_by.setdefault(i, []).append(path)
-    for path, per_call in flow.inputs.items():
-        for call_ids in per_call:
-            for i in call_ids:
-                taken_by.setdefault(i, []).append(path)
+    made_by, taken_by = _by_tensor(flow.outputs), _by_tensor(flow.inputs)
 
     def named(paths: list[str]) -> tuple[str, ...]:
         return tuple(f"{p or '(top level)'} ({classes.get(p, '?')})" for p in dict.fromkeys(paths))
@@ -576,20 +550,12 @@ def _with_flow(model: nn.Module, parts: Partition, flow: Flow) -> Partition:
     sites: list[Site] = []
     origin = dict(parts.origin)
     for site in parts.analysis.sites:
-        index, local = parts.origin[site.node]
-        unit = parts.units[index]
-        node = next((n for n in unit.gm.graph.nodes if n.name == local.node), None)
-        ids: set[tuple[int, int]] = set()
-        if node is not None and node.op == "call_module":
-            calls = flow.outputs.get(_join(unit.path, str(node.target)), [])
-            ids = calls[0] if len(calls) == 1 else set()
-        if not ids and node is not None and _returned(unit.gm, node):
-            calls = flow.outputs.get(unit.path, [])
-            ids = calls[0] if len(calls) == 1 else set()
+        local = parts.origin[site.ref]
+        ids = _site_tensor(parts.units[local.unit], local, flow)
         made = named([p for i in ids for p in made_by.get(i, [])])
         taken = named([p for i in ids for p in taken_by.get(i, [])])
         sites.append(replace(site, output_of=made, input_of=taken))
-        origin[site.node] = (index, replace(local, output_of=made, input_of=taken))
+        origin[site.ref] = replace(local, output_of=made, input_of=taken)
     return replace(parts, analysis=replace(parts.analysis, sites=tuple(sites)), origin=origin)
 
 
@@ -608,33 +574,25 @@ def refine(model: nn.Module, parts: Partition, sites: Sequence[Site]) -> tuple[P
         turned out to be out of reach.
     """
     calls = parts.calls
-    if calls is None:  # parts.whole: one root unit, nothing to narrow
+    if calls is None:  # parts.is_whole: one root unit, nothing to narrow
         return parts, ()
-    by_unit: dict[int, list[Site]] = {}
+    by_unit: dict[str, list[Site]] = {}
     for site in sites:
-        index, local = parts.origin[site.node]
-        by_unit.setdefault(index, []).append(local)
+        local = parts.origin[site.ref]
+        by_unit.setdefault(local.unit, []).append(local)
     tried: dict[str, Unit | None] = {}
-    placed: dict[tuple[int, str], tuple[Unit, Site]] = {}  # (coarse index, coarse-local node) -> fine
-    lost: set[tuple[int, str]] = set()
-    for index, local_sites in by_unit.items():
-        fine, out = _refine(model, parts.units[index], local_sites, calls, parts.leaf_modules, tried)
-        placed.update({(index, cs.node): (unit, ls) for cs, unit, ls in fine})
-        lost.update((index, cs.node) for cs in out)
+    placed: dict[SiteRef, Site] = {}  # coarse-local site -> the site in its fine unit
+    lost: set[SiteRef] = set()
+    for path, local_sites in by_unit.items():
+        fine, out = _refine(model, parts.units[path], local_sites, calls, parts.leaf_modules, tried)
+        placed.update(fine)
+        lost.update(s.ref for s in out)
+    held = {p: u for p, u in tried.items() if u is not None} | dict(parts.units)
     tree = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    units = sorted({u.path: u for u, _ in placed.values()}.values(), key=lambda u: tree[u.path])
-    number = {u.path: i for i, u in enumerate(units)}
-    origin: dict[str, tuple[int, Site]] = {}
-    unreachable: list[Site] = []
-    for site in sites:
-        index, local = parts.origin[site.node]
-        if (index, local.node) in lost:
-            unreachable.append(site)
-        else:
-            unit, ls = placed[(index, local.node)]
-            origin[site.node] = (number[unit.path], ls)
-    notes = tuple(f"{u.path}: {n}" for u in units for n in u.gm.meta.get("retrofit_trace_notes", ()))
-    return replace(parts, units=tuple(units), origin=origin, notes=notes), tuple(unreachable)
+    units = {p: held[p] for p in sorted({s.unit for s in placed.values()}, key=tree.__getitem__)}
+    origin = {s.ref: placed[parts.origin[s.ref].ref] for s in sites if parts.origin[s.ref].ref not in lost}
+    unreachable = tuple(s for s in sites if parts.origin[s.ref].ref in lost)
+    return replace(parts, units=units, origin=origin, notes=_unit_notes(units.values())), unreachable
 
 
 def _closure(paths: Collection[str]) -> set[str]:
@@ -670,10 +628,35 @@ def _retrace(model: nn.Module, parts: Partition, unit: Unit, into: set[str],
     if not unit.path:
         gm = trace(model, parts.leaf_modules, into=into)
         return Unit("", gm, find_sites(gm, propagate_shapes(gm, input_size)))
-    call = _one_call(unit.path, parts.calls or {})
+    call = one_call(parts.calls or {}, unit.path)
     if call is None:
         raise TraceError(f"no recorded call of {unit.path!r}")
     return _trace_unit(model, unit.path, call, parts.leaf_modules, into)
+
+
+def _slimmer(model: nn.Module, parts: Partition, unit: Unit, into: set[str],
+             input_size: tuple[int, int, int]) -> tuple[Unit | None, dict[str, str]]:
+    """``unit`` traced into ``into`` (paths local to it) and the modules whose code its
+    caller needs, if it traces so; and why each module traced into is (a path -> why)."""
+    why = {p: "holds an insertion point" for p in into}
+    if _traced_into(unit.gm) <= into:
+        return None, why
+    root = model.get_submodule(unit.path)
+    for _ in range(_MAX_RETRACES):
+        try:
+            return _retrace(model, parts, unit, into, input_size), why
+        except TraceError as e:
+            holder = e.module or ""
+            try:
+                children = {_join(holder, c) for c, _ in root.get_submodule(holder).named_children()}
+            except AttributeError:  # not a module of this unit: nothing more to trace into
+                children = set()
+            if not children - into:
+                return None, why
+            for c in children - into:
+                why[c] = f"{holder or 'the forward'} needs its result as Python values ({e.reason or e})"
+            into = into | children
+    return None, why
 
 
 def slim(model: nn.Module, parts: Partition, placements: Sequence[tuple[Site, str]],
@@ -697,47 +680,25 @@ def slim(model: nn.Module, parts: Partition, placements: Sequence[tuple[Site, st
         The partition with slimmer units (``origin`` pointing at their sites), and
         ``(module path, why its forward is graph code)`` for every module traced into.
     """
-    need: dict[int, set[str]] = {}
-    placed: dict[int, set[str]] = {}
+    need: dict[str, set[str]] = {}
+    placed: dict[str, set[SiteRef]] = {}
     for site, position in placements:
-        index, local = parts.origin[site.node]
-        need.setdefault(index, set()).update(_insertion_modules(parts.units[index], local, position))
-        placed.setdefault(index, set()).add(site.node)
-    units = list(parts.units)
+        local = parts.origin[site.ref]
+        need.setdefault(local.unit, set()).update(_insertion_modules(parts.units[local.unit], local, position))
+        placed.setdefault(local.unit, set()).add(site.ref)
+    units = dict(parts.units)
     origin = dict(parts.origin)
     inlined: list[tuple[str, str]] = []
-    for index, paths in sorted(need.items()):
-        unit = units[index]
-        into = _closure(paths)
-        why = {p: "holds an insertion point" for p in into}
-        if not _traced_into(unit.gm) <= into:
-            root = model.get_submodule(unit.path)
-            new: Unit | None = None
-            for _ in range(256):
-                try:
-                    new = _retrace(model, parts, unit, into, input_size)
-                    break
-                except TraceError as e:
-                    holder = e.module or ""
-                    try:
-                        children = {_join(holder, c) for c, _ in root.get_submodule(holder).named_children()}
-                    except AttributeError:
-                        children = set()
-                    if not children - into:
-                        break
-                    for c in children - into:
-                        why[c] = f"{holder or 'the forward'} needs its result as Python values ({e.reason or e})"
-                    into |= children
-            if new is not None:
-                keys = {_key(s, ""): s for s in new.analysis.sites}
-                moved = {n: keys.get(_key(origin[n][1], "")) for n in placed[index]}
-                if all(s is not None for s in moved.values()):
-                    units[index] = new
-                    # Sites nobody selected in this unit are gone from its slimmer graph.
-                    origin = {n: v for n, v in origin.items() if v[0] != index}
-                    origin.update({n: (index, s) for n, s in moved.items() if s is not None})
-                    unit = new
-        for p in sorted(_traced_into(unit.gm) - {""}):
-            inlined.append((_join(unit.path, p), why.get(p, "its caller's trace needs its code (no slimmer trace "
-                                                            "gave the same sites)")))
-    return replace(parts, units=tuple(units), origin=origin), tuple(inlined)
+    for path in [p for p in parts.units if p in need]:
+        new, why = _slimmer(model, parts, units[path], _closure(need[path]), input_size)
+        if new is not None:
+            same = {_same(s): s for s in new.analysis.sites}
+            moved = {ref: same.get(_same(origin[ref])) for ref in placed[path]}
+            if all(s is not None for s in moved.values()):
+                units[path] = new
+                # Sites nobody selected in this unit are gone from its slimmer graph.
+                origin = {r: s for r, s in origin.items() if s.unit != path}
+                origin.update({r: s for r, s in moved.items() if s is not None})
+        inlined += [(_join(path, p), why.get(p, "its caller's trace needs its code (no slimmer trace gave the same "
+                                                "sites)")) for p in sorted(_traced_into(units[path].gm) - {""})]
+    return replace(parts, units=units, origin=origin), tuple(inlined)

@@ -26,7 +26,7 @@ from .attention import get_attention
 from .errors import AttentionError, RuleError, first_line
 from .options import RetrofitOptions
 from .rulefile import Rule, RuleSet
-from .sites import Site, SiteAnalysis, SkippedCandidate
+from .sites import Site, SiteAnalysis, SiteRef, SkippedCandidate
 
 if TYPE_CHECKING:
     from .scores import SiteScores
@@ -192,8 +192,8 @@ def _by_score(rule: Rule, sites: list[Site], scores: SiteScores | None) -> tuple
             else:
                 dropped.append((s, f"score {r.score:.3g} ranks {rank} of {n}; its {cost:,} {kind} would bring the "
                                    f"total to {100 * (used + cost) / total:.3g}% > budget {100 * fraction:g}%"))
-    order = {s.node: i for i, s in enumerate(sites)}
-    return sorted(kept, key=lambda s: order[s.node]), dropped
+    order = {s.ref: i for i, s in enumerate(sites)}
+    return sorted(kept, key=lambda s: order[s.ref]), dropped
 
 
 def _collapsed_stages(rules: RuleSet, analysis: SiteAnalysis) -> list[str]:
@@ -294,7 +294,7 @@ def _select_sites(rule: Rule, of_kind: tuple[Site, ...], on_existing: str,
     return kept, dropped + picked + by_score
 
 
-def _claim(claimed: dict[str, list[Placement]], placement: Placement) -> bool:
+def _claim(claimed: dict[SiteRef, list[Placement]], placement: Placement) -> bool:
     """Add ``placement`` at its site, settling a site an earlier rule claimed by the later
     rule's ``conflict``; False when the earlier module stays alone (``keep``).
 
@@ -302,7 +302,7 @@ def _claim(claimed: dict[str, list[Placement]], placement: Placement) -> bool:
         RuleError: ``conflict = "error"`` (the default) and the site is claimed.
     """
     rule, site = placement.rule, placement.site
-    earlier = claimed.get(site.node)
+    earlier = claimed.get(site.ref)
     if earlier:
         if rule.conflict == "error":
             raise RuleError(
@@ -314,8 +314,57 @@ def _claim(claimed: dict[str, list[Placement]], placement: Placement) -> bool:
             return False
         if rule.conflict == "replace":
             earlier.clear()
-    claimed.setdefault(site.node, []).append(placement)
+    claimed.setdefault(site.ref, []).append(placement)
     return True
+
+
+def _unused_fallback(rule: Rule, earlier: set[str], analysis: SiteAnalysis,
+                    whole: SiteAnalysis | None) -> tuple[list[str], list[str]] | None:
+    """Why a fallback rule is not used, as ``(notes, warnings)``: the model has sites of the
+    kinds the earlier rules target (in ``whole`` when given: sites out of reach count, so
+    they do not switch the plan to another kind of site). None when it applies."""
+    found = sorted(k for k in earlier if (whole or analysis).of_kind(k))
+    if not found:
+        return None
+    if any(analysis.of_kind(k) for k in found):
+        return [f"{rule.source} ({rule.at}, fallback) not used: the model has {' and '.join(found)} sites"], []
+    out = [s.path or "(top level)" for k in found for s in (whole or analysis).of_kind(k)]
+    return [], [f"{rule.source} ({rule.at}, fallback) not used: the model has {' and '.join(found)} sites, but none "
+                f"is within reach ({', '.join(out[:4])}{', ...' if len(out) > 4 else ''} are in forward code kept "
+                "as Python); nothing is inserted in their place"]
+
+
+def _untraced_fallback(rule: Rule, earlier: set[str], analysis: SiteAnalysis) -> list[str]:
+    """A fallback that applies while parts of the model were not traced, and may hold sites
+    of the earlier rules' kinds: said, with where to look."""
+    untraced = [p or "(top level)" for p, _ in analysis.left_alone]
+    if not (rule.fallback and earlier and untraced):
+        return []
+    return [f"{rule.source} falls back to {rule.at} sites: no {' or '.join(sorted(earlier))} site was reached, and "
+            f"{len(untraced)} part(s) of the model were not traced and may hold some: {', '.join(untraced[:4])}"
+            f"{', ...' if len(untraced) > 4 else ''} (report.left_alone says why; leaf_modules or a traceable "
+            "forward reach them)"]
+
+
+def _apply_rule(rule: Rule, of_kind: tuple[Site, ...], options: RetrofitOptions,
+                claimed: dict[SiteRef, list[Placement]], skipped: dict[SiteRef, tuple[Site, str]]) -> None:
+    """Claim the sites ``rule`` selects among ``of_kind`` (see :func:`_claim`); record why it
+    drops the others in ``skipped``, unless an earlier rule claimed them."""
+    kept, dropped = _select_sites(rule, of_kind, options.on_existing or rule.on_existing, options.scores)
+    for site, why in dropped:
+        skipped.setdefault(site.ref, (site, f"{why} ({rule.source})"))
+    for site in kept:
+        scored = options.scores.get(site.qualname, rule.position) if options.scores is not None else None
+        placement = Placement(site=site, rule=rule, attn=rule.attn,
+                              args=MappingProxyType({**rule.args, **(options.attn_args or {})}),
+                              gate=options.gate or rule.gate, position=rule.position,
+                              score=None if scored is None else scored.score)
+        unfit = _site_problem(placement)
+        if unfit is not None:
+            skipped.setdefault(site.ref, (site, f"{unfit} ({rule.source})"))
+            continue
+        if _claim(claimed, placement):
+            skipped.pop(site.ref, None)
 
 
 def make_plan(
@@ -344,10 +393,8 @@ def make_plan(
             message names the rule, the site and the channels).
     """
     options = options or RetrofitOptions()
-    gate, attn_args, strict, on_existing, scores = (options.gate, options.attn_args, options.strict,
-                                                    options.on_existing, options.scores)
-    claimed: dict[str, list[Placement]] = {}
-    skipped: dict[str, tuple[Site, str]] = {}
+    claimed: dict[SiteRef, list[Placement]] = {}
+    skipped: dict[SiteRef, tuple[Site, str]] = {}
     notes: list[str] = []
     warns: list[str] = []
     reach: list[str] = []
@@ -355,46 +402,23 @@ def make_plan(
         of_kind = analysis.of_kind(rule.at)
         warns += _glob_warnings(rule, of_kind)
         earlier = {r.at for r in rules.rules[:i] if not r.fallback}
-        found = sorted(k for k in earlier if (whole or analysis).of_kind(k))
-        if rule.fallback and found:
-            if any(analysis.of_kind(k) for k in found):
-                notes.append(f"{rule.source} ({rule.at}, fallback) not used: the model has {' and '.join(found)} sites")
-            else:
-                out = [s.path or "(top level)" for k in found for s in (whole or analysis).of_kind(k)]
-                reach.append(f"{rule.source} ({rule.at}, fallback) not used: the model has {' and '.join(found)} "
-                             f"sites, but none is within reach ({', '.join(out[:4])}{', ...' if len(out) > 4 else ''} "
-                             "are in forward code kept as Python); nothing is inserted in their place")
+        unused = _unused_fallback(rule, earlier, analysis, whole) if rule.fallback else None
+        if unused is not None:
+            notes += unused[0]
+            reach += unused[1]
             continue
-        untraced = [p or "(top level)" for p, _ in analysis.left_alone]
-        if rule.fallback and earlier and untraced:
-            reach.append(f"{rule.source} falls back to {rule.at} sites: no {' or '.join(sorted(earlier))} site was "
-                         f"reached, and {len(untraced)} part(s) of the model were not traced and may hold some: "
-                         f"{', '.join(untraced[:4])}{', ...' if len(untraced) > 4 else ''} (report.left_alone says "
-                         "why; leaf_modules or a traceable forward reach them)")
-        kept, dropped = _select_sites(rule, of_kind, on_existing or rule.on_existing, scores)
-        for site, why in dropped:
-            skipped.setdefault(site.node, (site, f"{why} ({rule.source})"))
-        for site in kept:
-            scored = scores.get(site.qualname, rule.position) if scores is not None else None
-            placement = Placement(site=site, rule=rule, attn=rule.attn,
-                                  args=MappingProxyType({**rule.args, **(attn_args or {})}), gate=gate or rule.gate,
-                                  position=rule.position, score=None if scored is None else scored.score)
-            unfit = _site_problem(placement)
-            if unfit is not None:
-                skipped.setdefault(site.node, (site, f"{unfit} ({rule.source})"))
-                continue
-            if _claim(claimed, placement):
-                skipped.pop(site.node, None)
+        reach += _untraced_fallback(rule, earlier, analysis)
+        _apply_rule(rule, of_kind, options, claimed, skipped)
     warns += _collapsed_stages(rules, analysis)
     for kind in sorted({s.kind for s in analysis.sites} - {r.at for r in rules.rules}):
         notes.append(f"{len(analysis.of_kind(kind))} {kind} sites: no rule targets {kind} sites")
-    if strict and warns:
+    if options.strict and warns:
         raise RuleError(warns[0] + "; fix the glob or drop strict")
     warns += reach
     for w in warns:
         warnings.warn(w, stacklevel=3)
-    order = {s.node: i for i, s in enumerate(analysis.sites)}
-    placements = tuple(p for node in sorted(claimed, key=order.__getitem__) for p in claimed[node])
-    _check_modules(placements, attn_args)
-    left = tuple(sorted((v for k, v in skipped.items() if not claimed.get(k)), key=lambda v: order[v[0].node]))
+    order = {s.ref: i for i, s in enumerate(analysis.sites)}
+    placements = tuple(p for ref in sorted(claimed, key=order.__getitem__) for p in claimed[ref])
+    _check_modules(placements, options.attn_args)
+    left = tuple(sorted((v for k, v in skipped.items() if not claimed.get(k)), key=lambda v: order[v[0].ref]))
     return Plan(placements, left, analysis.skipped, tuple(notes), tuple(warns), rules)

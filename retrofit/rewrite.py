@@ -39,6 +39,7 @@ from .errors import AttentionError, SiteError
 from .fuse import gate_methods, gated_residual
 from .partition import Partition
 from .planning import Placement
+from .sites import Site
 from .trace import flattens_inputs
 
 __all__ = ["Inserted", "insert_attention", "rewrite", "rewritten_in_place"]
@@ -208,48 +209,15 @@ def insert_attention(
     """
     nodes = {n.name: n for n in gm.graph.nodes}
     # The node each (site, position) currently feeds from: stacked modules chain on it.
-    cursor: dict[tuple[str, str], torch.fx.Node] = {}
-    for p in placements:
-        node = nodes.get(p.site.node)
-        if p.position == "branch" and node is not None and node.target is gated_residual:
-            # Stacking on a fused site (an earlier retrofit): call the existing module again,
-            # so the new one runs after it, as on an unfused site; fusion below then takes
-            # the new module, the last on the branch.
-            cursor[(p.site.node, "branch")], nodes[p.site.node] = _unfuse(gm, node)
+    cursor = _unfuse_stacked(gm, placements, nodes)
     done: list[Inserted] = []
     for p in placements:
-        site = p.site
-        if not site.dtype.is_floating_point:
-            raise SiteError(f"site {site.qualname!r} carries a {site.dtype} tensor; attention needs floating point")
-        if site.node not in nodes:
-            raise SiteError(f"site {site.qualname!r}: node {site.node!r} is not in the graph")
-        module = create_attention(p.attn, p.channels, gate=p.gate, device=site.device, dtype=site.dtype, **p.args)
-        if check_identity and p.gate == "identity" and site.device.type != "meta":
-            err = identity_error(module, p.channels, device=site.device, dtype=site.dtype)
-            if err != 0.0:
-                raise AttentionError(
-                    f"attention {p.attn!r} ({type(module).__name__}) at site {site.qualname!r} is not an identity "
-                    f"at init: max |out - in| = {err:.3g} on a (2, {p.channels}, 7, 5) probe; make its "
-                    "reset_parameters() start it at identity, use gate='sigmoid', or pass check_identity=False"
-                )
+        _check_site(p.site, nodes)
+        module = _attention_module(p, check_identity)
         module.train(gm.training)
         name = _free_name(gm, _base_name(p))
         _install(gm, name, module)
-        key = (site.node, p.position)
-        if p.position in ("branch", "mid"):
-            consumer = nodes[site.node] if p.position == "branch" else nodes[site.mid_conv]
-            src = cursor.get(key) or nodes[site.branch if p.position == "branch" else site.mid]
-            with gm.graph.inserting_before(consumer):
-                new = gm.graph.call_module(name, (src,))
-            consumer.replace_input_with(src, new)
-        else:
-            anchor = cursor.get(key) or nodes[site.node]
-            with gm.graph.inserting_after(anchor):
-                new = gm.graph.call_module(name, (anchor,))
-            anchor.replace_all_uses_with(new, delete_user_cb=_not(new))
-        cursor[key] = new
-        new.meta["module_path"] = site.module_path
-        new.meta["qualname"] = name
+        _wire(gm, p, name, nodes, cursor)
         done.append(Inserted(p, name, sum(t.numel() for t in module.parameters())))
     if fuse:
         # The last module on each residual branch feeds the add; the ones before it in a
@@ -263,6 +231,72 @@ def insert_attention(
     gm.graph.lint()
     gm.recompile()
     return tuple(done)
+
+
+def _unfuse_stacked(gm: torch.fx.GraphModule, placements: tuple[Placement, ...],
+                    nodes: dict[str, torch.fx.Node]) -> dict[tuple[str, str], torch.fx.Node]:
+    """Stacking on a fused site (an earlier retrofit): call the existing module again, so the
+    new one runs after it, as on an unfused site; fusion then takes the new module, the last
+    on the branch. Returns where each such ``(site node, "branch")`` now feeds from;
+    ``nodes`` gets the new add."""
+    cursor: dict[tuple[str, str], torch.fx.Node] = {}
+    for p in placements:
+        node = nodes.get(p.site.node)
+        if p.position == "branch" and node is not None and node.target is gated_residual:
+            cursor[(p.site.node, "branch")], nodes[p.site.node] = _unfuse(gm, node)
+    return cursor
+
+
+def _check_site(site: Site, nodes: dict[str, torch.fx.Node]) -> None:
+    """Raises SiteError: the site's tensor is not floating point, or its node is gone."""
+    if not site.dtype.is_floating_point:
+        raise SiteError(f"site {site.qualname!r} carries a {site.dtype} tensor; attention needs floating point")
+    if site.node not in nodes:
+        raise SiteError(f"site {site.qualname!r}: node {site.node!r} is not in the graph")
+
+
+def _attention_module(p: Placement, check_identity: bool) -> nn.Module:
+    """The placement's module, on the device and in the dtype of its site's tensor.
+
+    Raises:
+        AttentionError: with ``check_identity``, an identity-gate module is not an identity.
+    """
+    site = p.site
+    module = create_attention(p.attn, p.channels, gate=p.gate, device=site.device, dtype=site.dtype, **p.args)
+    if check_identity and p.gate == "identity" and site.device.type != "meta":
+        err = identity_error(module, p.channels, device=site.device, dtype=site.dtype)
+        if err != 0.0:
+            raise AttentionError(
+                f"attention {p.attn!r} ({type(module).__name__}) at site {site.qualname!r} is not an identity "
+                f"at init: max |out - in| = {err:.3g} on a (2, {p.channels}, 7, 5) probe; make its "
+                "reset_parameters() start it at identity, use gate='sigmoid', or pass check_identity=False"
+            )
+    return module
+
+
+def _wire(gm: torch.fx.GraphModule, p: Placement, name: str, nodes: dict[str, torch.fx.Node],
+          cursor: dict[tuple[str, str], torch.fx.Node]) -> None:
+    """Create the ``call_module`` node of the module installed at ``name`` where the
+    placement puts it (after any module stacked there before), and rewire its users."""
+    site = p.site
+    key = (site.node, p.position)
+    if p.position in ("branch", "mid"):
+        at, before = (site.node, site.branch) if p.position == "branch" else (site.mid_conv, site.mid)
+        if at is None or before is None:  # a plan puts "mid" only where the branch has a middle
+            raise SiteError(f"site {site.qualname!r} has no {p.position!r} position")
+        consumer = nodes[at]
+        src = cursor.get(key) or nodes[before]
+        with gm.graph.inserting_before(consumer):
+            new = gm.graph.call_module(name, (src,))
+        consumer.replace_input_with(src, new)
+    else:
+        anchor = cursor.get(key) or nodes[site.node]
+        with gm.graph.inserting_after(anchor):
+            new = gm.graph.call_module(name, (anchor,))
+        anchor.replace_all_uses_with(new, delete_user_cb=_not(new))
+    cursor[key] = new
+    new.meta["module_path"] = site.module_path
+    new.meta["qualname"] = name
 
 
 def _restore_in_place(original: type[nn.Module], gm: torch.fx.GraphModule) -> nn.Module:
@@ -323,21 +357,21 @@ def rewrite(
         The rewritten model, and one record per placement, in order; ``name`` is the
         module's path in the model.
     """
-    by_unit: dict[int, list[tuple[int, Placement]]] = {}
+    by_unit: dict[str, list[tuple[int, Placement]]] = {}
     for k, p in enumerate(placements):
-        by_unit.setdefault(partition.origin[p.site.node][0], []).append((k, p))
+        by_unit.setdefault(partition.origin[p.site.ref].unit, []).append((k, p))
     records: dict[int, Inserted] = {}
-    for index, items in by_unit.items():
-        unit = partition.units[index]
+    for path, items in by_unit.items():
+        unit = partition.units[path]
         local = tuple(replace(p, site=partition.local(p.site)[1]) for _, p in items)
         for (k, p), done in zip(items, insert_attention(unit.gm, local, fuse, check_identity), strict=True):
             records[k] = replace(done, placement=p, name=f"{unit.path}.{done.name}" if unit.path else done.name)
-    if partition.whole:
-        result: nn.Module = partition.units[0].gm
+    if partition.is_whole:
+        result: nn.Module = partition.units[""].gm
     else:
         result = model
-        for index, items in by_unit.items():
-            unit = partition.units[index]
+        for path, items in by_unit.items():
+            unit = partition.units[path]
             target = model.get_submodule(unit.path)
             for k, _ in items:
                 local_name = records[k].name[len(unit.path) + 1:]

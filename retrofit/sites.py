@@ -54,6 +54,15 @@ _NOT_ACTIVATIONS = (nn.Sigmoid, nn.Softmax, nn.Softmax2d, nn.LogSoftmax, nn.Hard
 
 
 @dataclass(frozen=True)
+class SiteRef:
+    """A site named across passes (analysis, plan, refinement, rewrite): the traced unit
+    whose graph holds it and its node there. Node names are unique within one graph only."""
+
+    unit: str  # module path of the unit in the model ("" the root, or the one graph analysed)
+    node: str  # fx node name of the site in that unit's graph
+
+
+@dataclass(frozen=True)
 class Site:
     """A place in the graph where an attention module can be inserted."""
 
@@ -82,6 +91,12 @@ class Site:
     # probe forward; filled only when a rule asks (output_of, input_of)
     output_of: tuple[str, ...] = ()
     input_of: tuple[str, ...] = ()
+    unit: str = ""  # module path in the model of the traced unit whose graph holds `node` (and the other nodes)
+
+    @property
+    def ref(self) -> SiteRef:
+        """The site's identity across passes."""
+        return SiteRef(self.unit, self.node)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data view (JSON-ready)."""
@@ -246,9 +261,10 @@ def _add_operands(node: torch.fx.Node) -> tuple[Any, Any] | None:
 
 
 class _Analyzer:
-    def __init__(self, gm: torch.fx.GraphModule, shapes: dict[str, TensorInfo]) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, shapes: dict[str, TensorInfo], unit: str) -> None:
         self.gm = gm
         self.shapes = shapes
+        self.unit = unit
         self.graph = nx.DiGraph()
         for node in gm.graph.nodes:
             self.graph.add_node(node.name)
@@ -269,52 +285,22 @@ class _Analyzer:
 
     def residual(self, node: torch.fx.Node) -> Site | None:
         kind = "residual-add"
-        operands = _add_operands(node)
-        if operands is None:
+        summands = self._summands(node)
+        if summands is None:
             return None
-        a, b = operands
-        if not isinstance(a, torch.fx.Node) or not isinstance(b, torch.fx.Node):
-            return None  # adding a constant (bias, scalar) is not a residual
-        ia, ib, out = self.shapes.get(a.name), self.shapes.get(b.name), self.shapes.get(node.name)
-        if ia is None or ib is None or out is None:
-            return None
-        if not out.is_nchw:
-            self.skip(kind, node, f"not a 4-D NCHW tensor (shape {list(out.shape)})")
-            return None
-        if ia.shape != ib.shape:
-            self.skip(kind, node, f"operands differ in shape ({list(ia.shape)} + {list(ib.shape)}): a broadcast, "
-                                  "not a residual")
-            return None
+        a, b, out = summands
         split = nx.lowest_common_ancestor(self.graph, a.name, b.name)
         if split is None:
             self.skip(kind, node, "operands share no common input")
             return None
-        path_a, path_b = self._path_nodes(split, a.name), self._path_nodes(split, b.name)
-        params_a = sum(_has_params(self.gm, n) for n in path_a)
-        params_b = sum(_has_params(self.gm, n) for n in path_b)
-        # The shortcut is the operand that is the split point itself, else the lighter path.
-        if b.name == split or (a.name != split and (params_a, len(path_a)) >= (params_b, len(path_b))):
-            branch, shortcut, branch_path, shortcut_params = a, b, path_a, params_b
-        else:
-            branch, shortcut, branch_path, shortcut_params = b, a, path_b, params_a
+        branch, shortcut, branch_path, shortcut_params = self._branch_and_shortcut(split, a, b)
         convs = [n for n in branch_path if _contains_conv(self.gm, n)]
         if not convs:
             self.skip(kind, node, "no convolution on either operand's path (not a conv residual)")
             return None
-        last_conv = max(convs, key=self._order)
-        mod = _module(self.gm, last_conv)
-        after_conv = nx.descendants(self.graph, last_conv.name)
-        relayout = [n for n in branch_path if n.name in after_conv and _is_layout_op(n)]
-        # Channels that differ from the last conv's are fine when no op in between moves
-        # dimensions (GhostNet concatenates and slices channels); after a permute they are
-        # the sign of a channels-last tensor, which an NCHW attention would misread.
-        if isinstance(mod, nn.Conv2d) and mod.out_channels != out.shape[1] and relayout:
-            self.skip(
-                kind, node,
-                f"dim 1 has {out.shape[1]} entries but the branch's last conv {last_conv.meta['qualname']!r} "
-                f"has {mod.out_channels} output channels and {relayout[0].meta.get('qualname', relayout[0].name)!r} "
-                "moves dimensions after it: not an NCHW tensor",
-            )
+        why = self._not_nchw(max(convs, key=self._order), branch_path, out)
+        if why is not None:
+            self.skip(kind, node, why)
             return None
         holder = node.meta.get("module_path", "")
         mid = self._mid(branch_path)
@@ -338,7 +324,57 @@ class _Analyzer:
             existing_mid=self._existing(mid[0]) if mid and mid_info else None,
             mid_channels=mid_info.shape[1] if mid_info else None,
             mid_size=(mid_info.shape[2], mid_info.shape[3]) if mid_info else None,
+            unit=self.unit,
         )
+
+    def _summands(self, node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node, TensorInfo] | None:
+        """The two summands of an addition of two same-shaped NCHW tensors, and its output;
+        None (with the reason recorded where it is worth one) for anything else."""
+        operands = _add_operands(node)
+        if operands is None:
+            return None
+        a, b = operands
+        if not isinstance(a, torch.fx.Node) or not isinstance(b, torch.fx.Node):
+            return None  # adding a constant (bias, scalar) is not a residual
+        ia, ib, out = self.shapes.get(a.name), self.shapes.get(b.name), self.shapes.get(node.name)
+        if ia is None or ib is None or out is None:
+            return None
+        if not out.is_nchw:
+            self.skip("residual-add", node, f"not a 4-D NCHW tensor (shape {list(out.shape)})")
+            return None
+        if ia.shape != ib.shape:
+            self.skip("residual-add", node, f"operands differ in shape ({list(ia.shape)} + {list(ib.shape)}): a "
+                                            "broadcast, not a residual")
+            return None
+        return a, b, out
+
+    def _branch_and_shortcut(self, split: str, a: torch.fx.Node,
+                             b: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node, list[torch.fx.Node], int]:
+        """``(branch, shortcut, the branch's nodes after the split, parameterised nodes on the
+        shortcut)``: the shortcut is the operand that is the split point itself, else the
+        lighter path."""
+        path_a, path_b = self._path_nodes(split, a.name), self._path_nodes(split, b.name)
+        params_a = sum(_has_params(self.gm, n) for n in path_a)
+        params_b = sum(_has_params(self.gm, n) for n in path_b)
+        if b.name == split or (a.name != split and (params_a, len(path_a)) >= (params_b, len(path_b))):
+            return a, b, path_a, params_b
+        return b, a, path_b, params_a
+
+    def _not_nchw(self, last_conv: torch.fx.Node, branch_path: list[torch.fx.Node], out: TensorInfo) -> str | None:
+        """Why the sum is not an NCHW tensor though it is 4-D, or None.
+
+        Channels that differ from the last conv's are fine when no op in between moves
+        dimensions (GhostNet concatenates and slices channels); after a permute they are
+        the sign of a channels-last tensor, which an NCHW attention would misread.
+        """
+        mod = _module(self.gm, last_conv)
+        after_conv = nx.descendants(self.graph, last_conv.name)
+        relayout = [n for n in branch_path if n.name in after_conv and _is_layout_op(n)]
+        if not (isinstance(mod, nn.Conv2d) and mod.out_channels != out.shape[1] and relayout):
+            return None
+        return (f"dim 1 has {out.shape[1]} entries but the branch's last conv {last_conv.meta['qualname']!r} "
+                f"has {mod.out_channels} output channels and {relayout[0].meta.get('qualname', relayout[0].name)!r} "
+                "moves dimensions after it: not an NCHW tensor")
 
     def _mid(self, branch_path: list[torch.fx.Node]) -> tuple[torch.fx.Node, torch.fx.Node] | None:
         """(input of the branch's last conv, that conv) when the branch has two or more convs.
@@ -430,6 +466,7 @@ class _Analyzer:
             device=out.device,
             layers=tuple(n.meta.get("qualname", n.name) for n in layers),
             existing=next((self._existing(u) for u in last.users if self._existing(u)), None),
+            unit=self.unit,
         )
 
     def _order(self, node: torch.fx.Node) -> int:
@@ -456,18 +493,20 @@ def number_stages(sites: list[Site]) -> tuple[Site, ...]:
             stage = areas.index(s.size[0] * s.size[1]) + 1
             out.append(replace(s, stage=stage, block=counts.get(stage, 0)))
             counts[stage] = counts.get(stage, 0) + 1
-    order = {s.node: i for i, s in enumerate(sites)}
-    return tuple(sorted(out, key=lambda s: order[s.node]))
+    order = {s.ref: i for i, s in enumerate(sites)}
+    return tuple(sorted(out, key=lambda s: order[s.ref]))
 
 
-def find_sites(gm: torch.fx.GraphModule, shapes: dict[str, TensorInfo]) -> SiteAnalysis:
+def find_sites(gm: torch.fx.GraphModule, shapes: dict[str, TensorInfo], unit: str = "") -> SiteAnalysis:
     """Find every residual-add and conv-block site of a traced model.
 
     Args:
         gm: a GraphModule from :func:`retrofit.trace.trace`.
         shapes: node shapes from :func:`retrofit.shapes.propagate_shapes`.
+        unit: the module path, in the model, of what ``gm`` traced (a submodule traced
+            alone); each site's ``unit``. Paths stay relative to ``gm``.
 
     Returns:
         The sites in graph order, and the candidates rejected with their reasons.
     """
-    return _Analyzer(gm, shapes).run()
+    return _Analyzer(gm, shapes, unit).run()

@@ -132,7 +132,7 @@ class RetrofitTracer(torch.fx.Tracer):
             if not hasattr(e, "_retrofit_module"):
                 try:
                     e._retrofit_module = (path, type(m).__name__)  # type: ignore[attr-defined]
-                except AttributeError:
+                except AttributeError:  # an exception type that takes no attributes: the message names the model
                     pass
             raise
         finally:
@@ -386,63 +386,85 @@ def _inline_calls(root: nn.Module, graph: torch.fx.Graph, leaves: tuple[LeafSpec
         if node.op == "call_module":
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     for node in list(graph.nodes):
-        target = str(node.target)
-        if node.op != "call_module" or calls[target] != 1:
+        if node.op != "call_module" or calls[str(node.target)] != 1:
             continue
-        mod = root.get_submodule(target)
-        if tracer.is_leaf_module(mod, target):
-            continue
-        try:
-            bound = inspect.signature(mod.forward).bind(*node.args, **node.kwargs)
-        except (TypeError, ValueError):
-            continue
-        bound.apply_defaults()
-        names = list(bound.arguments)
-        constant = {k: v for k, v in list(bound.arguments.items())[1:]
-                    if v is None or type(v) in (bool, int, float, str)}
-        if any(not isinstance(v, torch.fx.Node) for k, v in bound.arguments.items() if k not in constant):
-            continue  # a structure of values (a list of tensors): kept as a call
-        sub_into = None if into is None else {p[len(target) + 1:] for p in into if p.startswith(target + ".")}
-        try:
-            sub = trace(mod, relative_leaves(leaves, target), constant, sub_into)
-        except TraceError:
-            continue
-        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
-        if any(n.op == "get_attr" and not _has_attr(mod, str(n.target)) for n in sub.graph.nodes):
-            continue  # constants torch.fx made on the traced copy (a tensor literal)
-        if flattens_inputs(sub) or any(str(p.target).lstrip("*") not in names or str(p.target).startswith("*")
-                                      for p in placeholders):
-            continue
-        output = next(n for n in sub.graph.nodes if n.op == "output").args[0]
-        if not isinstance(output, torch.fx.Node) and not (
-            isinstance(output, (tuple, list))
-            and all(u.op == "call_function" and u.target is operator.getitem and type(u.args[1]) is int
-                    for u in node.users)
-        ):
-            continue
-        env: dict[torch.fx.Node, Any] = {p: bound.arguments[str(p.target)] for p in placeholders}
-        with graph.inserting_before(node):
-            for n in sub.graph.nodes:
-                if n.op in ("placeholder", "output"):
-                    continue
-                t = _prefix(target, str(n.target)) if n.op in ("call_module", "get_attr") else n.target
-                new = graph.create_node(n.op, t, torch.fx.node.map_arg(n.args, env.__getitem__),
-                                        torch.fx.node.map_arg(n.kwargs, env.__getitem__), name=n.name)
-                new.meta.update(n.meta)
-                new.meta["module_path"] = _prefix(target, n.meta.get("module_path", ""))
-                new.meta["qualname"] = _prefix(target, n.meta.get("qualname", n.name)) if n.op not in (
-                    "call_module", "get_attr") else t
-                env[n] = new
-        result = torch.fx.node.map_arg(output, env.__getitem__)
-        if isinstance(result, torch.fx.Node):
-            node.replace_all_uses_with(result)
-        else:
-            for user in list(node.users):
-                user.replace_all_uses_with(result[user.args[1]])
-                graph.erase_node(user)
-        graph.erase_node(node)
-        notes += [f"{target}: {n}" for n in sub.meta.get("retrofit_trace_notes", ())]
+        traced = _traced_call(root, node, tracer, leaves, into)
+        if traced is not None:
+            notes += [f"{node.target}: {n}" for n in traced[0].meta.get("retrofit_trace_notes", ())]
+            _splice(graph, node, *traced)
     return notes
+
+
+def _traced_call(root: nn.Module, node: torch.fx.Node, tracer: RetrofitTracer, leaves: tuple[LeafSpec, ...],
+                 into: Collection[str] | None) -> tuple[torch.fx.GraphModule, dict[str, Any]] | None:
+    """The graph of the submodule ``node`` calls, traced alone with the call's constant
+    arguments fixed, and the call's arguments by name; None where the call stays a call (a
+    leaf, arguments that are not single nodes, a forward that does not trace, a graph that
+    does not map one to one onto the call)."""
+    target = str(node.target)
+    mod = root.get_submodule(target)
+    if tracer.is_leaf_module(mod, target):
+        return None
+    try:
+        bound = inspect.signature(mod.forward).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):
+        return None
+    bound.apply_defaults()
+    constant = {k: v for k, v in list(bound.arguments.items())[1:] if v is None or type(v) in (bool, int, float, str)}
+    if any(not isinstance(v, torch.fx.Node) for k, v in bound.arguments.items() if k not in constant):
+        return None  # a structure of values (a list of tensors): kept as a call
+    sub_into = None if into is None else {p[len(target) + 1:] for p in into if p.startswith(target + ".")}
+    try:
+        sub = trace(mod, relative_leaves(leaves, target), constant, sub_into)
+    except TraceError:
+        return None  # its forward does not trace alone (with these constants): kept as a call
+    return (sub, dict(bound.arguments)) if _maps_onto(sub, mod, node, list(bound.arguments)) else None
+
+
+def _maps_onto(sub: torch.fx.GraphModule, mod: nn.Module, node: torch.fx.Node, names: list[str]) -> bool:
+    """Whether ``sub`` (``mod`` traced alone) can replace the call ``node``: no constant
+    made on the traced copy, one placeholder per named argument, and one output or a
+    structure only indexed by its users."""
+    if any(n.op == "get_attr" and not _has_attr(mod, str(n.target)) for n in sub.graph.nodes):
+        return False  # constants torch.fx made on the traced copy (a tensor literal)
+    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    if flattens_inputs(sub) or any(str(p.target).lstrip("*") not in names or str(p.target).startswith("*")
+                                   for p in placeholders):
+        return False
+    output = next(n for n in sub.graph.nodes if n.op == "output").args[0]
+    return isinstance(output, torch.fx.Node) or (
+        isinstance(output, (tuple, list))
+        and all(u.op == "call_function" and u.target is operator.getitem and type(u.args[1]) is int
+                for u in node.users)
+    )
+
+
+def _splice(graph: torch.fx.Graph, node: torch.fx.Node, sub: torch.fx.GraphModule, arguments: dict[str, Any]) -> None:
+    """Put ``sub``'s nodes in ``graph`` in place of the call ``node`` (of the submodule at
+    its target), named and placed as a trace of the whole model gives them."""
+    target = str(node.target)
+    env: dict[torch.fx.Node, Any] = {p: arguments[str(p.target)] for p in sub.graph.nodes if p.op == "placeholder"}
+    with graph.inserting_before(node):
+        for n in sub.graph.nodes:
+            if n.op in ("placeholder", "output"):
+                continue
+            t = _prefix(target, str(n.target)) if n.op in ("call_module", "get_attr") else n.target
+            new = graph.create_node(n.op, t, torch.fx.node.map_arg(n.args, env.__getitem__),
+                                    torch.fx.node.map_arg(n.kwargs, env.__getitem__), name=n.name)
+            new.meta.update(n.meta)
+            new.meta["module_path"] = _prefix(target, n.meta.get("module_path", ""))
+            new.meta["qualname"] = _prefix(target, n.meta.get("qualname", n.name)) if n.op not in (
+                "call_module", "get_attr") else t
+            env[n] = new
+    output = next(n for n in sub.graph.nodes if n.op == "output").args[0]
+    result = torch.fx.node.map_arg(output, env.__getitem__)
+    if isinstance(result, torch.fx.Node):
+        node.replace_all_uses_with(result)
+    else:
+        for user in list(node.users):
+            user.replace_all_uses_with(result[user.args[1]])
+            graph.erase_node(user)
+    graph.erase_node(node)
 
 
 def _node_key(n: torch.fx.Node) -> tuple[str, str, str, str]:

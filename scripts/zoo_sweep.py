@@ -113,7 +113,7 @@ def structure(source: str, name: str) -> dict[str, Any]:
                            # Conv blocks with a norm, activation or pooling after the conv: the
                            # conv-BN chains of CNNs, not a bare conv such as a ViT's patch embedding.
                            "cnn_blocks": sum(len(s.layers) > 1 for s in analysis.of_kind("conv-block"))}
-    if not parts.whole:
+    if not parts.is_whole:
         # The whole model did not trace; the partial path found these parts it left alone.
         row["partial"] = "; ".join(p or "(top level)" for p, _ in parts.left_alone)
     row["status"] = "pending" if analysis.sites else "no sites"

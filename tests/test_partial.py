@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,10 @@ from torch import nn
 import retrofit
 from retrofit import SiteError, TraceError
 from retrofit.fuse import gated_residual
-from retrofit.partition import partition, record_inputs
+from retrofit.partition import _MAX_RETRACES, Partition, partition, record_inputs
 from retrofit.rewrite import rewritten_in_place
 from retrofit.rulefile import parse_rules
+from retrofit.sites import SiteRef
 from retrofit.trace import trace
 
 from .conftest import build, cached, run_cli
@@ -373,7 +375,7 @@ def test_recorded_inputs_and_units_of_a_multi_input_block() -> None:
     (args, kwargs), = calls["mix"]
     assert args[0].shape == (2, 4, 9, 7) and kwargs["skip"].shape == (2, 4, 9, 7)
     parts = partition(net, (3, 9, 7))
-    assert [u.path for u in parts.units] == ["mix"]
+    assert list(parts.units) == ["mix"]
     (site,) = parts.analysis.sites
     # x and skip arrive as separate inputs: inside the unit the add has no common
     # ancestor, so it is not a residual site; the conv is a conv block.
@@ -381,6 +383,98 @@ def test_recorded_inputs_and_units_of_a_multi_input_block() -> None:
     out = retrofit.retrofit(net, "se", input_size=(3, 9, 7))
     assert retrofit.get_report(out).max_abs_diff == 0.0 and [r.module for r in retrofit.get_report(out).rows] == [
         "mix.conv_se"]
+
+
+class _Twin(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x)
+
+
+class _Twins(nn.Module):
+    """Two blocks whose graphs name their nodes alike (``conv``, ``add``), joined by a
+    forward that branches on a value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.a = _Twin()
+        self.b = _Twin()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(self.stem(x))
+        if y.sum() > 0:
+            y = y * 1.0
+        return self.b(y)
+
+
+def test_sites_are_named_by_unit_and_node_across_passes() -> None:
+    net = _Twins()
+    parts = partition(net, (3, 8, 8))
+    assert list(parts.units) == ["a", "b"] and not parts.is_whole
+    assert [(s.kind, s.path, s.ref, s.stage, s.block) for s in parts.analysis.sites] == [
+        ("conv-block", "a.conv", SiteRef("a", "conv"), 1, 0),
+        ("residual-add", "a", SiteRef("a", "add"), 1, 0),
+        ("conv-block", "b.conv", SiteRef("b", "conv"), 1, 1),
+        ("residual-add", "b", SiteRef("b", "add"), 1, 1),
+    ]
+    # Each unit's own site: paths relative to the unit, the unit named by its module path.
+    assert {ref: (s.unit, s.path) for ref, s in parts.origin.items()} == {
+        SiteRef("a", "conv"): ("a", "conv"), SiteRef("a", "add"): ("a", ""),
+        SiteRef("b", "conv"): ("b", "conv"), SiteRef("b", "add"): ("b", ""),
+    }
+    unit, local = parts.local(parts.analysis.sites[3])
+    assert unit is parts.units["b"] and (local.path, local.stage, local.block) == ("", 1, 1)
+    # The probe could not branch on a fake tensor's value: it ran on zeros, and says why.
+    assert parts.probe_fallback is not None and parts.probe_fallback.startswith("DataDependentOutputException")
+    out = retrofit.retrofit(net, "se", input_size=(3, 8, 8))
+    report = retrofit.get_report(out)
+    assert [r.module for r in report.rows] == ["a.se", "b.se"] and report.max_abs_diff == 0.0
+
+
+def test_partition_is_built_by_keyword() -> None:
+    parts = partition(_Twin(), (4, 8, 8), keep_class=True)
+    assert parts.probe_fallback is None  # the probe ran on fake tensors
+    assert list(parts.units) == [""] and parts.left_alone == (("", "the forward of _Twin stays Python code "
+                                                                   "(keep_class)"),)
+    # Records built by keyword only: no field can be passed by position.
+    assert {p.kind for p in inspect.signature(Partition).parameters.values()} == {inspect.Parameter.KEYWORD_ONLY}
+
+
+class _Skip(nn.Module):
+    """A conv skipped on positive input: its forward does not trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.sum() > 0 else self.conv(x)
+
+
+class _Skips(nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.skips = nn.ModuleList(_Skip() for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for s in self.skips:
+            x = s(x)
+        return x
+
+
+def test_retraces_of_a_unit_are_capped() -> None:
+    """Each trace of a unit calls one more submodule whole that does not trace; after the
+    cap the unit is left alone with why, and its children are tried."""
+    parts = partition(nn.Sequential(_Skips(_MAX_RETRACES)), (4, 8, 8))
+    assert not parts.units
+    why = dict(parts.left_alone)["0"]
+    assert why.startswith(f"_Skips at '0' does not trace in {_MAX_RETRACES} tries, each calling whole one more "
+                          "submodule that does not trace (skips.0, skips.1, skips.2, ...)")
+    assert dict(parts.left_alone)["0.skips.0"].startswith("cannot trace _Skip: the top-level forward of _Skip")
 
 
 def test_cli_keep_class(tmp_path: Path) -> None:
