@@ -131,6 +131,8 @@ def train_step(x: torch.Tensor) -> Callable[[nn.Module], None]:
         out = out[0] if isinstance(out, (tuple, list)) else out
         out.float().mean().backward()
         opt.step()
+        # 29 models' gradients at once would be several GB; each step makes its own
+        opt.zero_grad(set_to_none=True)
 
     return step
 
