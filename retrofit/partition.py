@@ -40,7 +40,7 @@ from .sites import Site, SiteAnalysis, SkippedCandidate, find_sites, holds_conv,
 from .trace import LeafSpec, RetrofitTracer, flattens_inputs, optional_defaults, relative_leaves, trace
 from .verify import input_dtype_device
 
-__all__ = ["Unit", "Partition", "Flow", "partition", "refine", "slim", "record_inputs", "probe"]
+__all__ = ["Partition", "partition", "refine", "slim"]
 
 # One recorded call: positional and keyword inputs, tensors as TensorInfo.
 Call = tuple[tuple[Any, ...], dict[str, Any]]

@@ -41,7 +41,7 @@ from .partition import Partition
 from .planning import Placement
 from .trace import flattens_inputs
 
-__all__ = ["Inserted", "insert_attention", "rewrite", "rewritten_in_place"]
+__all__ = ["rewrite"]
 
 
 @dataclass(frozen=True)
