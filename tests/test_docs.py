@@ -118,6 +118,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.docs
+@pytest.mark.xdist_group("site")  # one worker builds the site, once
 def test_site_builds_without_a_warning(site: Path) -> None:
     for page in ("index.html", "api/index.html", "rules/index.html", "changelog/index.html", "tutorial/index.html"):
         assert (site / page).is_file(), page
@@ -127,6 +128,7 @@ def test_site_builds_without_a_warning(site: Path) -> None:
 
 
 @pytest.mark.docs
+@pytest.mark.xdist_group("site")  # one worker builds the site, once
 def test_no_raw_sphinx_roles_in_the_site(site: Path) -> None:
     """Docstrings keep their Sphinx roles; the site shows them as links (or code), never as
     `:func:` text. One role the reference does show is a link to its entry."""
@@ -140,6 +142,7 @@ def test_no_raw_sphinx_roles_in_the_site(site: Path) -> None:
 
 
 @pytest.mark.docs
+@pytest.mark.xdist_group("site")  # one worker builds the site, once
 def test_the_api_reference_shows_every_public_object(site: Path) -> None:
     """Every name of `retrofit.__all__` and of the public submodules' `__all__` has an entry
     in the rendered API reference, under its own name or as the object documented elsewhere
