@@ -45,7 +45,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 import retrofit  # noqa: E402
-from retrofit.rulefile import parse_rules, resolve_rules  # noqa: E402
+from retrofit import parse_rules, resolve_rules  # noqa: E402
 
 # isort: split
 # Siblings in examples/ (first on sys.path): the Fashion-MNIST experiment's network, data and

@@ -47,9 +47,9 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 import retrofit
+from retrofit import RuleSet, parse_rules, resolve_rules
 from retrofit.data import DataSplits
 from retrofit.finetune import FinetuneConfig, fit
-from retrofit.rulefile import RuleSet, parse_rules, resolve_rules
 
 # isort: split
 # Siblings in examples/ (first on sys.path).

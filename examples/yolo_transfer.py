@@ -55,7 +55,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import retrofit  # noqa: E402
-from retrofit.rulefile import list_builtin_rules  # noqa: E402
+from retrofit import list_builtin_rules  # noqa: E402
 
 # isort: split
 # Siblings in examples/ (first on sys.path).

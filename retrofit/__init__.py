@@ -1,15 +1,16 @@
-"""retrofit: add identity-initialized attention to trained CNNs without touching their code."""
+"""retrofit: add identity-initialized attention to trained CNNs without touching their code.
 
-from . import attention
+``__all__`` is the public API, every name of it in the API reference (docs/api.md); so are
+the public submodules a user imports himself: ``retrofit.attention`` (every registered type
+and the registry), ``retrofit.optim``, ``retrofit.finetune``, ``retrofit.data``,
+``retrofit.distributed``, ``retrofit.gates``, ``retrofit.publish`` and
+``retrofit.ultralytics``, each with its own ``__all__``. Every other module is internal: its
+``__all__`` lists what the rest of the package imports from it, and may change in any release.
+"""
+
+from . import attention as attention  # the public submodule, as retrofit.attention
 from .api import analyze, get_report, plan, retrofit
-from .attention import (
-    create_attention,
-    get_attention,
-    list_attention,
-    register_attention,
-    registered_types,
-    unregister_attention,
-)
+from .attention import create_attention, get_attention, list_attention, register_attention
 from .build import load, save
 from .errors import (
     AttentionError,
@@ -27,41 +28,48 @@ from .models import create_model
 from .optim import param_groups
 from .options import RetrofitOptions
 from .publish import push_to_hub
-from .readfile import Limits
+from .readfile import Limits, limits_applied
 from .recipe import Recipe, get_recipe
 from .report import Report
-from .rulefile import RuleSet, list_builtin_rules, load_rules
+from .rulefile import RuleSet, list_builtin_rules, load_rules, parse_rules, resolve_rules
 from .scores import SiteScores
 from .scoring import score_sites
-from .version import DISTRIBUTION, __version__
+from .version import __version__
 
 __all__ = [
+    # retrofitting
     "retrofit",
     "analyze",
     "plan",
     "get_report",
+    "Report",
+    "RetrofitOptions",
+    # placement by score
     "score_sites",
-    "param_groups",
     "SiteScores",
+    # models, saves and the Hub
+    "create_model",
     "save",
     "load",
     "Limits",
-    "push_to_hub",
-    "create_model",
+    "limits_applied",
     "Recipe",
-    "RetrofitOptions",
     "get_recipe",
-    "Report",
+    "push_to_hub",
+    # rule files
     "RuleSet",
     "load_rules",
+    "parse_rules",
+    "resolve_rules",
     "list_builtin_rules",
-    "attention",
+    # attention types (the whole registry: retrofit.attention)
     "register_attention",
     "get_attention",
     "list_attention",
     "create_attention",
-    "registered_types",
-    "unregister_attention",
+    # optimizer groups
+    "param_groups",
+    # errors
     "RetrofitError",
     "RuleError",
     "AttentionError",
@@ -73,5 +81,4 @@ __all__ = [
     "DataError",
     "UntrustedCodeError",
     "__version__",
-    "DISTRIBUTION",
 ]

@@ -66,7 +66,7 @@ from pathlib import Path
 
 from .errors import SaveError, first_line
 
-__all__ = ["TEMP_PREFIX", "WriteFn", "write_file_atomic", "write_folder_atomic", "new_folder", "clean_stale"]
+__all__ = ["WriteFn", "write_file_atomic", "write_folder_atomic", "new_folder"]
 
 TEMP_PREFIX = ".retrofit-tmp-"  # every temporary name: .retrofit-tmp-<pid>-<host>-<random>[-was-<name>]
 WriteFn = Callable[[Path], object]  # writes a complete file at the path it is given

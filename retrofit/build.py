@@ -33,7 +33,7 @@ from .specs import is_file_spec, split_file_spec
 from .text import shorten
 from .weights import assign_weights
 
-__all__ = ["build_base", "build_model", "apply_recipe", "save", "load", "local_save"]
+__all__ = ["build_model", "apply_recipe", "save", "load", "local_save"]
 
 
 def build_base(recipe: Recipe, *, pretrained: bool = False, trust_code: bool = False) -> nn.Module:

@@ -34,7 +34,7 @@ from .errors import DataError, OptionError, RetrofitError, RuleError, SaveError,
 from .readfile import Limits, json_depth
 from .text import excerpt, printable, printable_lines
 
-__all__ = ["main", "build_parser", "OneLineParser"]
+__all__ = ["main"]
 
 EXIT_OK, EXIT_IDENTITY_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a program stopped by SIGPIPE

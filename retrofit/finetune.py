@@ -48,8 +48,6 @@ __all__ = [
     "WarmupCosine",
     "evaluate",
     "fit",
-    "rng_state",
-    "set_rng_state",
 ]
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")

@@ -38,7 +38,7 @@ from .shapes import propagate_shapes
 from .sites import Site, SiteAnalysis, SiteRef, SkippedCandidate, find_sites, holds_conv, number_stages
 from .trace import LeafSpec, RetrofitTracer, flattens_inputs, optional_defaults, relative_leaves, trace
 
-__all__ = ["Unit", "Partition", "Flow", "partition", "refine", "slim", "record_inputs", "probe"]
+__all__ = ["Partition", "partition", "refine", "slim"]
 
 # Traces of one module, at most, while finding which of its submodules to call whole (they
 # do not trace) or to trace into (its code needs their results as Python values).

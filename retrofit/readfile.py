@@ -39,11 +39,9 @@ __all__ = [
     "read_regular",
     "parse_json",
     "read_json",
-    "parse_yaml",
     "read_yaml",
     "file_in_folder",
     "json_depth",
-    "TensorEntry",
     "SafetensorsHeader",
     "read_safetensors_header",
 ]

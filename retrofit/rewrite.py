@@ -42,7 +42,7 @@ from .planning import Placement
 from .sites import Site
 from .trace import flattens_inputs
 
-__all__ = ["Inserted", "insert_attention", "rewrite", "rewritten_in_place"]
+__all__ = ["rewrite"]
 
 
 @dataclass(frozen=True)

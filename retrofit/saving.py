@@ -47,11 +47,8 @@ from .recipe import Recipe
 from .text import excerpt, shorten
 
 __all__ = [
-    "FORMAT",
-    "TRAIN_FORMAT",
     "WEIGHTS_FILE",
     "RECIPE_FILE",
-    "SavedModel",
     "check_save_path",
     "write_save",
     "read_save",

@@ -33,7 +33,7 @@ from .meta import META_ATTR
 from .modes import train_mode
 from .options import LeafSpec
 
-__all__ = ["RetrofitTracer", "RetrofitGraphModule", "TracedSequential", "trace", "LeafSpec", "relative_leaves"]
+__all__ = ["RetrofitTracer", "trace", "LeafSpec", "relative_leaves"]
 
 
 # With the separator: torchvision's folder starts with torch's name too, and its frames are

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .modes import eval_mode, plain_attributes_kept
 
-__all__ = ["Comparison", "Reference", "compare", "compare_to", "count_params", "input_dtype_device", "reference_run"]
+__all__ = ["Reference", "compare_to", "count_params", "input_dtype_device", "reference_run"]
 
 
 def count_params(model: nn.Module) -> int:

@@ -18,7 +18,7 @@ from torch import nn
 from .errors import ModelLoadError, first_line
 from .readfile import current_limits, open_regular
 
-__all__ = ["read_state_dict", "load_checkpoint", "assign_weights"]
+__all__ = ["load_checkpoint", "assign_weights"]
 
 _SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 # Keys under which training scripts commonly nest the model's state dict.

@@ -504,7 +504,7 @@ def user_types() -> Iterator[None]:
     register_attention("zoo_test_scale")(_OutsideScale)
     yield
     for name in set(retrofit.list_attention()) - before:
-        retrofit.unregister_attention(name)
+        retrofit.attention.unregister_attention(name)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -644,4 +644,4 @@ def test_non_identity_module_is_refused_unless_opted_out() -> None:
         assert retrofit.get_report(gm).identity_ok is False
     finally:
         if "test_not_identity" in retrofit.list_attention():
-            retrofit.unregister_attention("test_not_identity")
+            retrofit.attention.unregister_attention("test_not_identity")

@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
+from .test_public_api import PUBLIC_SUBMODULES, _object
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
 DOCS = ROOT / CONFIG.get("docs_dir", "docs")
@@ -116,6 +118,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.docs
+@pytest.mark.xdist_group("site")  # one worker builds the site, once
 def test_site_builds_without_a_warning(site: Path) -> None:
     for page in ("index.html", "api/index.html", "rules/index.html", "changelog/index.html", "tutorial/index.html"):
         assert (site / page).is_file(), page
@@ -125,6 +128,7 @@ def test_site_builds_without_a_warning(site: Path) -> None:
 
 
 @pytest.mark.docs
+@pytest.mark.xdist_group("site")  # one worker builds the site, once
 def test_no_raw_sphinx_roles_in_the_site(site: Path) -> None:
     """Docstrings keep their Sphinx roles; the site shows them as links (or code), never as
     `:func:` text. One role the reference does show is a link to its entry."""
@@ -137,33 +141,13 @@ def test_no_raw_sphinx_roles_in_the_site(site: Path) -> None:
                      api)
 
 
-# The submodules the guides tell users to import themselves (`import retrofit.finetune`);
-# everything in their `__all__` is public, as is everything in `retrofit.__all__`.
-PUBLIC_SUBMODULES = ("retrofit.attention", "retrofit.optim", "retrofit.finetune", "retrofit.data",
-                     "retrofit.distributed", "retrofit.gates", "retrofit.publish", "retrofit.ultralytics")
-
-
-def _object(path: str) -> Any:
-    """The Python object a documented identifier names (``retrofit.finetune.fit``)."""
-    import importlib
-
-    parts = path.split(".")
-    for i in range(len(parts), 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
-            continue
-        for name in parts[i:]:
-            obj = getattr(obj, name)
-        return obj
-    raise ImportError(path)
-
-
 @pytest.mark.docs
+@pytest.mark.xdist_group("site")  # one worker builds the site, once
 def test_the_api_reference_shows_every_public_object(site: Path) -> None:
     """Every name of `retrofit.__all__` and of the public submodules' `__all__` has an entry
-    in the API reference, under its own name or as the object documented elsewhere there
-    (`retrofit.register_attention` is `retrofit.attention.register_attention`)."""
+    in the rendered API reference, under its own name or as the object documented elsewhere
+    there (`retrofit.register_attention` is `retrofit.attention.register_attention`); that
+    docs/api.md names nothing else is tests/test_public_api.py's check."""
     import importlib
 
     import retrofit

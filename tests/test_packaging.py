@@ -24,7 +24,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 def test_name_and_version_are_written_once() -> None:
     project = PYPROJECT["project"]
-    assert project["name"] == retrofit.DISTRIBUTION == "torch-retrofit"
+    assert project["name"] == retrofit.version.DISTRIBUTION == "torch-retrofit"
     assert "version" not in project and project["dynamic"] == ["version"]
     assert PYPROJECT["tool"]["hatch"]["version"] == {"path": "retrofit/version.py"}
     assert re.fullmatch(r"\d+\.\d+\.\d+", retrofit.__version__)

@@ -299,7 +299,7 @@ def test_registered_attention_without_rule_file_gets_default_placement() -> None
         report = get_report(retrofit.retrofit(cached("resnet18"), "test_plain_gate", input_size=64))
         assert len(report.rows) == 8 and report.max_abs_diff == 0.0
     finally:
-        retrofit.unregister_attention("test_plain_gate")
+        retrofit.attention.unregister_attention("test_plain_gate")
 
 
 def test_an_input_too_small_to_tell_stages_apart_is_said(tmp_path: Path) -> None:
@@ -341,7 +341,7 @@ def test_a_site_the_attention_cannot_take_is_skipped_with_its_reason() -> None:
         report = get_report(retrofit.retrofit(cached("resnet18"), "test_wide_gate", input_size=64))
         assert len(report.rows) == 6 and report.max_abs_diff == 0.0
     finally:
-        retrofit.unregister_attention("test_wide_gate")
+        retrofit.attention.unregister_attention("test_wide_gate")
 
 
 def test_attention_name_in_a_rule_file_ignores_case(tmp_path: Path) -> None:

@@ -1,17 +1,22 @@
-"""Attention modules, one paper per file, all registered by short name."""
+"""Attention modules, one paper per file, all registered by short name.
 
-from ._gate import GATES, gate_methods, zero_init_params
-from ._identity import identity_error
-from ._reduction import check_reduction_args
+``__all__`` is the public part: the registry, the gates and every built-in type. The other
+names imported here (``X as X``) are for the rest of the package, not part of the API.
+"""
+
+from ._gate import GATES, gate_methods
+from ._gate import zero_init_params as zero_init_params
+from ._identity import identity_error as identity_error
+from ._reduction import check_reduction_args as check_reduction_args
 from ._registry import (
     create_attention,
     get_attention,
-    is_registered,
     list_attention,
     register_attention,
     registered_types,
     unregister_attention,
 )
+from ._registry import is_registered as is_registered
 from .bam import Bam
 from .cbam import Cbam, LightCbam
 from .chsa import ChannelSelfAttn
@@ -38,7 +43,6 @@ from .triplet import TripletAttn
 
 __all__ = [
     "GATES",
-    "zero_init_params",
     "gate_methods",
     "register_attention",
     "unregister_attention",
@@ -46,9 +50,6 @@ __all__ = [
     "get_attention",
     "list_attention",
     "create_attention",
-    "is_registered",
-    "identity_error",
-    "check_reduction_args",
     "SqueezeExcite",
     "EfficientChannelAttn",
     "eca_kernel_size",

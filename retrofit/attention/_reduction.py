@@ -18,7 +18,7 @@ from typing import Any, TypeGuard
 
 from ..errors import AttentionError
 
-__all__ = ["make_divisible", "reduced_channels", "floored_channels", "check_reduction_args", "REDUCTION_ARGS"]
+__all__ = ["make_divisible", "reduced_channels", "floored_channels", "check_reduction_args"]
 
 REDUCTION_ARGS: tuple[str, ...] = ("rd_ratio", "rd_channels", "rd_divisor")
 

@@ -15,6 +15,6 @@ them.
 from __future__ import annotations
 
 from . import _smp, _transformers, _ultralytics  # noqa: F401  (each registers its adapter)
-from ._base import Framework, framework_of, framework_of_spec, list_frameworks, register_framework
+from ._base import framework_of, framework_of_spec
 
-__all__ = ["Framework", "register_framework", "framework_of", "framework_of_spec", "list_frameworks"]
+__all__ = ["framework_of", "framework_of_spec"]

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import ModelLoadError
 
-__all__ = ["Framework", "register_framework", "framework_of", "framework_of_spec", "list_frameworks"]
+__all__ = ["Framework", "register_framework", "framework_of", "framework_of_spec"]
 
 
 class Framework:

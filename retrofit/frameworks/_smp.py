@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import ModelLoadError, first_line
 from ._base import Framework, register_framework
 
-__all__ = ["SegmentationModels", "CONFIG_KEY"]
+__all__: list[str] = []
 
 CONFIG_KEY = "_retrofit"  # smp drops config keys that start with "_" when it builds a model
 

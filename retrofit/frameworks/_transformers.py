@@ -27,7 +27,7 @@ from ..readfile import file_in_folder, json_depth, read_json
 from ..text import shorten
 from ._base import Framework, register_framework
 
-__all__ = ["Transformers", "CONFIG_KEY"]
+__all__: list[str] = []
 
 CONFIG_KEY = "retrofit"  # the config attribute (and config.json key) holding the recipe
 _REMOTE = ("auto_map", "trust_remote_code")
