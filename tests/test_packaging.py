@@ -38,7 +38,7 @@ def test_extras_use_the_new_name() -> None:
     assert extras["export"] == ["torch-retrofit[onnx]"]
     assert extras["frameworks"] == ["torch-retrofit[ultralytics]", "torch-retrofit[transformers]",
                                     "torch-retrofit[smp]"]
-    assert extras["test"] == ["pytest>=8", "hypothesis>=6.100", "torch-retrofit[train]", "torch-retrofit[onnx]",
+    assert extras["test"] == ["pytest>=8", "hypothesis>=6.100", "pytest-xdist>=3.5", "torch-retrofit[train]", "torch-retrofit[onnx]",
                               "torch-retrofit[frameworks]", "torch-retrofit[lint]"]
     text = (ROOT / "pyproject.toml").read_text()
     assert not re.search(r'"retrofit\[', text)  # no extra refers to the project by its old name
