@@ -34,6 +34,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .errors import TraceError, first_line
+from .meta import original_class
 from .modes import eval_mode, plain_attributes_kept
 from .shapes import TensorInfo, propagate_shapes
 from .sites import Site, SiteAnalysis, SkippedCandidate, find_sites, holds_conv, number_stages
@@ -558,7 +559,7 @@ def _with_flow(model: nn.Module, parts: Partition, flow: Flow) -> Partition:
     what its unit returns."""
     classes: dict[str, str] = {}
     for path, mod in model.named_modules(remove_duplicate=False):
-        classes.setdefault(path, getattr(type(mod), "_retrofit_original", type(mod)).__name__)
+        classes.setdefault(path, original_class(mod).__name__)
     made_by: dict[tuple[int, int], list[str]] = {}
     taken_by: dict[tuple[int, int], list[str]] = {}
     for path, per_call in flow.outputs.items():
