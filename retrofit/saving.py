@@ -33,6 +33,7 @@ from torch import nn
 from .atomic import WriteFn, write_file_atomic, write_folder_atomic
 from .checkpoint import OLD_TRAIN_FORMAT, TRAIN_FORMAT
 from .errors import ModelLoadError, SaveError, first_line
+from .frameworks import registered_frameworks
 from .readfile import (
     SafetensorsHeader,
     current_limits,
@@ -69,8 +70,6 @@ FORMAT = "retrofit/2"
 _OLD_FORMAT = "retrofit/1"
 _META_KEY = "retrofit_recipe"
 WEIGHTS_FILE, RECIPE_FILE = "model.safetensors", "recipe.json"  # a folder save's two files
-# A folder written by transformers' or smp's save_pretrained: the recipe is in its config.
-_FRAMEWORK_CONFIG, _CONFIG_RECIPE_KEYS = "config.json", ("retrofit", "_retrofit")
 _TRAIN_SUFFIXES = (".pt", ".pth")
 
 
@@ -240,14 +239,17 @@ def _check_zip_expansion(f: Any, size: int, what: str) -> None:
 
 
 def _unreadable_checkpoint(what: str, e: Exception) -> str:
-    """Why ``torch.load(weights_only=True)`` refused a file: an Ultralytics checkpoint (a
-    pickle of the model, which runs code when read) is named as such, with the way to read it."""
-    pickled = re.search(r"GLOBAL (ultralytics\.[\w.]+)", str(e))
-    if pickled:
-        return (f"cannot read {what}: it is an Ultralytics checkpoint (a pickle of {pickled[1]}, which runs code "
-                "when read), not a retrofit save or fine-tuning checkpoint; read it with trust: "
-                "retrofit.ultralytics.load_checkpoint(PATH, trust_code=True), then retrofit.get_report(model) gives "
-                "its diff, and retrofit.save(model, 'NAME.safetensors') a save this command reads")
+    """Why ``torch.load(weights_only=True)`` refused a file: a library's own checkpoint (an
+    Ultralytics ``.pt`` is a pickle of the model, which runs code when read) is named as
+    such, with the way to read it."""
+    pickled = re.search(r"GLOBAL (([\w]+)\.[\w.]+)", str(e))
+    native = next((f for f in registered_frameworks() if pickled and f.native_suffix and f.package == pickled[2]),
+                  None)
+    if pickled and native is not None:
+        return (f"cannot read {what}: it is {native.native_format} (a pickle of {pickled[1]}, which runs code when "
+                "read), not a retrofit save or fine-tuning checkpoint; read it with trust: "
+                f"retrofit.create_model('{native.prefix}:PATH', trust_code=True), then retrofit.get_report(model) "
+                "gives its diff, and retrofit.save(model, 'NAME.safetensors') a save this command reads")
     return (f"cannot read {what} ({type(e).__name__} in torch.load: {shorten(first_line(e), 200)}); "
             "expected a last.pt or best.pt written by retrofit.finetune.fit")
 
@@ -451,8 +453,9 @@ def _read_save(path: Path, where: str) -> SavedModel:
                                  "permissions")
         if not all(os.path.lexists(f) for f in _weight_files(path, where)):
             raise _no_save(where)
-        if not os.path.lexists(path / RECIPE_FILE) and os.path.lexists(path / _FRAMEWORK_CONFIG):
-            header = _framework_header(path, where)
+        config = next((path / f for f in _config_files() if os.path.lexists(path / f)), None)
+        if not os.path.lexists(path / RECIPE_FILE) and config is not None:
+            header = _framework_header(config, where)
         else:
             header = read_json(path / RECIPE_FILE, f"saved model {where!r} ({RECIPE_FILE})")
     else:
@@ -494,15 +497,21 @@ def _weight_files(folder: Path, where: str | None = None) -> list[Path]:
     return [folder / n for n in names]
 
 
-def _framework_header(folder: Path, where: str) -> dict[str, Any]:
+def _config_files() -> list[str]:
+    """The config files libraries' own ``save_pretrained`` write (``config.json``)."""
+    return sorted({f.config_file for f in registered_frameworks() if f.config_file})
+
+
+def _framework_header(file: Path, where: str) -> dict[str, Any]:
     """The header of a folder a library's own ``save_pretrained`` wrote for a retrofitted
-    model: its ``config.json`` carries the recipe (transformers under ``retrofit``, smp under
-    ``_retrofit``; see :mod:`retrofit.frameworks`)."""
-    config = read_json(folder / _FRAMEWORK_CONFIG, f"saved model {where!r} ({_FRAMEWORK_CONFIG})")
-    recipe = next((config[k] for k in _CONFIG_RECIPE_KEYS if isinstance(config, dict) and k in config), None)
+    model: its config ``file`` carries the recipe under the key its adapter declares
+    (:attr:`retrofit.frameworks.Framework.config_key`)."""
+    config = read_json(file, f"saved model {where!r} ({file.name})")
+    keys = [f.config_key for f in registered_frameworks() if f.config_key and f.config_file == file.name]
+    recipe = next((config[k] for k in keys if isinstance(config, dict) and k in config), None)
     if recipe is None:
         raise ModelLoadError(
-            f"{where!r} holds a {_FRAMEWORK_CONFIG} without a retrofit recipe: it was saved from a model that was not "
+            f"{where!r} holds a {file.name} without a retrofit recipe: it was saved from a model that was not "
             "retrofitted (load it with its library's from_pretrained), or from a retrofit result that did not keep "
             "its class (save that with retrofit.save)"
         )
@@ -531,10 +540,13 @@ def tensor_shapes(saved: SavedModel) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def tensor_sizes(path: str | Path) -> dict[str, int]:
+def tensor_sizes(source: str | Path | SavedModel) -> dict[str, int]:
     """``{tensor name: number of elements}`` of a save on this machine (read from the file
-    header only) or of a training checkpoint's weights."""
-    path = Path(path)
+    header only) or of a training checkpoint's weights; of a :class:`SavedModel`, from what
+    :func:`read_save` read (a checkpoint is not read again)."""
+    if isinstance(source, SavedModel):
+        return {k: _numel(shape) for k, shape in tensor_shapes(source).items()}
+    path = Path(source)
     if path.suffix in _TRAIN_SUFFIXES:
         return {k: v.numel() for k, v in _checkpoint_state(load_training_state(path), str(path)).items()}
     sizes: dict[str, int] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,9 @@ from torch import Tensor, nn
 from .api import retrofit
 from .attention import zero_init_params
 from .errors import OptionError, SiteError
+from .options import RetrofitOptions
 from .report import get_report
-from .rulefile import resolve_rules
+from .rulefile import RuleSet, resolve_rules
 from .scores import SiteScore, SiteScores
 
 __all__ = ["score_sites"]
@@ -49,11 +50,10 @@ def score_sites(
     *,
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
     batches: int = 8,
-    rules: str | Path | Any = None,
-    attn_args: Mapping[str, Any] | None = None,
-    input_size: int | tuple[int, ...] | None = None,
-    leaf_modules: Iterable[Any] = (),
+    rules: str | Path | RuleSet | None = None,
     seed: int = 0,
+    options: RetrofitOptions | None = None,
+    **overrides: Any,
 ) -> SiteScores:
     """Score every candidate site of ``model`` for ``attn`` on the user's data.
 
@@ -72,36 +72,37 @@ def score_sites(
         loss_fn: ``loss_fn(model(images), labels)``, a scalar; default cross-entropy.
         batches: how many batches to average the gradient over.
         rules: a rule file or RuleSet instead of ``attn``.
-        attn_args: attention constructor overrides.
-        input_size: ``(C, H, W)`` of the images (site sizes in the result); default the
-            first batch's.
-        leaf_modules: as for :func:`retrofit.retrofit`.
         seed: seeds the candidate modules' random layers (SE's first layer, ...), which
             the gradient at the zero layer depends on; the caller's random state is kept.
+        options: the rewrite's options, as for :func:`retrofit.retrofit` (the gate is
+            always ``"identity"``; the input size defaults to the first batch's, and sets
+            the site sizes in the result).
+        overrides: options by name, over ``options`` (``attn_args``, ``leaf_modules``, ...).
 
     Returns:
         :class:`SiteScores`, one row per candidate site in graph order.
 
     Raises:
-        OptionError: no batch, or batches that are not ``(images, labels)``.
+        OptionError: no batch, batches that are not ``(images, labels)``, or an option that
+            is unknown or not valid.
         SiteError: no candidate site.
 
     Example:
         >>> scores = retrofit.score_sites(model, "se", loader, batches=8)
         >>> print(scores.table())
     """
+    options = RetrofitOptions.of(options, **overrides)
     if batches < 1:
         raise OptionError(f"batches must be at least 1, not {batches}")
     stream = iter(_batches(data, batches))
     first = next(stream, None)
     if first is None:
         raise OptionError("score_sites needs at least one (images, labels) batch of data; the data is empty")
-    size = tuple(first[0].shape[1:]) if input_size is None else input_size
+    size = tuple(first[0].shape[1:]) if options.input_size is None else options.input_size
     ruleset = resolve_rules(attn, rules).unlimited()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        gm = retrofit(model, rules=ruleset, gate="identity", attn_args=attn_args, input_size=size,
-                      leaf_modules=leaf_modules, verify=True)
+        gm = retrofit(model, rules=ruleset, options=options.replace(gate="identity", input_size=size), verify=True)
     report = get_report(gm)
     if not report.rows:
         raise SiteError(f"the rules {ruleset.name!r} select no site of {type(model).__name__}; nothing to score")
