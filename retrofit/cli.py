@@ -220,6 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: retrofit resnet50 --attn cbam",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _model_arguments(p)
+    _rewrite_arguments(p)
+    _output_arguments(p)
+    return p
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model to build and what goes into it before the rewrite."""
     p.add_argument("model", help="timm model name, hf-hub:ORG/NAME (a timm model on the Hugging Face Hub), "
                    "torchvision:NAME, path/to/file.py:factory, ultralytics:yolov8n.yaml (a model yaml Ultralytics "
                    "ships, or a path to one; ultralytics:best.pt reads a checkpoint and needs --trust-code), "
@@ -231,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "read as JSON when it parses (3, true, [1, 2]), else as a string (repeatable)")
     p.add_argument("--trust-code", action="store_true",
                    help="allow a model spec that runs code when read (an Ultralytics .pt checkpoint is a pickle)")
+
+
+def _rewrite_arguments(p: argparse.ArgumentParser) -> None:
+    """The rules and options of the rewrite (and the model's size and weights)."""
     p.add_argument("--attn", default="se", help="built-in rule set (default: se; see `retrofit list`)")
     p.add_argument("--rules", metavar="FILE", help="rule file (TOML); overrides --attn")
     p.add_argument("--gate", choices=("identity", "sigmoid"), help="gate form for every rule")
@@ -250,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-class", action="store_true",
                    help="keep the model's class: rewrite traced submodules in place, not its own forward")
     p.add_argument("--no-fuse", action="store_true", help="call gating modules instead of fusing them into adds")
+
+
+def _output_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the result goes and how the command shows it."""
     p.add_argument("--out", metavar="PATH", help="save to PATH.safetensors or a folder (weights + recipe); an "
                    "Ultralytics model also to PATH.pt, a checkpoint YOLO(PATH.pt) loads")
     p.add_argument("--force", action="store_true", help="let --out replace an existing file")
@@ -269,7 +285,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also say what is expected on the way (a YOLO or transformers model rewritten in its blocks)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--version", action="store_true", help="print the distribution's name and version, and exit")
-    return p
 
 
 def _version() -> int:
@@ -321,11 +336,7 @@ def _retrofit_model(args: argparse.Namespace) -> tuple[int, Sequence[str]]:
     from .api import get_report, plan, retrofit
     from .options import RetrofitOptions
 
-    if args.out is not None:
-        _check_out_name("--out", args.out)
-    if args.out and os.path.lexists(args.out) and not args.force and not args.dry_run:  # early: before the build
-        what = " (a symbolic link)" if os.path.islink(args.out) else ""
-        raise SaveError(f"{args.out!r} exists{what}; not overwriting it (pass --force to replace it)")
+    _check_out(args)
     progress = _Progress(not args.quiet and sys.stderr.isatty())
     model = _build(args, progress)
     options = RetrofitOptions(gate=args.gate, input_size=args.input_size, leaf_modules=tuple(args.leaf_module),
@@ -345,6 +356,29 @@ def _retrofit_model(args: argparse.Namespace) -> tuple[int, Sequence[str]]:
     with _verbose(args.verbose and not args.quiet):
         gm = retrofit(model, args.attn, rules=rules, options=options)
     report = get_report(gm)
+    code = _show_report(report, args, extra)
+    if code == EXIT_OK and args.out:
+        progress(f"saving {args.out}")
+        _save(gm, args)
+    return code, report.warnings
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """``--out``: a name a save can be read back under, not taken (unless ``--force``);
+    checked before anything is built."""
+    if args.out is not None:
+        _check_out_name("--out", args.out)
+    if args.out and os.path.lexists(args.out) and not args.force and not args.dry_run:
+        what = " (a symbolic link)" if os.path.islink(args.out) else ""
+        raise SaveError(f"{args.out!r} exists{what}; not overwriting it (pass --force to replace it)")
+
+
+def _show_report(report: Any, args: argparse.Namespace, extra: dict[str, Any]) -> int:
+    """Print the diff (table or JSON); the exit code: 1 where the identity check failed.
+
+    Raises:
+        RuleError: nothing was inserted, and ``--allow-empty`` was not given.
+    """
     if not report.rows and not args.allow_empty:
         raise RuleError(_nothing_inserted(report, args.rules or args.attn))
     if args.format == "json":
@@ -354,11 +388,8 @@ def _retrofit_model(args: argparse.Namespace) -> tuple[int, Sequence[str]]:
     if report.identity_ok is False:
         print(f"retrofit: error: the rewritten model's outputs differ from the original's by up to "
               f"{report.max_abs_diff:.3g} at init{'; not saved' if args.out else ''}", file=sys.stderr)
-        return EXIT_IDENTITY_FAILED, report.warnings
-    if args.out:
-        progress(f"saving {args.out}")
-        _save(gm, args)
-    return EXIT_OK, report.warnings
+        return EXIT_IDENTITY_FAILED
+    return EXIT_OK
 
 
 @contextlib.contextmanager

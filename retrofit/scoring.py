@@ -17,7 +17,7 @@ from .api import retrofit
 from .attention import zero_init_params
 from .errors import OptionError, SiteError
 from .options import RetrofitOptions
-from .report import get_report
+from .report import Report, SiteRow, get_report
 from .rulefile import RuleSet, resolve_rules
 from .scores import SiteScore, SiteScores
 
@@ -106,7 +106,24 @@ def score_sites(
     report = get_report(gm)
     if not report.rows:
         raise SiteError(f"the rules {ruleset.name!r} select no site of {type(model).__name__}; nothing to score")
-    device = next(gm.parameters()).device
+    zero = _zero_params(gm, report)
+    count, images, x = _accumulate(gm, loss_fn, [first, *stream])
+    rows = [_score(gm, r, zero[r.module], count, x) for r in report.rows]
+    if all(r.score == 0 for r in rows):
+        warnings.warn(
+            f"every site of {type(model).__name__} scores 0: no gradient reaches the inserted modules, so the "
+            "scores cannot rank them (untrained residual branches that output zeros, as a fresh timm ResNet's "
+            "zero-initialised last norm makes them, do this); score a trained model", stacklevel=2)
+    return SiteScores(tuple(rows), ruleset.name, count, images, report.params_before, report.flops_before)
+
+
+def _zero_params(gm: nn.Module, report: Report) -> dict[str, list[nn.Parameter]]:
+    """Each inserted module's zero-initialised parameters, the only ones that take a
+    gradient from here on.
+
+    Raises:
+        SiteError: the attention type has none (it does not start at identity that way).
+    """
     zero = {r.module: zero_init_params(gm.get_submodule(r.module)) for r in report.rows}
     if not any(zero.values()):
         raise SiteError(f"attention {report.rows[0].attn!r} has no zero-initialised parameters (its class does not "
@@ -117,29 +134,32 @@ def score_sites(
         for p in params:
             p.requires_grad_(True)
             p.grad = None
+    return zero
+
+
+def _accumulate(gm: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
+                batches: Iterable[tuple[Tensor, Tensor]]) -> tuple[int, int, Tensor]:
+    """Forward and backward over the batches in eval mode, the gradients adding up; the
+    number of batches and images, and the last input (for the modules' FLOPs)."""
+    device = next(gm.parameters()).device
     gm.eval()
     count = images = 0
-    for x, y in [first, *stream]:
+    for x, y in batches:
         x, y = x.to(device), y.to(device)
         loss_fn(gm(x), y).backward()  # gradients add up over batches; divided by their count below
         count += 1
         images += len(x)
-    rows = []
-    for r in report.rows:
-        grads = [p.grad.flatten() for p in zero[r.module] if p.grad is not None]
-        numel = sum(p.numel() for p in zero[r.module])
-        # A module with no zero-initialised parameter (a user type) has no score: NaN ranks last.
-        norm = float(torch.linalg.vector_norm(torch.cat(grads).double() / count)) if grads else math.nan
-        rows.append(SiteScore(
-            path=r.path, qualname=r.qualname, kind=r.kind, position=r.position, attn=r.attn, channels=r.channels,
-            size=r.size,
-            stage=r.stage, module=r.module, score=norm / math.sqrt(numel) if numel else math.nan, grad_norm=norm,
-            params=r.params,
-            flops=_module_flops(gm.get_submodule(r.module), r.channels, r.size, x),
-        ))
-    if all(r.score == 0 for r in rows):
-        warnings.warn(
-            f"every site of {type(model).__name__} scores 0: no gradient reaches the inserted modules, so the "
-            "scores cannot rank them (untrained residual branches that output zeros, as a fresh timm ResNet's "
-            "zero-initialised last norm makes them, do this); score a trained model", stacklevel=2)
-    return SiteScores(tuple(rows), ruleset.name, count, images, report.params_before, report.flops_before)
+    return count, images, x
+
+
+def _score(gm: nn.Module, r: SiteRow, zero: list[nn.Parameter], count: int, x: Tensor) -> SiteScore:
+    """One site's score: the norm of the mean gradient at its zero parameters, per parameter."""
+    grads = [p.grad.flatten() for p in zero if p.grad is not None]
+    numel = sum(p.numel() for p in zero)
+    # A module with no zero-initialised parameter (a user type) has no score: NaN ranks last.
+    norm = float(torch.linalg.vector_norm(torch.cat(grads).double() / count)) if grads else math.nan
+    return SiteScore(
+        path=r.path, qualname=r.qualname, kind=r.kind, position=r.position, attn=r.attn, channels=r.channels,
+        size=r.size, stage=r.stage, module=r.module, score=norm / math.sqrt(numel) if numel else math.nan,
+        grad_norm=norm, params=r.params, flops=_module_flops(gm.get_submodule(r.module), r.channels, r.size, x),
+    )
