@@ -133,7 +133,7 @@ class RetrofitOptions:
     """How attention is inserted, beyond which rules choose the sites. Frozen; compare two
     with ``==``; :meth:`replace` gives a changed copy.
 
-    Fields:
+    Attributes:
         gate: ``"identity"`` or ``"sigmoid"`` for every rule; None: each rule's own.
         attn_args: attention constructor arguments that override the rules' ``args``
             (``{"rd_ratio": 0.25}``); read-only.

@@ -215,6 +215,7 @@ class SavedModel:
     versions: Mapping[str, str]  # package versions it was written with
     buffers: tuple[str, ...]  # names of saved tensors that are buffers (saves only)
     checkpoint: Mapping[str, Any] | None = None  # the training checkpoint's contents (checkpoints only)
+    header: SafetensorsHeader | None = None  # a one-file save's header, read with its recipe (not read again)
 
 
 def _check_zip_expansion(f: Any, size: int, what: str) -> None:
@@ -432,32 +433,12 @@ def _no_save(where: str) -> ModelLoadError:
 
 def _read_save(path: Path, where: str) -> SavedModel:
     if path.suffix in _TRAIN_SUFFIXES:
-        ckpt = load_training_state(path)
-        _checkpoint_state(ckpt, where)
-        if ckpt["format"] == OLD_TRAIN_FORMAT:
-            if ckpt.get("spec") is None:
-                raise ModelLoadError(f"{where!r} has no model spec; it cannot be rebuilt")
-            recipe = _recipe_of_old_checkpoint(ckpt["spec"], where, path.parent)
-        elif ckpt.get("recipe") is None:
-            raise ModelLoadError(f"{where!r} has no recipe: it was fine-tuned from a model retrofit() did not "
-                                 "build; build that model again and load ckpt['model'] into it")
-        else:
-            recipe = _recipe_of(ckpt["recipe"], where)
-        return SavedModel(path, "checkpoint", recipe, path.parent, _versions(ckpt.get("versions"), where),
-                          _buffers(ckpt.get("buffers"), where), ckpt)
+        return _read_checkpoint(path, where)
     if not os.path.lexists(path):
         raise _no_save(where)
+    st = None
     if path.is_dir():
-        if not os.access(path, os.R_OK | os.X_OK):
-            raise ModelLoadError(f"cannot read saved model {where!r}: permission denied (the folder); check its "
-                                 "permissions")
-        if not all(os.path.lexists(f) for f in _weight_files(path, where)):
-            raise _no_save(where)
-        config = next((path / f for f in _config_files() if os.path.lexists(path / f)), None)
-        if not os.path.lexists(path / RECIPE_FILE) and config is not None:
-            header = _framework_header(config, where)
-        else:
-            header = read_json(path / RECIPE_FILE, f"saved model {where!r} ({RECIPE_FILE})")
+        header = _folder_header(path, where)
     else:
         st = read_safetensors_header(path, f"saved model {where!r}")
         if _META_KEY not in st.metadata:
@@ -473,8 +454,39 @@ def _read_save(path: Path, where: str) -> SavedModel:
         recipe = _recipe_of(header.get("recipe"), where)
     else:
         raise ModelLoadError(f"{where!r}: unknown recipe format {excerpt(fmt, 60)} (this retrofit reads {FORMAT!r})")
-    return SavedModel(path, "folder" if path.is_dir() else "file", recipe, path if path.is_dir() else path.parent,
-                      _versions(header.get("versions"), where), _buffers(header.get("buffers"), where))
+    return SavedModel(path, "folder" if st is None else "file", recipe, path if st is None else path.parent,
+                      _versions(header.get("versions"), where), _buffers(header.get("buffers"), where), header=st)
+
+
+def _read_checkpoint(path: Path, where: str) -> SavedModel:
+    """A training checkpoint (``last.pt`` / ``best.pt``), read once and kept whole."""
+    ckpt = load_training_state(path)
+    _checkpoint_state(ckpt, where)
+    if ckpt["format"] == OLD_TRAIN_FORMAT:
+        if ckpt.get("spec") is None:
+            raise ModelLoadError(f"{where!r} has no model spec; it cannot be rebuilt")
+        recipe = _recipe_of_old_checkpoint(ckpt["spec"], where, path.parent)
+    elif ckpt.get("recipe") is None:
+        raise ModelLoadError(f"{where!r} has no recipe: it was fine-tuned from a model retrofit() did not "
+                             "build; build that model again and load ckpt['model'] into it")
+    else:
+        recipe = _recipe_of(ckpt["recipe"], where)
+    return SavedModel(path, "checkpoint", recipe, path.parent, _versions(ckpt.get("versions"), where),
+                      _buffers(ckpt.get("buffers"), where), ckpt)
+
+
+def _folder_header(path: Path, where: str) -> Any:
+    """A save folder's header: its ``recipe.json``, or the recipe in the config a library's
+    own ``save_pretrained`` wrote."""
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise ModelLoadError(f"cannot read saved model {where!r}: permission denied (the folder); check its "
+                             "permissions")
+    if not all(os.path.lexists(f) for f in _weight_files(path, where)):
+        raise _no_save(where)
+    config = next((path / f for f in _config_files() if os.path.lexists(path / f)), None)
+    if not os.path.lexists(path / RECIPE_FILE) and config is not None:
+        return _framework_header(config, where)
+    return read_json(path / RECIPE_FILE, f"saved model {where!r} ({RECIPE_FILE})")
 
 
 def _weight_files(folder: Path, where: str | None = None) -> list[Path]:
@@ -535,7 +547,8 @@ def tensor_shapes(saved: SavedModel) -> dict[str, tuple[int, ...]]:
     if saved.checkpoint is not None:
         return {k: tuple(v.shape) for k, v in _checkpoint_state(saved.checkpoint, str(saved.path)).items()}
     shapes: dict[str, tuple[int, ...]] = {}
-    for _, header in _headers(saved.path, str(saved.path)):
+    headers = [(saved.path, saved.header)] if saved.header is not None else _headers(saved.path, str(saved.path))
+    for _, header in headers:
         shapes.update({k: e.shape for k, e in header.tensors.items()})
     return shapes
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import retrofit
+import retrofit.saving
 from retrofit.cli import main as cli_main
 from retrofit.errors import ModelLoadError, OptionError
 from retrofit.frameworks import Framework, framework_of, registered_frameworks
@@ -77,7 +78,7 @@ def test_a_native_file_name_for_another_library_is_one_line(tmp_path: Path,
     assert not (tmp_path / "m.pt").exists()
 
 
-def test_diff_reads_a_training_checkpoint_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_diff_reads_each_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     gm = retrofit.retrofit(timm.create_model("resnet18", num_classes=4), "se", input_size=32)
     path = save_training_state(tmp_path / "last.pt", {"recipe": retrofit.get_recipe(gm).to_dict(), "versions": {},
@@ -87,6 +88,14 @@ def test_diff_reads_a_training_checkpoint_once(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or real(*a, **k))
     assert cli_main(["diff", str(path), str(path), "--format", "json"]) == 0
     assert len(loads) == 2  # one per argument
+    assert '"delta": 0' in capsys.readouterr().out
+    save = retrofit.save(gm, tmp_path / "m.safetensors")
+    headers = []
+    real_header = retrofit.saving.read_safetensors_header
+    monkeypatch.setattr(retrofit.saving, "read_safetensors_header",
+                        lambda *a, **k: headers.append(a) or real_header(*a, **k))
+    assert cli_main(["diff", str(path), str(save), "--format", "json"]) == 0
+    assert len(headers) == 1 and len(loads) == 3
     assert '"delta": 0' in capsys.readouterr().out
 
 
