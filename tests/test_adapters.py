@@ -143,3 +143,17 @@ def test_a_resume_with_other_options_is_refused_naming_them(yolo: nn.Module) -> 
                                           r"fuse \(True in the checkpoint, False here\)\. Resume with the trainer"):
         insert(True, fuse=False, leaf_modules=("model.9",))
     assert insert(False, fuse=False) == "inserted"
+
+
+def test_the_trainer_takes_an_options_record_and_refuses_what_it_sets() -> None:
+    import retrofit.ultralytics
+
+    factory = retrofit.ultralytics.trainer("cbam", options=RetrofitOptions(fuse=False), gate="sigmoid")
+    assert factory.for_task("detect").retrofit_options == RetrofitOptions(fuse=False, gate="sigmoid")
+    assert factory.for_task("detect").__module__ == "retrofit.ultralytics"
+    with pytest.raises(OptionError, match=r"trainer sets input_size, keep_class itself; leave them out"):
+        retrofit.ultralytics.trainer("se", input_size=64, keep_class=True)
+    with pytest.raises(OptionError, match=r"trainer sets inplace itself"):
+        retrofit.ultralytics.trainer("se", inplace=True)
+    with pytest.raises(OptionError, match=r"unknown option\(s\) 'fuze'"):
+        retrofit.ultralytics.trainer("se", fuze=False)
