@@ -26,14 +26,18 @@ from .recipe import attach_recipe, recipe_of_result
 from .report import Report, SiteRow, StageRow, get_report
 from .rewrite import rewrite
 from .rulefile import RuleSet, resolve_rules
-from .scores import SiteScores
 from .shapes import resolve_input_size
 from .sites import SiteAnalysis, holds_conv
 from .verify import Reference, compare_to, count_params, reference_run
 
-__all__ = ["retrofit", "retrofit_with", "analyze", "plan", "get_report"]
+__all__ = ["retrofit", "retrofit_with", "analyze", "plan", "get_report", "NothingSelectedWarning"]
 
 _log = logging.getLogger("retrofit")
+
+
+class NothingSelectedWarning(UserWarning):
+    """The rules selected no site of the model, so nothing was inserted. A caller for whom
+    that is normal (a trainer that logs it instead) filters this category."""
 
 
 @dataclass(frozen=True)
@@ -161,12 +165,8 @@ def analyze(
         The sites, the candidates that are not sites, and what no trace reached
         (``left_alone``: module paths with the reason; ``""`` is the top-level forward).
     """
-    options = RetrofitOptions(input_size=_size(input_size), leaf_modules=tuple(leaf_modules), keep_class=keep_class)
+    options = RetrofitOptions(input_size=input_size, leaf_modules=tuple(leaf_modules), keep_class=keep_class)
     return _partition(model, options)[1].analysis
-
-
-def _size(input_size: int | tuple[int, ...] | None) -> int | tuple[int, ...] | None:
-    return input_size if input_size is None or isinstance(input_size, int) else tuple(input_size)
 
 
 def plan(
@@ -174,23 +174,15 @@ def plan(
     attn: str | None = "se",
     *,
     rules: str | Path | RuleSet | None = None,
-    gate: str | None = None,
-    attn_args: Mapping[str, Any] | None = None,
-    input_size: int | tuple[int, ...] | None = None,
-    leaf_modules: Iterable[LeafSpec] = (),
-    strict: bool = False,
-    on_existing: str | None = None,
-    keep_class: bool = False,
-    scores: SiteScores | None = None,
+    options: RetrofitOptions | None = None,
+    **overrides: Any,
 ) -> Plan:
     """What :func:`retrofit` would insert, and why it leaves the other sites alone.
 
     Arguments are those of :func:`retrofit`; nothing is changed.
     """
     ruleset = resolve_rules(attn, rules)
-    options = RetrofitOptions(gate=gate, attn_args=attn_args or {}, input_size=_size(input_size),
-                              leaf_modules=tuple(leaf_modules), strict=strict, on_existing=on_existing,
-                              keep_class=keep_class, scores=scores)
+    options = RetrofitOptions.of(options, **overrides)
     parts = _partition(model, options, ruleset)[1]
     return make_plan(parts.analysis, ruleset, options, parts.whole_analysis)
 
@@ -200,18 +192,11 @@ def retrofit(
     attn: str | None = "se",
     *,
     rules: str | Path | RuleSet | None = None,
-    gate: str | None = None,
-    attn_args: Mapping[str, Any] | None = None,
-    input_size: int | tuple[int, ...] | None = None,
-    leaf_modules: Iterable[LeafSpec] = (),
+    options: RetrofitOptions | None = None,
     inplace: bool = False,
     verify: bool = True,
-    strict: bool = False,
-    on_existing: str | None = None,
-    fuse: bool = True,
     check_identity: bool = True,
-    keep_class: bool = False,
-    scores: SiteScores | None = None,
+    **overrides: Any,
 ) -> nn.Module:
     """Insert attention into a trained CNN, starting as an exact identity.
 
@@ -235,31 +220,17 @@ def retrofit(
             It is not modified.
         attn: built-in rule set (``"se"``, ``"eca"``, ``"cbam"``, ...) when ``rules`` is None.
         rules: a rule file path or a :class:`~retrofit.rulefile.RuleSet`.
-        gate: ``"identity"`` or ``"sigmoid"``; overrides the rules' gate when given.
-        attn_args: attention constructor arguments that override the rules' ``args``
-            (e.g. ``{"rd_ratio": 0.25}``).
-        input_size: ``(C, H, W)``, ``(H, W)`` or an int, for shapes and the check; default
-            from timm's ``pretrained_cfg``, else 224x224.
-        leaf_modules: modules not to trace into (classes, class names or module paths).
+        options: the rewrite's options as one record (:class:`RetrofitOptions`, where each
+            is documented: the gate form, attention arguments, input size, leaf modules,
+            fusing, ...); default every option's default.
         inplace: trace ``model`` itself instead of a deep copy; the result then shares
             parameters with ``model``.
         verify: run the original and the result on a probe input and record the largest
             output difference in the report.
-        strict: a rule glob that matches no site is an error (default: a warning, kept
-            in the report).
-        on_existing: where the model already has attention (timm's ``seresnet50``, the
-            SE inside EfficientNet blocks, an earlier retrofit): ``"skip"`` (the rules'
-            default) leaves the site alone and says so in the plan; ``"stack"`` adds another.
-        fuse: a gating module (SE, ECA, CBAM) right before an out-of-place residual add
-            computes only its gate, and one ``torch.addcmul`` does its multiply and the add
-            (same outputs, one less pass over the activation); ``False`` calls the module.
         check_identity: refuse an identity-gate module that does not return its input
             exactly on a probe before inserting it (user types); ``False`` opts out.
-        keep_class: keep the model's class: trace and rewrite its submodules, never its
-            own forward.
-        scores: site scores from :func:`retrofit.score_sites`, for rules that select
-            sites by score (``select = { top = 4 }``, ``budget = { params = 0.02 }``). They
-            are kept in the recipe, so a save loads with the same choice.
+        overrides: options by name, over ``options`` (``gate="sigmoid"``, ``fuse=False``,
+            ``attn_args={"rd_ratio": 0.25}``, ...).
 
     Returns:
         A ``torch.fx.GraphModule``; on the partial path (``keep_class``, or a model that
@@ -271,18 +242,15 @@ def retrofit(
             and line of the whole-model failure).
         RuleError: the rules are invalid or ``attn`` names no built-in rule set.
         SiteError: the model has no residual adds and no conv blocks.
-        OptionError: an option value is not valid (``gate``, ``on_existing``).
+        OptionError: an option is unknown, or its value is not valid (``gate``, ``on_existing``).
 
     Example:
         >>> model = timm.create_model("resnet50")
         >>> gm = retrofit(model, attn="cbam")
         >>> print(get_report(gm))
     """
-    options = RetrofitOptions(gate=gate, attn_args=attn_args or {}, input_size=_size(input_size),
-                              leaf_modules=tuple(leaf_modules), strict=strict, on_existing=on_existing, fuse=fuse,
-                              keep_class=keep_class, scores=scores)
-    return retrofit_with(model, resolve_rules(attn, rules), options, inplace=inplace, verify=verify,
-                         check_identity=check_identity, stacklevel=3)
+    return retrofit_with(model, resolve_rules(attn, rules), RetrofitOptions.of(options, **overrides), inplace=inplace,
+                         verify=verify, check_identity=check_identity, stacklevel=3)
 
 
 def retrofit_with(model: nn.Module, ruleset: RuleSet, options: RetrofitOptions, *, inplace: bool = False,
@@ -296,7 +264,7 @@ def retrofit_with(model: nn.Module, ruleset: RuleSet, options: RetrofitOptions, 
     before = _Before.of(work, size, verify)  # before the rewrite, which changes `work` in place on the partial path
     if not the_plan.placements:
         warnings.warn(f"rules {ruleset.name!r} selected no site of {type(model).__name__}; nothing inserted",
-                      stacklevel=stacklevel)
+                      NothingSelectedWarning, stacklevel=stacklevel)
     parts, the_plan = _in_reach(work, parts, the_plan)
     parts, inlined = slim(work, parts, [(p.site, p.position) for p in the_plan.placements], size)
     result, inserted = rewrite(work, parts, the_plan.placements, options.fuse, check_identity)

@@ -220,6 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: retrofit resnet50 --attn cbam",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _model_arguments(p)
+    _rewrite_arguments(p)
+    _output_arguments(p)
+    return p
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model to build and what goes into it before the rewrite."""
     p.add_argument("model", help="timm model name, hf-hub:ORG/NAME (a timm model on the Hugging Face Hub), "
                    "torchvision:NAME, path/to/file.py:factory, ultralytics:yolov8n.yaml (a model yaml Ultralytics "
                    "ships, or a path to one; ultralytics:best.pt reads a checkpoint and needs --trust-code), "
@@ -231,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "read as JSON when it parses (3, true, [1, 2]), else as a string (repeatable)")
     p.add_argument("--trust-code", action="store_true",
                    help="allow a model spec that runs code when read (an Ultralytics .pt checkpoint is a pickle)")
+
+
+def _rewrite_arguments(p: argparse.ArgumentParser) -> None:
+    """The rules and options of the rewrite (and the model's size and weights)."""
     p.add_argument("--attn", default="se", help="built-in rule set (default: se; see `retrofit list`)")
     p.add_argument("--rules", metavar="FILE", help="rule file (TOML); overrides --attn")
     p.add_argument("--gate", choices=("identity", "sigmoid"), help="gate form for every rule")
@@ -250,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-class", action="store_true",
                    help="keep the model's class: rewrite traced submodules in place, not its own forward")
     p.add_argument("--no-fuse", action="store_true", help="call gating modules instead of fusing them into adds")
+
+
+def _output_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the result goes and how the command shows it."""
     p.add_argument("--out", metavar="PATH", help="save to PATH.safetensors or a folder (weights + recipe); an "
                    "Ultralytics model also to PATH.pt, a checkpoint YOLO(PATH.pt) loads")
     p.add_argument("--force", action="store_true", help="let --out replace an existing file")
@@ -269,7 +285,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also say what is expected on the way (a YOLO or transformers model rewritten in its blocks)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--version", action="store_true", help="print the distribution's name and version, and exit")
-    return p
 
 
 def _version() -> int:
@@ -319,21 +334,19 @@ def _retrofit_model(args: argparse.Namespace) -> tuple[int, Sequence[str]]:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     from .api import get_report, plan, retrofit
+    from .options import RetrofitOptions
 
-    if args.out is not None:
-        _check_out_name("--out", args.out)
-    if args.out and os.path.lexists(args.out) and not args.force and not args.dry_run:  # early: before the build
-        what = " (a symbolic link)" if os.path.islink(args.out) else ""
-        raise SaveError(f"{args.out!r} exists{what}; not overwriting it (pass --force to replace it)")
+    _check_out(args)
     progress = _Progress(not args.quiet and sys.stderr.isatty())
     model = _build(args, progress)
-    options: dict[str, Any] = dict(rules=args.rules, gate=args.gate, input_size=args.input_size,
-                                   leaf_modules=args.leaf_module, strict=args.strict, keep_class=args.keep_class)
-    scores = _scored_rules(args, model, options, progress)
+    options = RetrofitOptions(gate=args.gate, input_size=args.input_size, leaf_modules=tuple(args.leaf_module),
+                              strict=args.strict, keep_class=args.keep_class, fuse=not args.no_fuse)
+    rules, scores = _scored_rules(args, model, progress)
+    options = options.replace(scores=scores)
     extra = {"scores": scores.to_dict()} if scores else {}
     if args.dry_run:
         progress("tracing and planning")
-        the_plan = plan(model, args.attn, **options)
+        the_plan = plan(model, args.attn, rules=rules, options=options)
         if args.format == "json":
             print(json.dumps({**the_plan.to_dict(), **extra}, indent=2))
         elif not args.quiet:
@@ -341,8 +354,31 @@ def _retrofit_model(args: argparse.Namespace) -> tuple[int, Sequence[str]]:
         return EXIT_OK, the_plan.warnings
     progress("tracing, inserting attention, checking identity")
     with _verbose(args.verbose and not args.quiet):
-        gm = retrofit(model, args.attn, fuse=not args.no_fuse, **options)
+        gm = retrofit(model, args.attn, rules=rules, options=options)
     report = get_report(gm)
+    code = _show_report(report, args, extra)
+    if code == EXIT_OK and args.out:
+        progress(f"saving {args.out}")
+        _save(gm, args)
+    return code, report.warnings
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """``--out``: a name a save can be read back under, not taken (unless ``--force``);
+    checked before anything is built."""
+    if args.out is not None:
+        _check_out_name("--out", args.out)
+    if args.out and os.path.lexists(args.out) and not args.force and not args.dry_run:
+        what = " (a symbolic link)" if os.path.islink(args.out) else ""
+        raise SaveError(f"{args.out!r} exists{what}; not overwriting it (pass --force to replace it)")
+
+
+def _show_report(report: Any, args: argparse.Namespace, extra: dict[str, Any]) -> int:
+    """Print the diff (table or JSON); the exit code: 1 where the identity check failed.
+
+    Raises:
+        RuleError: nothing was inserted, and ``--allow-empty`` was not given.
+    """
     if not report.rows and not args.allow_empty:
         raise RuleError(_nothing_inserted(report, args.rules or args.attn))
     if args.format == "json":
@@ -352,11 +388,8 @@ def _retrofit_model(args: argparse.Namespace) -> tuple[int, Sequence[str]]:
     if report.identity_ok is False:
         print(f"retrofit: error: the rewritten model's outputs differ from the original's by up to "
               f"{report.max_abs_diff:.3g} at init{'; not saved' if args.out else ''}", file=sys.stderr)
-        return EXIT_IDENTITY_FAILED, report.warnings
-    if args.out:
-        progress(f"saving {args.out}")
-        _save(gm, args)
-    return EXIT_OK, report.warnings
+        return EXIT_IDENTITY_FAILED
+    return EXIT_OK
 
 
 @contextlib.contextmanager
@@ -403,27 +436,27 @@ def _build(args: argparse.Namespace, progress: _Progress) -> Any:
     return model
 
 
-def _scored_rules(args: argparse.Namespace, model: Any, options: dict[str, Any], progress: _Progress) -> Any:
-    """With ``--score-data``: the sites' scores (printed with the table), and the rules set
-    to choose by them (``--budget``) in ``options``; else None."""
+def _scored_rules(args: argparse.Namespace, model: Any, progress: _Progress) -> tuple[Any, Any]:
+    """The rules (``--rules``, else None: ``--attn`` names them) and, with ``--score-data``,
+    the sites' scores (printed with the table) and the rules set to choose by them
+    (``--budget``); without it, no scores (None)."""
     from .rulefile import resolve_rules
 
     if args.budget and not args.score_data:
         raise OptionError(f"--budget {args.budget[0]}=... chooses sites by score; give the data to score them on "
                           "with --score-data DIR (an ImageFolder)")
     if not args.score_data:
-        return None
+        return args.rules, None
     progress(f"scoring sites on {args.score_data}")
     scores = _scores(args, model)
     ruleset = resolve_rules(args.attn, args.rules)
     if args.budget:
         kind, value = args.budget
         ruleset = ruleset.selecting(top=int(value)) if kind == "top" else ruleset.selecting(budget=(kind, value))
-    options.update(rules=ruleset, scores=scores)
     if args.format == "table" and not args.quiet:
         print(printable_lines(str(scores)))
         print()
-    return scores
+    return ruleset, scores
 
 
 def _print_report(report: Any, sites: bool) -> None:
@@ -443,30 +476,23 @@ def _print_report(report: Any, sites: bool) -> None:
 
 
 def _save(gm: Any, args: argparse.Namespace) -> None:
-    """``--out``: a retrofit save, or (``.pt``) an Ultralytics checkpoint."""
+    """``--out``: a retrofit save, or (a name in a library's own format: ``NAME.pt``, an
+    Ultralytics checkpoint) the library's own file."""
     from .build import save
+    from .frameworks import framework_of, registered_frameworks
 
-    if args.out.endswith(".pt"):
-        path = _save_checkpoint(gm, args.out, args.force)
-        hint = f"YOLO({str(path)!r}) loads it; retrofit.ultralytics.trainer(...) trains on from it"
+    native = next((f for f in registered_frameworks() if f.native_suffix and args.out.endswith(f.native_suffix)), None)
+    if native is not None:
+        if framework_of(gm) is not native:
+            raise OptionError(f"--out {args.out!r}: a {native.native_suffix} file is {native.native_format}, for "
+                              f"{native.distribution} models; save other models to NAME.safetensors or a folder")
+        path = native.save_native(gm, args.out, force=args.force)
+        hint = native.native_hint(path)
     else:
         path = save(gm, args.out, force=args.force)  # create_model recorded the model and its arguments
         hint = f"load it with retrofit.load({str(path)!r})"
     if not args.quiet and args.format == "table":
         print(printable_lines(f"\nsaved {path} ({hint})"))
-
-
-def _save_checkpoint(model: Any, out: str, force: bool) -> Path:
-    """``--out NAME.pt``: an Ultralytics checkpoint (the format ``YOLO(...)`` reads)."""
-    from .frameworks import framework_of
-
-    framework = framework_of(model)
-    if framework is None or framework.prefix != "ultralytics":
-        raise OptionError(f"--out {out!r}: a .pt file is an Ultralytics checkpoint, for Ultralytics models; save "
-                          "other models to NAME.safetensors or a folder")
-    from .ultralytics import save_checkpoint
-
-    return save_checkpoint(model, out, force=force)
 
 
 def _scores(args: argparse.Namespace, model: Any) -> Any:
@@ -483,7 +509,7 @@ def _scores(args: argparse.Namespace, model: Any) -> Any:
     loader = DataLoader(dataset, batch_size=args.score_batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(0))
     return score_sites(model, args.attn, loader, batches=args.score_batches, rules=args.rules,
-                       input_size=args.input_size, leaf_modules=args.leaf_module)
+                       input_size=args.input_size, leaf_modules=tuple(args.leaf_module))
 
 
 _WIDTH = 100  # columns the tables of `retrofit list` fit in
@@ -548,17 +574,17 @@ def _diff(argv: Sequence[str]) -> int:
 
     p = OneLineParser(prog="retrofit diff", description="Compare the parameter counts of two saved models "
                 "(read from the files; nothing is built or imported).")
-    saved = "saved model (.safetensors, folder, fine-tuning .pt checkpoint, or hf-hub:ORG/NAME on the Hugging Face Hub)"
-    p.add_argument("a", help=saved)
-    p.add_argument("b", help=saved)
+    what = "saved model (.safetensors, folder, fine-tuning .pt checkpoint, or hf-hub:ORG/NAME on the Hugging Face Hub)"
+    p.add_argument("a", help=what)
+    p.add_argument("b", help=what)
     p.add_argument("--format", choices=("table", "json"), default="table")
     args = p.parse_args(argv)
     counts = []
     for path in (args.a, args.b):
-        local = local_save(path)
-        buffers = set(read_save(local, path).buffers)
+        saved = read_save(local_save(path), path)  # each file read once
+        buffers = set(saved.buffers)
         groups: dict[str, int] = {}
-        for name, numel in tensor_sizes(local).items():
+        for name, numel in tensor_sizes(saved).items():
             if name not in buffers:
                 key = name.split(".", 1)[0]
                 groups[key] = groups.get(key, 0) + numel

@@ -274,18 +274,79 @@ def fit(
             its hash).
     """
     ctx = ctx or init_distributed(config.device)
-    device = ctx.device
+    run = _prepare(model, train_set, val_set, config, ctx)
+    start = _Start(0, 0, [], (-1.0, 0), None)
+    if resume is not None:
+        start = _restore(resume, run, max(run.steps_per_epoch, len(cast(Sized, train_set))))
+    out, recipe_data = _output_folder(model, config, ctx)
+    log = _JsonLines(out / "metrics.jsonl" if out else None, fresh=resume is None)
+    if start.rng is not None:
+        set_rng_state(start.rng)
+    step, history, best = start.step, start.history, start.best
+    phase: bool | None = None  # attention-only?
+    net: Any = model  # the module, its DDP/FSDP wrapper, or a compiled callable
+    last_path = None
+    for epoch in range(start.epoch, config.epochs):
+        attn_only = epoch < config.attn_only_epochs
+        if attn_only != phase:
+            phase, net = attn_only, _enter_phase(run, attn_only)
+        step, record = _run_epoch(run, net, epoch, step)
+        history.append(record)
+        if record["val_acc"] > best[0]:
+            best = (record["val_acc"], epoch + 1)
+        rngs = ctx.all_gather_object(rng_state())
+        if out is not None:
+            log.write(record)
+            last_path = _save_epoch(run, out, recipe_data, step, rngs, history, best)
+        if run.show:
+            _print_epoch(record, config.epochs)
+        if on_epoch is not None:
+            on_epoch(record)
+    _set_phase(model, run.attn, attn_only=False)
+    ctx.barrier()
+    return FitResult(tuple(history), best[0], best[1], last_path, step)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every epoch of one :func:`fit` run uses."""
+
+    model: nn.Module  # the model trained (unwrapped)
+    config: FinetuneConfig
+    ctx: DistContext
+    attn: set[str]  # names of the attention parameters
+    amp: bool  # bf16 autocast
+    show: bool  # progress bar and epoch lines (rank 0 with config.progress)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    schedule_args: tuple[int, int]  # (warm-up steps, total steps) of the schedule
+    train_sampler: DistributedSampler
+    loader_gen: torch.Generator  # reseeded each epoch: the shuffle of the augmentation workers
+    train_loader: DataLoader
+    val_loader: DataLoader
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(len(self.train_loader), 1)
+
+
+def _prepare(model: nn.Module, train_set: Dataset, val_set: Dataset, config: FinetuneConfig,
+             ctx: DistContext) -> _Run:
+    """The model on its device, the loaders, the optimizer and the schedule of a run.
+
+    Raises:
+        OptionError: ``attn_only_epochs`` is set but the model has no attention parameters.
+    """
     attn = attention_parameter_names(model)
     if config.attn_only_epochs and not attn:
         raise OptionError(
             f"attn_only_epochs={config.attn_only_epochs} but {type(model).__name__} has no attention "
             "parameters (it did not come from retrofit()); use attn_only_epochs=0"
         )
-    amp = _resolve_amp(config, device)
-    model.to(device)
+    amp = _resolve_amp(config, ctx.device)
+    model.to(ctx.device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
-
     torch.manual_seed(config.seed + ctx.rank)
     train_sampler, loader_gen, train_loader, val_loader = _loaders(train_set, val_set, config, ctx)
     steps_per_epoch = max(len(train_loader), 1)
@@ -294,76 +355,73 @@ def fit(
     optimizer = _make_optimizer(groups, config)
     schedule_args = (round(config.warmup_epochs * steps_per_epoch), config.epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(*schedule_args, config.min_lr_ratio))
-    start = _Start(0, 0, [], (-1.0, 0), None)
-    if resume is not None:
-        start = _restore(resume, model, optimizer, scheduler, schedule_args, config, ctx,
-                         max(steps_per_epoch, len(cast(Sized, train_set))))
-    step, history, best = start.step, start.history, start.best
+    return _Run(model=model, config=config, ctx=ctx, attn=attn, amp=amp, show=ctx.is_main and config.progress,
+                optimizer=optimizer, scheduler=scheduler, schedule_args=schedule_args, train_sampler=train_sampler,
+                loader_gen=loader_gen, train_loader=train_loader, val_loader=val_loader)
 
+
+def _output_folder(model: nn.Module, config: FinetuneConfig, ctx: DistContext) -> tuple[Path | None, Any]:
+    """Where rank 0 writes (None elsewhere, or without ``config.out``) and the recipe the
+    checkpoints record, as it names the model file it carries into that folder."""
     out = Path(config.out) if config.out is not None and ctx.is_main else None
     recipe = get_recipe(model)
-    recipe_data = None
-    if recipe is not None and out is not None:
-        located, carried = recipe.located(out)
-        recipe_data = located.to_dict()
-        if carried:  # beside the checkpoints, which name it (a run's folder is its own: replaced)
-            out.mkdir(parents=True, exist_ok=True)
-            write_model_files(out, carried, force=True)
-    log = _JsonLines(out / "metrics.jsonl" if out else None, fresh=resume is None)
-    show = ctx.is_main and config.progress
-    if start.rng is not None:
-        set_rng_state(start.rng)
+    if recipe is None or out is None:
+        return out, None
+    located, carried = recipe.located(out)
+    if carried:  # beside the checkpoints, which name it (a run's folder is its own: replaced)
+        out.mkdir(parents=True, exist_ok=True)
+        write_model_files(out, carried, force=True)
+    return out, located.to_dict()
 
-    phase: bool | None = None  # attention-only?
-    net: Any = model  # the module, its DDP/FSDP wrapper, or a compiled callable
-    last_path = None
-    for epoch in range(start.epoch, config.epochs):
-        attn_only = epoch < config.attn_only_epochs
-        if attn_only != phase:
-            phase = attn_only
-            _set_phase(model, attn, attn_only)
-            net = ctx.wrap(model)
-            if config.compile:
-                net = torch.compile(net)
-        train_sampler.set_epoch(epoch)
-        loader_gen.manual_seed(config.seed * 1_000_003 + epoch * 1009 + ctx.rank)
-        model.train()
-        if attn_only:
-            _freeze_norm_stats(model)
-        t0 = time.perf_counter()
-        step, sums = _train_epoch(net, model, train_loader, optimizer, scheduler, config, device, amp, step,
-                                  f"epoch {epoch + 1}/{config.epochs}", show)
-        sums = ctx.all_reduce_sums(sums)
-        ctx.broadcast_buffers(model)
-        val = evaluate(model, val_loader, ctx, amp=amp, channels_last=config.channels_last)
-        record = _record(epoch, step, attn_only, sums, val, optimizer, time.perf_counter() - t0, ctx)
-        history.append(record)
-        if val["acc"] > best[0]:
-            best = (val["acc"], epoch + 1)
-        rngs = ctx.all_gather_object(rng_state())
-        if out is not None:
-            log.write(record)
-            ckpt = TrainingCheckpoint(
-                recipe=recipe_data, versions=package_versions(), buffers=tuple(buffer_names(model)),
-                model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                epoch=epoch + 1, step=step, rng=tuple(cast(list[dict[str, Any]], rngs)), config=asdict(config),
-                history=tuple(history), best_val_acc=best[0], best_epoch=best[1])
-            last_path = save_training_state(out / "last.pt", ckpt.to_dict())
-            if best[1] == epoch + 1:
-                save_training_state(out / "best.pt", {**ckpt.to_dict(), "optimizer": None, "scheduler": None})
-        if show:
-            from tqdm.auto import tqdm
 
-            tqdm.write(
-                f"epoch {epoch + 1}/{config.epochs}  train loss {record['train_loss']:.4f} "
-                f"acc {record['train_acc']:.4f}  val loss {val['loss']:.4f} acc {val['acc']:.4f}  "
-                f"({record['time_s']:.1f}s)"
-            )
-        if on_epoch is not None:
-            on_epoch(record)
-    _set_phase(model, attn, attn_only=False)
-    ctx.barrier()
-    return FitResult(tuple(history), best[0], best[1], last_path, step)
+def _enter_phase(run: _Run, attn_only: bool) -> Any:
+    """Switch what trains (the attention alone, or everything) and wrap the model again for
+    it (DDP keeps the set of parameters it was built with); the callable to train with."""
+    _set_phase(run.model, run.attn, attn_only)
+    net = run.ctx.wrap(run.model)
+    return torch.compile(net) if run.config.compile else net
+
+
+def _run_epoch(run: _Run, net: Any, epoch: int, step: int) -> tuple[int, dict[str, Any]]:
+    """Train one epoch and validate; the step count after it and the epoch's record."""
+    config, ctx = run.config, run.ctx
+    attn_only = epoch < config.attn_only_epochs
+    run.train_sampler.set_epoch(epoch)
+    run.loader_gen.manual_seed(config.seed * 1_000_003 + epoch * 1009 + ctx.rank)
+    run.model.train()
+    if attn_only:
+        _freeze_norm_stats(run.model)
+    t0 = time.perf_counter()
+    step, sums = _train_epoch(run, net, step, f"epoch {epoch + 1}/{config.epochs}")
+    sums = ctx.all_reduce_sums(sums)
+    ctx.broadcast_buffers(run.model)
+    val = evaluate(run.model, run.val_loader, ctx, amp=run.amp, channels_last=config.channels_last)
+    return step, _record(epoch, step, attn_only, sums, val, run.optimizer, time.perf_counter() - t0, ctx)
+
+
+def _save_epoch(run: _Run, out: Path, recipe_data: Any, step: int, rngs: list[Any],
+                history: list[dict[str, Any]], best: tuple[float, int]) -> Path:
+    """Write ``last.pt`` after an epoch, and ``best.pt`` (weights only) when it is the best."""
+    epoch = len(history)
+    ckpt = TrainingCheckpoint(
+        recipe=recipe_data, versions=package_versions(), buffers=tuple(buffer_names(run.model)),
+        model=run.model.state_dict(), optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
+        epoch=epoch, step=step, rng=tuple(cast(list[dict[str, Any]], rngs)), config=asdict(run.config),
+        history=tuple(history), best_val_acc=best[0], best_epoch=best[1])
+    last_path = save_training_state(out / "last.pt", ckpt.to_dict())
+    if best[1] == epoch:
+        save_training_state(out / "best.pt", {**ckpt.to_dict(), "optimizer": None, "scheduler": None})
+    return last_path
+
+
+def _print_epoch(record: Mapping[str, Any], epochs: int) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(
+        f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f} "
+        f"acc {record['train_acc']:.4f}  val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f}  "
+        f"({record['time_s']:.1f}s)"
+    )
 
 
 def _loaders(train_set: Dataset, val_set: Dataset, config: FinetuneConfig,
@@ -396,12 +454,11 @@ class _Start:
     rng: Any  # this rank's random states to restore, or None
 
 
-def _restore(resume: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler: torch.optim.lr_scheduler.LambdaLR, schedule_args: tuple[int, int], config: FinetuneConfig,
-             ctx: DistContext, max_steps_per_epoch: int) -> _Start:
+def _restore(resume: str | Path, run: _Run, max_steps_per_epoch: int) -> _Start:
     """Load a ``last.pt`` into the model, optimizer and scheduler; where to go on from. The
     checkpoint is checked whole (:class:`~retrofit.checkpoint.TrainingCheckpoint`) before
     anything is loaded: a bad one leaves the model and optimizer as they were."""
+    model, optimizer, scheduler, config, ctx = run.model, run.optimizer, run.scheduler, run.config, run.ctx
     where = f"training checkpoint {str(resume)!r}"
     ckpt = TrainingCheckpoint.from_dict(load_training_state(resume), where)
     ckpt.check_resume(model, optimizer, scheduler, epochs=config.epochs, max_steps_per_epoch=max_steps_per_epoch,
@@ -409,7 +466,7 @@ def _restore(resume: str | Path, model: nn.Module, optimizer: torch.optim.Optimi
     ckpt.restore(model, optimizer, scheduler, where)
     # The schedule is this config's (the same for the same recipe; a larger `epochs`
     # stretches the cosine from where the run stopped).
-    schedule = WarmupCosine(schedule_args[0], schedule_args[1], config.min_lr_ratio)
+    schedule = WarmupCosine(run.schedule_args[0], run.schedule_args[1], config.min_lr_ratio)
     scheduler.lr_lambdas = [schedule] * len(optimizer.param_groups)
     for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
         group["lr"] = base_lr * schedule(scheduler.last_epoch)
@@ -418,33 +475,32 @@ def _restore(resume: str | Path, model: nn.Module, optimizer: torch.optim.Optimi
                   rngs[ctx.rank] if len(rngs) == ctx.world_size else rngs[0])
 
 
-def _train_epoch(net: nn.Module, model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LambdaLR, config: FinetuneConfig, device: torch.device,
-                 amp: bool, step: int, desc: str, show: bool) -> tuple[int, dict[str, float]]:
+def _train_epoch(run: _Run, net: Any, step: int, desc: str) -> tuple[int, dict[str, float]]:
     """One pass over the training loader, a step per batch; the step count after it and
     this rank's sums of loss, correct predictions and samples."""
     from tqdm.auto import tqdm
 
+    config, device, optimizer, scheduler = run.config, run.ctx.device, run.optimizer, run.scheduler
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.float64, device=device)
     seen = 0
-    bar = tqdm(loader, desc=desc, disable=not show, leave=False, dynamic_ncols=True)
+    bar = tqdm(run.train_loader, desc=desc, disable=not run.show, leave=False, dynamic_ncols=True)
     for x, y in bar:
         x, y = _to_input(x, device, config.channels_last), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.amp):
             logits = net(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.clip_grad_norm is not None:
-            nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.clip_grad_norm)
+            nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], config.clip_grad_norm)
         optimizer.step()
         scheduler.step()
         step += 1
         loss_sum += loss.detach().double() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(y)
-        if show and step % 10 == 0:
+        if run.show and step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
     return step, {"loss": loss_sum.item(), "correct": correct.item(), "count": seen}

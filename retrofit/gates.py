@@ -203,17 +203,54 @@ def record_gates(
     from .report import get_report
 
     rows = get_report(model).rows
-    modules = dict(model.named_modules())
-    device = next(model.parameters()).device
-    found: dict[str, list[Tensor]] = {}
-    sizes: dict[str, tuple[int, int]] = {}
-    methods: dict[str, str] = {}
-    skipped: dict[str, str] = {}
-    handles = []
+    recorder = _Recorder()
+    handles = recorder.attach(model, rows)
+    try:
+        count, seen = _run(model, data, labels, batch_size, limit)
+    finally:
+        for h in handles:
+            h.remove()
+    skipped = recorder.skipped
+    sites = tuple(
+        SiteGates(r.module, r.path, r.attn, r.gate, recorder.methods[r.module], r.channels, recorder.sizes[r.module],
+                  torch.cat(recorder.found[r.module]))
+        for r in rows if r.module in recorder.found and r.module not in skipped
+    )
+    all_labels = torch.cat(seen) if seen and sum(map(len, seen)) == count else None
+    return GateRecord(
+        sites=sites,
+        labels=all_labels,
+        classes=tuple(classes) if classes is not None else None,
+        skipped=tuple((r.module, skipped[r.module]) for r in rows if r.module in skipped),
+    )
 
-    def make_hook(
-        name: str, mod: nn.Module, chain: tuple[str, ...], channels: int
-    ) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+
+class _Recorder:
+    """Forward pre-hooks on the inserted modules that record each one's channel gate."""
+
+    def __init__(self) -> None:
+        self.found: dict[str, list[Tensor]] = {}  # module -> its gate per batch, (N, C) each
+        self.sizes: dict[str, tuple[int, int]] = {}  # module -> the (H, W) of its input
+        self.methods: dict[str, str] = {}  # module -> the method that gave its channel gate
+        self.skipped: dict[str, str] = {}  # module -> why it has no channel gate
+
+    def attach(self, model: nn.Module, rows: Sequence[Any]) -> list[Any]:
+        """A hook on each inserted module that declares its gates; the hooks' handles."""
+        modules = dict(model.named_modules())
+        handles = []
+        for row in rows:
+            mod = modules.get(row.module)
+            chain = gate_methods(mod) if mod is not None else None
+            if mod is None or chain is None:
+                what = "no module" if mod is None else type(mod).__name__
+                self.skipped[row.module] = (f"{what} declares no channel gate (its class's fused_gates names none: "
+                                            "its forward is not x * gate(x))")
+                continue
+            handles.append(mod.register_forward_pre_hook(self._hook(row.module, mod, chain, row.channels)))
+        return handles
+
+    def _hook(self, name: str, mod: nn.Module, chain: tuple[str, ...],
+              channels: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
             # The gates of the chain in forward's order, each applied before the next is
@@ -224,56 +261,35 @@ def record_gates(
                 raw = getattr(mod, method)(y)
                 g = _as_channels(raw.float(), x.shape[0], channels)
                 if g is not None:
-                    methods.setdefault(name, method)
-                    found.setdefault(name, []).append(g.cpu())
-                    sizes[name] = (int(x.shape[-2]), int(x.shape[-1])) if x.ndim == 4 else (1, 1)
+                    self.methods.setdefault(name, method)
+                    self.found.setdefault(name, []).append(g.cpu())
+                    self.sizes[name] = (int(x.shape[-2]), int(x.shape[-1])) if x.ndim == 4 else (1, 1)
                     return
                 y = y * raw
             shapes = ", ".join(f"{m}()" for m in chain)
-            skipped.setdefault(name, f"none of its gates ({shapes}) has one value per channel ({channels})")
+            self.skipped.setdefault(name, f"none of its gates ({shapes}) has one value per channel ({channels})")
 
         return hook
 
-    for row in rows:
-        mod = modules.get(row.module)
-        chain = gate_methods(mod) if mod is not None else None
-        if mod is None or chain is None:
-            what = "no module" if mod is None else type(mod).__name__
-            skipped[row.module] = (f"{what} declares no channel gate (its class's fused_gates names none: "
-                                   "its forward is not x * gate(x))")
-            continue
-        handles.append(mod.register_forward_pre_hook(make_hook(row.module, mod, chain, row.channels)))
 
+def _run(model: nn.Module, data: Tensor | Iterable[Any], labels: Tensor | None, batch_size: int,
+         limit: int | None) -> tuple[int, list[Tensor]]:
+    """Run ``model`` in eval mode on up to ``limit`` images; the count and the labels seen."""
+    device = next(model.parameters()).device
     seen: list[Tensor] = []
     count = 0
-    try:
-        with eval_mode(model):
-            for x, y in _batches(data, labels, batch_size):
-                if limit is not None and count >= limit:
-                    break
-                if limit is not None:
-                    x = x[: limit - count]
-                    y = None if y is None else y[: limit - count]
-                model(x.to(device))
-                count += len(x)
-                if y is not None:
-                    seen.append(torch.as_tensor(y).long().cpu())
-    finally:
-        for h in handles:
-            h.remove()
-
-    sites = tuple(
-        SiteGates(r.module, r.path, r.attn, r.gate, methods[r.module], r.channels, sizes[r.module],
-                  torch.cat(found[r.module]))
-        for r in rows if r.module in found and r.module not in skipped
-    )
-    all_labels = torch.cat(seen) if seen and sum(map(len, seen)) == count else None
-    return GateRecord(
-        sites=sites,
-        labels=all_labels,
-        classes=tuple(classes) if classes is not None else None,
-        skipped=tuple((r.module, skipped[r.module]) for r in rows if r.module in skipped),
-    )
+    with eval_mode(model):
+        for x, y in _batches(data, labels, batch_size):
+            if limit is not None and count >= limit:
+                break
+            if limit is not None:
+                x = x[: limit - count]
+                y = None if y is None else y[: limit - count]
+            model(x.to(device))
+            count += len(x)
+            if y is not None:
+                seen.append(torch.as_tensor(y).long().cpu())
+    return count, seen
 
 
 def plot_gates(record: GateRecord, path: str | Path, *, title: str | None = None, max_classes: int = 10) -> Path:

@@ -1,4 +1,5 @@
-"""Where retrofit keeps what it knows about a model: its report and its recipe.
+"""Where retrofit keeps what it knows about a model: its report, its recipe, and the class
+it was built with.
 
 A low layer (it imports nothing of retrofit's), so that the builders, the rewrite and the
 persistence code all reach the same dict without importing each other.
@@ -11,11 +12,14 @@ from typing import Any
 import torch.fx
 from torch import nn
 
-__all__ = ["retrofit_meta", "REPORT_KEY", "RECIPE_KEY", "META_ATTR"]
+__all__ = ["retrofit_meta", "original_class", "REPORT_KEY", "RECIPE_KEY", "META_ATTR", "ORIGINAL_CLASS_KEY",
+           "ORIGINAL_CLASS_ATTR"]
 
 REPORT_KEY = "retrofit_report"
 RECIPE_KEY = "retrofit_recipe"
 META_ATTR = "retrofit_meta"  # the attribute that holds the dict
+ORIGINAL_CLASS_KEY = "retrofit_original_class"  # GraphModule.meta: the class the model was built with
+ORIGINAL_CLASS_ATTR = "_retrofit_original"  # on a class made for a module rewritten in place: the class it replaces
 
 
 def retrofit_meta(module: nn.Module, create: bool = False) -> dict[str, Any]:
@@ -33,3 +37,16 @@ def retrofit_meta(module: nn.Module, create: bool = False) -> dict[str, Any]:
         if create:
             module.__dict__[META_ATTR] = meta
     return meta
+
+
+def original_class(module: nn.Module) -> type[nn.Module]:
+    """The class ``module`` was built with, through what retrofit made of it: a module
+    rewritten in place has a class made for it (its ``_retrofit_original`` names the one it
+    replaces), and a GraphModule traced from a model records the model's class in its
+    ``meta``. Any other module: its own class."""
+    if isinstance(module, torch.fx.GraphModule):
+        recorded = module.meta.get(ORIGINAL_CLASS_KEY)
+        if isinstance(recorded, type):
+            return recorded
+    cls: type[nn.Module] = getattr(type(module), ORIGINAL_CLASS_ATTR, type(module))
+    return cls

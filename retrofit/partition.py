@@ -33,7 +33,8 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .errors import TraceError, first_line
-from .probe import Call, Flow, Probe, TensorId, one_call, probe, record_inputs
+from .meta import original_class
+from .probe import Call, Flow, Probe, TensorId, one_call, probe
 from .shapes import propagate_shapes
 from .sites import Site, SiteAnalysis, SiteRef, SkippedCandidate, find_sites, holds_conv, number_stages
 from .trace import LeafSpec, RetrofitTracer, flattens_inputs, optional_defaults, relative_leaves, trace
@@ -541,7 +542,7 @@ def _with_flow(model: nn.Module, parts: Partition, flow: Flow) -> Partition:
     what its unit returns."""
     classes: dict[str, str] = {}
     for path, mod in model.named_modules(remove_duplicate=False):
-        classes.setdefault(path, getattr(type(mod), "_retrofit_original", type(mod)).__name__)
+        classes.setdefault(path, original_class(mod).__name__)
     made_by, taken_by = _by_tensor(flow.outputs), _by_tensor(flow.inputs)
 
     def named(paths: list[str]) -> tuple[str, ...]:

@@ -382,55 +382,65 @@ def read_safetensors_header(path: str | Path, what: str) -> SafetensorsHeader:
     Raises:
         ModelLoadError: the file is not a safetensors file, is truncated, or is over a limit.
     """
+    raw, size = _read_header_bytes(path, what)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise _corrupted(what, f"its header is not JSON ({first_line(e)})") from e
+    except MemoryError as e:
+        raise _corrupted(what, "its header does not fit in memory") from e
+    if not isinstance(header, dict):
+        raise _corrupted(what, f"its header is a {type(header).__name__}, not a table")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise _corrupted(what, "its header's __metadata__ is not a table of strings")
+    data_bytes = size - 8 - len(raw)
+    tensors = {name: _tensor_entry(name, info, data_bytes, what) for name, info in header.items()}
+    return SafetensorsHeader(tensors, meta, size)
+
+
+def _corrupted(what: str, detail: str) -> ModelLoadError:
+    return ModelLoadError(f"cannot read {what} (corrupted?): {detail}")
+
+
+def _read_header_bytes(path: str | Path, what: str) -> tuple[bytes, int]:
+    """A safetensors file's header (the JSON after its 8-byte length) and the file's size,
+    the length checked against the file's size and ``Limits.header_bytes`` before it is read."""
     limits = current_limits()
-
-    def corrupted(detail: str) -> ModelLoadError:
-        return ModelLoadError(f"cannot read {what} (corrupted?): {detail}")
-
     with open_regular(path, what, limits.weights_bytes, "weights_bytes") as (f, size):
         try:
             head = f.read(8)
             if len(head) < 8:
-                raise corrupted(f"{size} bytes, shorter than a safetensors header")
+                raise _corrupted(what, f"{size} bytes, shorter than a safetensors header")
             n = int.from_bytes(head, "little")
             if 8 + n > size:  # first: a length no file of this size can hold is damage, not a large header
-                raise corrupted(f"its header claims to be {n} bytes long, but the whole file has {size} bytes "
-                                "(truncated, or not a safetensors file)")
+                raise _corrupted(what, f"its header claims to be {n} bytes long, but the whole file has {size} bytes "
+                                       "(truncated, or not a safetensors file)")
             if n > limits.header_bytes:
                 raise _over(f"the header of {what}", n, limits.header_bytes, "header_bytes")
-            raw = f.read(n)
+            return f.read(n), size
         except OSError as e:
             raise ModelLoadError(f"cannot read {what}: {e.strerror or first_line(e)}") from e
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise corrupted(f"its header is not JSON ({first_line(e)})") from e
-    except MemoryError as e:
-        raise corrupted("its header does not fit in memory") from e
-    if not isinstance(header, dict):
-        raise corrupted(f"its header is a {type(header).__name__}, not a table")
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise corrupted("its header's __metadata__ is not a table of strings")
-    data_bytes = size - 8 - n
-    tensors: dict[str, TensorEntry] = {}
-    for name, info in header.items():
-        if not isinstance(info, dict):
-            raise corrupted(f"tensor {name!r}: its entry is a {type(info).__name__}, not a table")
-        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in _DTYPE_BITS:
-            raise corrupted(f"tensor {name!r}: unknown dtype {dtype!r} (valid: {', '.join(_DTYPE_BITS)})")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise corrupted(f"tensor {name!r}: shape {excerpt(shape, 60)} is not a list of integers >= 0")
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1] <= data_bytes):
-            raise corrupted(f"tensor {name!r}: data_offsets {excerpt(offsets, 60)} do not lie in the file's "
-                            f"{data_bytes} bytes of data (truncated?)")
-        numel = 1
-        for d in shape:
-            numel *= d
-        if numel * _DTYPE_BITS[dtype] != (offsets[1] - offsets[0]) * 8:
-            raise corrupted(f"tensor {name!r}: shape {shape} of {dtype} needs {numel * _DTYPE_BITS[dtype] // 8} "
-                            f"bytes, its data_offsets give {offsets[1] - offsets[0]}")
-        tensors[name] = TensorEntry(dtype, tuple(shape))
-    return SafetensorsHeader(tensors, meta, size)
+
+
+def _tensor_entry(name: str, info: Any, data_bytes: int, what: str) -> TensorEntry:
+    """One tensor's header entry, checked: a known dtype, a shape of integers >= 0, and a
+    byte range of exactly its size within the file's ``data_bytes``."""
+    if not isinstance(info, dict):
+        raise _corrupted(what, f"tensor {name!r}: its entry is a {type(info).__name__}, not a table")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in _DTYPE_BITS:
+        raise _corrupted(what, f"tensor {name!r}: unknown dtype {dtype!r} (valid: {', '.join(_DTYPE_BITS)})")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise _corrupted(what, f"tensor {name!r}: shape {excerpt(shape, 60)} is not a list of integers >= 0")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_bytes):
+        raise _corrupted(what, f"tensor {name!r}: data_offsets {excerpt(offsets, 60)} do not lie in the file's "
+                               f"{data_bytes} bytes of data (truncated?)")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel * _DTYPE_BITS[dtype] != (offsets[1] - offsets[0]) * 8:
+        raise _corrupted(what, f"tensor {name!r}: shape {shape} of {dtype} needs {numel * _DTYPE_BITS[dtype] // 8} "
+                               f"bytes, its data_offsets give {offsets[1] - offsets[0]}")
+    return TensorEntry(dtype, tuple(shape))

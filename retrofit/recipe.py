@@ -31,12 +31,11 @@ from typing import Any
 from torch import nn
 
 from .attention import is_registered
-from .errors import ModelLoadError, OptionError, SaveError, UntrustedCodeError
+from .errors import ModelLoadError, SaveError, UntrustedCodeError
 from .frameworks import framework_of, framework_of_spec
 from .meta import RECIPE_KEY, retrofit_meta
-from .options import RetrofitOptions, leaf_name, plain_data
+from .options import RetrofitOptions, plain_data
 from .readfile import current_limits
-from .scores import SiteScores
 from .specs import is_file_spec, split_file_spec
 from .text import excerpt
 
@@ -50,33 +49,11 @@ _LOADING_KWARGS = ("pretrained", "checkpoint_path", "pretrained_cfg", "pretraine
                    "weights", "weights_backbone")
 
 
-# The recipe's own fields and the JSON types they may have (the options' come after).
+# The recipe's own fields and the JSON types they may have (the options declare theirs).
 _TYPES: dict[str, tuple[type, ...]] = {
     "model": (str, type(None)), "model_kwargs": (dict,), "model_sha256": (str, type(None)),
     "base": (dict, type(None)), "rules": (dict, type(None)), "rules_name": (str,),
-    "gate": (str, type(None)), "attn_args": (dict,), "input_size": (list, tuple, type(None)),
-    "leaf_modules": (list, tuple), "strict": (bool,), "on_existing": (str, type(None)), "fuse": (bool,),
-    "keep_class": (bool,), "scores": (dict, type(None)),
 }
-
-
-def _check_input_size(size: Any, where: str) -> None:
-    """A recipe's input size: 1 to 3 integers >= 1 (S, (H, W) or (C, H, W)) whose product is
-    within ``Limits.input_elements``."""
-    if size is None:
-        return
-    if not (1 <= len(size) <= 3 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)):
-        raise ModelLoadError(f"{where}: recipe field 'input_size' is {excerpt(list(size), 60)}; valid: 1 to 3 "
-                             "integers >= 1 (S, [H, W] or [C, H, W])")
-    elements = 1
-    for v in size:
-        elements *= v
-    if len(size) < 3:
-        elements *= size[-1] if len(size) == 1 else 1  # S means S x S
-    cap = current_limits().input_elements
-    if elements > cap:
-        raise ModelLoadError(f"{where}: recipe field 'input_size' {list(size)} asks for {elements} elements per "
-                             f"image, over the limit of {cap} (Limits.input_elements)")
 
 
 def _real(path: Path) -> Path:
@@ -144,36 +121,26 @@ class Recipe:
         """One level of a recipe (its ``base`` already read)."""
         if not isinstance(d, Mapping):
             raise ModelLoadError(f"{where}: the recipe is a {type(d).__name__}, not a table")
-        known = (set(_TYPES) | set(RetrofitOptions.names())) - {"options"}
+        known = set(_TYPES) | set(RetrofitOptions.names())
         unknown = sorted(set(d) - known, key=str)
         if unknown:
             raise ModelLoadError(f"{where}: unknown recipe field(s) {', '.join(excerpt(u, 40) for u in unknown[:5])} "
                                  f"(valid: {', '.join(sorted(known))}); was it written by a newer retrofit?")
         values: dict[str, Any] = {}
         for name, value in d.items():
-            if not isinstance(value, _TYPES[name]):
+            if name in _TYPES and not isinstance(value, _TYPES[name]):
                 raise ModelLoadError(f"{where}: recipe field {name!r} is a {type(value).__name__} "
                                      f"({excerpt(value, 60)})")
             values[name] = value
-        for name in ("model_kwargs", "attn_args"):
-            if not all(isinstance(k, str) for k in values.get(name, {})):
-                raise ModelLoadError(f"{where}: recipe field {name!r} must be a table with string keys")
-        if not all(isinstance(v, str) for v in values.get("leaf_modules", ())):
-            raise ModelLoadError(f"{where}: recipe field 'leaf_modules' must be a list of strings")
+        if not all(isinstance(k, str) for k in values.get("model_kwargs", {})):
+            raise ModelLoadError(f"{where}: recipe field 'model_kwargs' must be a table with string keys")
         sha = values.get("model_sha256")
         if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", sha):
             raise ModelLoadError(f"{where}: recipe field 'model_sha256' is {excerpt(sha, 80)}, not a sha256 (64 hex "
                                  "digits)")
-        _check_input_size(values.get("input_size"), where)
-        values["base"] = base
-        opts = {k: values.pop(k) for k in RetrofitOptions.names() if k in values}
-        if opts.get("scores") is not None:
-            opts["scores"] = SiteScores.from_dict(opts["scores"])
-        try:
-            values["options"] = RetrofitOptions(**opts)
-        except OptionError as e:
-            raise ModelLoadError(f"{where}: {e}") from e
-        return cls(**values)
+        values.pop("base", None)
+        options = RetrofitOptions.from_dict({k: values.pop(k) for k in RetrofitOptions.names() if k in values}, where)
+        return cls(**values, base=base, options=options)
 
     def chain(self) -> list[Recipe]:
         """The recipe's levels, innermost (the base model's) first: a retrofit of a retrofit
@@ -366,8 +333,7 @@ def recipe_of_result(model: nn.Module, rules_doc: Mapping[str, Any], rules_name:
     if given is None:
         given = _named_by_framework(model)
         given = given if given.model is not None else _named_by_timm(model)
-    recorded = options.replace(leaf_modules=tuple(leaf_name(m) for m in options.leaf_modules))
-    opts = {"rules": plain_data(rules_doc), "rules_name": rules_name, "options": recorded}
+    opts = {"rules": plain_data(rules_doc), "rules_name": rules_name, "options": options.recorded()}
     if given.rules is not None:
         return Recipe(base=given, **opts)
     return replace(given, **opts)

@@ -33,8 +33,7 @@ from typing import Any
 import torch.fx
 from torch import nn
 
-from .attention import create_attention
-from .attention._identity import identity_error
+from .attention import create_attention, identity_error
 from .errors import AttentionError, SiteError
 from .fuse import gate_methods, gated_residual
 from .partition import Partition

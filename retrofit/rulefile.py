@@ -147,6 +147,22 @@ def _unknown(key: str, valid: set[str] | dict[str, Any], where: str) -> RuleErro
 
 
 def _parse_rule(table: Mapping[str, Any], where: str) -> Rule:
+    values = _typed_values(table, where)
+    _check_lists(values, where)
+    _check_choices(values, where)
+    position = _check_attention(values, where)
+    # Arrays become tuples (a rule is frozen); the optional ones stay None when absent.
+    arrays: dict[str, Any] = {k: None if values[k] is None else tuple(values[k])
+                              for k in ("include", "exclude", "output_of", "input_of", "stages", "blocks")}
+    plain: dict[str, Any] = {k: values[k] for k in ("at", "attn", "gate", "min_channels", "max_channels", "min_size",
+                                                    "max_size", "every", "first", "last", "fallback", "conflict",
+                                                    "on_existing")}
+    return Rule(**plain, **arrays, args=MappingProxyType(dict(values["args"])), position=position,
+                top=_select(values["select"], where), budget=_budget(values["budget"], where), source=where)
+
+
+def _typed_values(table: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Every key of a rule table, its default where absent, each of its type."""
     for key in table:
         if key not in _RULE_KEYS:
             raise _unknown(key, _RULE_KEYS, where)
@@ -163,63 +179,50 @@ def _parse_rule(table: Mapping[str, Any], where: str) -> Rule:
         if key in _POSITIVE and value is not None and value < 1:
             raise RuleError(f"{where}: {key!r} must be at least 1, got {value}")
         values[key] = value
+    return values
+
+
+def _check_lists(values: Mapping[str, Any], where: str) -> None:
+    """What a rule's arrays hold: stage and block numbers, globs."""
     for key in ("stages", "blocks"):
         if values[key] is not None and not all(isinstance(v, int) and not isinstance(v, bool) for v in values[key]):
             raise RuleError(f"{where}: {key!r} must be an array of integers, got {values[key]!r}")
     if 0 in (values["stages"] or ()):
         raise RuleError(f"{where}: stages are numbered from 1 (or -1 for the last), got 0")
+    for key in ("include", "exclude", "output_of", "input_of"):
+        if values[key] is not None and not all(isinstance(g, str) for g in values[key]):
+            raise RuleError(f"{where}: {key!r} must be an array of strings (globs), got {values[key]!r}")
+
+
+def _check_choices(values: Mapping[str, Any], where: str) -> None:
+    """A rule's keys that name one of a few choices."""
     if values["on_existing"] not in ON_EXISTING:
         raise RuleError(
             f"{where}: on_existing = {values['on_existing']!r} is not valid (valid: {', '.join(ON_EXISTING)})"
         )
     if values["conflict"] not in CONFLICTS:
         raise RuleError(f"{where}: conflict = {values['conflict']!r} is not valid (valid: {', '.join(CONFLICTS)})")
+    if values["at"] not in SITE_KINDS:
+        raise RuleError(f"{where}: unknown site kind at = {values['at']!r} (valid: {', '.join(SITE_KINDS)})")
+
+
+def _check_attention(values: Mapping[str, Any], where: str) -> str:
+    """The rule's attention type, its arguments and gate checked; its position (the site
+    kind's default where the rule names none)."""
     at = values["at"]
-    if at not in SITE_KINDS:
-        raise RuleError(f"{where}: unknown site kind at = {at!r} (valid: {', '.join(SITE_KINDS)})")
     try:
         cls = get_attention(values["attn"])
     except RetrofitError as e:
         raise RuleError(f"{where}: {e}") from None
     _check_args(cls, values["attn"], values["args"], where)
-    position = values["position"] or POSITIONS[at][0]
+    position: str = values["position"] or POSITIONS[at][0]
     if position not in POSITIONS[at]:
         raise RuleError(
             f"{where}: position = {position!r} is not valid for {at} sites (valid: {', '.join(POSITIONS[at])})"
         )
     if values["gate"] not in GATES:
         raise RuleError(f"{where}: unknown gate {values['gate']!r} (valid: {', '.join(GATES)})")
-    for key in ("include", "exclude", "output_of", "input_of"):
-        if values[key] is not None and not all(isinstance(g, str) for g in values[key]):
-            raise RuleError(f"{where}: {key!r} must be an array of strings (globs), got {values[key]!r}")
-    top = _select(values["select"], where)
-    budget = _budget(values["budget"], where)
-    return Rule(
-        at=at,
-        attn=values["attn"],
-        args=MappingProxyType(dict(values["args"])),
-        position=position,
-        gate=values["gate"],
-        include=tuple(values["include"]),
-        exclude=tuple(values["exclude"]),
-        output_of=None if values["output_of"] is None else tuple(values["output_of"]),
-        input_of=None if values["input_of"] is None else tuple(values["input_of"]),
-        min_channels=values["min_channels"],
-        max_channels=values["max_channels"],
-        min_size=values["min_size"],
-        max_size=values["max_size"],
-        stages=None if values["stages"] is None else tuple(values["stages"]),
-        blocks=None if values["blocks"] is None else tuple(values["blocks"]),
-        every=values["every"],
-        first=values["first"],
-        last=values["last"],
-        fallback=values["fallback"],
-        conflict=values["conflict"],
-        on_existing=values["on_existing"],
-        top=top,
-        budget=budget,
-        source=where,
-    )
+    return position
 
 
 def _select(select: Mapping[str, Any] | None, where: str) -> int | None:

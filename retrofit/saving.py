@@ -33,6 +33,7 @@ from torch import nn
 from .atomic import WriteFn, write_file_atomic, write_folder_atomic
 from .checkpoint import OLD_TRAIN_FORMAT, TRAIN_FORMAT
 from .errors import ModelLoadError, SaveError, first_line
+from .frameworks import registered_frameworks
 from .readfile import (
     SafetensorsHeader,
     current_limits,
@@ -66,8 +67,6 @@ FORMAT = "retrofit/2"
 _OLD_FORMAT = "retrofit/1"
 _META_KEY = "retrofit_recipe"
 WEIGHTS_FILE, RECIPE_FILE = "model.safetensors", "recipe.json"  # a folder save's two files
-# A folder written by transformers' or smp's save_pretrained: the recipe is in its config.
-_FRAMEWORK_CONFIG, _CONFIG_RECIPE_KEYS = "config.json", ("retrofit", "_retrofit")
 _TRAIN_SUFFIXES = (".pt", ".pth")
 
 
@@ -213,6 +212,7 @@ class SavedModel:
     versions: Mapping[str, str]  # package versions it was written with
     buffers: tuple[str, ...]  # names of saved tensors that are buffers (saves only)
     checkpoint: Mapping[str, Any] | None = None  # the training checkpoint's contents (checkpoints only)
+    header: SafetensorsHeader | None = None  # a one-file save's header, read with its recipe (not read again)
 
 
 def _check_zip_expansion(f: Any, size: int, what: str) -> None:
@@ -237,14 +237,17 @@ def _check_zip_expansion(f: Any, size: int, what: str) -> None:
 
 
 def _unreadable_checkpoint(what: str, e: Exception) -> str:
-    """Why ``torch.load(weights_only=True)`` refused a file: an Ultralytics checkpoint (a
-    pickle of the model, which runs code when read) is named as such, with the way to read it."""
-    pickled = re.search(r"GLOBAL (ultralytics\.[\w.]+)", str(e))
-    if pickled:
-        return (f"cannot read {what}: it is an Ultralytics checkpoint (a pickle of {pickled[1]}, which runs code "
-                "when read), not a retrofit save or fine-tuning checkpoint; read it with trust: "
-                "retrofit.ultralytics.load_checkpoint(PATH, trust_code=True), then retrofit.get_report(model) gives "
-                "its diff, and retrofit.save(model, 'NAME.safetensors') a save this command reads")
+    """Why ``torch.load(weights_only=True)`` refused a file: a library's own checkpoint (an
+    Ultralytics ``.pt`` is a pickle of the model, which runs code when read) is named as
+    such, with the way to read it."""
+    pickled = re.search(r"GLOBAL (([\w]+)\.[\w.]+)", str(e))
+    native = next((f for f in registered_frameworks() if pickled and f.native_suffix and f.package == pickled[2]),
+                  None)
+    if pickled and native is not None:
+        return (f"cannot read {what}: it is {native.native_format} (a pickle of {pickled[1]}, which runs code when "
+                "read), not a retrofit save or fine-tuning checkpoint; read it with trust: "
+                f"retrofit.create_model('{native.prefix}:PATH', trust_code=True), then retrofit.get_report(model) "
+                "gives its diff, and retrofit.save(model, 'NAME.safetensors') a save this command reads")
     return (f"cannot read {what} ({type(e).__name__} in torch.load: {shorten(first_line(e), 200)}); "
             "expected a last.pt or best.pt written by retrofit.finetune.fit")
 
@@ -427,31 +430,12 @@ def _no_save(where: str) -> ModelLoadError:
 
 def _read_save(path: Path, where: str) -> SavedModel:
     if path.suffix in _TRAIN_SUFFIXES:
-        ckpt = load_training_state(path)
-        _checkpoint_state(ckpt, where)
-        if ckpt["format"] == OLD_TRAIN_FORMAT:
-            if ckpt.get("spec") is None:
-                raise ModelLoadError(f"{where!r} has no model spec; it cannot be rebuilt")
-            recipe = _recipe_of_old_checkpoint(ckpt["spec"], where, path.parent)
-        elif ckpt.get("recipe") is None:
-            raise ModelLoadError(f"{where!r} has no recipe: it was fine-tuned from a model retrofit() did not "
-                                 "build; build that model again and load ckpt['model'] into it")
-        else:
-            recipe = _recipe_of(ckpt["recipe"], where)
-        return SavedModel(path, "checkpoint", recipe, path.parent, _versions(ckpt.get("versions"), where),
-                          _buffers(ckpt.get("buffers"), where), ckpt)
+        return _read_checkpoint(path, where)
     if not os.path.lexists(path):
         raise _no_save(where)
+    st = None
     if path.is_dir():
-        if not os.access(path, os.R_OK | os.X_OK):
-            raise ModelLoadError(f"cannot read saved model {where!r}: permission denied (the folder); check its "
-                                 "permissions")
-        if not all(os.path.lexists(f) for f in _weight_files(path, where)):
-            raise _no_save(where)
-        if not os.path.lexists(path / RECIPE_FILE) and os.path.lexists(path / _FRAMEWORK_CONFIG):
-            header = _framework_header(path, where)
-        else:
-            header = read_json(path / RECIPE_FILE, f"saved model {where!r} ({RECIPE_FILE})")
+        header = _folder_header(path, where)
     else:
         st = read_safetensors_header(path, f"saved model {where!r}")
         if _META_KEY not in st.metadata:
@@ -467,8 +451,39 @@ def _read_save(path: Path, where: str) -> SavedModel:
         recipe = _recipe_of(header.get("recipe"), where)
     else:
         raise ModelLoadError(f"{where!r}: unknown recipe format {excerpt(fmt, 60)} (this retrofit reads {FORMAT!r})")
-    return SavedModel(path, "folder" if path.is_dir() else "file", recipe, path if path.is_dir() else path.parent,
-                      _versions(header.get("versions"), where), _buffers(header.get("buffers"), where))
+    return SavedModel(path, "folder" if st is None else "file", recipe, path if st is None else path.parent,
+                      _versions(header.get("versions"), where), _buffers(header.get("buffers"), where), header=st)
+
+
+def _read_checkpoint(path: Path, where: str) -> SavedModel:
+    """A training checkpoint (``last.pt`` / ``best.pt``), read once and kept whole."""
+    ckpt = load_training_state(path)
+    _checkpoint_state(ckpt, where)
+    if ckpt["format"] == OLD_TRAIN_FORMAT:
+        if ckpt.get("spec") is None:
+            raise ModelLoadError(f"{where!r} has no model spec; it cannot be rebuilt")
+        recipe = _recipe_of_old_checkpoint(ckpt["spec"], where, path.parent)
+    elif ckpt.get("recipe") is None:
+        raise ModelLoadError(f"{where!r} has no recipe: it was fine-tuned from a model retrofit() did not "
+                             "build; build that model again and load ckpt['model'] into it")
+    else:
+        recipe = _recipe_of(ckpt["recipe"], where)
+    return SavedModel(path, "checkpoint", recipe, path.parent, _versions(ckpt.get("versions"), where),
+                      _buffers(ckpt.get("buffers"), where), ckpt)
+
+
+def _folder_header(path: Path, where: str) -> Any:
+    """A save folder's header: its ``recipe.json``, or the recipe in the config a library's
+    own ``save_pretrained`` wrote."""
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise ModelLoadError(f"cannot read saved model {where!r}: permission denied (the folder); check its "
+                             "permissions")
+    if not all(os.path.lexists(f) for f in _weight_files(path, where)):
+        raise _no_save(where)
+    config = next((path / f for f in _config_files() if os.path.lexists(path / f)), None)
+    if not os.path.lexists(path / RECIPE_FILE) and config is not None:
+        return _framework_header(config, where)
+    return read_json(path / RECIPE_FILE, f"saved model {where!r} ({RECIPE_FILE})")
 
 
 def _weight_files(folder: Path, where: str | None = None) -> list[Path]:
@@ -491,15 +506,21 @@ def _weight_files(folder: Path, where: str | None = None) -> list[Path]:
     return [folder / n for n in names]
 
 
-def _framework_header(folder: Path, where: str) -> dict[str, Any]:
+def _config_files() -> list[str]:
+    """The config files libraries' own ``save_pretrained`` write (``config.json``)."""
+    return sorted({f.config_file for f in registered_frameworks() if f.config_file})
+
+
+def _framework_header(file: Path, where: str) -> dict[str, Any]:
     """The header of a folder a library's own ``save_pretrained`` wrote for a retrofitted
-    model: its ``config.json`` carries the recipe (transformers under ``retrofit``, smp under
-    ``_retrofit``; see :mod:`retrofit.frameworks`)."""
-    config = read_json(folder / _FRAMEWORK_CONFIG, f"saved model {where!r} ({_FRAMEWORK_CONFIG})")
-    recipe = next((config[k] for k in _CONFIG_RECIPE_KEYS if isinstance(config, dict) and k in config), None)
+    model: its config ``file`` carries the recipe under the key its adapter declares
+    (:attr:`retrofit.frameworks.Framework.config_key`)."""
+    config = read_json(file, f"saved model {where!r} ({file.name})")
+    keys = [f.config_key for f in registered_frameworks() if f.config_key and f.config_file == file.name]
+    recipe = next((config[k] for k in keys if isinstance(config, dict) and k in config), None)
     if recipe is None:
         raise ModelLoadError(
-            f"{where!r} holds a {_FRAMEWORK_CONFIG} without a retrofit recipe: it was saved from a model that was not "
+            f"{where!r} holds a {file.name} without a retrofit recipe: it was saved from a model that was not "
             "retrofitted (load it with its library's from_pretrained), or from a retrofit result that did not keep "
             "its class (save that with retrofit.save)"
         )
@@ -523,15 +544,19 @@ def tensor_shapes(saved: SavedModel) -> dict[str, tuple[int, ...]]:
     if saved.checkpoint is not None:
         return {k: tuple(v.shape) for k, v in _checkpoint_state(saved.checkpoint, str(saved.path)).items()}
     shapes: dict[str, tuple[int, ...]] = {}
-    for _, header in _headers(saved.path, str(saved.path)):
+    headers = [(saved.path, saved.header)] if saved.header is not None else _headers(saved.path, str(saved.path))
+    for _, header in headers:
         shapes.update({k: e.shape for k, e in header.tensors.items()})
     return shapes
 
 
-def tensor_sizes(path: str | Path) -> dict[str, int]:
+def tensor_sizes(source: str | Path | SavedModel) -> dict[str, int]:
     """``{tensor name: number of elements}`` of a save on this machine (read from the file
-    header only) or of a training checkpoint's weights."""
-    path = Path(path)
+    header only) or of a training checkpoint's weights; of a :class:`SavedModel`, from what
+    :func:`read_save` read (a checkpoint is not read again)."""
+    if isinstance(source, SavedModel):
+        return {k: _numel(shape) for k, shape in tensor_shapes(source).items()}
+    path = Path(source)
     if path.suffix in _TRAIN_SUFFIXES:
         return {k: v.numel() for k, v in _checkpoint_state(load_training_state(path), str(path)).items()}
     sizes: dict[str, int] = {}

@@ -29,7 +29,7 @@ from torch import nn
 from .attention import registered_types
 from .errors import TraceError, first_line
 from .fuse import gated_residual
-from .meta import META_ATTR
+from .meta import META_ATTR, ORIGINAL_CLASS_KEY, original_class
 from .modes import train_mode
 from .options import LeafSpec
 
@@ -39,7 +39,6 @@ __all__ = ["RetrofitTracer", "trace", "LeafSpec", "relative_leaves"]
 # With the separator: torchvision's folder starts with torch's name too, and its frames are
 # the model's code.
 _TORCH_DIR = str(Path(torch.__file__).parent) + os.sep
-ORIGINAL_CLASS_KEY = "retrofit_original_class"  # GraphModule.meta: the class the model was built with
 _COUNTER_SUFFIX = re.compile(r"_\d+$")
 
 
@@ -308,8 +307,7 @@ def _graph_module(model: nn.Module, graph: torch.fx.Graph, notes: list[str]) -> 
     gm = RetrofitGraphModule(model, graph, type(model).__name__)
     # The class the model was built with (a GraphModule or a block retrofitted before
     # knows it), for the error a missing method of that class gets.
-    original = model.meta.get(ORIGINAL_CLASS_KEY) if isinstance(model, torch.fx.GraphModule) else None
-    gm.meta[ORIGINAL_CLASS_KEY] = original or getattr(type(model), "_retrofit_original", None) or type(model)
+    gm.meta[ORIGINAL_CLASS_KEY] = original_class(model)
     gm.meta["retrofit_trace_notes"] = notes
     _carry_unused_state(model, gm)
     _carry_metadata(model, gm)

@@ -274,7 +274,7 @@ def test_every_yaml_ultralytics_ships_passes_the_allow_list() -> None:
     retrofit's bounded reader as a shipped name, is plain data."""
     import ultralytics
 
-    from retrofit.frameworks._ultralytics import _yaml_cfg, layer_problems
+    from retrofit.frameworks.ultralytics._adapter import _yaml_cfg, layer_problems
 
     root = Path(ultralytics.__file__).parent / "cfg" / "models"
     yamls = sorted(root.rglob("*.yaml"))

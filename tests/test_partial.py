@@ -15,7 +15,8 @@ from torch import nn
 import retrofit
 from retrofit import SiteError, TraceError
 from retrofit.fuse import gated_residual
-from retrofit.partition import _MAX_RETRACES, Partition, partition, record_inputs
+from retrofit.partition import _MAX_RETRACES, Partition, partition
+from retrofit.probe import record_inputs
 from retrofit.rewrite import rewritten_in_place
 from retrofit.rulefile import parse_rules
 from retrofit.sites import SiteRef

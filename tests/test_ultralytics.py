@@ -447,4 +447,4 @@ def test_diff_on_an_ultralytics_checkpoint_says_what_it_is(plain_pt: Path, capsy
     assert err.count("\n") == 1 and "\x1b" not in err and "\\x1b" not in err and "\\n" not in err
     assert err.startswith(f"retrofit diff: error: cannot read training checkpoint '{plain_pt}': it is an Ultralytics "
                           "checkpoint (a pickle of ultralytics.nn.tasks.DetectionModel, which runs code when read)")
-    assert "retrofit.ultralytics.load_checkpoint(PATH, trust_code=True)" in err
+    assert "retrofit.create_model('ultralytics:PATH', trust_code=True)" in err

@@ -1,16 +1,24 @@
-"""The adapter base class and the registry of libraries (see :mod:`retrofit.frameworks`)."""
+"""The adapter contract and the registry of libraries (see :mod:`retrofit.frameworks`).
+
+An adapter is the only place that knows its library: the command line, the saves and the
+loads ask it (how to build a model from a name, how to save one in the library's own
+format, which config key holds a recipe, whether the model's top level is expected not
+to trace, what "offline" means for it) and never test a library's name.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, OptionError
+from ..meta import original_class
 
-__all__ = ["Framework", "register_framework", "framework_of", "framework_of_spec"]
+__all__ = ["Framework", "register_framework", "framework_of", "framework_of_spec", "registered_frameworks"]
 
 
 class Framework:
@@ -24,12 +32,19 @@ class Framework:
     # its layers in Python; transformers' handle their keyword options in Python): that
     # their blocks are rewritten in place is the normal path, said at the INFO level only.
     traces_in_parts: bool = False
+    # The file the library's own save_pretrained writes its config to, and the key under
+    # which a retrofitted model's config carries its recipe there; None: no such config.
+    config_file: str | None = None
+    config_key: str | None = None
+    # The suffix of the library's own file format that save_native writes (".pt"), and how
+    # a message names a file of it ("an Ultralytics checkpoint"); None: no such format.
+    native_suffix: str | None = None
+    native_format: str = ""
 
     def owns(self, model: nn.Module) -> bool:
         """Whether ``model``'s class comes from this library (its class module is checked,
         so the library is not imported)."""
-        cls = getattr(type(model), "_retrofit_original", type(model))
-        return cls.__module__.split(".", 1)[0] == self.package
+        return original_class(model).__module__.split(".", 1)[0] == self.package
 
     def require(self) -> Any:
         """Import the library, or say how to install it."""
@@ -82,6 +97,27 @@ class Framework:
     def on_result(self, result: nn.Module, recipe: Any) -> None:
         """Called with every retrofit result of this library's models and its recipe."""
 
+    @contextlib.contextmanager
+    def offline(self) -> Iterator[None]:
+        """The library set not to reach the network while it builds or saves a model (and
+        its console output kept off stdout, where a result goes); by default nothing to set."""
+        yield
+
+    def save_native(self, model: nn.Module, path: str | Path, *, force: bool = False) -> Path:
+        """Write ``model`` (a retrofit result of this library's model) in the library's own
+        format (a file ending in :attr:`native_suffix`), which the library loads by itself.
+
+        Raises:
+            OptionError: the library has no such format.
+            SaveError: the path exists (without ``force``) or cannot be written.
+        """
+        raise OptionError(f"{self.distribution} models have no file format of their own here; save with "
+                          "retrofit.save (NAME.safetensors or a folder)")
+
+    def native_hint(self, path: Path) -> str:
+        """What a user does with a file :meth:`save_native` wrote, in a few words."""
+        return f"{self.distribution} loads it"
+
 
 _FRAMEWORKS: dict[str, Framework] = {}
 
@@ -94,9 +130,9 @@ def register_framework(cls: type[Framework]) -> type[Framework]:
     return cls
 
 
-def list_frameworks() -> list[str]:
-    """The spec prefixes of the libraries retrofit builds models of."""
-    return sorted(_FRAMEWORKS)
+def registered_frameworks() -> tuple[Framework, ...]:
+    """Every registered adapter, by prefix."""
+    return tuple(_FRAMEWORKS[k] for k in sorted(_FRAMEWORKS))
 
 
 def framework_of(model: nn.Module) -> Framework | None:

@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import ModelLoadError, first_line
+from ..meta import original_class
 from ._base import Framework, register_framework
 
 __all__: list[str] = []
@@ -34,9 +35,10 @@ class SegmentationModels(Framework):
     package = "segmentation_models_pytorch"
     distribution = "segmentation-models-pytorch"
     num_classes_arg = "classes"
+    config_file, config_key = "config.json", CONFIG_KEY  # save_pretrained writes the recipe there
 
     def describe(self, model: nn.Module) -> tuple[str, dict[str, Any]] | None:
-        cls = getattr(type(model), "_retrofit_original", type(model))
+        cls = original_class(model)
         config = getattr(model, "config", None)
         if not isinstance(config, dict):
             return None

@@ -23,6 +23,7 @@ from typing import Any, Protocol, cast
 from torch import nn
 
 from ..errors import ModelLoadError, first_line
+from ..meta import original_class
 from ..readfile import file_in_folder, json_depth, read_json
 from ..text import shorten
 from ._base import Framework, register_framework
@@ -106,9 +107,10 @@ class Transformers(Framework):
     distribution = "transformers"
     num_classes_arg = "num_labels"
     traces_in_parts = True
+    config_file, config_key = "config.json", CONFIG_KEY  # save_pretrained writes the recipe there
 
     def describe(self, model: nn.Module) -> tuple[str, dict[str, Any]] | None:
-        cls = getattr(type(model), "_retrofit_original", type(model))
+        cls = original_class(model)
         config = getattr(model, "config", None)
         if config is None or not cls.__module__.startswith("transformers.") or any(
                 getattr(config, k, None) for k in _REMOTE):
@@ -185,16 +187,24 @@ class Transformers(Framework):
     @contextlib.contextmanager
     def _offline_guard(self, repo: str, what: str) -> Iterator[None]:
         """Hugging Face offline when its host does not answer (the cache or one clear error)."""
-        from ..download import hf_endpoint, hf_offline, hf_offline_requested, unreachable
+        from ..download import hf_endpoint, hf_offline_requested, unreachable
 
         why = None if hf_offline_requested() else unreachable(hf_endpoint())
         try:
-            with hf_offline() if why else contextlib.nullcontext():
+            with self.offline() if why else contextlib.nullcontext():
                 yield
         except OSError as e:
             where = f"no network ({why}) and it is not in the Hugging Face cache" if why else first_line(e)
             raise ModelLoadError(f"cannot download {what} of {repo!r} from the Hugging Face Hub: {where}; connect "
                                  "to the network, or build from a local folder holding config.json") from e
+
+    @contextlib.contextmanager
+    def offline(self) -> Iterator[None]:
+        """The Hugging Face Hub in offline mode: the cache, or one clear error."""
+        from ..download import hf_offline
+
+        with hf_offline():
+            yield
 
     def _hub_config(self, repo: str) -> dict[str, Any]:
         from huggingface_hub import hf_hub_download

@@ -24,8 +24,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import copy
-import os
-import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,12 +32,14 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..errors import ModelLoadError, UntrustedCodeError, first_line
-from ..readfile import current_limits, file_in_folder, read_yaml
-from ..text import excerpt
-from ._base import Framework, register_framework
+from ...errors import ModelLoadError, UntrustedCodeError, first_line
+from ...meta import original_class
+from ...readfile import current_limits, file_in_folder, read_yaml
+from ...text import excerpt
+from .._base import Framework, register_framework
+from ._offline import offline
 
-__all__: list[str] = []
+__all__ = ["Ultralytics", "MODEL_CLASSES", "layer_problems", "code_problems", "offline"]
 
 # The model classes a recipe may name (ultralytics.nn.tasks), by the head that makes them.
 MODEL_CLASSES = ("DetectionModel", "SegmentationModel", "ClassificationModel", "PoseModel", "OBBModel",
@@ -50,22 +50,6 @@ _TASK_CLASSES = {"detect": "DetectionModel", "segment": "SegmentationModel", "cl
                  "depth": "DepthModel"}
 _HEAD_CLASSES = {"RTDETRDecoder": "RTDETRDetectionModel", "WorldDetect": "WorldModel", "YOLOEDetect": "YOLOEModel",
                  "YOLOESegment": "YOLOESegModel", "YOLOESegment26": "YOLOESegModel"}
-
-
-@contextlib.contextmanager
-def offline() -> Iterator[None]:
-    """Ultralytics without downloads or network checks, its messages (model summaries) on
-    stderr: what it prints while building is not a result."""
-    saved = os.environ.get("YOLO_OFFLINE")
-    os.environ["YOLO_OFFLINE"] = "1"
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        if saved is None:
-            os.environ.pop("YOLO_OFFLINE", None)
-        else:
-            os.environ["YOLO_OFFLINE"] = saved
 
 
 def _module_class(name: str, trusted: bool = False) -> type[nn.Module] | None:
@@ -332,9 +316,10 @@ class Ultralytics(Framework):
     distribution = "ultralytics"
     num_classes_arg = "nc"
     traces_in_parts = True
+    native_suffix, native_format = ".pt", "an Ultralytics checkpoint"
 
     def describe(self, model: nn.Module) -> tuple[str, dict[str, Any]] | None:
-        cls = getattr(type(model), "_retrofit_original", type(model))
+        cls = original_class(model)
         cfg = getattr(model, "yaml", None)
         if cls.__name__ not in MODEL_CLASSES or not cls.__module__.startswith("ultralytics.") \
                 or not isinstance(cfg, Mapping) or layer_problems(cfg):
@@ -471,6 +456,19 @@ class Ultralytics(Framework):
             raise ModelLoadError(f"cannot read the Ultralytics checkpoint {name!r}: {type(e).__name__}: "
                                  f"{first_line(e)}") from e
         return model.float()
+
+    @contextlib.contextmanager
+    def offline(self) -> Iterator[None]:
+        with offline():
+            yield
+
+    def save_native(self, model: nn.Module, path: str | Path, *, force: bool = False) -> Path:
+        from .checkpoint import save_checkpoint
+
+        return save_checkpoint(model, path, force=force)
+
+    def native_hint(self, path: Path) -> str:
+        return f"YOLO({str(path)!r}) loads it; retrofit.ultralytics.trainer(...) trains on from it"
 
     def title(self, name: str, kwargs: Mapping[str, Any]) -> str:
         return f"Ultralytics model `{name}` ({kwargs.get('model_class', 'built from its yaml')})"

@@ -1,0 +1,13 @@
+"""Ultralytics YOLO: the adapter (models built from their yaml, as plain data), its
+checkpoint layout, and the trainer that inserts attention in ``YOLO.train``.
+
+Importing this package registers the adapter and imports neither Ultralytics nor the
+trainer (:mod:`retrofit.frameworks.ultralytics.training`, whose public path is
+:mod:`retrofit.ultralytics`).
+"""
+
+from __future__ import annotations
+
+from ._adapter import MODEL_CLASSES, Ultralytics, code_problems, layer_problems, offline
+
+__all__ = ["Ultralytics", "MODEL_CLASSES", "layer_problems", "code_problems", "offline"]
