@@ -12,8 +12,7 @@ from typing import Any
 import torch.fx
 from torch import nn
 
-__all__ = ["retrofit_meta", "original_class", "REPORT_KEY", "RECIPE_KEY", "META_ATTR", "ORIGINAL_CLASS_KEY",
-           "ORIGINAL_CLASS_ATTR"]
+__all__ = ["retrofit_meta", "original_class", "REPORT_KEY", "RECIPE_KEY", "META_ATTR", "ORIGINAL_CLASS_KEY"]
 
 REPORT_KEY = "retrofit_report"
 RECIPE_KEY = "retrofit_recipe"

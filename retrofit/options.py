@@ -23,7 +23,7 @@ from .readfile import current_limits
 from .scores import SiteScores
 from .text import excerpt
 
-__all__ = ["RetrofitOptions", "LeafSpec", "ON_EXISTING", "leaf_name", "plain_data"]
+__all__ = ["RetrofitOptions", "LeafSpec", "ON_EXISTING", "plain_data"]
 
 # A leaf module given by the caller: a class, a class name, or a module path ("layer3.1").
 LeafSpec = type[nn.Module] | str

@@ -26,7 +26,7 @@ from .modes import eval_mode, plain_attributes_kept
 from .shapes import TensorInfo
 from .verify import input_dtype_device
 
-__all__ = ["Call", "Flow", "Probe", "probe", "record_inputs", "one_call"]
+__all__ = ["Call", "Flow", "Probe", "probe", "one_call"]
 
 # One recorded call: positional and keyword inputs, tensors as TensorInfo.
 Call = tuple[tuple[Any, ...], dict[str, Any]]

@@ -8,6 +8,6 @@ trainer (:mod:`retrofit.frameworks.ultralytics.training`, whose public path is
 
 from __future__ import annotations
 
-from ._adapter import MODEL_CLASSES, Ultralytics, code_problems, layer_problems, offline
+from ._adapter import Ultralytics as Ultralytics  # importing it registers the adapter
 
-__all__ = ["Ultralytics", "MODEL_CLASSES", "layer_problems", "code_problems", "offline"]
+__all__: list[str] = []

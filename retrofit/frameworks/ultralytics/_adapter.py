@@ -39,7 +39,7 @@ from ...text import excerpt
 from .._base import Framework, register_framework
 from ._offline import offline
 
-__all__ = ["Ultralytics", "MODEL_CLASSES", "layer_problems", "code_problems", "offline"]
+__all__: list[str] = []
 
 # The model classes a recipe may name (ultralytics.nn.tasks), by the head that makes them.
 MODEL_CLASSES = ("DetectionModel", "SegmentationModel", "ClassificationModel", "PoseModel", "OBBModel",

@@ -26,7 +26,7 @@ from ...meta import original_class
 from ...text import excerpt
 from ._offline import offline
 
-__all__ = ["UltralyticsCheckpoint", "save_checkpoint"]
+__all__ = ["save_checkpoint"]
 
 _PLAIN = (str, int, float, bool, type(None))
 
