@@ -683,10 +683,13 @@ def slim(model: nn.Module, parts: Partition, placements: Sequence[tuple[Site, st
     """
     need: dict[str, set[str]] = {}
     placed: dict[str, set[SiteRef]] = {}
+    mids: set[SiteRef] = set()
     for site, position in placements:
         local = parts.origin[site.ref]
         need.setdefault(local.unit, set()).update(_insertion_modules(parts.units[local.unit], local, position))
         placed.setdefault(local.unit, set()).add(site.ref)
+        if position == "mid":
+            mids.add(site.ref)
     units = dict(parts.units)
     origin = dict(parts.origin)
     inlined: list[tuple[str, str]] = []
@@ -695,7 +698,8 @@ def slim(model: nn.Module, parts: Partition, placements: Sequence[tuple[Site, st
         if new is not None:
             same = {_same(s): s for s in new.analysis.sites}
             moved = {ref: same.get(_same(origin[ref])) for ref in placed[path]}
-            if all(s is not None for s in moved.values()):
+            # a slimmer trace that calls the branch's convolutions whole loses their middle
+            if all(s is not None and (ref not in mids or s.mid_conv is not None) for ref, s in moved.items()):
                 units[path] = new
                 # Sites nobody selected in this unit are gone from its slimmer graph.
                 origin = {r: s for r, s in origin.items() if s.unit != path}

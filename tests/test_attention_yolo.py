@@ -1008,6 +1008,18 @@ def test_yolo_placements() -> None:
     assert [r.params for r in report.rows] == [gam_params(c, 4) for _, c in sites] and report.max_abs_diff == 0.0
 
 
+
+def test_mid_position_in_yolo_bottlenecks() -> None:
+    """Channel self-attention goes before the last convolution of each Bottleneck (its
+    ``mid`` position) even though the rewrite calls Ultralytics' Conv blocks whole elsewhere:
+    the slimmer trace that would hide that convolution is not taken."""
+    model = retrofit.create_model("ultralytics:yolov8n.yaml", nc=3)
+    report = get_report(retrofit.retrofit(model, "chsa", input_size=64))
+    assert [r.module for r in report.rows] == [
+        "model.2.m.0.chsa_mid", "model.4.m.0.chsa_mid", "model.4.m.1.chsa_mid", "model.6.m.0.chsa_mid",
+        "model.6.m.1.chsa_mid", "model.8.m.0.chsa_mid"]
+    assert report.max_abs_diff == 0.0
+
 # ---- the zoo slice, both forms (slow: run with -m slow) -------------------------------------
 
 
