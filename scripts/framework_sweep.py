@@ -209,7 +209,8 @@ def write_summary(rows: list[dict[str, Any]], out: Path, command: str, attn: str
 
     counted = _counted(rows)
     passed = [r for r in counted if r["status"] in ("ok", "nothing selected")]
-    lines = ["# Framework sweep", "", f"Command: `{command}`", "",
+    title = "Framework sweep" if attn == "se" else f"Framework sweep with {attn}"
+    lines = [f"# {title}", "", f"Command: `{command}`", "",
              f"retrofit {retrofit.__version__}, ultralytics {ultralytics.__version__}, transformers "
              f"{transformers.__version__}, segmentation-models-pytorch {segmentation_models_pytorch.__version__}; "
              f"random weights, built from configs; `{attn}` rules.", "",
