@@ -16,8 +16,9 @@ from __future__ import annotations
 from typing import TypeGuard
 
 from ..errors import AttentionError
+from ._reduction import bottleneck_width, check_reduction_args
 
-__all__ = ["is_positive_int", "groups_problem", "width_problem", "check_positive_int"]
+__all__ = ["is_positive_int", "groups_problem", "width_problem", "bottleneck_problem", "check_positive_int"]
 
 
 def is_positive_int(v: object) -> TypeGuard[int]:
@@ -63,3 +64,14 @@ def width_problem(channels: int, width: int, how: str) -> str | None:
         return None
     return (f"{channels} channels leave a bottleneck of {how} = {width} channels; give rd_channels, "
             "or a larger rd_ratio")
+
+
+def bottleneck_problem(attn: str, channels: int, rd_ratio: float, rd_channels: int | None,
+                       rd_divisor: int) -> str | None:
+    """Why ``channels`` leave ``attn``'s floored bottleneck empty, or None; None too for
+    reduction arguments the constructor rejects (it reports them)."""
+    try:
+        check_reduction_args(attn, {"rd_ratio": rd_ratio, "rd_channels": rd_channels, "rd_divisor": rd_divisor})
+    except AttentionError:
+        return None
+    return width_problem(channels, *bottleneck_width(channels, rd_ratio, rd_channels, rd_divisor))

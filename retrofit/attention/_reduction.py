@@ -18,7 +18,7 @@ from typing import Any, TypeGuard
 
 from ..errors import AttentionError
 
-__all__ = ["make_divisible", "reduced_channels", "floored_channels", "check_reduction_args"]
+__all__ = ["make_divisible", "reduced_channels", "bottleneck_width", "check_reduction_args"]
 
 REDUCTION_ARGS: tuple[str, ...] = ("rd_ratio", "rd_channels", "rd_divisor")
 
@@ -99,3 +99,11 @@ def floored_channels(channels: int, rd_ratio: float, rd_divisor: int = 1) -> int
     """
     # round() first: a ratio such as 1/3 is not exact in binary, and 96 * (1/3) must floor to 32.
     return math.floor(round(channels * rd_ratio, 9)) // rd_divisor * rd_divisor
+
+
+def bottleneck_width(channels: int, rd_ratio: float, rd_channels: int | None, rd_divisor: int) -> tuple[int, str]:
+    """The width of a bottleneck floored from ``rd_ratio`` (or ``rd_channels`` as given), and
+    how it was found, for a message (BAM, scSE and GAM floor as their official code does)."""
+    if rd_channels is not None:
+        return rd_channels, "rd_channels"
+    return floored_channels(channels, rd_ratio, rd_divisor), f"floor({channels} * {rd_ratio:g})"

@@ -11,20 +11,13 @@ from torch import Tensor, nn
 
 from ..errors import AttentionError
 from ._act import get_act_layer
-from ._constraints import check_positive_int, width_problem
+from ._constraints import bottleneck_problem, check_positive_int, width_problem
 from ._factory import FactoryKwargs
 from ._gate import check_gate, zero_init_
-from ._reduction import check_reduction_args, floored_channels
+from ._reduction import bottleneck_width, check_reduction_args
 from ._registry import register_attention
 
 __all__ = ["Bam"]
-
-
-def _width(channels: int, rd_ratio: float, rd_channels: int | None, rd_divisor: int) -> tuple[int, str]:
-    """The bottleneck width and how it was found (for a message)."""
-    if rd_channels is not None:
-        return rd_channels, "rd_channels"
-    return floored_channels(channels, rd_ratio, rd_divisor), f"floor({channels} * {rd_ratio:g})"
 
 
 @register_attention("bam")
@@ -73,11 +66,7 @@ class Bam(nn.Module):
     def site_problem(cls, channels: int, size: tuple[int, int], rd_ratio: float = 1.0 / 16,
                      rd_channels: int | None = None, rd_divisor: int = 1, **_: object) -> str | None:
         """Why a site of ``channels`` cannot take BAM (its bottleneck would be empty), or None."""
-        try:
-            check_reduction_args("bam", {"rd_ratio": rd_ratio, "rd_channels": rd_channels, "rd_divisor": rd_divisor})
-        except AttentionError:
-            return None  # building the module reports it
-        return width_problem(channels, *_width(channels, rd_ratio, rd_channels, rd_divisor))
+        return bottleneck_problem("bam", channels, rd_ratio, rd_channels, rd_divisor)
 
     def __init__(
         self,
@@ -98,7 +87,7 @@ class Bam(nn.Module):
         check_positive_int("bam", "dilation_val", dilation_val)
         if isinstance(dilation_conv_num, bool) or not isinstance(dilation_conv_num, int) or dilation_conv_num < 0:
             raise AttentionError(f"bam: dilation_conv_num = {dilation_conv_num!r} is not valid: an integer >= 0")
-        width, how = _width(channels, rd_ratio, rd_channels, rd_divisor)
+        width, how = bottleneck_width(channels, rd_ratio, rd_channels, rd_divisor)
         why = width_problem(channels, width, how)
         if why is not None:
             raise AttentionError(f"bam: {why}")

@@ -15,17 +15,10 @@ from ._act import get_act_layer
 from ._constraints import check_positive_int, is_positive_int, width_problem
 from ._factory import FactoryKwargs
 from ._gate import apply_gate, check_gate, zero_init_
-from ._reduction import check_reduction_args, floored_channels
+from ._reduction import bottleneck_width, check_reduction_args
 from ._registry import register_attention
 
 __all__ = ["GlobalAttnMechanism"]
-
-
-def _width(channels: int, rd_ratio: float, rd_channels: int | None, rd_divisor: int) -> tuple[int, str]:
-    """The bottleneck width and how it was found (for a message)."""
-    if rd_channels is not None:
-        return rd_channels, "rd_channels"
-    return floored_channels(channels, rd_ratio, rd_divisor), f"floor({channels} * {rd_ratio:g})"
 
 
 def _problem(channels: int, rd_ratio: float, rd_channels: int | None, rd_divisor: int, groups: object) -> str | None:
@@ -36,7 +29,7 @@ def _problem(channels: int, rd_ratio: float, rd_channels: int | None, rd_divisor
         check_reduction_args("gam", {"rd_ratio": rd_ratio, "rd_channels": rd_channels, "rd_divisor": rd_divisor})
     except AttentionError:
         return None
-    width, how = _width(channels, rd_ratio, rd_channels, rd_divisor)
+    width, how = bottleneck_width(channels, rd_ratio, rd_channels, rd_divisor)
     why = width_problem(channels, width, how)
     if why is not None or not is_positive_int(groups) or groups == 1:
         return why
@@ -126,7 +119,7 @@ class GlobalAttnMechanism(nn.Module):
         why = _problem(channels, rd_ratio, rd_channels, rd_divisor, groups)
         if why is not None:
             raise AttentionError(f"gam: {why}")
-        width = _width(channels, rd_ratio, rd_channels, rd_divisor)[0]
+        width = bottleneck_width(channels, rd_ratio, rd_channels, rd_divisor)[0]
         dd: FactoryKwargs = {"device": device, "dtype": dtype}
         self.fc1 = nn.Linear(channels, width, **dd)
         self.act = get_act_layer("gam", act_layer)(inplace=True)
