@@ -145,6 +145,8 @@ def test_identity_is_exact_for_any_input(variant, channels, h, w, batch, train, 
     name, args = variant
     # BatchNorm in train mode needs two values per map, as the host model's own does
     assume(not (name == "lcbam" and train and batch * h * w == 1))
+    # a site the type refuses (ELA's GroupNorm over a one-value strip) is skipped by the planner
+    assume(getattr(get_attention(name), "site_problem", lambda *a, **k: None)(channels, (h, w), **args) is None)
     torch.manual_seed(channels * 100 + h * 10 + w)
     m = create_attention(name, channels, **args).train(train)
     x = torch.randn(batch, channels, h, w) * scale
@@ -477,3 +479,14 @@ def test_zoo_sample(monkeypatch: pytest.MonkeyPatch, source: str, name: str, kee
     assert row["status"] in ("ok", "no sites"), row
     if row["status"] == "ok":
         assert all(row[f"{a}_sites"] > 0 and row[f"{a}_diff"] <= 1e-5 for a in TIMM), row
+
+
+def test_ela_refuses_a_site_whose_groupnorm_would_see_one_value() -> None:
+    ela = get_attention("ela")
+    assert ela.site_problem(1, (1, 5)) == (
+        "a 1x5 map with 1 channel(s) per GroupNorm group leaves one value to normalise in a strip (GroupNorm "
+        "needs two); give norm_groups=None")
+    assert ela.site_problem(1, (2, 2)) is None and ela.site_problem(16, (1, 1)) is None
+    assert ela.site_problem(1, (1, 1), norm_groups=None) is None
+    with pytest.raises(ValueError, match="more than 1 value"):  # what the site would otherwise do
+        create_attention("ela", 1)(torch.randn(1, 1, 1, 5))

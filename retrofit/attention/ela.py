@@ -114,10 +114,15 @@ class EfficientLocalAttn(nn.Module):
     @classmethod
     def site_problem(cls, channels: int, size: tuple[int, int], norm_groups: int | None = 1,
                      **_: object) -> str | None:
-        """Why a site of ``channels`` cannot take this module (groups that do not divide them), or None."""
+        """Why a site of ``channels`` and ``size`` cannot take this module (groups that do not
+        divide the channels, or a group that would normalise a single value), or None."""
         if not isinstance(norm_groups, int) or isinstance(norm_groups, bool) or norm_groups < 1:
             return None  # no norm fits every site; a wrong value is the constructor's to name
-        return _groups_problem(channels, norm_groups)
+        why = _groups_problem(channels, norm_groups)
+        if why is None and channels // norm_groups * min(size) < 2:
+            why = (f"a {size[0]}x{size[1]} map with {channels // norm_groups} channel(s) per GroupNorm group leaves "
+                   "one value to normalise in a strip (GroupNorm needs two); give norm_groups=None")
+        return why
 
     def reset_parameters(self) -> None:
         """PyTorch's default init; with the identity gate the norms (or, without norms, the
