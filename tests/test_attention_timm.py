@@ -24,8 +24,8 @@ from retrofit.attention import eca_kernel_size, gate_methods, zero_init_params
 from retrofit.fuse import gated_residual
 from retrofit.rulefile import builtin_rules_dir, parse_rules
 
+from .checks import assert_compiles_like_eager, assert_every_parameter_learns, assert_onnx_matches
 from .conftest import cached
-from .test_export import _onnx_matches
 from .test_fuse import TinyResNet
 from .test_zoo import SLICE, zoo_sweep
 
@@ -185,17 +185,8 @@ def test_identity_error_is_zero(name: str) -> None:
 def test_every_parameter_gets_gradient_within_two_steps(variant: tuple[str, dict[str, Any]]) -> None:
     name, args = variant
     torch.manual_seed(0)
-    m = create_attention(name, 32, **args).train()
-    opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    seen = {n: False for n, _ in m.named_parameters()}
-    x, target = torch.randn(4, 32, 6, 6), torch.randn(4, 32, 6, 6)
-    for _ in range(2):
-        opt.zero_grad()
-        F.mse_loss(m(x), target).backward()
-        for n, p in m.named_parameters():
-            seen[n] |= bool(p.grad is not None and p.grad.abs().sum() > 0)
-        opt.step()
-    assert seen and all(seen.values()), seen
+    m = create_attention(name, 32, **args)
+    assert_every_parameter_learns(m, 32)
 
 
 # ---- gate forms ----------------------------------------------------------------------------
@@ -439,18 +430,8 @@ def test_compile_fullgraph_and_onnx(keep_class: bool) -> None:
     if not keep_class:  # the last module before the add that is not in place fuses its gate into it
         assert [str(n.args[0].target) for n in model.graph.nodes if n.target is gated_residual] == ["block.strip"]
     x = torch.randn(2, 3, 16, 16)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
-    model.train()
-    compiled(x).square().mean().backward()
-    got = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    model(x).square().mean().backward()
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
-    _onnx_matches(model, x)
+    assert_compiles_like_eager(model, x, atol=1e-5)
+    assert_onnx_matches(model, x)
 
 
 def test_listed_and_described() -> None:

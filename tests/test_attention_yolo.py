@@ -38,6 +38,7 @@ from retrofit.fuse import gate_methods, gated_residual
 from retrofit.gates import record_gates
 from retrofit.rulefile import builtin_rules_dir, parse_rules
 
+from .checks import assert_compiles_like_eager, assert_every_parameter_learns, assert_onnx_matches
 from .conftest import cached
 
 NAMES = ["ema", "gam", "shuffle", "triplet", "bam", "scse", "lska", "mlca", "sge", "polarized"]
@@ -163,17 +164,8 @@ def test_every_parameter_gets_gradient_within_two_steps(variant: tuple[str, dict
     name, args = variant
     c = 128  # every bottleneck at least 8 wide: a narrower one may start with all its ReLUs off
     torch.manual_seed(0)
-    m = create_attention(name, c, **args).train()
-    opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    seen = {n: False for n, _ in m.named_parameters()}
-    x, target = torch.randn(4, c, 6, 6), torch.randn(4, c, 6, 6)
-    for _ in range(2):
-        opt.zero_grad()
-        F.mse_loss(m(x), target).backward()
-        for n, p in m.named_parameters():
-            seen[n] |= bool(p.grad is not None and p.grad.abs().sum() > 0)
-        opt.step()
-    assert seen and all(seen.values()), seen
+    m = create_attention(name, c, **args)
+    assert_every_parameter_learns(m, c)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=vid)
@@ -939,8 +931,6 @@ _ONE_EACH = [("ema", {"factor": 8}), ("gam", {"groups": 4}), ("shuffle", {"group
 def test_every_type_compiles_whole_and_exports_to_onnx() -> None:
     """Every type in one model: the fused adds and modules in one graph (aot_eager: no C++
     build), and the ONNX export run in onnxruntime."""
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
     assert {n for n, _ in _ONE_EACH} == set(NAMES)
     torch.manual_seed(0)
     rules = parse_rules({"rule": [{"at": "residual-add", "attn": name, "args": args, "include": [f"blocks.{i}"]}
@@ -948,23 +938,8 @@ def test_every_type_compiles_whole_and_exports_to_onnx() -> None:
     gm = _perturb(retrofit.retrofit(_Ladder().eval(), rules=rules, input_size=(3, 8, 8)))
     assert sum(n.target is gated_residual for n in gm.graph.nodes) == len(_ONE_EACH)  # every one fuses
     x = torch.randn(2, 3, 8, 8)
-    compiled = torch.compile(gm, fullgraph=True, backend="aot_eager")
-    gm.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), gm(x), rtol=1e-5, atol=1e-5)
-    gm.train()
-    compiled(x).square().mean().backward()
-    got = {n: p.grad.clone() for n, p in gm.named_parameters()}
-    gm.zero_grad()
-    gm(x).square().mean().backward()
-    for n, p in gm.named_parameters():
-        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
-    gm.eval()
-    program = torch.onnx.export(gm, (x,), dynamo=True, verbose=False)
-    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    (got_onnx,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(got_onnx), gm(x), rtol=1e-4, atol=1e-5)
+    assert_compiles_like_eager(gm, x, atol=1e-5)
+    assert_onnx_matches(gm, x)
 
 
 def test_every_type_records_its_gates() -> None:

@@ -30,6 +30,7 @@ from retrofit.fuse import gate_methods, gated_residual
 from retrofit.rulefile import builtin_rules_dir, load_rules, parse_rules
 
 from .attention_helpers import ChannelScale, NotIdentity
+from .checks import assert_every_parameter_learns
 from .conftest import cached
 
 NEW = ["coord", "ge", "gc", "simam", "nonlocal", "chsa", "psa"]
@@ -303,17 +304,8 @@ def test_simam_sigmoid_is_the_papers_gate() -> None:
 def test_every_parameter_gets_gradient_within_two_steps(variant: tuple[str, dict[str, Any]]) -> None:
     name, args = variant
     torch.manual_seed(0)
-    m = create_attention(name, 32, **args).train()
-    opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    seen = {n: False for n, _ in m.named_parameters()}
-    x, target = torch.randn(4, 32, 6, 6), torch.randn(4, 32, 6, 6)
-    for _ in range(2):
-        opt.zero_grad()
-        F.mse_loss(m(x), target).backward()
-        for n, p in m.named_parameters():
-            seen[n] |= bool(p.grad is not None and p.grad.abs().sum() > 0)
-        opt.step()
-    assert seen and all(seen.values()), seen
+    m = create_attention(name, 32, **args)
+    assert_every_parameter_learns(m, 32)
 
 
 # ---- parameter counts and shapes ------------------------------------------------------------

@@ -8,6 +8,7 @@ import torch
 import retrofit
 from retrofit.fuse import gated_residual
 
+from .checks import assert_compiles_like_eager, assert_onnx_matches
 from .conftest import cached
 from .test_fuse import TinyResNet
 
@@ -33,17 +34,7 @@ def test_compile_fullgraph_forward_and_backward(attn: str) -> None:
     gm = _tiny(attn)
     assert _has_fused(gm)
     x = torch.randn(2, 3, 16, 16)
-    compiled = torch.compile(gm, fullgraph=True, backend="aot_eager")
-    gm.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), gm(x), rtol=1e-5, atol=1e-6)
-    gm.train()
-    compiled(x).square().mean().backward()
-    got = {n: p.grad.clone() for n, p in gm.named_parameters()}
-    gm.zero_grad()
-    gm(x).square().mean().backward()
-    for n, p in gm.named_parameters():
-        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+    assert_compiles_like_eager(gm, x)
 
 
 @pytest.mark.slow
@@ -55,28 +46,16 @@ def test_compile_inductor_resnet18() -> None:
         torch.testing.assert_close(torch.compile(gm, fullgraph=True)(x), gm(x), rtol=1e-4, atol=1e-4)
 
 
-def _onnx_matches(gm: torch.fx.GraphModule, x: torch.Tensor) -> None:
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    gm.eval()
-    program = torch.onnx.export(gm, (x,), dynamo=True, verbose=False)
-    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    with torch.no_grad():
-        want = gm(x)
-    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-5)
-
-
 @pytest.mark.parametrize("attn", ["se", "eca", "cbam"])
 def test_onnx_export_runs_in_onnxruntime(attn: str) -> None:
     gm = _tiny(attn)
-    _onnx_matches(gm, torch.randn(2, 3, 16, 16))
+    assert_onnx_matches(gm, torch.randn(2, 3, 16, 16))
 
 
 def test_onnx_export_resnet18_cbam() -> None:
     gm = retrofit.retrofit(cached("resnet18"), "cbam", input_size=32)
     assert _has_fused(gm)
-    _onnx_matches(gm, torch.randn(2, 3, 32, 32))
+    assert_onnx_matches(gm, torch.randn(2, 3, 32, 32))
 
 
 def test_keep_class_compiles_and_exports() -> None:
@@ -92,4 +71,4 @@ def test_keep_class_compiles_and_exports() -> None:
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(kept, fullgraph=True, backend="aot_eager")(x), kept(x),
                                    rtol=1e-5, atol=1e-5)
-    _onnx_matches(kept, x)
+    assert_onnx_matches(kept, x)
