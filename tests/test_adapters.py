@@ -133,7 +133,8 @@ def test_a_resume_with_other_options_is_refused_naming_them(yolo: nn.Module) -> 
     saved = retrofit.get_recipe(retrofit.retrofit(yolo, "cbam", input_size=64))
 
     def insert(resume: bool, **options: object) -> str:
-        trainer = SimpleNamespace(retrofit_rules=resolve_rules("cbam", None), args=SimpleNamespace(resume=resume))
+        trainer = SimpleNamespace(retrofit_rules=resolve_rules("cbam", None), retrofit_check_identity=True,
+                                  args=SimpleNamespace(resume=resume))
         model = retrofit.create_model("ultralytics:yolov8n.yaml", nc=3)
         return RetrofitTrainer._insert(trainer, model, saved, RetrofitOptions(input_size=64, **options))[1]
 

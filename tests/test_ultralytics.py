@@ -335,6 +335,27 @@ def test_the_attention_learning_rate_multiplier(work: Path, detect_data: Path) -
         retrofit.ultralytics.trainer("se", lr_mult=0)
 
 
+def test_the_trainer_passes_check_identity_through(work: Path, detect_data: Path) -> None:
+    # The refusal of a module that is not an identity at init says "or pass
+    # check_identity=False": the trainer takes that argument, as retrofit() does.
+    from .attention_helpers import NotIdentity
+
+    retrofit.register_attention("test_yolo_not_identity")(NotIdentity)
+    try:
+        rules = retrofit.parse_rules({"rule": [{"at": "residual-add", "attn": "test_yolo_not_identity"}]})
+        args = train_args(work, "not-identity", data=str(detect_data), model="yolov8n.yaml")
+        refused = retrofit.ultralytics.trainer(rules=rules).for_task("detect")(overrides=args)
+        with pytest.raises(retrofit.AttentionError, match=r"is not an identity at init: .* or pass check_identity=False"):
+            refused.get_model(cfg="yolov8n.yaml", verbose=False)
+        factory = retrofit.ultralytics.trainer(rules=rules, check_identity=False)
+        assert "check_identity=False" in repr(factory)
+        model = factory.for_task("detect")(overrides=args).get_model(cfg="yolov8n.yaml", verbose=False)
+        report = retrofit.get_report(model)
+        assert len(report.rows) == 6 and report.identity_ok is False
+    finally:
+        retrofit.attention.unregister_attention("test_yolo_not_identity")
+
+
 def test_built_in_yolo_placements(work: Path) -> None:
     model = retrofit.create_model("ultralytics:yolov8n.yaml", nc=3)
     after = retrofit.get_report(retrofit.retrofit(model, "yolo-cbam-backbone", input_size=SIZE))

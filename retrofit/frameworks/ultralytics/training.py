@@ -61,6 +61,7 @@ class RetrofitTrainer:
     retrofit_rules: RuleSet
     retrofit_options: RetrofitOptions = RetrofitOptions()
     retrofit_lr_mult: float = 1.0
+    retrofit_check_identity: bool = True
 
     def get_model(self, cfg: Any = None, weights: nn.Module | None = None, verbose: bool = True) -> nn.Module:
         model = super().get_model(cfg=cfg, weights=None, verbose=verbose)  # type: ignore[misc]
@@ -97,7 +98,8 @@ class RetrofitTrainer:
         with warnings.catch_warnings():
             # A rule set that selects nothing in this model is said by the log line instead.
             warnings.simplefilter("ignore", NothingSelectedWarning)
-            model = retrofit(model, rules=self.retrofit_rules, options=options, inplace=True)
+            model = retrofit(model, rules=self.retrofit_rules, options=options, inplace=True,
+                             check_identity=self.retrofit_check_identity)
         return model, "inserted"
 
     def build_optimizer(self, model: nn.Module, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
@@ -149,8 +151,8 @@ class _Factory:
     """What :func:`trainer` returns: Ultralytics calls it as it calls a trainer class, and
     it builds the trainer of the task it is called for."""
 
-    def __init__(self, rules: RuleSet, options: RetrofitOptions, lr_mult: float) -> None:
-        self.rules, self.options, self.lr_mult = rules, options, lr_mult
+    def __init__(self, rules: RuleSet, options: RetrofitOptions, lr_mult: float, check_identity: bool) -> None:
+        self.rules, self.options, self.lr_mult, self.check_identity = rules, options, lr_mult, check_identity
         self._classes: dict[str, type] = {}
 
     def for_task(self, task: str) -> type:
@@ -164,6 +166,7 @@ class _Factory:
             base = getattr(importlib.import_module(module), name)
             self._classes[task] = type(f"Retrofit{name}", (RetrofitTrainer, base), {
                 "retrofit_rules": self.rules, "retrofit_options": self.options, "retrofit_lr_mult": self.lr_mult,
+                "retrofit_check_identity": self.check_identity,
                 "__module__": _PUBLIC_MODULE, "__doc__": f"Ultralytics' {name} with retrofit's attention "
                                                          f"({self.rules.name}) inserted before the weights load."})
         return self._classes[task]
@@ -177,11 +180,12 @@ class _Factory:
 
     def __repr__(self) -> str:
         changed = {name: mine for name, mine, _ in self.options.differences(RetrofitOptions())}
-        return f"retrofit.ultralytics.trainer({self.rules.name}, lr_mult={self.lr_mult}, {changed})"
+        checked = "" if self.check_identity else ", check_identity=False"
+        return f"retrofit.ultralytics.trainer({self.rules.name}, lr_mult={self.lr_mult}{checked}, {changed})"
 
 
 def trainer(attn: str | None = "se", *, rules: str | Path | RuleSet | None = None, lr_mult: float = 1.0,
-            options: RetrofitOptions | None = None, **overrides: Any) -> _Factory:
+            check_identity: bool = True, options: RetrofitOptions | None = None, **overrides: Any) -> _Factory:
     """The trainer to pass to ``YOLO(...).train(trainer=...)``: Ultralytics' own trainer for
     the model's task, with attention inserted into the model it builds before the weights load.
 
@@ -191,6 +195,9 @@ def trainer(attn: str | None = "se", *, rules: str | Path | RuleSet | None = Non
         rules: a rule file or :class:`~retrofit.rulefile.RuleSet`.
         lr_mult: the attention parameters' learning rate, as a multiple of Ultralytics' ``lr0``
             (they get parameter groups of their own when it is not 1).
+        check_identity: as :func:`retrofit.retrofit`'s: refuse an identity-gate module that
+            does not return its input at init (False lets a custom module that is not an
+            identity in; training then starts away from the checkpoint's output).
         options: :func:`retrofit.retrofit`'s options as a record
             (:class:`~retrofit.options.RetrofitOptions`); the input size is the run's ``imgsz``.
         overrides: options by name, over ``options`` (``gate``, ``attn_args``,
@@ -214,7 +221,7 @@ def trainer(attn: str | None = "se", *, rules: str | Path | RuleSet | None = Non
         raise OptionError(f"retrofit.ultralytics.trainer sets {', '.join(bad)} itself; leave them out")
     if not (isinstance(lr_mult, (int, float)) and lr_mult > 0):
         raise OptionError(f"lr_mult = {lr_mult!r} is not valid: a positive number (1 keeps Ultralytics' lr0)")
-    return _Factory(resolve_rules(attn, rules), given, float(lr_mult))
+    return _Factory(resolve_rules(attn, rules), given, float(lr_mult), bool(check_identity))
 
 
 def _check_version() -> None:
