@@ -97,6 +97,9 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("coord", "coordinate attention, identity", "coord"),
     Variant("nonlocal", "non-local, last stage, identity", rules=NONLOCAL_LAST_STAGE),
     Variant("se-sigmoid", "SE, sigmoid gates", "se", gate="sigmoid"),
+    # Added after the others had run (a variant added to a run changes none of its units);
+    # layer1's 16 channels do not divide into EMA's 32 groups, so it sits in layers 2-4.
+    Variant("ema", "EMA, identity (layers 2-4)", "ema"),
 )
 
 
@@ -360,6 +363,17 @@ def settings_dict(s: Settings) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items() if k != "threads"}
 
 
+def settings_differ(saved: dict[str, Any], mine: dict[str, Any]) -> str | None:
+    """What keeps a run written with ``saved`` from going on with ``mine``, in words; None
+    when nothing does. Variants may be added (each is units of its own): the run then
+    holds both sets, in ``mine``'s order."""
+    names = sorted(k for k in saved.keys() | mine.keys() if k != "variants" and saved.get(k) != mine.get(k))
+    dropped = [v for v in saved.get("variants", []) if v not in mine.get("variants", [])]
+    if dropped:
+        names.append(f"variants without {', '.join(dropped)}")
+    return ", ".join(names) or None
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -412,12 +426,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"transfer: error: {units.dir} holds results of an earlier run; pass --resume to continue it, "
               "or choose another --out", file=sys.stderr)
         return 2
-    saved, mine = out / "settings.json", json.dumps(settings_dict(s), sort_keys=True)
-    if saved.is_file() and saved.read_text() != mine:
-        print(f"transfer: error: {saved} was written with other settings; resume with the same options, "
+    saved = out / "settings.json"
+    differ = settings_differ(json.loads(saved.read_text()), settings_dict(s)) if saved.is_file() else None
+    if differ:
+        print(f"transfer: error: {saved} was written with other settings ({differ}); resume with the same options, "
               "or choose another --out", file=sys.stderr)
         return 2
-    saved.write_text(mine)
+    saved.write_text(json.dumps(settings_dict(s), sort_keys=True))
 
     def report() -> None:
         write_results(out, s, units.all(), command.strip())

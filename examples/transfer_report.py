@@ -412,7 +412,8 @@ def method(results: dict[str, dict[str, Any]]) -> list[str]:
              "when it is below, and is *noise* when it holds zero.", "",
              "Gate movement, measured on the test images after training (`examples/transfer_stats.py`): for a "
              "gating module, |g − 1| per image and channel through `retrofit.gates` (CBAM: its channel gate; "
-             "coordinate attention: its gate averaged over the map), the mean and the 95th percentile; for an "
+             "coordinate attention and EMA: their gates averaged over the map, and at every position), the mean "
+             "and the 95th percentile (the larger where a module has several); for an "
              "additive module (global context with add fusion, non-local), ‖Δ(x)‖ / ‖x‖ per image. Both are 0 at "
              "identity insertion. The table gives the mean over sites and seeds and the largest site's 95th "
              f"percentile; below {STILL} the gates are reported as not having moved. For sigmoid gates |g − 1| "

@@ -107,6 +107,14 @@ def test_processes_sharing_a_run_pass_over_the_units_another_holds() -> None:
     assert len(records) == 5 and not held
 
 
+def test_a_run_takes_added_variants_and_refuses_other_settings() -> None:
+    saved = transfer.settings_dict(transfer.Settings(variants=("plain", "se")))
+    assert transfer.settings_differ(saved, dict(saved)) is None
+    assert transfer.settings_differ(saved, {**saved, "variants": ["plain", "se", "ema"]}) is None
+    assert transfer.settings_differ(saved, {**saved, "variants": ["plain"]}) == "variants without se"
+    assert transfer.settings_differ(saved, {**saved, "seeds": [0], "lr": 0.1}) == "lr, seeds"
+
+
 def test_gate_movement_is_zero_at_insertion_and_measures_what_moved() -> None:
     torch.manual_seed(0)
     images = torch.randn(6, 1, 28, 28)
@@ -237,7 +245,7 @@ def test_classification_transfer_end_to_end(tmp_path: Path) -> None:
     r = _run([*cmd, "--resume"])
     assert r.returncode == 0 and " ..." not in r.stdout
     r = _run([*cmd[:-2], "1", "--resume"])  # another grid: other settings
-    assert r.returncode == 2 and "written with other settings" in r.stderr
+    assert r.returncode == 2 and "written with other settings (attn_lr_mults)" in r.stderr
 
 
 @pytest.mark.examples
