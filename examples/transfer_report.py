@@ -333,13 +333,16 @@ def summary_line(results: Sequence[dict[str, Any]]) -> str:
         label = size_labeller(res)
         done, total = progress(res)
         for size, rows in res["summary"].items():
-            pays = [res["sizes"][size]["rows"][n]["label"] for n, r in rows.items()
-                    if r["paired"] and r["paired"]["verdict"] == "pays"]
-            hurts = [res["sizes"][size]["rows"][n]["label"] for n, r in rows.items()
-                     if r["paired"] and r["paired"]["verdict"] == "hurts"]
-            noise = [n for n, r in rows.items() if r["paired"] and r["paired"]["verdict"] == "noise"]
-            parts.append(f"{res['experiment']}, {label(size)}: pays: {', '.join(pays) or 'none'}; hurts: "
-                         f"{', '.join(hurts) or 'none'}; noise: {len(noise)} variant(s)")
+            by: dict[str, list[str]] = {"pays": [], "hurts": [], "noise": [], "too few seeds": []}
+            for n, r in rows.items():
+                if r["paired"]:
+                    by[r["paired"]["verdict"]].append(res["sizes"][size]["rows"][n]["label"])
+            if not any(by.values()):
+                parts.append(f"{res['experiment']}, {label(size)}: not run yet")
+                continue
+            parts.append(f"{res['experiment']}, {label(size)}: pays: {', '.join(by['pays']) or 'none'}; hurts: "
+                         f"{', '.join(by['hurts']) or 'none'}; noise: {len(by['noise'])} variant(s)"
+                         + (f"; one seed so far: {len(by['too few seeds'])}" if by["too few seeds"] else ""))
         if done < total:
             parts[-1] += f" ({done} of {total} runs so far)"
     return ("In transfer (a network pretrained on other classes, fine-tuned on new ones; "

@@ -202,6 +202,8 @@ def test_the_report_is_computed_from_the_units(tmp_path: Path) -> None:
     assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("\nrest\n")
     res = json.loads((run / "results.json").read_text())
     assert res["summary"]["5"]["se"]["paired"]["verdict"] == "pays"
+    res["summary"]["50"] = {n: {**r, "paired": None} for n, r in res["summary"]["5"].items()}  # a size not run yet
+    assert "; classification, 50 images per class: not run yet." in transfer_report.summary_line([res])
 
 
 # --------------------------------------------------------------------------- end to end
