@@ -56,7 +56,7 @@ from retrofit.finetune import FinetuneConfig, fit
 from fashion_setup import accuracy, logits_of, residual_cnn, stack  # noqa: E402
 from jobs import Units, continue_args, file_digest  # noqa: E402
 from transfer_data import task_datasets  # noqa: E402
-from transfer_runs import collect, seed_plan, unit_key  # noqa: E402
+from transfer_runs import collect, run_plan, unit_key  # noqa: E402
 from transfer_stats import gate_movement  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -320,14 +320,14 @@ class Runner:
     def run(self) -> None:
         s = self.s
         source = self.source()
-        for size in s.sizes:
-            data = self.data("target", size)
+
+        def start(size: int, v: Variant, m: float | None, seed: int) -> dict[str, Any] | None:
             budget = Budget(s.epochs_for(size), s.lr, s.batch_size, s.weight_decay, s.warmup_epochs)
-            for seed in s.seeds:
-                variants = [variant(n) for n in s.variants]
-                for v, m in seed_plan(self.units.all(), size, seed, variants, s.attn_lr_mults, s.seeds, "val_acc"):
-                    make = functools.partial(_target_unit, source, v, seed, m, data, budget, size)
-                    self.units.run(unit_key(size, v.name, m, seed), make, self.on_unit)
+            make = functools.partial(_target_unit, source, v, seed, m, self.data("target", size), budget, size)
+            return self.units.run(unit_key(size, v.name, m, seed), make, self.on_unit, wait=False)
+
+        run_plan(self.units.all, sizes=s.sizes, seeds=s.seeds, variants=[variant(n) for n in s.variants],
+                 mults=s.attn_lr_mults, score="val_acc", start=start)
 
 
 def _target_unit(source: nn.Module, v: Variant, seed: int, mult: float | None, data: DataSplits, budget: Budget,

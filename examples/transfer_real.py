@@ -50,7 +50,7 @@ import transfer  # noqa: E402
 import transfer_report  # noqa: E402
 import yolo_transfer  # noqa: E402
 from jobs import Units, continue_args  # noqa: E402
-from transfer_runs import seed_plan, unit_key  # noqa: E402
+from transfer_runs import run_plan, unit_key  # noqa: E402
 
 
 class Stop(Exception):
@@ -225,17 +225,16 @@ def classify(args: argparse.Namespace, argv: list[str]) -> int:
         units.put("source", {"task": "source", "description": f"timm {args.model}, "
                              + ("ImageNet weights" if args.pretrained else "random weights: a smoke run"),
                              "data": str(args.data), "classes": list(data[s.sizes[0]].classes)})
-    variants = [transfer.variant(n) for n in s.variants]
-    for size in s.sizes:
+    def start(size: int, v: transfer.Variant, m: float | None, seed: int) -> dict[str, Any] | None:
         budget = transfer.Budget(s.epochs_for(size), s.lr, s.batch_size, s.weight_decay, s.warmup_epochs,
                                  num_workers=args.workers)
-        for seed in s.seeds:
-            for v, m in seed_plan(units.all(), size, seed, variants, s.attn_lr_mults, s.seeds, "val_acc"):
-                units.run(unit_key(size, v.name, m, seed),
-                          lambda v=v, m=m, seed=seed, size=size, budget=budget: {
-                              "size": size, **transfer.finetune_unit(source, v, seed, 1.0 if m is None else m,
-                                                                     data[size], budget, args.gate_images)},
-                          report)
+        return units.run(unit_key(size, v.name, m, seed),
+                         lambda: {"size": size, **transfer.finetune_unit(source, v, seed, 1.0 if m is None else m,
+                                                                         data[size], budget, args.gate_images)},
+                         report, wait=False)
+
+    run_plan(units.all, sizes=s.sizes, seeds=s.seeds, variants=[transfer.variant(n) for n in s.variants],
+             mults=s.attn_lr_mults, score="val_acc", start=start)
     report()
     return 0
 

@@ -13,10 +13,11 @@ Imported by name from ``examples/`` like its siblings.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-__all__ = ["VariantLike", "unit_key", "chosen_mult", "seed_plan", "collect"]
+__all__ = ["VariantLike", "unit_key", "chosen_mult", "seed_plan", "run_plan", "collect"]
 
 
 class VariantLike(Protocol):
@@ -68,6 +69,35 @@ def seed_plan(records: Mapping[str, Mapping[str, Any]], size: int, seed: int, va
                 raise RuntimeError(f"{v.name}, size {size}: the first seed's choice of the attention lr is not made")
             plan.append((v, m))
     return plan
+
+
+def run_plan(records: Callable[[], Mapping[str, Mapping[str, Any]]], *, sizes: Sequence[int],
+             seeds: Sequence[int], variants: Sequence[VariantLike], mults: Sequence[float], score: str,
+             start: Callable[[int, Any, float | None, int], Mapping[str, Any] | None],
+             poll_seconds: float = 15.0) -> None:
+    """Every unit of the plan, in plan order (size, seed, variant), shared with other processes.
+
+    ``start(size, variant, mult, seed)`` runs the unit, or reads it when it exists, and
+    returns its record; None when another process holds it. Such a unit, and a later
+    seed's unit of a variant whose first-seed choice is not made yet, are passed over and
+    come back in the next pass, so that several processes on one run each work on a
+    different unit instead of waiting on one. ``records()`` reads the finished units.
+    """
+    while True:
+        pending = False
+        for size in sizes:
+            for seed in seeds:
+                for v in variants:
+                    try:
+                        plan = seed_plan(records(), size, seed, [v], mults, seeds, score)
+                    except RuntimeError:  # the first seed's choice is being made by another process
+                        pending = True
+                        continue
+                    for _, m in plan:
+                        pending |= start(size, v, m, seed) is None
+        if not pending:
+            return
+        time.sleep(poll_seconds)
 
 
 def collect(records: Mapping[str, Mapping[str, Any]], *, sizes: Sequence[int], epochs: Sequence[int],

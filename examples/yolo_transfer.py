@@ -61,7 +61,7 @@ from retrofit import list_builtin_rules  # noqa: E402
 # Siblings in examples/ (first on sys.path).
 from jobs import Units, continue_args, file_digest  # noqa: E402
 from transfer_data import first_canvases, task_canvases  # noqa: E402
-from transfer_runs import collect, seed_plan, unit_key  # noqa: E402
+from transfer_runs import collect, run_plan, unit_key  # noqa: E402
 from transfer_stats import gate_movement  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -280,13 +280,13 @@ class DetectionRun:
 
     def run(self) -> None:
         s = self.s
-        for size in s.sizes:
-            for seed in s.seeds:
-                plan = seed_plan(self.units.all(), size, seed, self.variants, s.attn_lr_mults, s.seeds, "map_val")
-                for v, m in plan:
-                    key = unit_key(size, v.name, m, seed)
-                    make = functools.partial(self._unit, size, v, m, seed, key.replace("/", "__"))
-                    self.units.run(key, make, self.on_unit)
+        run_plan(self.units.all, sizes=s.sizes, seeds=s.seeds, variants=self.variants, mults=s.attn_lr_mults,
+                 score="map_val", start=self._start)
+
+    def _start(self, size: int, v: DetVariant, mult: float | None, seed: int) -> dict[str, Any] | None:
+        key = unit_key(size, v.name, mult, seed)
+        make = functools.partial(self._unit, size, v, mult, seed, key.replace("/", "__"))
+        return self.units.run(key, make, self.on_unit, wait=False)
 
     def _unit(self, size: int, v: DetVariant, mult: float | None, seed: int, name: str) -> dict[str, Any]:
         plain_start = self.runs / "units" / f"target{size}-seed{seed}-plain-start.pt"

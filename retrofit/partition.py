@@ -578,7 +578,7 @@ def refine(model: nn.Module, parts: Partition, sites: Sequence[Site]) -> tuple[P
     if calls is None:  # parts.is_whole: one root unit, nothing to narrow
         return parts, ()
     by_unit: dict[str, list[Site]] = {}
-    for site in sites:
+    for site in {s.ref: s for s in sites}.values():  # stacked placements name one site more than once
         local = parts.origin[site.ref]
         by_unit.setdefault(local.unit, []).append(local)
     tried: dict[str, Unit | None] = {}

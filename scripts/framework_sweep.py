@@ -248,7 +248,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--attn", default="se", help="attention type or built-in rule set (default: se)")
     p.add_argument("--out", type=Path, help="default: docs/frameworks, or docs/frameworks/ATTN for another type")
-    p.add_argument("--filter", default="*", help="fnmatch glob on the model name")
+    p.add_argument("--filter", nargs="+", default=["*"], help="fnmatch globs on the model name (a model matching any is swept)")
     p.add_argument("--resume", action="store_true", help="keep rows already in results.csv")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per model")
@@ -266,7 +266,7 @@ def main() -> None:
     if (args.resume or args.summary_only) and results.exists():
         with results.open() as f:
             done = [{k: (v if v != "" else None) for k, v in r.items()} for r in csv.DictReader(f)]
-    todo = [c for c in cases() if fnmatch.fnmatchcase(c[1], args.filter)
+    todo = [c for c in cases() if any(fnmatch.fnmatchcase(c[1], f) for f in args.filter)
             and c[1] not in {r["model"] for r in done}]
     if not args.summary_only:
         if not results.exists() or not args.resume:
@@ -284,7 +284,7 @@ def main() -> None:
     order = {c[1]: i for i, c in enumerate(cases())}
     done.sort(key=lambda r: order.get(r["model"], 0))
     command = "python scripts/framework_sweep.py" + (f" --attn {args.attn}" if args.attn != "se" else "")
-    command += f" --filter '{args.filter}'" if args.filter != "*" else ""
+    command += " --filter " + " ".join(f"'{f}'" for f in args.filter) if args.filter != ["*"] else ""
     write_summary(done, args.out / "summary.md", command, args.attn)
 
 

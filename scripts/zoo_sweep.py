@@ -35,6 +35,7 @@ summary from the CSV files (and compacts ``results.csv``).
 
     python scripts/zoo_sweep.py                       # everything (hours on 2 cores)
     python scripts/zoo_sweep.py --filter 'resnet*'    # a slice
+    python scripts/zoo_sweep.py --source timm --filter resnet18 mobilenetv3_small_050  # a list
 """
 
 from __future__ import annotations
@@ -372,7 +373,7 @@ def families() -> dict[str, str]:
     return {n: m for m in timm.list_modules() for n in timm.list_models(module=m)}
 
 
-def model_list(source: str, pattern: str) -> list[tuple[str, str]]:
+def model_list(source: str, patterns: list[str]) -> list[tuple[str, str]]:
     import timm
     import torchvision.models as tvm
 
@@ -381,7 +382,7 @@ def model_list(source: str, pattern: str) -> list[tuple[str, str]]:
         names += [("timm", n) for n in timm.list_models()]
     if source in ("torchvision", "all"):
         names += [("torchvision", n) for n in tvm.list_models(module=tvm)]
-    return [(s, n) for s, n in names if fnmatch.fnmatchcase(n, pattern)]
+    return [(s, n) for s, n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
 def is_cnn(row: dict[str, Any]) -> bool:
@@ -485,7 +486,7 @@ def _read(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--source", choices=("timm", "torchvision", "all"), default="all")
-    p.add_argument("--filter", default="*", help="fnmatch glob on model names")
+    p.add_argument("--filter", nargs="+", default=["*"], help="fnmatch globs on model names (a model matching any is swept)")
     p.add_argument("--size", type=int, default=96, help="input size for the real checks (fixed-size models use theirs)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per model and pass")
     p.add_argument("--workers", type=int, default=2, help="worker processes (one torch thread each)")

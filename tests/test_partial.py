@@ -190,6 +190,23 @@ def test_keep_class_matches_the_whole_model_rewrite(attn: str) -> None:
         assert torch.equal(kept.forward_features(x), model.eval().forward_features(x))
 
 
+def test_keep_class_stacks_two_modules_on_one_site(tmp_path: Path) -> None:
+    # Two placements name one site, which the in-place pass hands from the module that
+    # holds its convolution (nf_resnet26's stem.conv, a weight-standardised conv) up to
+    # the one that also holds the activation after it (stem): once, not once per placement.
+    rules = tmp_path / "stack.toml"
+    rules.write_text('[[rule]]\nat = "conv-block"\nattn = "se"\n'
+                     '[[rule]]\nat = "conv-block"\nattn = "eca"\nconflict = "stack"\n')
+    model = cached("nf_resnet26")
+    kept = retrofit.retrofit(model, rules=rules, input_size=32, keep_class=True)
+    whole = retrofit.retrofit(model, rules=rules, input_size=32)
+    report = retrofit.get_report(kept)
+    assert type(kept) is type(model) and report.traced == ("stem",)
+    assert [(r.path, r.attn) for r in report.rows] == [("stem.conv.conv2d", "se"), ("stem.conv.conv2d", "eca")]
+    assert report.out_of_reach == () and report.max_abs_diff == 0.0
+    assert kept.state_dict().keys() == whole.state_dict().keys()
+
+
 def test_keep_class_methods_work() -> None:
     kept = retrofit.retrofit(cached("resnet18"), "se", input_size=64, keep_class=True)
     kept.reset_classifier(7)

@@ -17,7 +17,7 @@ import transfer
 import transfer_report
 from fashion_setup import residual_cnn
 from transfer_data import task_datasets
-from transfer_runs import chosen_mult, collect, seed_plan, unit_key
+from transfer_runs import chosen_mult, collect, run_plan, seed_plan, unit_key
 from transfer_stats import gate_movement, paired
 
 import retrofit
@@ -74,6 +74,37 @@ def test_the_run_plan_chooses_the_attention_lr_on_the_first_seed() -> None:
     se = got["50"]["rows"]["se"]
     assert got["50"]["epochs"] == 3 and se["attn_lr_mult"] == 10.0
     assert se["selection"] == {"x1": 0.7, "x10": 0.71} and [u["seed"] for u in se["units"]] == [3, 4]
+
+
+def test_processes_sharing_a_run_pass_over_the_units_another_holds() -> None:
+    # Another process holds se's first-seed unit at x10 for one pass: this one goes on with
+    # the units it can run (plain on both seeds), and runs se's later seed once the choice
+    # exists, instead of waiting on the held unit.
+    variants = [_V("plain", True), _V("se")]
+    mults, seeds = (1.0, 10.0), (3, 4)
+    records: dict[str, dict[str, Any]] = {}
+    held = {unit_key(50, "se", 10.0, 3)}
+    order: list[str] = []
+
+    def start(size: int, v: Any, m: float | None, seed: int) -> dict[str, Any] | None:
+        key = unit_key(size, v.name, m, seed)
+        if key in records:
+            return records[key]
+        if key in held:  # held in the first pass; by the next the other process has stored it, x10 scoring higher
+            held.discard(key)
+            return None
+        if key == unit_key(50, "se", 10.0, 3):
+            records[key] = {"seed": seed, "val_acc": 0.9}
+            return records[key]
+        order.append(key)
+        records[key] = {"seed": seed, "val_acc": 0.5}
+        return records[key]
+
+    run_plan(lambda: records, sizes=[50], seeds=seeds, variants=variants, mults=mults, score="val_acc",
+             start=start, poll_seconds=0)
+    assert order == ["target50/plain/default/seed3", "target50/se/attn-lr-x1/seed3",
+                     "target50/plain/default/seed4", "target50/se/attn-lr-x10/seed4"]
+    assert len(records) == 5 and not held
 
 
 def test_gate_movement_is_zero_at_insertion_and_measures_what_moved() -> None:
