@@ -340,8 +340,9 @@ def summary_line(results: Sequence[dict[str, Any]]) -> str:
             if not any(by.values()):
                 parts.append(f"{res['experiment']}, {label(size)}: not run yet")
                 continue
-            parts.append(f"{res['experiment']}, {label(size)}: pays: {', '.join(by['pays']) or 'none'}; hurts: "
-                         f"{', '.join(by['hurts']) or 'none'}; noise: {len(by['noise'])} variant(s)"
+            # labels hold commas ("CBAM, identity"): " + " between them
+            parts.append(f"{res['experiment']}, {label(size)}: pays: {' + '.join(by['pays']) or 'none'}; hurts: "
+                         f"{' + '.join(by['hurts']) or 'none'}; noise: {len(by['noise'])} variant(s)"
                          + (f"; one seed so far: {len(by['too few seeds'])}" if by["too few seeds"] else ""))
         if done < total:
             parts[-1] += f" ({done} of {total} runs so far)"
