@@ -86,10 +86,10 @@ INVALID: dict[str, dict[str, str]] = {"detection": dict.fromkeys(
     ("gc-backbone", "coord-backbone", "ema-backbone"),
     "not valid: measured with a fault found on 2026-12-07. Ultralytics' fuse(), which every val() runs, sets the "
     "forward of the Conv blocks that hold this attention to act(conv(x)), so val and test mAP were measured "
-    "without the attention the model was trained with (tests/test_ultralytics.py::"
-    "test_fuse_keeps_attention_inside_conv_blocks, an expected failure until it is fixed); to be run again "
-    "once fixed. CBAM at the Bottleneck adds, (b) and (f), runs inside the Bottleneck's forward and is not "
-    "affected")}
+    "without the attention the model was trained with. Fixed the same day (a block rewritten in place keeps "
+    "its attention in forward_fuse; tests/test_ultralytics.py::test_fuse_keeps_attention_inside_conv_blocks); "
+    "these units are to be run again. CBAM at the Bottleneck adds, (b) and (f), runs inside the Bottleneck's "
+    "forward and was not affected")}
 
 
 def summarise(res: dict[str, Any]) -> dict[str, Any]:

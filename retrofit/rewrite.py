@@ -314,6 +314,17 @@ def _reduce_in_place(self: nn.Module, protocol: int) -> tuple[Any, ...]:
     return _restore_in_place, (cls._retrofit_original, gm), self.__dict__
 
 
+def _forward_after_fold(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The rewritten forward once a framework has folded this module's batch norms into the
+    convolutions before them and deleted them: Ultralytics' fuse() (run by val, predict and
+    export) does ``delattr(m, "bn"); m.forward = m.forward_fuse``, and the original
+    ``forward_fuse`` (``act(conv(x))``) would skip the attention inserted in the block."""
+    for name in type(self)._retrofit_foldable:  # type: ignore[attr-defined]
+        if name not in self._modules:
+            self.add_module(name, nn.Identity())  # folded into the convolution: nothing left to do
+    return type(self).forward(self, *args, **kwargs)
+
+
 def _in_place_class(base: type[nn.Module], gm: torch.fx.GraphModule) -> type[nn.Module]:
     """A subclass of ``base`` (of its original class, for a module rewritten before) whose
     forward is ``gm``'s generated code; same name, module and docstring as the original."""
@@ -329,6 +340,10 @@ def _in_place_class(base: type[nn.Module], gm: torch.fx.GraphModule) -> type[nn.
     }
     if flattens_inputs(gm):
         namespace |= {"_in_spec": gm._in_spec, "_out_spec": gm._out_spec}
+    if callable(getattr(original, "forward_fuse", None)):  # a forward for after the norms are folded
+        namespace |= {"forward_fuse": _forward_after_fold, "_retrofit_foldable": tuple(
+            n.target for n in gm.graph.nodes if n.op == "call_module" and "." not in str(n.target)
+            and isinstance(gm.get_submodule(str(n.target)), nn.modules.batchnorm._BatchNorm))}
     return type(original.__name__, (original,), namespace)
 
 
