@@ -84,17 +84,22 @@ def run_plan(records: Callable[[], Mapping[str, Mapping[str, Any]]], *, sizes: S
     different unit instead of waiting on one. ``records()`` reads the finished units.
     """
     while True:
-        pending = False
+        pending, done = False, records()
         for size in sizes:
             for seed in seeds:
                 for v in variants:
                     try:
-                        plan = seed_plan(records(), size, seed, [v], mults, seeds, score)
+                        plan = seed_plan(done, size, seed, [v], mults, seeds, score)
                     except RuntimeError:  # the first seed's choice is being made by another process
                         pending = True
                         continue
                     for _, m in plan:
-                        pending |= start(size, v, m, seed) is None
+                        if unit_key(size, v.name, m, seed) in done:
+                            continue
+                        if start(size, v, m, seed) is None:
+                            pending = True
+                        else:  # read again once a unit is stored: a later seed may need its choice
+                            done = records()
         if not pending:
             return
         time.sleep(poll_seconds)
