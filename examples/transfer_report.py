@@ -354,7 +354,7 @@ def summary_line(results: Sequence[dict[str, Any]]) -> str:
             for n, r in rows.items():
                 if r["paired"]:
                     by[r["paired"]["verdict"]].append(res["sizes"][size]["rows"][n]["label"])
-            if not any(by.values()):
+            if not any(row["units"] for row in res["sizes"].get(size, {}).get("rows", {}).values()):
                 parts.append(f"{res['experiment']}, {label(size)}: not run yet")
                 continue
             # labels hold commas ("CBAM, identity"): " + " between them
