@@ -80,18 +80,6 @@ def per_site(units: Sequence[dict[str, Any]], key: str = "gates") -> list[tuple[
     return [(path, statistics.fmean(v)) for path, v in sites.items()]
 
 
-# Variants whose units were measured with a known fault: their numbers are shown as measured,
-# with no verdict, until they are run again.
-INVALID: dict[str, dict[str, str]] = {"detection": dict.fromkeys(
-    ("gc-backbone", "coord-backbone", "ema-backbone"),
-    "not valid: measured with a fault found on 2026-12-07. Ultralytics' fuse(), which every val() runs, sets the "
-    "forward of the Conv blocks that hold this attention to act(conv(x)), so val and test mAP were measured "
-    "without the attention the model was trained with. Fixed the same day (a block rewritten in place keeps "
-    "its attention in forward_fuse; tests/test_ultralytics.py::test_fuse_keeps_attention_inside_conv_blocks); "
-    "these units are to be run again. CBAM at the Bottleneck adds, (b) and (f), runs inside the Bottleneck's "
-    "forward and was not affected")}
-
-
 def summarise(res: dict[str, Any]) -> dict[str, Any]:
     """Per size and variant: the paired comparison with plain, the identity check, gate
     movement and time. Added to ``res`` as ``summary``."""
@@ -102,10 +90,8 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
         rows = {}
         for name, row in block["rows"].items():
             units = row["units"]
-            invalid = INVALID.get(res["experiment"], {}).get(name)
-            p = None if name == "plain" or invalid else paired(by_seed(units, metric), plain)
+            p = None if name == "plain" else paired(by_seed(units, metric), plain)
             rows[name] = {
-                "invalid": invalid,
                 "seeds": sorted(u["seed"] for u in units),
                 "paired": None if p is None else p.to_dict(),
                 "equal_at_insertion": [u["equal_to_plain_at_insertion"] for u in units
@@ -308,9 +294,6 @@ def section(res: dict[str, Any], title: str, figure: Path | None, page_dir: Path
              "", source_line(res), ""]
     if res.get("left_out"):
         lines += [f"Left out: {k}: {v}." for k, v in res["left_out"].items()] + [""]
-    invalid = {res["sizes"][z]["rows"][n]["label"]: r["invalid"] for z in res["summary"]
-               for n, r in res["summary"][z].items() if r.get("invalid")}
-    lines += [f"**{label_}**: {why}." for label_, why in invalid.items()] + ([""] if invalid else [])
     for size in res["sizes"]:
         lines += [f"### {label(size)}, {res['sizes'][size]['epochs']} epochs, seeds {s['seeds']}", "",
                   *table(res, size), "", *reading(res, size, label(size)), "",
@@ -363,9 +346,6 @@ def summary_line(results: Sequence[dict[str, Any]]) -> str:
                          + (f"; one seed so far: {len(by['too few seeds'])}" if by["too few seeds"] else ""))
         if done < total:
             parts[-1] += f" ({done} of {total} runs so far)"
-        if INVALID.get(res["experiment"]):
-            parts[-1] += (f" ({len(INVALID[res['experiment']])} {res['experiment']} variants not valid yet: their "
-                          "attention was skipped at evaluation; see the page)")
     return ("In transfer (a network pretrained on other classes, fine-tuned on new ones; "
             f"a variant pays only when the {LEVEL:.0%} interval of its paired difference to plain fine-tuning "
             "excludes zero): " + "; ".join(parts) + ".")
@@ -466,7 +446,13 @@ def method(results: dict[str, dict[str, Any]]) -> list[str]:
                   f"{s['test']:,} test canvases. Both tasks have 5 classes, so Ultralytics copies the source's "
                   "class head too, as it copies every layer whose shape matches. The model each run starts from is "
                   "captured inside the trainer before its first step; its outputs on 8 validation canvases are "
-                  "compared with plain fine-tuning's start of the same seed.", ""]
+                  "compared with plain fine-tuning's start of the same seed.", "",
+                  "The units of (c), (d) and (e) were first run before a fault was fixed on 2026-12-07: "
+                  "Ultralytics' fuse(), which every val() runs, set the Conv blocks that hold this attention to "
+                  "act(conv(x)), so those runs were evaluated without the attention they were trained with. They "
+                  "were discarded and run again with the fix (a block rewritten in place keeps its attention in "
+                  "forward_fuse; `tests/test_ultralytics.py::test_fuse_keeps_attention_inside_conv_blocks`). "
+                  "CBAM at the Bottleneck adds, (b) and (f), was not affected.", ""]
     return lines
 
 
