@@ -41,6 +41,7 @@ import csv
 import functools
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -217,6 +218,9 @@ def detection_unit(source_pt: Path, v: DetVariant, seed: int, mult: float, data:
     def at_start(trainer: Any) -> None:  # after get_model and the weights, before any step
         seen["start"] = copy.deepcopy(trainer.model).float().eval()
 
+    # a unit stopped part-way left its folder: Ultralytics would append this run's epochs to
+    # its results.csv (the time per epoch is read from there) and start from its weights' name
+    shutil.rmtree(runs / name, ignore_errors=True)
     yolo = YOLO(str(source_pt))
     yolo.add_callback("on_pretrain_routine_end", at_start)
     t0 = time.perf_counter()
