@@ -35,6 +35,7 @@ from torch import nn
 
 from .attention import create_attention, identity_error
 from .errors import AttentionError, SiteError
+from .frameworks import framework_of_class
 from .fuse import gate_methods, gated_residual
 from .partition import Partition
 from .planning import Placement
@@ -315,10 +316,11 @@ def _reduce_in_place(self: nn.Module, protocol: int) -> tuple[Any, ...]:
 
 
 def _forward_after_fold(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """The rewritten forward once a framework has folded this module's batch norms into the
-    convolutions before them and deleted them: Ultralytics' fuse() (run by val, predict and
-    export) does ``delattr(m, "bn"); m.forward = m.forward_fuse``, and the original
-    ``forward_fuse`` (``act(conv(x))``) would skip the attention inserted in the block."""
+    """The rewritten forward once a library has folded this module's batch norms into the
+    convolutions before them and deleted them (the method its adapter names as
+    ``folded_forward``): Ultralytics' fuse() (run by val, predict and export) does
+    ``delattr(m, "bn"); m.forward = m.forward_fuse``, and the original ``forward_fuse``
+    (``act(conv(x))``) would skip the attention inserted in the block."""
     for name in type(self)._retrofit_foldable:  # type: ignore[attr-defined]
         if name not in self._modules:
             self.add_module(name, nn.Identity())  # folded into the convolution: nothing left to do
@@ -340,8 +342,10 @@ def _in_place_class(base: type[nn.Module], gm: torch.fx.GraphModule) -> type[nn.
     }
     if flattens_inputs(gm):
         namespace |= {"_in_spec": gm._in_spec, "_out_spec": gm._out_spec}
-    if callable(getattr(original, "forward_fuse", None)):  # a forward for after the norms are folded
-        namespace |= {"forward_fuse": _forward_after_fold, "_retrofit_foldable": tuple(
+    framework = framework_of_class(original)
+    folded = framework.folded_forward if framework is not None else None
+    if folded is not None and callable(getattr(original, folded, None)):  # for after the norms are folded
+        namespace |= {folded: _forward_after_fold, "_retrofit_foldable": tuple(
             n.target for n in gm.graph.nodes if n.op == "call_module" and "." not in str(n.target)
             and isinstance(gm.get_submodule(str(n.target)), nn.modules.batchnorm._BatchNorm))}
     return type(original.__name__, (original,), namespace)

@@ -582,3 +582,26 @@ def test_a_fallback_past_untraced_code_says_what_it_could_not_see() -> None:
                                          r"part\(s\) of the model were not traced and may hold some: \(top level\)"):
         out = retrofit.retrofit(TopLevelAdd(), "se", input_size=16)
     assert [r.kind for r in retrofit.get_report(out).rows] == ["conv-block"] * 2
+
+
+class _OwnFuse(nn.Module):
+    """A user's block with a method named like Ultralytics' forward_fuse, meaning something else."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x)) + x)
+
+    def forward_fuse(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_a_folded_forward_is_given_only_to_the_library_that_swaps_it_in() -> None:
+    # Ultralytics' adapter names forward_fuse (its fuse() sets it as forward; tested in
+    # test_ultralytics); a user's method of that name is the user's own and stays.
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), _OwnFuse())
+    kept = retrofit.retrofit(model, "se", input_size=(3, 8, 8), keep_class=True)
+    assert [r.path for r in retrofit.get_report(kept).rows] == ["1"] and type(kept[1]) is not _OwnFuse
+    assert type(kept[1]).forward_fuse is _OwnFuse.forward_fuse

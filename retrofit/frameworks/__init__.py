@@ -18,6 +18,6 @@ from __future__ import annotations
 
 from . import _smp, _transformers, ultralytics  # noqa: F401  (each registers its adapter)
 from ._base import Framework as Framework  # the contract an adapter implements
-from ._base import framework_of, framework_of_spec, registered_frameworks
+from ._base import framework_of, framework_of_class, framework_of_spec, registered_frameworks
 
-__all__ = ["framework_of", "framework_of_spec", "registered_frameworks"]
+__all__ = ["framework_of", "framework_of_class", "framework_of_spec", "registered_frameworks"]

@@ -18,7 +18,8 @@ from torch import nn
 from ..errors import ModelLoadError, OptionError
 from ..meta import original_class
 
-__all__ = ["Framework", "register_framework", "framework_of", "framework_of_spec", "registered_frameworks"]
+__all__ = ["Framework", "register_framework", "framework_of", "framework_of_class", "framework_of_spec",
+           "registered_frameworks"]
 
 
 class Framework:
@@ -40,11 +41,20 @@ class Framework:
     # a message names a file of it ("an Ultralytics checkpoint"); None: no such format.
     native_suffix: str | None = None
     native_format: str = ""
+    # The method the library sets as a module's forward once it has folded the module's batch
+    # norms into the convolutions before them and deleted them (Ultralytics' fuse():
+    # ``m.forward = m.forward_fuse``); a block rewritten in place gets its own, which keeps
+    # the attention. None: the library does not do this.
+    folded_forward: str | None = None
 
     def owns(self, model: nn.Module) -> bool:
         """Whether ``model``'s class comes from this library (its class module is checked,
         so the library is not imported)."""
-        return original_class(model).__module__.split(".", 1)[0] == self.package
+        return self.owns_class(original_class(model))
+
+    def owns_class(self, cls: type) -> bool:
+        """Whether the class ``cls`` comes from this library."""
+        return cls.__module__.split(".", 1)[0] == self.package
 
     def require(self) -> Any:
         """Import the library, or say how to install it."""
@@ -138,6 +148,11 @@ def registered_frameworks() -> tuple[Framework, ...]:
 def framework_of(model: nn.Module) -> Framework | None:
     """The adapter of the library ``model`` comes from, or None."""
     return next((f for f in _FRAMEWORKS.values() if f.owns(model)), None)
+
+
+def framework_of_class(cls: type) -> Framework | None:
+    """The adapter of the library the class ``cls`` comes from, or None."""
+    return next((f for f in _FRAMEWORKS.values() if f.owns_class(cls)), None)
 
 
 def framework_of_spec(spec: str) -> tuple[Framework, str] | None:

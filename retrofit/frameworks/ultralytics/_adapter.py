@@ -317,6 +317,7 @@ class Ultralytics(Framework):
     num_classes_arg = "nc"
     traces_in_parts = True
     native_suffix, native_format = ".pt", "an Ultralytics checkpoint"
+    folded_forward = "forward_fuse"  # what fuse() (run by val, predict, export) swaps in
 
     def describe(self, model: nn.Module) -> tuple[str, dict[str, Any]] | None:
         cls = original_class(model)
