@@ -388,6 +388,22 @@ def test_fuse_keeps_attention_inside_conv_blocks(rules: str) -> None:
     _attention_runs_after_fuse(rules)
 
 
+@pytest.mark.parametrize("rules", ["cbam", "yolo-gc-backbone", "yolo-coord-backbone", "yolo-ema-backbone"])
+def test_warm_up_bias_steps_alone_keep_identity(rules: str) -> None:
+    # Ultralytics' warm-up starts every bias, the inserted modules' too, at lr 0.1
+    # (docs/ultralytics.md): the identity is held by zero-initialised weights, not by biases.
+    model = retrofit.retrofit(retrofit.create_model("ultralytics:yolov8n.yaml", nc=3), rules, input_size=SIZE).eval()
+    x = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    attention = {id(p) for p in retrofit.optim.attention_parameters(model)}
+    with torch.no_grad():
+        want = model(x)[0]
+        biases = [p for n, p in model.named_parameters() if id(p) in attention and n.endswith("bias")]
+        for p in biases:
+            p.add_(0.1)
+        got = model(x)[0]
+    assert biases and (got - want).abs().max() <= 0.01 < want.abs().max()
+
+
 def test_built_in_yolo_placements(work: Path) -> None:
     model = retrofit.create_model("ultralytics:yolov8n.yaml", nc=3)
     after = retrofit.get_report(retrofit.retrofit(model, "yolo-cbam-backbone", input_size=SIZE))
