@@ -393,6 +393,9 @@ def write_page(results: dict[str, dict[str, Any]], page: Path, figures: Path) ->
         text.append(f"- {kind}: {cpu:.2f} CPU hours in all (one thread per run), {wall:.2f} hours of wall time on a "
                     "2-core machine shared with other work. The CPU s / run column is the CPU time of one "
                     "fine-tuning run, measurement included.")
+    text += ["", "Units ran one or two at a time on the two cores, beside other work, so the CPU time of a run "
+             "varies with the load: differences between variants in that column are not a measure of their cost "
+             "([attention types compared on ResNet-50](../attention.md) times the modules themselves)."]
     summary = summary_line(list(results.values()))
     text += ["", "## In one paragraph", "", summary, "", *REAL_SCALE]
     page.parent.mkdir(parents=True, exist_ok=True)
