@@ -219,7 +219,7 @@ def detection_unit(source_pt: Path, v: DetVariant, seed: int, mult: float, data:
         seen["start"] = copy.deepcopy(trainer.model).float().eval()
 
     # a unit stopped part-way left its folder: Ultralytics would append this run's epochs to
-    # its results.csv (the time per epoch is read from there) and start from its weights' name
+    # its results.csv, from which the time per epoch is read
     shutil.rmtree(runs / name, ignore_errors=True)
     yolo = YOLO(str(source_pt))
     yolo.add_callback("on_pretrain_routine_end", at_start)

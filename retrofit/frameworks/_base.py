@@ -47,13 +47,9 @@ class Framework:
     # the attention. None: the library does not do this.
     folded_forward: str | None = None
 
-    def owns(self, model: nn.Module) -> bool:
-        """Whether ``model``'s class comes from this library (its class module is checked,
-        so the library is not imported)."""
-        return self.owns_class(original_class(model))
-
     def owns_class(self, cls: type) -> bool:
-        """Whether the class ``cls`` comes from this library."""
+        """Whether the class ``cls`` comes from this library (its module is checked, so the
+        library is not imported)."""
         return cls.__module__.split(".", 1)[0] == self.package
 
     def require(self) -> Any:
@@ -147,7 +143,7 @@ def registered_frameworks() -> tuple[Framework, ...]:
 
 def framework_of(model: nn.Module) -> Framework | None:
     """The adapter of the library ``model`` comes from, or None."""
-    return next((f for f in _FRAMEWORKS.values() if f.owns(model)), None)
+    return framework_of_class(original_class(model))
 
 
 def framework_of_class(cls: type) -> Framework | None:
