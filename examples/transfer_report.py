@@ -340,10 +340,16 @@ def summary_line(results: Sequence[dict[str, Any]]) -> str:
             if not any(row["units"] for row in res["sizes"].get(size, {}).get("rows", {}).values()):
                 parts.append(f"{res['experiment']}, {label(size)}: not run yet")
                 continue
-            # labels hold commas ("CBAM, identity"): " + " between them
-            parts.append(f"{res['experiment']}, {label(size)}: pays: {' + '.join(by['pays']) or 'none'}; hurts: "
-                         f"{' + '.join(by['hurts']) or 'none'}; noise: {len(by['noise'])} variant(s)"
-                         + (f"; one seed so far: {len(by['too few seeds'])}" if by["too few seeds"] else ""))
+            noise = len(by["noise"])
+            if by["pays"] or by["hurts"]:
+                # labels hold commas ("CBAM, identity"): " + " between them
+                text = (f"pays: {' + '.join(by['pays']) or 'none'}; hurts: {' + '.join(by['hurts']) or 'none'}; "
+                        f"noise: {f'the other {noise}' if noise else 'none'}")
+            else:
+                text = f"none pays or hurts ({noise} variant{'s' * (noise != 1)}, every interval holds zero)"
+            few = len(by["too few seeds"])
+            parts.append(f"{res['experiment']}, {label(size)}: {text}"
+                         + (f"; one seed so far: {few} variant{'s' * (few != 1)}" if few else ""))
         if done < total:
             parts[-1] += f" ({done} of {total} runs so far)"
     return ("In transfer (a network pretrained on other classes, fine-tuned on new ones; "

@@ -198,12 +198,17 @@ def test_the_report_is_computed_from_the_units(tmp_path: Path) -> None:
     assert (tmp_path / "docs" / "fig" / "gates-classification.png").read_bytes()[:4] == b"\x89PNG"
     assert "![gate movement per site](fig/gates-classification.png)" in text
     summary = readme.read_text().split(transfer_report.README_BEGIN)[1].split(transfer_report.README_END)[0]
-    assert "classification, 5 images per class: pays: SE, identity; hurts: SE, sigmoid gates; noise: 0" in summary
+    assert "classification, 5 images per class: pays: SE, identity; hurts: SE, sigmoid gates; noise: none" in summary
     assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("\nrest\n")
     res = json.loads((run / "results.json").read_text())
     assert res["summary"]["5"]["se"]["paired"]["verdict"] == "pays"
     res["summary"]["50"] = {n: {**r, "paired": None} for n, r in res["summary"]["5"].items()}  # a size not run yet
     assert "; classification, 50 images per class: not run yet." in transfer_report.summary_line([res])
+    for r in res["summary"]["5"].values():  # every interval holding zero
+        if r["paired"]:
+            r["paired"]["verdict"] = "noise"
+    assert "classification, 5 images per class: none pays or hurts (2 variants, every interval holds zero); " \
+        "classification, 50" in transfer_report.summary_line([res])
 
 
 # --------------------------------------------------------------------------- end to end
