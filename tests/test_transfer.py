@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -286,4 +287,5 @@ def test_detection_transfer_end_to_end(tmp_path: Path) -> None:
     text = page.read_text()
     assert "## Detection: YOLOv8n" in text and "| (c) global context after the backbone stages, identity | 11,934 |" \
         in text
-    assert "detection, 4 training canvases: pays:" in readme.read_text()
+    # a verdict per size, whichever way a tiny run falls
+    assert re.search(r"detection, 4 training canvases: (pays:|none pays or hurts)", readme.read_text())
